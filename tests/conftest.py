@@ -1,0 +1,20 @@
+"""Shared test set-up: small thread pools (CI has 2 cores) and deterministic torch."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def _torch_determinism():
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a hard dependency
+        yield
+        return
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    yield
