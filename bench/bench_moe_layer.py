@@ -1,0 +1,79 @@
+"""Benchmark the dMoE layer: grouped dispatch (ours) vs the official per-sample loop vs dense all-experts.
+
+    python bench/bench_moe_layer.py            # transformer and voxel-token sizes
+    python bench/bench_moe_layer.py --quick    # small sizes, a few seconds
+    python bench/bench_moe_layer.py --device cuda
+
+Eval mode (no noise, no dropout). Prints a table and, as the last line, ``key=value`` pairs.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from napari_dmoe.model.moe import DMoE
+from napari_dmoe.model.reference import dense_dmoe, loop_dmoe
+
+# (name, batch, tokens per sample, channels)
+FULL = [("vit384", 8, 196, 384), ("vit768", 8, 196, 768), ("vox24", 2, 100_000, 24), ("vox48", 2, 100_000, 48)]
+QUICK = [("vit64", 4, 64, 64), ("vox16", 2, 4_096, 16)]
+
+
+def timed(fn, device: str, repeats: int) -> tuple[float, torch.Tensor]:
+    out = fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times), out
+
+
+def run_case(batch: int, tokens: int, dim: int, n_attr: int, device: str, repeats: int) -> dict[str, float]:
+    torch.manual_seed(0)
+    moe = DMoE(dim, n_attr).to(device).eval()
+    x = torch.randn(batch, tokens, dim, device=device)
+    attr = torch.arange(batch, device=device) % n_attr
+    with torch.inference_mode():
+        t_ours, y_ours = timed(lambda: moe(x, attr), device, repeats)
+        t_loop, y_loop = timed(lambda: loop_dmoe(moe, x, attr), device, repeats)
+        t_dense, y_dense = timed(lambda: dense_dmoe(moe, x, attr), device, repeats)
+    diff = max((y_ours - y_loop).abs().max().item(), (y_ours - y_dense).abs().max().item())
+    return {"ours_ms": t_ours, "loop_ms": t_loop, "dense_ms": t_dense, "max_abs_diff": diff}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, seconds")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--routers", type=int, default=3)
+    args = parser.parse_args(argv)
+    cases = QUICK if args.quick else FULL
+    repeats = args.repeats or (3 if args.quick else 7)
+
+    print(f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()} repeats={repeats}")
+    header = f"{'case':8} {'B':>3} {'N':>7} {'C':>4} {'ours ms':>9} {'loop ms':>9} {'dense ms':>9} "
+    print(header + f"{'loop/ours':>9} {'ours/dense':>10} {'max diff':>9}")
+    summary = []
+    for name, b, n, c in cases:
+        r = run_case(b, n, c, args.routers, args.device, repeats)
+        speedup, dense_ratio = r["loop_ms"] / r["ours_ms"], r["ours_ms"] / r["dense_ms"]
+        print(
+            f"{name:8} {b:>3} {n:>7} {c:>4} {r['ours_ms']:>9.2f} {r['loop_ms']:>9.2f} {r['dense_ms']:>9.2f} "
+            f"{speedup:>9.2f} {dense_ratio:>10.2f} {r['max_abs_diff']:>9.1e}"
+        )
+        summary.append(f"{name}_ours_ms={r['ours_ms']:.2f} {name}_loop_over_ours={speedup:.2f} "
+                       f"{name}_ours_over_dense={dense_ratio:.2f} {name}_maxdiff={r['max_abs_diff']:.1e}")
+    print(" ".join(summary))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,291 @@
+"""Read medical images into one `Volume` type and write label maps back with the source geometry.
+
+Axis order is napari's: 3D arrays are (z, y, x), 2D ones (y, x) or (y, x, c) for RGB; `spacing` and
+`origin` follow the same order. NIfTI volumes are reoriented to the closest canonical (RAS+) orientation
+with nibabel, and the file's own affine is kept in `meta` so `write_labels` can undo the reorientation
+exactly. nibabel / pydicom / imageio / tifffile are imported inside the functions that need them so that
+importing this module (e.g. from the napari reader) stays fast.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
+PLAIN_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+TIFF_SUFFIXES = (".tif", ".tiff")
+
+
+class ImageReadError(ValueError):
+    """A file or folder cannot be read as an image; the message names it and says what to do."""
+
+
+class ImageWriteError(ValueError):
+    """Labels cannot be written as asked; the message names the problem."""
+
+
+@dataclass
+class Volume:
+    """An image in napari axis order with its physical geometry.
+
+    spacing: mm per voxel along each spatial axis (unit spacing with ``meta["spacing_known"] = False`` for
+    plain 2D images). origin: position of the first voxel along each axis, in mm. affine: 4x4 from the
+    (z, y, x) array index to RAS+ world mm for 3D volumes, else None. meta: ``source``, ``format``,
+    ``modality``, ``orientation``, ``warnings`` (list of str) and format-specific geometry.
+    """
+
+    array: np.ndarray
+    spacing: tuple[float, ...]
+    origin: tuple[float, ...]
+    affine: np.ndarray | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def rgb(self) -> bool:
+        return bool(self.meta.get("rgb", False))
+
+    @property
+    def spatial_shape(self) -> tuple[int, ...]:
+        return tuple(self.array.shape[: len(self.spacing)])
+
+
+def suffix_of(path: str | Path) -> str:
+    """Lower-case suffix, with `.nii.gz` kept whole."""
+    name = Path(path).name.lower()
+    if name.endswith(".nii.gz"):
+        return ".nii.gz"
+    return Path(name).suffix
+
+
+def read_image(path: str | Path) -> Volume:
+    """Read a NIfTI file, a DICOM file or series folder, or a PNG/JPG/TIFF image into a `Volume`."""
+    path = Path(path)
+    if not path.exists():
+        raise ImageReadError(f"{path}: no such file or folder; check the path")
+    if path.is_dir():
+        from .dicom import read_dicom_series
+
+        return read_dicom_series(path)
+    suffix = suffix_of(path)
+    if suffix in NIFTI_SUFFIXES:
+        return _read_nifti(path)
+    if suffix in PLAIN_SUFFIXES:
+        return _read_tiff(path) if suffix in TIFF_SUFFIXES else _read_plain(path)
+    from .dicom import is_dicom_file, read_dicom_file
+
+    if suffix in DICOM_SUFFIXES or is_dicom_file(path):  # DICOM files often have no suffix at all
+        return read_dicom_file(path)
+    raise ImageReadError(
+        f"{path}: unsupported file type {suffix or '(no suffix)'!r}; napari-dmoe reads NIfTI (.nii, .nii.gz), "
+        f"DICOM (.dcm or a series folder), PNG, JPG and TIFF"
+    )
+
+
+# -- NIfTI -----------------------------------------------------------------------------------------------
+def _read_nifti(path: Path) -> Volume:
+    import nibabel as nib
+    from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation
+
+    try:
+        img = nib.load(str(path))
+        data = np.asanyarray(img.dataobj)  # applies scl_slope / scl_inter, keeps integer dtypes otherwise
+    except Exception as err:  # nibabel raises many types (ImageFileError, EOFError, zlib.error, ...)
+        raise ImageReadError(f"{path}: not a readable NIfTI file ({err}); the file may be corrupt or truncated") from err
+    source_shape = tuple(int(s) for s in data.shape)
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim == 2:
+        data = data[..., None]
+    if data.ndim != 3:
+        raise ImageReadError(
+            f"{path}: NIfTI image has shape {source_shape}; napari-dmoe reads 2D or 3D images only, "
+            f"extract one volume first (e.g. `fslroi` or nibabel's `img.slicer[..., 0]`)"
+        )
+    if not data.dtype.isnative:  # big-endian files: torch and napari want native byte order
+        data = data.astype(data.dtype.newbyteorder("="))
+    affine = np.asarray(img.affine, dtype=np.float64)
+    # Same steps as nibabel.as_closest_canonical, done by hand so the orientation is kept for the inverse.
+    ornt = io_orientation(affine)
+    canonical = np.ascontiguousarray(apply_orientation(data, ornt).transpose(2, 1, 0))
+    affine_can = affine @ inv_ornt_aff(ornt, data.shape)
+    zooms = np.asarray(img.header.get_zooms()[:3], dtype=float)
+    zooms = np.concatenate([zooms, np.ones(3 - len(zooms))])
+    zooms_can = np.empty(3)
+    zooms_can[ornt[:, 0].astype(int)] = zooms  # canonical axis ornt[i, 0] comes from file axis i
+    zyx_affine = affine_can.copy()
+    zyx_affine[:3, :3] = affine_can[:3, [2, 1, 0]]
+    warnings = []
+    if not np.allclose(affine_can[:3, :3], np.diag(np.diag(affine_can[:3, :3])), atol=1e-3):
+        warnings.append("oblique volume: napari shows it axis-aligned (scale and translate only)")
+    meta = {
+        "source": str(path),
+        "format": "nifti",
+        "modality": "unknown",
+        "orientation": "RAS",
+        "source_orientation": "".join(nib.aff2axcodes(affine)),
+        "nifti_affine": affine.tolist(),
+        "nifti_shape": list(source_shape),
+        "nifti_ornt": ornt.tolist(),
+        "spacing_known": True,
+        "warnings": warnings,
+    }
+    return Volume(
+        array=canonical,
+        spacing=tuple(float(z) for z in zooms_can[::-1]),
+        origin=tuple(float(o) for o in affine_can[:3, 3][::-1]),
+        affine=zyx_affine,
+        meta=meta,
+    )
+
+
+# -- PNG / JPG / TIFF ------------------------------------------------------------------------------------
+def _finish_plain(path: Path, array: np.ndarray, rgb: bool, fmt: str, warnings: list[str]) -> Volume:
+    spatial = array.ndim - (1 if rgb else 0)
+    meta = {
+        "source": str(path),
+        "format": fmt,
+        "modality": "photo" if rgb else "unknown",
+        "orientation": "image",
+        "rgb": rgb,
+        "spacing_known": False,  # pixel size is not stored reliably in these formats
+        "warnings": warnings,
+    }
+    return Volume(array=array, spacing=(1.0,) * spatial, origin=(0.0,) * spatial, affine=None, meta=meta)
+
+
+def _colour_axes(path: Path, array: np.ndarray, warnings: list[str]) -> tuple[np.ndarray, bool]:
+    """Grey -> (y, x); grey+alpha -> grey; RGB -> (y, x, 3); RGBA -> RGB (alpha dropped)."""
+    if array.ndim == 2:
+        return array, False
+    if array.ndim == 3 and array.shape[-1] in (2, 4):
+        warnings.append("alpha channel dropped")
+        array = array[..., :-1]
+    if array.ndim == 3 and array.shape[-1] == 1:
+        return array[..., 0], False
+    if array.ndim == 3 and array.shape[-1] == 3:
+        return array, True
+    raise ImageReadError(f"{path}: image of shape {array.shape} is neither grey nor RGB")
+
+
+def _read_plain(path: Path) -> Volume:
+    import imageio.v3 as iio
+
+    try:
+        array = np.asarray(iio.imread(path))
+    except Exception as err:  # imageio's plugins raise their own types
+        raise ImageReadError(f"{path}: not a readable image ({err}); the file may be corrupt") from err
+    warnings: list[str] = []
+    array, rgb = _colour_axes(path, array, warnings)
+    return _finish_plain(path, array, rgb, suffix_of(path).lstrip("."), warnings)
+
+
+def _read_tiff(path: Path) -> Volume:
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            series = tif.series[0]
+            array, axes = series.asarray(), series.axes
+    except Exception as err:  # tifffile raises TiffFileError, ValueError, ...
+        raise ImageReadError(f"{path}: not a readable TIFF file ({err}); the file may be corrupt") from err
+    warnings: list[str] = []
+    if "S" in axes and array.shape[-1] in (2, 3, 4):  # samples per pixel: colour image
+        array, rgb = _colour_axes(path, array, warnings)
+        if array.ndim != 3:
+            raise ImageReadError(f"{path}: colour TIFF with axes {axes!r} is not supported; save single images")
+        return _finish_plain(path, array, rgb, "tiff", warnings)
+    array = np.squeeze(array)
+    if array.ndim not in (2, 3):
+        raise ImageReadError(
+            f"{path}: TIFF has shape {array.shape} (axes {axes!r}); napari-dmoe reads 2D images and 3D stacks only"
+        )
+    return _finish_plain(path, array, False, "tiff", warnings)
+
+
+# -- writing ---------------------------------------------------------------------------------------------
+def _label_dtype(labels: np.ndarray) -> np.dtype:
+    if labels.size and (labels.min() < 0 or not np.all(np.equal(np.mod(labels, 1), 0))):
+        raise ImageWriteError("labels must be non-negative integers")
+    top = int(labels.max()) if labels.size else 0
+    if top <= np.iinfo(np.uint8).max:
+        return np.dtype(np.uint8)
+    if top <= np.iinfo(np.uint16).max:
+        return np.dtype(np.uint16)
+    raise ImageWriteError(f"label value {top} does not fit 16 bits; relabel to fewer classes")
+
+
+def write_labels(path: str | Path, labels: np.ndarray, like: Volume | None = None) -> Path:
+    """Write a label map as NIfTI (.nii/.nii.gz) in the geometry of `like`, or as PNG/TIFF.
+
+    `labels` is in the napari order of `like.array` (same spatial shape). For a NIfTI source the file
+    gets the source's affine and voxel order back exactly.
+    """
+    path = Path(path)
+    labels = np.asarray(labels)
+    if like is not None and tuple(labels.shape) != like.spatial_shape:
+        raise ImageWriteError(
+            f"labels have shape {labels.shape} but the image {like.meta.get('source', '')} has spatial shape "
+            f"{like.spatial_shape}; write labels made on that image"
+        )
+    labels = labels.astype(_label_dtype(labels))
+    suffix = suffix_of(path)
+    if not path.parent.exists():
+        raise ImageWriteError(f"{path.parent}: folder does not exist")
+    if suffix in NIFTI_SUFFIXES:
+        _write_nifti(path, labels, like)
+    elif suffix == ".png":
+        if labels.ndim != 2:
+            raise ImageWriteError(f"PNG holds 2D labels only, got shape {labels.shape}; use .nii.gz or .tif")
+        import imageio.v3 as iio
+
+        iio.imwrite(path, labels)
+    elif suffix in TIFF_SUFFIXES:
+        if labels.ndim not in (2, 3):
+            raise ImageWriteError(f"TIFF labels must be 2D or 3D, got shape {labels.shape}")
+        import tifffile
+
+        tifffile.imwrite(path, labels)
+    else:
+        raise ImageWriteError(f"{path}: cannot write labels as {suffix or '(no suffix)'!r}; use .nii.gz, .png or .tif")
+    return path
+
+
+def _write_nifti(path: Path, labels: np.ndarray, like: Volume | None) -> None:
+    import nibabel as nib
+    from nibabel.orientations import apply_orientation, axcodes2ornt, ornt_transform
+
+    meta = like.meta if like is not None else {}
+    if labels.ndim == 2:
+        labels = labels[None]  # one slice: NIfTI is at least 3D in our (z, y, x) view
+    if labels.ndim != 3:
+        raise ImageWriteError(f"NIfTI labels must be 2D or 3D, got shape {labels.shape}")
+    xyz = labels.transpose(2, 1, 0)
+    if "nifti_affine" in meta:
+        # Exact inverse of the reading: canonical RAS -> the file's own voxel order, then the file's affine.
+        source_ornt = np.asarray(meta["nifti_ornt"])
+        back = ornt_transform(axcodes2ornt("RAS"), source_ornt)
+        data = apply_orientation(xyz, back).reshape(meta["nifti_shape"])  # 2D or (x, y, z, 1) sources too
+        affine = np.asarray(meta["nifti_affine"])
+    else:
+        if like is not None and like.affine is not None:
+            zyx = np.asarray(like.affine, dtype=float)
+        else:  # no geometry from a file: diagonal from spacing/origin (z, y, x), unit when unknown
+            spacing = like.spacing if like is not None else (1.0,) * labels.ndim
+            origin = like.origin if like is not None else (0.0,) * labels.ndim
+            spacing = (1.0,) * (3 - len(spacing)) + tuple(spacing)
+            origin = (0.0,) * (3 - len(origin)) + tuple(origin)
+            zyx = np.eye(4)
+            zyx[:3, :3] = np.diag(spacing)
+            zyx[:3, 3] = origin[::-1]  # world coordinates are (x, y, z)
+            zyx[:3, :3] = zyx[:3, :3][[2, 1, 0]]
+        affine = zyx.copy()
+        affine[:3, :3] = zyx[:3, [2, 1, 0]]
+        data = xyz
+    img = nib.Nifti1Image(np.ascontiguousarray(data), affine)
+    img.header.set_qform(affine, code=1)
+    img.header.set_sform(affine, code=1)
+    nib.save(img, str(path))

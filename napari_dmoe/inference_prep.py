@@ -1,0 +1,215 @@
+"""Checks and preparation before inference: attribute -> routers, image -> normalised stack, window plan."""
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from napari_dmoe.model.spec import ModelSpec, SpecError
+from napari_dmoe.transforms import TransformError, normalize, sanitize, to_channels
+
+MIN_SIZE = 8  # smaller images carry too little context for any of the networks
+UNET3D_MULTIPLE = 32  # five stride-2 encoder stages
+ALIGN = 4  # window offsets are multiples of this so routing maps can be kept at 1/4 resolution
+UNKNOWN = "unknown"
+
+
+class InferenceError(ValueError):
+    """The input cannot be segmented as given; the message names the problem and what to do."""
+
+
+@dataclass
+class Plan:
+    """Geometry of one run. ``image``: grid of one plane; ``work``: after resize/resample; ``padded``: scanned grid."""
+
+    image: tuple[int, ...]
+    work: tuple[int, ...]
+    padded: tuple[int, ...]
+    roi: tuple[int, ...]
+    starts: list[tuple[int, ...]]
+    align: int
+    squeeze: bool  # True: one image; False: a stack of slices for a 2D model
+    mode: str  # "resize" | "sliding" (2D) | "volume" (3D)
+
+
+def _is_unknown(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and value.strip().lower() == UNKNOWN)
+
+
+def resolve_routers(spec: ModelSpec, attribute: Any, unknown: str = "average") -> tuple[list[int], Any]:
+    """Router indices to run (their probabilities are averaged) and a description of the attribute used."""
+    if unknown not in ("average", "error"):
+        raise InferenceError(f"unknown={unknown!r}: expected 'average' or 'error'")
+    names = [a.name for a in spec.attributes]
+    if spec.routing != "dmoe":  # one router (plain MoE) or none: the attribute does not change the result
+        if not _is_unknown(attribute) and not isinstance(attribute, Mapping):
+            _index(spec, attribute)  # still refuse values outside the vocabulary
+        note = "plain MoE: one router for everybody" if spec.routing == "moe" else "model without experts"
+        return [0], f"not used ({note})"
+    if _is_unknown(attribute):
+        if unknown == "error":
+            raise InferenceError(f"no attribute given; this model needs {_vocab(spec)}")
+        return list(range(spec.n_routers)), "unknown (averaged over all routers)"
+    if isinstance(attribute, Mapping):
+        extra = sorted(set(attribute) - set(names))
+        missing = [n for n in names if n not in attribute]
+        if extra or missing:
+            raise InferenceError(
+                f"attribute names {extra or missing} do not match this model's attributes {names}; give "
+                f"{_vocab(spec)} (use 'unknown' for a value you do not know)"
+            )
+        values = [attribute[n] for n in names]
+    elif isinstance(attribute, (str, int)):
+        if len(names) != 1:
+            raise InferenceError(f"this model has {len(names)} attributes {names}: give a dict name -> value")
+        values = [attribute]
+    else:
+        raise InferenceError(f"attribute must be a value, a dict name -> value or None, got {type(attribute).__name__}")
+    if any(_is_unknown(v) for v in values):  # partly unknown: average over the routers that fit the known values
+        if unknown == "error":
+            raise InferenceError(f"attribute values {values} include unknown ones; this model needs {_vocab(spec)}")
+        for attr, v in zip(spec.attributes, values):
+            if not _is_unknown(v) and str(v) not in attr.values:
+                raise InferenceError(f"{attr.name}={v!r} is not in this model's vocabulary {attr.values}")
+        choices = [attr.values if _is_unknown(v) else [str(v)] for attr, v in zip(spec.attributes, values)]
+        routers = [_index(spec, list(c)) for c in itertools.product(*choices)]
+        used = {n: (f"unknown (averaged over {len(a.values)} values)" if _is_unknown(v) else str(v))
+                for n, a, v in zip(names, spec.attributes, values)}
+        return routers, used
+    return [_index(spec, [str(v) for v in values])], {n: str(v) for n, v in zip(names, values)}
+
+
+def _index(spec: ModelSpec, values: Any) -> int:
+    try:
+        return spec.router_index(values if not isinstance(values, int) else str(values))
+    except SpecError as err:
+        raise InferenceError(f"{err}; valid: {_vocab(spec)}") from None
+
+
+def _vocab(spec: ModelSpec) -> str:
+    return ", ".join(f"{a.name} in {a.values}" for a in spec.attributes)
+
+
+def prepare_image(
+    spec: ModelSpec, image: Any, spacing: Sequence[float] | None, rgb: bool | None
+) -> tuple[np.ndarray, tuple[float, ...] | None, bool, list[str], list[str]]:
+    """Check and normalise an image into a ``[Z, C, *spatial]`` float32 stack.
+
+    Returns the stack, the spacing of one plane (or None), whether it is a single image (``squeeze``),
+    the conversions made and warnings.
+    """
+    try:
+        image = np.asarray(image)
+    except Exception as err:  # ragged lists and the like
+        raise InferenceError(f"image cannot be read as an array: {err}") from None
+    if image.dtype.kind not in "biuf":
+        raise InferenceError(f"image has dtype {image.dtype}; give a numeric (integer or float) array")
+    if rgb is None:  # a colour axis is last and small; a spatial axis that small is refused below anyway
+        rgb = image.ndim in (3, 4) and image.shape[-1] in (3, 4)
+    spatial = image.shape[:-1] if rgb else image.shape
+    if len(spatial) not in (2, 3):
+        raise InferenceError(
+            f"image has shape {image.shape}; expected (y, x), (y, x, 3|4) colour, (z, y, x) or (z, y, x, 3|4)"
+        )
+    if spec.spatial_dims == 3 and len(spatial) == 2:
+        raise InferenceError(
+            f"this is a 3D model ({spec.arch}) and the image is 2D {tuple(spatial)}; give a (z, y, x) volume "
+            "or use a 2D model"
+        )
+    if min(spatial[-spec.spatial_dims :]) < MIN_SIZE:  # a 2D model may get a stack of only a few slices
+        raise InferenceError(
+            f"image {tuple(spatial)} is too small: each axis the model sees needs at least {MIN_SIZE} pixels"
+        )
+    if spacing is not None:
+        spacing = tuple(float(s) for s in spacing)
+        if len(spacing) != len(spatial) or min(spacing) <= 0:
+            raise InferenceError(f"spacing {spacing} must give {len(spatial)} positive values, one per spatial axis")
+
+    notes: list[str] = []
+    warns: list[str] = []
+    data, n_bad = sanitize(image)
+    if n_bad:
+        notes.append(f"replaced {n_bad} NaN/Inf value(s) by the finite minimum/maximum")
+    if data.size and float(data.max()) == float(data.min()):
+        warns.append(f"the image is constant (all {float(data.min()):g}); the segmentation carries no information")
+    try:
+        chans, more = to_channels(data, spec.in_channels, rgb=bool(rgb))
+    except TransformError as err:
+        raise InferenceError(str(err)) from None
+    notes += more
+    squeeze = not (spec.spatial_dims == 2 and len(spatial) == 3)
+    if squeeze:
+        stack = chans[None]
+    else:  # a 2D model on a volume: slices become the batch, normalised one by one as in training
+        stack = np.ascontiguousarray(chans.transpose(1, 0, 2, 3))
+        notes.append(f"2D model on a volume: segmented slice by slice ({stack.shape[0]} slices)")
+        if spacing is not None:
+            spacing = spacing[1:]
+    try:
+        for z in range(stack.shape[0]):
+            stack[z] = normalize(stack[z], spec.normalization)
+    except TransformError as err:
+        raise InferenceError(str(err)) from None
+    return stack, spacing, squeeze, notes, warns
+
+
+def _ceil_to(value: int, multiple: int) -> int:
+    return int(math.ceil(value / multiple) * multiple)
+
+
+def _starts(size: int, roi: int, overlap: float, align: int) -> list[int]:
+    """Window starts along one axis. Like MONAI's scan (interval = roi * (1 - overlap), last window flush with
+    the end) but with the interval rounded down to a multiple of ``align`` so routing maps can stay coarse."""
+    if size <= roi:
+        return [0]
+    interval = max(align, int(roi * (1 - overlap)) // align * align)
+    n = math.ceil((size - roi) / interval) + 1
+    return sorted({min(i * interval, size - roi) for i in range(n)})
+
+
+def make_plan(
+    spec: ModelSpec,
+    image: Sequence[int],
+    spacing: Sequence[float] | None,
+    roi_size: Sequence[int] | None,
+    overlap: float,
+    mode2d: str = "auto",
+    squeeze: bool = True,
+) -> Plan:
+    """Where each window goes: see the geometry rules in ``inference``'s module docstring."""
+    image = tuple(int(s) for s in image)
+    size = tuple(int(s) for s in spec.input_size)
+    resampled = image
+    if spacing is not None and spec.spacing is not None:
+        resampled = tuple(max(1, round(n * s / t)) for n, s, t in zip(image, spacing, spec.spacing))
+    if spec.spatial_dims == 2:
+        if mode2d not in ("auto", "resize", "sliding"):
+            raise InferenceError(f"mode2d={mode2d!r}: expected 'auto', 'resize' or 'sliding'")
+        if roi_size is not None and tuple(roi_size) != size:
+            raise InferenceError(
+                f"roi_size {tuple(roi_size)}: a 2D model sees windows of exactly its input_size {size} "
+                "(fixed position embeddings)"
+            )
+        mode = mode2d
+        if mode == "auto":
+            much_larger = any(r > 2 * s for r, s in zip(resampled, size))
+            mode = "sliding" if spec.spacing is not None and much_larger else "resize"
+        if mode == "resize":
+            return Plan(image, size, size, size, [(0, 0)], ALIGN if all(s % ALIGN == 0 for s in size) else 1, squeeze, mode)
+        align = ALIGN if all(s % ALIGN == 0 for s in size) else 1
+        padded = tuple(max(s, _ceil_to(r, align)) for r, s in zip(resampled, size))
+        return Plan(image, resampled, padded, size, _grid(padded, size, overlap, align), align, squeeze, mode)
+    roi = tuple(int(r) for r in (roi_size if roi_size is not None else size))
+    if len(roi) != 3 or any(r <= 0 or r % UNET3D_MULTIPLE for r in roi):
+        raise InferenceError(f"roi_size {roi} must be three positive multiples of {UNET3D_MULTIPLE}")
+    padded = tuple(_ceil_to(r, UNET3D_MULTIPLE) for r in resampled)
+    roi = tuple(min(r, p) for r, p in zip(roi, padded))  # no need to scan more than the volume
+    return Plan(image, resampled, padded, roi, _grid(padded, roi, overlap, ALIGN), ALIGN, squeeze, "volume")
+
+
+def _grid(padded: Sequence[int], roi: Sequence[int], overlap: float, align: int) -> list[tuple[int, ...]]:
+    axes = [_starts(p, r, overlap, align) for p, r in zip(padded, roi)]
+    return list(itertools.product(*axes))

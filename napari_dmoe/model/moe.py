@@ -1,0 +1,202 @@
+"""dMoE layer: attribute-conditioned noisy top-k mixture of experts (arXiv 2502.00619).
+
+One router per attribute value, eight shared experts. Every token of sample b is routed by router ``attr[b]``;
+the output is the gate-weighted sum of its top-k experts. No capacity limit, no token dropping; the caller
+adds the residual (``h = h + dmoe(h, attr)``).
+
+Unlike the official ``SparseMoE`` (a Python loop over samples and one boolean mask per expert), routing here is
+one batched matmul and expert dispatch is grouped: token slots are sorted by expert so each expert runs one
+matmul pair on a contiguous slice.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+DISPATCH_CHUNK = 16384  # token slots per expert matmul pair
+
+
+class RoutingError(ValueError):
+    """Bad input to a dMoE layer (shape or attribute index); the message says what to pass instead."""
+
+
+@dataclass
+class RoutingRecord:
+    """Dense gate weights of one dMoE call: ``weights [B, E, *grid]`` (chosen experts sum to 1 over E)."""
+
+    position: str
+    weights: Tensor
+
+
+def top_k_gates(logits: Tensor, noise_logits: Tensor | None, top_k: int) -> tuple[Tensor, Tensor]:
+    """Noisy top-k gating: H = logits + N(0,1) * softplus(noise_logits); keep top k; softmax.
+
+    Returns (indices [..., k], weights [..., k]). The softmax over the k kept logits equals the official
+    softmax over E with the others set to -inf, without materialising the -inf tensor.
+    """
+    if noise_logits is not None:
+        logits = logits + torch.randn_like(logits) * F.softplus(noise_logits)
+    top_logits, indices = logits.topk(top_k, dim=-1)
+    return indices, top_logits.softmax(dim=-1)
+
+
+class NoisyTopKRouter(nn.Module):
+    """One router: gate ``Linear(C, E)`` and noise ``Linear(C, E)``, both with bias."""
+
+    def __init__(self, dim: int, n_experts: int, top_k: int) -> None:
+        super().__init__()
+        self.top_k = top_k
+        self.gate = nn.Linear(dim, n_experts)
+        self.noise = nn.Linear(dim, n_experts)
+
+    def forward(self, x: Tensor, noisy: bool = False) -> tuple[Tensor, Tensor]:
+        return top_k_gates(self.gate(x), self.noise(x) if noisy else None, self.top_k)
+
+
+class Expert(nn.Module):
+    """Linear(C, 4C) -> ReLU -> Linear(4C, C) -> Dropout, as the official expert."""
+
+    def __init__(self, dim: int, hidden: int, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.drop(self.fc2(F.relu(self.fc1(x), inplace=True)))
+
+
+class Experts(nn.ModuleList):
+    """E shared experts with grouped (sorted) sparse dispatch."""
+
+    def __init__(self, dim: int, n_experts: int = 8, dropout: float = 0.1, mlp_ratio: int = 4) -> None:
+        super().__init__([Expert(dim, mlp_ratio * dim, dropout) for _ in range(n_experts)])
+
+    def dispatch(self, x: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
+        """``x [T, C]``, chosen experts ``indices [T, k]`` and their ``weights [T, k]`` -> ``[T, C]``."""
+        k = indices.shape[1]
+        slot_expert = indices.reshape(-1)
+        order = torch.argsort(slot_expert, stable=True)
+        # One host sync for all experts (the official code syncs once per expert with `mask.any()`).
+        counts = torch.bincount(slot_expert, minlength=len(self)).tolist()
+        slot_token = order // k
+        slot_weight = weights.reshape(-1, 1)[order]
+        out = torch.zeros_like(x)
+        start = 0
+        for expert, count in zip(self, counts):
+            # Chunks keep the temporaries small so the allocator reuses them: fresh multi-MB buffers cost page
+            # faults that dominate at voxel-token sizes with few channels.
+            for lo in range(start, start + count, DISPATCH_CHUNK):
+                hi = min(lo + DISPATCH_CHUNK, start + count)
+                tokens = slot_token[lo:hi]
+                y = expert(x.index_select(0, tokens))
+                y = y.mul_(slot_weight[lo:hi]) if not torch.is_grad_enabled() else y * slot_weight[lo:hi]
+                # Each token gets exactly k adds into a zero; for k <= 2 float addition order cannot change the sum.
+                out.index_add_(0, tokens, y)
+            start += count
+        return out
+
+
+class DMoE(nn.Module):
+    """Distribution-aware MoE: one ``NoisyTopKRouter`` per attribute value, ``n_experts`` shared experts.
+
+    ``forward(x [B, N, C], attr [B]) -> update [B, N, C]``. Noise is added in training, and in eval only when
+    ``noisy_eval`` (the official behaviour). Set ``aux_loss_enabled = True`` to get a load-balancing loss of the
+    last call in ``last_aux_loss`` (off by default: the paper uses none).
+    """
+
+    def __init__(
+        self, dim: int, n_attr: int, n_experts: int = 8, top_k: int = 2, dropout: float = 0.1, noisy_eval: bool = False
+    ) -> None:
+        super().__init__()
+        if n_attr < 1:
+            raise ValueError(f"a dMoE layer needs at least one router, got n_attr={n_attr}")
+        if not 1 <= top_k <= n_experts:
+            raise ValueError(f"top_k={top_k} must be between 1 and n_experts={n_experts}")
+        self.dim, self.n_experts, self.top_k, self.noisy_eval = dim, n_experts, top_k, noisy_eval
+        self.routers = nn.ModuleList([NoisyTopKRouter(dim, n_experts, top_k) for _ in range(n_attr)])
+        self.experts = Experts(dim, n_experts, dropout)
+        self.aux_loss_enabled = False
+        self.last_aux_loss: Tensor | None = None
+        self._routing_sink: list[RoutingRecord] | None = None
+
+    @property
+    def n_attr(self) -> int:
+        return len(self.routers)
+
+    def _check(self, x: Tensor, attr: Tensor) -> Tensor:
+        if x.dim() != 3 or x.shape[-1] != self.dim:
+            raise RoutingError(f"dMoE expects tokens [B, N, {self.dim}], got shape {tuple(x.shape)}")
+        attr = torch.as_tensor(attr, device=x.device).long().reshape(-1)
+        if attr.shape[0] != x.shape[0]:
+            raise RoutingError(f"attr has {attr.shape[0]} entries for a batch of {x.shape[0]}: give one per sample")
+        lo, hi = int(attr.min()), int(attr.max())
+        if lo < 0 or hi >= self.n_attr:
+            raise RoutingError(
+                f"attribute index {hi if hi >= self.n_attr else lo} is out of range: this layer has "
+                f"{self.n_attr} router(s), indices 0..{self.n_attr - 1}"
+            )
+        return attr
+
+    def router_logits(self, x: Tensor, attr: Tensor) -> tuple[Tensor, Tensor]:
+        """Gate and noise logits ``[B, N, E]`` each, every sample through its own router, in one batched matmul."""
+        e = self.n_experts
+        # Stacking R tiny Linear layers per call is cheap and keeps the official ModuleList key layout.
+        weight = torch.stack([torch.cat([r.gate.weight, r.noise.weight]) for r in self.routers])  # [R, 2E, C]
+        bias = torch.stack([torch.cat([r.gate.bias, r.noise.bias]) for r in self.routers])  # [R, 2E]
+        logits = torch.baddbmm(bias[attr].unsqueeze(1), x, weight[attr].transpose(1, 2))
+        return logits[..., :e], logits[..., e:]
+
+    def forward(
+        self, x: Tensor, attr: Tensor, *, position: str | None = None, grid: Sequence[int] | None = None
+    ) -> Tensor:
+        attr = self._check(x, attr)
+        b, n, c = x.shape
+        gate_logits, noise_logits = self.router_logits(x, attr)
+        noisy = self.training or self.noisy_eval
+        indices, weights = top_k_gates(gate_logits, noise_logits if noisy else None, self.top_k)
+        out = self.experts.dispatch(x.reshape(b * n, c), indices.reshape(b * n, -1), weights.reshape(b * n, -1))
+        if self._routing_sink is not None:
+            self._record(indices, weights, position, grid)
+        if self.aux_loss_enabled:
+            self.last_aux_loss = self._balance_loss(gate_logits, indices)
+        return out.view(b, n, c)
+
+    def dense_gates(self, indices: Tensor, weights: Tensor) -> Tensor:
+        """Top-k (indices, weights) -> dense ``[..., E]`` gate weights (zeros for unchosen experts)."""
+        shape = (*indices.shape[:-1], self.n_experts)
+        return torch.zeros(shape, dtype=weights.dtype, device=weights.device).scatter(-1, indices, weights)
+
+    def _record(self, indices: Tensor, weights: Tensor, position: str | None, grid: Sequence[int] | None) -> None:
+        b, n = indices.shape[:2]
+        grid = tuple(grid) if grid is not None else (n,)
+        dense = self.dense_gates(indices.detach(), weights.detach())
+        dense = dense.view(b, *grid, self.n_experts).movedim(-1, 1).contiguous()
+        self._routing_sink.append(RoutingRecord(position or f"moe{len(self._routing_sink)}", dense))
+
+    def _balance_loss(self, gate_logits: Tensor, indices: Tensor) -> Tensor:
+        # Switch-Transformer style: E * sum_e (fraction of slots sent to e) * (mean router probability of e).
+        probs = gate_logits.softmax(dim=-1).reshape(-1, self.n_experts).mean(dim=0)
+        counts = torch.bincount(indices.reshape(-1), minlength=self.n_experts).to(probs.dtype)
+        return self.n_experts * (counts / counts.sum() * probs).sum()
+
+
+@contextlib.contextmanager
+def capture_routing(network: nn.Module) -> Iterator[list[RoutingRecord]]:
+    """Collect a RoutingRecord for every dMoE call inside the block; numerics are unchanged."""
+    records: list[RoutingRecord] = []
+    layers = [m for m in network.modules() if isinstance(m, DMoE)]
+    previous = [m._routing_sink for m in layers]
+    for m in layers:
+        m._routing_sink = records
+    try:
+        yield records
+    finally:
+        for m, sink in zip(layers, previous):
+            m._routing_sink = sink

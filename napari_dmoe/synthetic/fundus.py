@@ -1,0 +1,163 @@
+"""2D fundus-like images (like Harvard-FairSeg SLO fundus) with optic disc, rim and cup, in three race groups.
+
+Fairness design (see sample_data/README.md): the visible cup pallor is smaller than the annotated cup by a
+group-dependent ratio (White ~0.95, Asian ~0.80, Black ~0.70), so the same image evidence maps to a different
+mask depending on the group. Group also shifts appearance (brightness, contrast, disc size, cup-to-disc ratio,
+peripapillary atrophy), with overlapping distributions, so the image hints at the group but cannot settle it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+from scipy import ndimage
+
+from .common import SyntheticDataError, allocate, check_frequencies, ellipse_field, rng_for, smooth_noise, soft_step
+
+RACES = ("Asian", "Black", "White")  # FairSeg codes 0, 1, 2
+RACE_FREQUENCIES = {"White": 0.80, "Asian": 0.12, "Black": 0.08}
+
+# Per-group appearance and annotation convention. brightness/contrast: background level and tissue contrast;
+# disc_scale: disc radius factor; cdr: mean cup-to-disc ratio; pallor: visible pallor radius / annotated cup
+# radius; ppa: probability of a bright peripapillary-atrophy crescent (outside the disc, not labelled).
+GROUP_LOOK = {
+    "White": dict(brightness=0.56, contrast=1.00, disc_scale=1.00, cdr=0.45, pallor=0.95, ppa=0.10),
+    "Asian": dict(brightness=0.48, contrast=0.90, disc_scale=1.05, cdr=0.50, pallor=0.80, ppa=0.45),
+    "Black": dict(brightness=0.40, contrast=0.80, disc_scale=1.12, cdr=0.55, pallor=0.70, ppa=0.15),
+}
+
+
+@dataclass
+class FundusSample:
+    """One synthetic SLO fundus: grey uint8 image, FairSeg mask (0, -1 rim, -2 cup) and attributes."""
+
+    image: np.ndarray
+    mask: np.ndarray
+    race: str
+    attributes: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def classes(self) -> np.ndarray:
+        """Mask in training classes: 0 background, 1 rim, 2 cup."""
+        return (-self.mask).astype(np.uint8)
+
+
+def _draw_vessels(rng: np.random.Generator, size: int, origin: tuple[float, float]) -> np.ndarray:
+    """Vessel map in [0, 1]: curved trees leaving the disc, thick arcades up and down, thin ones sideways."""
+    scale = size / 224.0
+    width_maps = {1.0: np.zeros((size, size), np.float32), 1.8: np.zeros((size, size), np.float32)}
+    # four arcades curving around the macula (temporal side, +x) and a few thin nasal vessels
+    starts = [(-1.25, 1.8, -1), (1.25, 1.8, 1), (-1.7, 1.0, -1), (1.7, 1.0, 1)]
+    starts += [(a, 1.0, rng.choice([-1, 1])) for a in rng.uniform(2.3, 4.0, 3)]
+    stack = [(origin[0], origin[1], a + rng.normal(0, 0.12), w, bend, 0) for a, w, bend in starts]
+    while stack:
+        y, x, angle, width, bend, depth = stack.pop()
+        curvature = -bend * rng.uniform(0.004, 0.009) / scale
+        steps = int(rng.uniform(0.5, 0.8) * size)
+        for step in range(steps):
+            angle += curvature + rng.normal(0, 0.03)
+            y, x = y + np.sin(angle), x + np.cos(angle)
+            iy, ix = int(round(y)), int(round(x))
+            if not (0 <= iy < size and 0 <= ix < size):
+                break
+            width_maps[width][iy, ix] = 1.0
+            if depth < 1 and step > 15 * scale and rng.random() < 0.006 / scale:
+                side = rng.choice([-1, 1])
+                stack.append((y, x, angle + side * rng.uniform(0.5, 0.9), 1.0, -side, depth + 1))
+    vessels = np.zeros((size, size), np.float32)
+    for width, lines in width_maps.items():
+        # blur a one-pixel centre line into a vessel profile; peak renormalised so thin vessels stay visible
+        blurred = ndimage.gaussian_filter(lines, width * scale)
+        vessels = np.maximum(vessels, np.clip(blurred / (blurred.max() + 1e-8) * 1.6, 0, 1))
+    return vessels
+
+
+def make_fundus(seed: int, race: str | None = None, size: int = 224, index: int = 0) -> FundusSample:
+    """One deterministic fundus-like sample; ``race`` None draws it from RACE_FREQUENCIES."""
+    if size < 32:
+        raise SyntheticDataError(f"fundus size {size} is too small; use at least 32 pixels")
+    rng = rng_for(seed, 1, index)
+    if race is None:
+        race = str(rng.choice(list(RACE_FREQUENCIES), p=list(RACE_FREQUENCIES.values())))
+    if race not in GROUP_LOOK:
+        raise SyntheticDataError(f"race {race!r} is not one of {list(RACES)}")
+    look = GROUP_LOOK[race]
+    shape = (size, size)
+
+    # retina: smooth illumination, choroidal texture, fine noise; group sets mean level and contrast
+    brightness = float(np.clip(rng.normal(look["brightness"], 0.06), 0.2, 0.8))
+    contrast = look["contrast"] * rng.uniform(0.9, 1.1)
+    vignette = ellipse_field(shape, (size / 2 + rng.normal(0, size * 0.05), size / 2), (size * 0.8, size * 0.8))
+    image = brightness * (1.0 - 0.25 * vignette**2) + 0.035 * contrast * smooth_noise(rng, shape, size / 25)
+
+    # optic disc (vertically oval), cup inside, offset slightly temporal
+    centre = (size * rng.uniform(0.42, 0.58), size * rng.uniform(0.42, 0.58))
+    r_disc = size * 0.11 * look["disc_scale"] * rng.normal(1.0, 0.08)
+    radii = (r_disc * rng.uniform(1.0, 1.15), r_disc)
+    angle = rng.normal(0, 0.15)
+    cdr = float(np.clip(rng.normal(look["cdr"], 0.08), 0.2, 0.8))
+    cup_centre = (centre[0] + rng.normal(0, 0.04) * r_disc, centre[1] + rng.uniform(0.0, 0.12) * r_disc)
+    cup_radii = (radii[0] * cdr, radii[1] * cdr)
+    disc_r = ellipse_field(shape, centre, radii, angle)
+    cup_r = ellipse_field(shape, cup_centre, cup_radii, angle)
+
+    edge = 1.5 / r_disc  # about 1.5 px of blur at the disc margin
+    image = image + 0.22 * contrast * soft_step(disc_r, 1.0, edge)
+    # visible pallor ends before the annotated cup margin, by a group-dependent ratio (the fairness design)
+    pallor = float(np.clip(rng.normal(look["pallor"], 0.03), 0.55, 1.0))
+    image = image + 0.20 * contrast * soft_step(cup_r, pallor, 0.08)
+    if rng.random() < look["ppa"]:  # bright crescent on the temporal side, outside the labelled disc
+        ring = soft_step(disc_r, 1.35, 0.06) * (1 - soft_step(disc_r, 1.0, edge))
+        side = np.clip(np.cos(np.arctan2(*np.mgrid[: size, : size] - np.array(centre)[:, None, None]) - np.pi / 2), 0, 1)
+        image = image + 0.12 * contrast * ring * side**2
+
+    image = image - 0.13 * contrast * _draw_vessels(rng, size, centre)
+    image = image + rng.normal(0, 0.015, shape)
+    image_u8 = np.clip(image * 255.0, 0, 255).astype(np.uint8)
+
+    mask = np.zeros(shape, np.int8)
+    mask[disc_r < 1.0] = -1
+    mask[(cup_r < 1.0) & (disc_r < 1.0)] = -2
+    return FundusSample(image=image_u8, mask=mask, race=race, attributes=_fairseg_attributes(rng, race))
+
+
+def _fairseg_attributes(rng: np.random.Generator, race: str) -> dict[str, int]:
+    """FairSeg demographic fields with the release's codes (-1 = missing)."""
+    age_years = float(np.clip(rng.normal(61, 14), 20, 92))
+    return {
+        "race": RACES.index(race),
+        "gender": int(rng.random() < 0.45),  # 0 female, 1 male
+        "age": int(age_years * 365.25),  # days, as in the release
+        "ethnicity": int(rng.choice([0, 1, -1], p=[0.90, 0.08, 0.02])),
+        "language": int(rng.choice([0, 1, 2, -1], p=[0.90, 0.04, 0.04, 0.02])),
+        "maritalstatus": int(rng.choice([0, 1, 2, 3, 4, -1], p=[0.55, 0.2, 0.1, 0.08, 0.02, 0.05])),
+    }
+
+
+def write_fairseg(
+    out: str | Path,
+    n_train: int = 600,
+    n_test: int = 200,
+    seed: int = 0,
+    size: int = 224,
+    frequencies: Mapping[str, float] | None = None,
+) -> Path:
+    """Write a FairSeg-format dataset: ``data_000001.npz``... plus ``train.txt`` and ``test.txt`` name lists."""
+    freqs = check_frequencies(frequencies or RACE_FREQUENCIES, RACES)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = rng_for(seed, 1, -1)
+    # allocate per split so both splits carry the configured imbalance
+    races = allocate(n_train, freqs, rng) + allocate(n_test, freqs, rng)
+    names = []
+    for i, race in enumerate(races):
+        sample = make_fundus(seed, race=race, size=size, index=i)
+        name = f"data_{i + 1:06d}.npz"
+        fields = {k: np.array(v) for k, v in sample.attributes.items()}
+        np.savez_compressed(out / name, slo_fundus=sample.image, disc_cup_mask=sample.mask, **fields)
+        names.append(name)
+    (out / "train.txt").write_text("".join(f"{n}\n" for n in names[:n_train]))
+    (out / "test.txt").write_text("".join(f"{n}\n" for n in names[n_train:]))
+    return out
