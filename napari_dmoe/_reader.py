@@ -16,8 +16,9 @@ LABEL_HINTS = ("label", "seg", "mask")
 def napari_get_reader(path: str | list[str]) -> Callable[[Any], list[tuple]] | None:
     """Return a reader for a NIfTI/DICOM file or a folder holding DICOM files, else None."""
     if isinstance(path, (list, tuple)):
-        if len(path) != 1:  # several files: a DICOM series is opened by its folder
-            return None
+        names = [os.fspath(p).lower() for p in path]
+        if len(names) > 1:  # several files: only slices of a DICOM series are ours
+            return read_layers if all(n.endswith(".dcm") for n in names) else None
         path = path[0]
     path = os.fspath(path)
     if os.path.isdir(path):
@@ -41,9 +42,14 @@ def layer_metadata(volume: Any) -> dict[str, Any]:
 def read_layers(path: str | list[str]) -> list[tuple]:
     from .data.io import read_image
 
-    if isinstance(path, (list, tuple)):
-        path = path[0]
-    volume = read_image(path)
+    if isinstance(path, (list, tuple)) and len(path) > 1:
+        from .data.dicom import read_dicom_series
+
+        volume = read_dicom_series(list(path))
+        path = os.path.dirname(os.fspath(path[0]))  # the series is named after its folder
+    else:
+        path = path[0] if isinstance(path, (list, tuple)) else path
+        volume = read_image(path)
     data = volume.array
     stem = Path(path).name.lower()
     is_labels = data.dtype.kind in "iu" and any(h in stem for h in LABEL_HINTS) and not volume.rgb

@@ -55,7 +55,9 @@ def resolve_device(name: str | torch.device = "auto") -> tuple[torch.device, str
             raise DeviceError(f"device {name!r} is not usable: {problem}. Use device='cpu' or 'auto'")
         count = torch.cuda.device_count()
         if device.index is not None and device.index >= count:
-            raise DeviceError(f"device {name!r} does not exist: {count} CUDA device(s) visible (cuda:0..cuda:{count - 1})")
+            raise DeviceError(
+                f"device {name!r} does not exist: {count} CUDA device(s) visible (cuda:0..cuda:{count - 1})"
+            )
         return device, "CUDA requested"
     if device.type == "mps":
         problem = mps_problem()

@@ -10,8 +10,12 @@ Geometry rules:
   ``input_size`` along some axis, it is resampled to ``spec.spacing`` and scanned with windows of ``input_size``
   instead (``mode2d`` forces either). A 2D model on a volume segments it slice by slice.
 - 3D model: the volume is resampled to ``spec.spacing`` when both spacings are known, padded at the end to
-  multiples of 32 (five stride-2 stages), scanned with windows of ``roi_size`` (default ``spec.input_size``,
-  shrunk to the padded volume) and mapped back to the original grid.
+  multiples of 32 and at least 64 per axis (the 3D UNet's limits), scanned with windows of ``roi_size``
+  (default ``spec.input_size``, shrunk to the padded volume) and mapped back to the original grid.
+- Windows: MONAI's ``sliding_window_inference`` calls the predictor synchronously, so a generator cannot yield
+  from inside it and routing records could not be tied to window positions. We therefore lay the windows out
+  ourselves (same scan as MONAI, interval rounded to a multiple of 4 for the routing maps; a test checks the
+  result against ``sliding_window_inference``) and blend with MONAI's ``compute_importance_map``.
 - Probabilities are blended (MONAI importance maps) and averaged across routers when the attribute is unknown;
   labels are their argmax.
 """

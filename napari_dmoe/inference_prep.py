@@ -8,11 +8,13 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from napari_dmoe.model.resunet3d import DIVISOR, MIN_SIZE
 from napari_dmoe.model.spec import ModelSpec, SpecError
 from napari_dmoe.transforms import TransformError, normalize, sanitize, to_channels
 
-MIN_SIZE = 8  # smaller images carry too little context for any of the networks
-UNET3D_MULTIPLE = 32  # five stride-2 encoder stages
+MIN_PIXELS = 8  # smaller images carry too little context for any of the networks
+# the 3D UNet's own limits: sizes divisible by 2**stages, at least two voxels per axis at the bottom stage
+UNET3D_MULTIPLE, UNET3D_MIN = DIVISOR, MIN_SIZE
 ALIGN = 4  # window offsets are multiples of this so routing maps can be kept at 1/4 resolution
 UNKNOWN = "unknown"
 
@@ -119,9 +121,9 @@ def prepare_image(
             f"this is a 3D model ({spec.arch}) and the image is 2D {tuple(spatial)}; give a (z, y, x) volume "
             "or use a 2D model"
         )
-    if min(spatial[-spec.spatial_dims :]) < MIN_SIZE:  # a 2D model may get a stack of only a few slices
+    if min(spatial[-spec.spatial_dims :]) < MIN_PIXELS:  # a 2D model may get a stack of only a few slices
         raise InferenceError(
-            f"image {tuple(spatial)} is too small: each axis the model sees needs at least {MIN_SIZE} pixels"
+            f"image {tuple(spatial)} is too small: each axis the model sees needs at least {MIN_PIXELS} pixels"
         )
     if spacing is not None:
         spacing = tuple(float(s) for s in spacing)
@@ -197,15 +199,17 @@ def make_plan(
         if mode == "auto":
             much_larger = any(r > 2 * s for r, s in zip(resampled, size))
             mode = "sliding" if spec.spacing is not None and much_larger else "resize"
-        if mode == "resize":
-            return Plan(image, size, size, size, [(0, 0)], ALIGN if all(s % ALIGN == 0 for s in size) else 1, squeeze, mode)
         align = ALIGN if all(s % ALIGN == 0 for s in size) else 1
+        if mode == "resize":
+            return Plan(image, size, size, size, [(0, 0)], align, squeeze, mode)
         padded = tuple(max(s, _ceil_to(r, align)) for r, s in zip(resampled, size))
         return Plan(image, resampled, padded, size, _grid(padded, size, overlap, align), align, squeeze, mode)
     roi = tuple(int(r) for r in (roi_size if roi_size is not None else size))
-    if len(roi) != 3 or any(r <= 0 or r % UNET3D_MULTIPLE for r in roi):
-        raise InferenceError(f"roi_size {roi} must be three positive multiples of {UNET3D_MULTIPLE}")
-    padded = tuple(_ceil_to(r, UNET3D_MULTIPLE) for r in resampled)
+    if len(roi) != 3 or any(r < UNET3D_MIN or r % UNET3D_MULTIPLE for r in roi):
+        raise InferenceError(
+            f"roi_size {roi} must be three multiples of {UNET3D_MULTIPLE}, each at least {UNET3D_MIN}"
+        )
+    padded = tuple(max(UNET3D_MIN, _ceil_to(r, UNET3D_MULTIPLE)) for r in resampled)
     roi = tuple(min(r, p) for r, p in zip(roi, padded))  # no need to scan more than the volume
     return Plan(image, resampled, padded, roi, _grid(padded, roi, overlap, ALIGN), ALIGN, squeeze, "volume")
 

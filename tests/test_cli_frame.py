@@ -130,3 +130,81 @@ def test_import_official_missing_required_options_as_a_real_process(tmp_path):
     assert done.returncode == 2
     assert "the following arguments are required: --attribute-name" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+# Our key names -> the official dMoE code's (inverse of the renames the importer documents), to write a real
+# official-layout .pth from a tiny network.
+OFFICIAL_NAMES = [
+    (r"^transformer\.encoder\.moe\.0\.", "transformer.encoder.sparseMoE."),
+    (r"^moe\.(\d+)\.", r"sparseMoE.\1."),
+    (r"\.routers\.(\d+)\.gate\.", r".router.\1.topkroute_linear."),
+    (r"\.routers\.(\d+)\.noise\.", r".router.\1.noise_linear."),
+    (r"\.experts\.(\d+)\.fc1\.", r".experts.\1.net.0."),
+    (r"\.experts\.(\d+)\.fc2\.", r".experts.\1.net.2."),
+    (r"^segmentation_head\.", "segmentation_head.0."),
+]
+
+
+def official_checkpoint(path, preset, values, classes, heads=None):
+    import re
+
+    from napari_dmoe.model import build_network, make_spec
+
+    overrides = {"heads": heads} if heads else {}
+    net = build_network(make_spec(preset, "attr", values, classes, **overrides))
+    with torch.no_grad():
+        for t in net.state_dict().values():
+            if t.is_floating_point():
+                t.add_(torch.rand_like(t) * 0.1)  # stay clear of the initial values
+    state = {}
+    for key, value in net.state_dict().items():
+        for pattern, repl in OFFICIAL_NAMES:
+            key = re.sub(pattern, repl, key)
+        state[f"module.{key}"] = value.clone()  # the official scripts save DataParallel-wrapped models
+    torch.save({"state_dict": state, "epoch": 3}, path)
+    return net.eval()
+
+
+@pytest.mark.parametrize("preset,values,classes,heads", [
+    ("transunet2d-tiny", "Asian,Black,White", "background,rim,cup", 2),
+    ("resunet3d-tiny", "T1,T2,T3,T4", "background,prostate", None),
+])
+def test_import_official_end_to_end(tmp_path, capsys, preset, values, classes, heads):
+    from napari_dmoe.checkpoint import load_model
+
+    src, out = tmp_path / "best.pth", tmp_path / "imported.safetensors"
+    reference = official_checkpoint(src, preset, values.split(","), classes.split(","), heads)
+    arch = preset.split("-")[0]
+    argv = ["import-official", str(src), "--arch", arch, "--attribute-name", "race", "--attribute-values", values,
+            "--class-names", classes, "--out", str(out)] + (["--heads", str(heads)] if heads else [])
+    assert main(argv) == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert f"-> {out}" in printed and f"attribute    : race = {values.replace(',', ', ')}" in printed
+
+    model = load_model(out)
+    assert model.spec.arch == arch and model.spec.attributes[0].values == values.split(",")
+    assert model.spec.class_names == classes.split(",") and model.spec.provenance["file"] == "best.pth"
+    for name, t in reference.state_dict().items():
+        assert torch.equal(t, model.network.state_dict()[name]), name
+    x = torch.randn(1, model.spec.in_channels, *(16 if arch == "transunet2d" else 32,) * 0 or model.spec.input_size)
+    attr = torch.tensor([len(values.split(",")) - 1])
+    with torch.no_grad():
+        assert torch.equal(reference(x, attr), model.network(x, attr))
+
+    assert main(argv) == 2  # --out now exists
+    assert "--force" in capsys.readouterr().err
+    assert main(argv + ["--force"]) == 0
+
+
+def test_import_official_as_a_real_process(tmp_path):
+    src, out = tmp_path / "best.pth", tmp_path / "m.safetensors"
+    official_checkpoint(src, "resunet3d-tiny", ["T1", "T2"], ["background", "prostate"])
+    done = run_cli("import-official", src, "--arch", "resunet3d", "--attribute-name", "stage",
+                   "--attribute-values", "T1,T2,T3", "--class-names", "background,prostate", "--out", out)
+    assert done.returncode == 2 and not out.exists()
+    assert_one_line_error(done.stderr, "import-official", "2 routers but 3 attribute values")
+
+    done = run_cli("import-official", src, "--arch", "resunet3d", "--attribute-name", "stage",
+                   "--attribute-values", "T1,T2", "--class-names", "background,prostate", "--out", out)
+    assert done.returncode == 0, done.stderr
+    assert "imported" in done.stdout and out.is_file()

@@ -22,6 +22,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="comma-separated vocabulary in router order, e.g. Asian,Black,White")
     p.add_argument("--class-names", required=True, type=_csv,
                    help="comma-separated class names, background first, e.g. background,rim,cup")
+    p.add_argument("--heads", type=int, default=None,
+                   help="2D only: attention heads (not stored in the file; default hidden size / 64)")
+    p.add_argument("--in-channels", type=int, default=None,
+                   help="2D only: channels of the input images, e.g. 1 for grey (default: as the checkpoint)")
     p.add_argument("--out", required=True, help="where to write the model (.safetensors)")
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     p.set_defaults(func=run)
@@ -47,7 +51,8 @@ def run(args: argparse.Namespace) -> int:
         raise CheckpointError(f"--out {out}: the file exists; choose another name or pass --force to overwrite")
     from napari_dmoe.official import import_official  # after the cheap checks: it imports the networks
 
-    network, spec = import_official(src, args.arch, args.attribute_name, args.attribute_values, args.class_names)
+    network, spec = import_official(src, args.arch, args.attribute_name, args.attribute_values, args.class_names,
+                                    heads=args.heads, in_channels=args.in_channels)
     path = save_model(out, network, spec)
     n_params = sum(math.prod(p.shape) for p in network.state_dict().values())
     print(f"imported {src} -> {path}")

@@ -92,22 +92,27 @@ class FairSegDataset(SegmentationDataset):
         except Exception as err:  # zipfile.BadZipFile, ValueError, OSError
             raise DatasetError(f"{path}: not a readable .npz file ({err})") from err
 
+    @staticmethod
+    def _array(npz: Any, key: str, path: Path) -> np.ndarray:
+        if key not in npz.files:
+            raise DatasetError(f"{path}: no {key!r} array; the file has {sorted(npz.files)}")
+        try:
+            return npz[key]
+        except ValueError as err:  # object arrays need unpickling, which we refuse for user files
+            raise DatasetError(f"{path}: array {key!r} holds Python objects ({err}); save plain numeric arrays") from err
+
     def _attributes(self, path: Path) -> dict[str, Any]:
         with self._load(path) as npz:
             raw = {}
             for name in self.vocab.names:
-                if name not in npz.files:
-                    raise DatasetError(f"{path}: no {name!r} array; the file has {sorted(npz.files)}")
-                value = npz[name].item()
+                value = self._array(npz, name, path).item()
                 raw[name] = value / 365.25 if name == "age" and value >= 0 else value  # days -> years
             return raw
 
     def load_pair(self, rec: Record) -> tuple[np.ndarray, np.ndarray]:
         with self._load(rec.image) as npz:
-            for key in ("slo_fundus", "disc_cup_mask"):
-                if key not in npz.files:
-                    raise DatasetError(f"{rec.image}: no {key!r} array; the file has {sorted(npz.files)}")
-            image, mask = np.asarray(npz["slo_fundus"], np.float32), np.asarray(npz["disc_cup_mask"])
+            image = np.asarray(self._array(npz, "slo_fundus", rec.image), np.float32)
+            mask = np.asarray(self._array(npz, "disc_cup_mask", rec.image))
         image = np.moveaxis(image, -1, 0) if image.ndim == 3 else image[None]
         return image, mask
 
@@ -147,6 +152,7 @@ class HAM10000Dataset(SegmentationDataset):
         self.n_dropped_no_age = len(rows) - len(kept)
         self.skipped["no age"] = self.n_dropped_no_age
         self.lesion_split = self.split_lesions(sorted({r["lesion_id"] for r in kept}), fractions, seed)
+        self.lesion_of = {r["image_id"]: r["lesion_id"] for r in kept}
         files = {p.name: p for p in self.root.rglob("*") if p.suffix.lower() in (".jpg", ".png")}
         for row in kept:
             if split != "all" and self.lesion_split[row["lesion_id"]] != split:

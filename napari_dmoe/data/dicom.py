@@ -139,11 +139,11 @@ def read_dicom_file(path: str | Path) -> Volume:
     return Volume(array=array, spacing=spacing, origin=origin, affine=affine, meta=_meta(path, ds, warnings, rgb=rgb))
 
 
-def _group_series(folder: Path) -> tuple[dict[str, list[tuple[Path, Any]]], int]:
+def _group_series(paths: list[Path]) -> tuple[dict[str, list[tuple[Path, Any]]], int]:
     """Image headers grouped by SeriesInstanceUID; returns the groups and the number of files skipped."""
     groups: dict[str, list[tuple[Path, Any]]] = defaultdict(list)
     skipped = 0
-    for path in sorted(p for p in folder.iterdir() if p.is_file()):
+    for path in sorted(p for p in paths if p.is_file()):
         if not is_dicom_file(path):
             skipped += 1  # READMEs, thumbnails, DICOMDIR-less junk: not ours to judge
             continue
@@ -166,10 +166,18 @@ def _sort_slices(items: list[tuple[Path, Any]], warnings: list[str]) -> tuple[li
     return sorted(items, key=lambda it: int(getattr(it[1], "InstanceNumber", 0) or 0)), None
 
 
-def read_dicom_series(folder: str | Path) -> Volume:
-    """A folder of DICOM slices -> (z, y, x) Volume of the largest series in it."""
-    folder = Path(folder)
-    groups, skipped = _group_series(folder)
+def read_dicom_series(folder: str | Path | list[str | Path]) -> Volume:
+    """A folder of DICOM slices (or a list of slice files) -> (z, y, x) Volume of the largest series."""
+    if isinstance(folder, (list, tuple)):
+        paths = [Path(p) for p in folder]
+        missing = [str(p) for p in paths if not p.is_file()]
+        if not paths or missing:
+            raise ImageReadError(f"DICOM slice file(s) not found: {missing[:5]}; check the paths")
+        folder = paths[0].parent
+    else:
+        folder = Path(folder)
+        paths = list(folder.iterdir()) if folder.is_dir() else []
+    groups, skipped = _group_series(paths)
     if not groups:
         raise ImageReadError(f"{folder}: no DICOM images in this folder; pick the folder that holds the .dcm slices")
     warnings: list[str] = []

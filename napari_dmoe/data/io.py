@@ -268,7 +268,14 @@ def _write_nifti(path: Path, labels: np.ndarray, like: Volume | None) -> None:
         # Exact inverse of the reading: canonical RAS -> the file's own voxel order, then the file's affine.
         source_ornt = np.asarray(meta["nifti_ornt"])
         back = ornt_transform(axcodes2ornt("RAS"), source_ornt)
-        data = apply_orientation(xyz, back).reshape(meta["nifti_shape"])  # 2D or (x, y, z, 1) sources too
+        data = apply_orientation(xyz, back)
+        source_shape = tuple(meta["nifti_shape"])
+        if data.shape != (source_shape + (1,))[:3]:
+            raise ImageWriteError(
+                f"labels of shape {labels.shape} do not fit the source image {meta.get('source', '')} "
+                f"of shape {source_shape}; write labels made on that image"
+            )
+        data = data.reshape(source_shape)  # 2D or (x, y, z, 1) sources too
         affine = np.asarray(meta["nifti_affine"])
     else:
         if like is not None and like.affine is not None:

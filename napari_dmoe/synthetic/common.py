@@ -49,7 +49,8 @@ def smooth_noise(rng: np.random.Generator, shape: Sequence[int], sigma: float | 
     return field / (field.std() + 1e-8)
 
 
-def ellipse_field(shape: Sequence[int], centre: Sequence[float], radii: Sequence[float], angle: float = 0.0) -> np.ndarray:
+def ellipse_field(shape: Sequence[int], centre: Sequence[float], radii: Sequence[float],
+                  angle: float = 0.0) -> np.ndarray:
     """Normalised elliptic radius r (r < 1 inside) on a 2D pixel grid, rotated by ``angle`` radians."""
     yy, xx = np.mgrid[: shape[0], : shape[1]].astype(np.float32)
     dy, dx = yy - centre[0], xx - centre[1]

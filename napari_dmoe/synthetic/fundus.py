@@ -110,7 +110,8 @@ def make_fundus(seed: int, race: str | None = None, size: int = 224, index: int 
     image = image + 0.20 * contrast * soft_step(cup_r, pallor, 0.08)
     if rng.random() < look["ppa"]:  # bright crescent on the temporal side, outside the labelled disc
         ring = soft_step(disc_r, 1.35, 0.06) * (1 - soft_step(disc_r, 1.0, edge))
-        side = np.clip(np.cos(np.arctan2(*np.mgrid[: size, : size] - np.array(centre)[:, None, None]) - np.pi / 2), 0, 1)
+        bearing = np.arctan2(*np.mgrid[:size, :size] - np.array(centre)[:, None, None])
+        side = np.clip(np.cos(bearing), 0, 1)  # +x is the temporal side (towards the macula)
         image = image + 0.12 * contrast * ring * side**2
 
     image = image - 0.13 * contrast * _draw_vessels(rng, size, centre)
@@ -148,7 +149,7 @@ def write_fairseg(
     freqs = check_frequencies(frequencies or RACE_FREQUENCIES, RACES)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    rng = rng_for(seed, 1, -1)
+    rng = rng_for(seed, 101)  # split allocation, separate from the samples
     # allocate per split so both splits carry the configured imbalance
     races = allocate(n_train, freqs, rng) + allocate(n_test, freqs, rng)
     names = []

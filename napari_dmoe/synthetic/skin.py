@@ -31,11 +31,11 @@ AGE_LOOK = {
     "80+": dict(radius=0.28, irregular=0.13, halo=0.36, pigment=0.36, variegation=0.20, sun=0.08),
 }
 _DX = {  # diagnosis mix shifts from naevi in the young to keratoses, carcinomas and melanoma in the old
-    "0-19": ([0.95, 0.02, 0.01, 0.0, 0.0, 0.02, 0.0], ),
-    "20-39": ([0.85, 0.05, 0.03, 0.01, 0.0, 0.03, 0.03], ),
-    "40-59": ([0.65, 0.12, 0.12, 0.05, 0.02, 0.02, 0.02], ),
-    "60-79": ([0.40, 0.18, 0.22, 0.10, 0.07, 0.01, 0.02], ),
-    "80+": ([0.25, 0.22, 0.25, 0.15, 0.11, 0.01, 0.01], ),
+    "0-19": [0.95, 0.02, 0.01, 0.0, 0.0, 0.02, 0.0],
+    "20-39": [0.85, 0.05, 0.03, 0.01, 0.0, 0.03, 0.03],
+    "40-59": [0.65, 0.12, 0.12, 0.05, 0.02, 0.02, 0.02],
+    "60-79": [0.40, 0.18, 0.22, 0.10, 0.07, 0.01, 0.02],
+    "80+": [0.25, 0.22, 0.25, 0.15, 0.11, 0.01, 0.01],
 }
 _DX_NAMES = ("nv", "mel", "bkl", "bcc", "akiec", "vasc", "df")
 _SITES = ("back", "lower extremity", "trunk", "upper extremity", "abdomen", "face", "chest", "foot", "neck",
@@ -129,14 +129,15 @@ def write_ham10000(out: str | Path, n: int = 500, seed: int = 0, shape: Sequence
     freqs = check_frequencies(frequencies or AGE_FREQUENCIES, AGE_GROUPS)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    rng = rng_for(seed, 2, -1)
+    rng = rng_for(seed, 102)  # lesion counts and groups
     counts = _images_per_lesion(rng, n)
     groups = allocate(len(counts), freqs, rng)
     rows, image_no = [], 0
     for lesion, (count, group) in enumerate(zip(counts, groups)):
         meta_rng = rng_for(seed, 2, lesion, 0)
-        dx = str(meta_rng.choice(_DX_NAMES, p=_DX[group][0]))
-        dx_type = "histo" if dx in ("mel", "bcc", "akiec") else str(meta_rng.choice(["follow_up", "consensus", "histo"]))
+        dx = str(meta_rng.choice(_DX_NAMES, p=_DX[group]))
+        confirmed = dx in ("mel", "bcc", "akiec")  # malignant lesions are confirmed by histopathology
+        dx_type = "histo" if confirmed else str(meta_rng.choice(["follow_up", "consensus", "histo"]))
         sex, site = str(meta_rng.choice(["male", "female"])), str(meta_rng.choice(_SITES))
         for view in range(count):
             sample = make_skin(seed, group, tuple(shape), lesion=lesion, view=view)
