@@ -44,8 +44,8 @@ def official_2d_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
         for lin in ("topkroute_linear", "noise_linear"):
             sd[moe + f"router.{r}.{lin}.weight"], sd[moe + f"router.{r}.{lin}.bias"] = w(E, H, std=0.5), w(E)
     for e in range(E):
-        sd[moe + f"experts.{e}.net.0.weight"], sd[moe + f"experts.{e}.net.0.bias"] = w(4 * H, H, std=0.2), w(4 * H)
-        sd[moe + f"experts.{e}.net.2.weight"], sd[moe + f"experts.{e}.net.2.bias"] = w(H, 4 * H, std=0.2), w(H)
+        sd[moe + f"experts.{e}.net.0.weight"], sd[moe + f"experts.{e}.net.0.bias"] = w(4 * H, H, std=0.5), w(4 * H)
+        sd[moe + f"experts.{e}.net.2.weight"], sd[moe + f"experts.{e}.net.2.bias"] = w(H, 4 * H, std=0.5), w(H)
 
     def conv_bn(pre, cin, cout):
         sd[pre + ".0.weight"] = w(cout, cin, 3, 3, std=1 / math.sqrt(9 * cin))
@@ -135,8 +135,10 @@ def test_2d_official_checkpoint_imports_with_identical_logits(tmp_path):
     attr = torch.tensor([2, 0, 1])
     with torch.no_grad():
         ours, reference = net(x, attr), official_2d_forward(sd, x, attr)
+        wrong_router = net(x, torch.tensor([0, 0, 1]))
     assert reference.abs().max() > 0.1  # a meaningful comparison, not two near-zero maps
     torch.testing.assert_close(ours, reference, atol=1e-4, rtol=1e-4)
+    assert (wrong_router - reference).abs().max() > 5e-4  # the comparison is sensitive to routing
 
 
 def test_dataparallel_prefix_and_wrapped_dict(tmp_path):
@@ -237,4 +239,6 @@ def test_3d_official_checkpoint_imports_with_identical_logits(tmp_path):
     assert (spec.arch_kwargs, spec.n_routers, spec.in_channels) == ({"feature_size": 4}, 5, 1)
     x, attr = torch.randn(2, 1, 64, 64, 64), torch.tensor([3, 0])
     with torch.no_grad():
-        torch.testing.assert_close(net(x, attr), official(x, attr), atol=1e-4, rtol=1e-4)
+        reference = official(x, attr)
+        torch.testing.assert_close(net(x, attr), reference, atol=1e-4, rtol=1e-4)
+        assert (net(x, torch.tensor([1, 0])) - reference).abs().max() > 5e-4  # sensitive to routing
