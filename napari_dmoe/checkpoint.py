@@ -129,7 +129,10 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> M
         raise _corrupt(path, err) from None
     from napari_dmoe.model import build_network  # here, so file problems are reported before model code runs
 
-    network = build_network(spec)
+    try:
+        network = build_network(spec)
+    except SpecError as err:  # a valid-looking spec whose sizes the network code rejects
+        raise CheckpointError(f"{path}: the spec does not describe a buildable network: {err}") from None
     state = _match_weights(path, network, tensors)
     network.load_state_dict(state, strict=True)
     network.to(torch.device(device)).eval()

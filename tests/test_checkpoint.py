@@ -128,7 +128,7 @@ def test_round_trip_real_presets(tmp_path, preset):
     assert model.spec == spec
     for name, t in net.state_dict().items():
         assert torch.equal(t, model.network.state_dict()[name]), name
-    size = spec.input_size if spec.arch == "transunet2d" else [32, 32, 32]  # 3D: any multiple of 32, keep it small
+    size = spec.input_size
     x = torch.randn(1, spec.in_channels, *size)
     attr = torch.tensor([spec.router_index("Black")])
     net.eval()
@@ -266,3 +266,10 @@ def test_spec_does_not_match_weights(tmp_path, shared_builder):
     with pytest.raises(CheckpointError, match=r"shape mismatch.*conv\.weight \(6, 1, 3, 3\) vs \(4, 1, 3, 3\)"
                        r".* and \d+ more"):
         load_model(tmp_path / "wider.safetensors")
+
+
+def test_spec_the_real_networks_cannot_build(tmp_path):
+    # valid as a spec, but arch_kwargs {"width": 4} belong to the test net, not to the real TransUNet
+    path = write_with_metadata(tmp_path / "odd.safetensors")
+    with pytest.raises(CheckpointError, match=r"odd\.safetensors: the spec does not describe a buildable network"):
+        load_model(path)

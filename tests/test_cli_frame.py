@@ -186,8 +186,7 @@ def test_import_official_end_to_end(tmp_path, capsys, preset, values, classes, h
     assert model.spec.class_names == classes.split(",") and model.spec.provenance["file"] == "best.pth"
     for name, t in reference.state_dict().items():
         assert torch.equal(t, model.network.state_dict()[name]), name
-    size = model.spec.input_size if arch == "transunet2d" else [32, 32, 32]  # the 3D net takes any multiple of 32
-    x = torch.randn(1, model.spec.in_channels, *size)
+    x = torch.randn(1, model.spec.in_channels, *model.spec.input_size)
     attr = torch.tensor([len(values.split(",")) - 1])
     with torch.no_grad():
         assert torch.equal(reference(x, attr), model.network(x, attr))

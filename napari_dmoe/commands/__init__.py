@@ -9,4 +9,5 @@ from __future__ import annotations
 COMMANDS: list[str] = [
     "info",
     "import_official",
+    "demo",
 ]
