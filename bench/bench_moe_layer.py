@@ -22,18 +22,20 @@ FULL = [("vit384", 8, 196, 384), ("vit768", 8, 196, 768), ("vox24", 2, 100_000, 
 QUICK = [("vit64", 4, 64, 64), ("vox16", 2, 4_096, 16)]
 
 
-def timed(fn, device: str, repeats: int) -> tuple[float, torch.Tensor]:
-    out = fn()  # warm-up
-    times = []
+def timed(fns: dict, device: str, repeats: int) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    """Median ms per function. Runs are interleaved so that load from other processes hits all alike."""
+    outs = {name: fn() for name, fn in fns.items()}  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        out = fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times), out
+        for name, fn in fns.items():
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            outs[name] = fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times[name].append((time.perf_counter() - start) * 1000)
+    return {name: statistics.median(t) for name, t in times.items()}, outs
 
 
 def run_case(batch: int, tokens: int, dim: int, n_attr: int, device: str, repeats: int) -> dict[str, float]:
@@ -41,12 +43,12 @@ def run_case(batch: int, tokens: int, dim: int, n_attr: int, device: str, repeat
     moe = DMoE(dim, n_attr).to(device).eval()
     x = torch.randn(batch, tokens, dim, device=device)
     attr = torch.arange(batch, device=device) % n_attr
+    fns = {"ours": lambda: moe(x, attr), "loop": lambda: loop_dmoe(moe, x, attr),
+           "dense": lambda: dense_dmoe(moe, x, attr)}
     with torch.inference_mode():
-        t_ours, y_ours = timed(lambda: moe(x, attr), device, repeats)
-        t_loop, y_loop = timed(lambda: loop_dmoe(moe, x, attr), device, repeats)
-        t_dense, y_dense = timed(lambda: dense_dmoe(moe, x, attr), device, repeats)
-    diff = max((y_ours - y_loop).abs().max().item(), (y_ours - y_dense).abs().max().item())
-    return {"ours_ms": t_ours, "loop_ms": t_loop, "dense_ms": t_dense, "max_abs_diff": diff}
+        ms, out = timed(fns, device, repeats)
+    diff = max((out["ours"] - out["loop"]).abs().max().item(), (out["ours"] - out["dense"]).abs().max().item())
+    return {"ours_ms": ms["ours"], "loop_ms": ms["loop"], "dense_ms": ms["dense"], "max_abs_diff": diff}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -55,8 +57,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--routers", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--cases", default=None, help="comma-separated case names to run (default: all)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     cases = QUICK if args.quick else FULL
+    if args.cases:
+        cases = [c for c in FULL + QUICK if c[0] in args.cases.split(",")]
     repeats = args.repeats or (3 if args.quick else 7)
 
     print(f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()} repeats={repeats}")

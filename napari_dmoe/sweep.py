@@ -1,0 +1,106 @@
+"""How much the patient attribute matters: agreement between masks and expert usage per attribute value.
+
+Pure numpy, no Qt: the attribute-sweep table and the routing inspector of the napari widgets are drawn from
+these results, and the CLI or a notebook can use them directly.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import numpy as np
+
+
+class SweepError(ValueError):
+    """Masks or routing summaries that cannot be compared; the message says why."""
+
+
+@dataclass
+class SweepTable:
+    """Pairwise agreement between the label maps of one image segmented under several attribute values.
+
+    ``dice[i, j]``: mean Dice over the foreground classes present in mask i or mask j (1.0 when both masks are
+    empty); ``class_dice[i, j, c - 1]``: Dice of class c (NaN when absent from both); ``changed[i, j]``:
+    pixels/voxels whose label differs.
+    """
+
+    values: list[str]
+    dice: np.ndarray
+    class_dice: np.ndarray
+    changed: np.ndarray
+    n_voxels: int
+
+    def pairs(self) -> list[tuple[str, str, float, int, float]]:
+        """One row per unordered pair: (value a, value b, Dice, changed voxels, changed percent)."""
+        rows = []
+        for i in range(len(self.values)):
+            for j in range(i + 1, len(self.values)):
+                changed = int(self.changed[i, j])
+                rows.append((self.values[i], self.values[j], float(self.dice[i, j]), changed,
+                             100.0 * changed / max(self.n_voxels, 1)))
+        return rows
+
+
+def pairwise_agreement(masks: Mapping[str, np.ndarray], n_classes: int | None = None) -> SweepTable:
+    """Compare every pair of label maps (same shape, integer labels, 0 = background)."""
+    if len(masks) < 2:
+        raise SweepError(f"need at least two masks to compare, got {len(masks)}")
+    values = [str(v) for v in masks]
+    arrays = [np.asarray(m) for m in masks.values()]
+    shape = arrays[0].shape
+    for value, a in zip(values, arrays):
+        if a.shape != shape:
+            raise SweepError(f"mask for {value!r} has shape {a.shape}, expected {shape} like the others")
+        if a.dtype.kind not in "iub":
+            raise SweepError(f"mask for {value!r} has dtype {a.dtype}; label maps must hold integers")
+    if n_classes is None:
+        n_classes = int(max(a.max(initial=0) for a in arrays)) + 1
+    n = len(arrays)
+    class_dice = np.full((n, n, max(n_classes - 1, 0)), np.nan)
+    changed = np.zeros((n, n), dtype=np.int64)
+    # Boolean counts per class, not MONAI's compute_dice: that needs one-hot float tensors of the whole
+    # volume per pair (gigabytes at 512x512x300), while these counts need one boolean mask at a time.
+    sizes = [[np.count_nonzero(a == c) for c in range(1, n_classes)] for a in arrays]
+    for i in range(n):
+        for j in range(i, n):
+            changed[i, j] = changed[j, i] = np.count_nonzero(arrays[i] != arrays[j])
+            for c in range(1, n_classes):
+                total = sizes[i][c - 1] + sizes[j][c - 1]
+                if total == 0:
+                    continue
+                both = np.count_nonzero((arrays[i] == c) & (arrays[j] == c)) if i != j else sizes[i][c - 1]
+                class_dice[i, j, c - 1] = class_dice[j, i, c - 1] = 2.0 * both / total
+    dice = np.ones((n, n))
+    for i in range(n):
+        for j in range(n):
+            present = class_dice[i, j][~np.isnan(class_dice[i, j])]
+            if present.size:
+                dice[i, j] = present.mean()
+    return SweepTable(values, dice, class_dice, changed, int(np.prod(shape)))
+
+
+def expert_usage(routing_map: np.ndarray) -> list[float]:
+    """Mean gate weight of each expert over the whole grid of a routing map ``[E, *grid]``."""
+    arr = np.asarray(routing_map)
+    if arr.ndim < 2:
+        raise SweepError(f"a routing map is [experts, *grid], got shape {arr.shape}")
+    return [float(v) for v in arr.reshape(arr.shape[0], -1).mean(axis=1, dtype=np.float64)]
+
+
+def usage_matrix(rows: Sequence[tuple[str, Mapping[str, Sequence[float]]]], position: str = "mean"
+                 ) -> tuple[list[str], np.ndarray]:
+    """Stack per-attribute expert usage into an ``[attribute values, experts]`` matrix for one position.
+
+    ``rows``: (row label, usage dict position -> per-expert means) as stored by the segment widget. Rows
+    without that position are skipped; all rows must have the same number of experts.
+    """
+    labels, data = [], []
+    for label, usage in rows:
+        if position not in usage:
+            continue
+        vec = [float(v) for v in usage[position]]
+        if data and len(vec) != len(data[0]):
+            raise SweepError(f"row {label!r} has {len(vec)} experts, others have {len(data[0])}")
+        labels.append(label)
+        data.append(vec)
+    return labels, np.asarray(data, dtype=float).reshape(len(data), -1 if data else 0)
