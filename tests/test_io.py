@@ -151,10 +151,10 @@ def test_nibabel_anatomical_canonical_and_round_trip(tmp_path):
     src = data_path / "anatomical.nii"
     vol = read_image(src)
     img = nib.load(src)
-    canonical = np.asanyarray(nib.as_closest_canonical(img).dataobj)
-    np.testing.assert_array_equal(vol.array, canonical.transpose(2, 1, 0))
+    canonical = np.asanyarray(nib.as_closest_canonical(img).dataobj)  # RAS+; we show LPS+ (x and y flipped)
+    np.testing.assert_array_equal(vol.array, canonical[::-1, ::-1, :].transpose(2, 1, 0))
     assert vol.spacing == (2.0, 2.0, 2.0)
-    assert vol.meta["source_orientation"] == "LAS" and vol.meta["orientation"] == "RAS"
+    assert vol.meta["source_orientation"] == "LAS" and vol.meta["orientation"] == "LPS"
     assert vol.array.dtype.isnative
     out = write_labels(tmp_path / "anat_labels.nii.gz", (vol.array > 50).astype(np.uint8), like=vol)
     back = nib.load(out)
@@ -179,15 +179,18 @@ def test_nifti_non_unit_spacing_flipped_affine(tmp_path):
     src = tmp_path / "lps.nii.gz"
     nib.save(nib.Nifti1Image(data, affine), src)
     vol = read_image(src)
-    # canonical RAS: x <- j (5 voxels, 0.5 mm), y <- k (6, 0.8 mm), z <- i (4, 2.5 mm); napari order (z, y, x)
+    # canonical LPS: x <- j (5 voxels, 0.5 mm), y <- k (6, 0.8 mm), z <- i (4, 2.5 mm); napari order (z, y, x)
     assert vol.array.shape == (4, 6, 5)
     assert vol.spacing == pytest.approx((2.5, 0.8, 0.5))
     # every voxel keeps its world position
     expected = file_world_by_value(src)
     for value, pos in world_by_value(vol).items():
         np.testing.assert_allclose(pos, expected[value], atol=1e-5)
-    # translate is the world position of voxel 0 in (z, y, x) order
-    np.testing.assert_allclose(vol.origin[::-1], (vol.affine @ [0, 0, 0, 1])[:3])
+    # translate is the LPS world position of voxel 0 in (z, y, x) order
+    np.testing.assert_allclose(vol.origin[::-1], (vol.affine @ [0, 0, 0, 1])[:3] * [-1, -1, 1])
+    # and the array runs along +L, +P, +S: one step along an axis moves by +spacing in LPS
+    lps = np.diag([-1, -1, 1, 1]) @ vol.affine
+    np.testing.assert_allclose(np.diag(lps[:3, :3][:, ::-1]), vol.spacing[::-1], atol=1e-6)  # columns are (z, y, x)
     out = write_labels(tmp_path / "lps_labels.nii", vol.array.astype(np.uint8), like=vol)
     back = nib.load(out)
     np.testing.assert_array_equal(back.affine, nib.load(src).affine)

@@ -1,8 +1,8 @@
 """Read medical images into one `Volume` type and write label maps back with the source geometry.
 
 Axis order is napari's: 3D arrays are (z, y, x), 2D ones (y, x) or (y, x, c) for RGB; `spacing` and
-`origin` follow the same order. NIfTI volumes are reoriented to the closest canonical (RAS+) orientation
-with nibabel, and the file's own affine is kept in `meta` so `write_labels` can undo the reorientation
+`origin` follow the same order. NIfTI volumes are reoriented to the closest LPS+ voxel order (DICOM's
+patient frame, so napari's axial view is radiological: anterior up, patient's right on the left) with nibabel, and the file's own affine is kept in `meta` so `write_labels` can undo the reorientation
 exactly. nibabel / pydicom / imageio / tifffile are imported inside the functions that need them so that
 importing this module (e.g. from the napari reader) stays fast.
 """
@@ -85,10 +85,13 @@ def read_image(path: str | Path) -> Volume:
     )
 
 
+CANONICAL = "LPS"  # voxel axis order (x, y, z) that NIfTI volumes are reoriented to
+
+
 # -- NIfTI -----------------------------------------------------------------------------------------------
 def _read_nifti(path: Path) -> Volume:
     import nibabel as nib
-    from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation
+    from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, io_orientation, ornt_transform
 
     try:
         img = nib.load(str(path))
@@ -108,8 +111,11 @@ def _read_nifti(path: Path) -> Volume:
     if not data.dtype.isnative:  # big-endian files: torch and napari want native byte order
         data = data.astype(data.dtype.newbyteorder("="))
     affine = np.asarray(img.affine, dtype=np.float64)
-    # Same steps as nibabel.as_closest_canonical, done by hand so the orientation is kept for the inverse.
-    ornt = io_orientation(affine)
+    # Like nibabel.as_closest_canonical but to LPS+ (DICOM's patient frame), done by hand so the orientation
+    # is kept for the inverse. LPS puts anterior at the top and the patient's right on the left of napari's
+    # axial view: the radiological convention clinicians read in.
+    source_ornt = io_orientation(affine)
+    ornt = ornt_transform(source_ornt, axcodes2ornt(CANONICAL))
     canonical = np.ascontiguousarray(apply_orientation(data, ornt).transpose(2, 1, 0))
     affine_can = affine @ inv_ornt_aff(ornt, data.shape)
     zooms = np.asarray(img.header.get_zooms()[:3], dtype=float)
@@ -125,18 +131,19 @@ def _read_nifti(path: Path) -> Volume:
         "source": str(path),
         "format": "nifti",
         "modality": "unknown",
-        "orientation": "RAS",
+        "orientation": CANONICAL,
         "source_orientation": "".join(nib.aff2axcodes(affine)),
         "nifti_affine": affine.tolist(),
         "nifti_shape": list(source_shape),
-        "nifti_ornt": ornt.tolist(),
+        "nifti_ornt": source_ornt.tolist(),
         "spacing_known": True,
         "warnings": warnings,
     }
     return Volume(
         array=canonical,
         spacing=tuple(float(z) for z in zooms_can[::-1]),
-        origin=tuple(float(o) for o in affine_can[:3, 3][::-1]),
+        # origin in LPS mm (like DICOM's), so translate + index * scale is the world position along each axis
+        origin=tuple(float(o) for o in (affine_can[:3, 3] * [-1, -1, 1])[::-1]),
         affine=zyx_affine,
         meta=meta,
     )
@@ -265,9 +272,9 @@ def _write_nifti(path: Path, labels: np.ndarray, like: Volume | None) -> None:
         raise ImageWriteError(f"NIfTI labels must be 2D or 3D, got shape {labels.shape}")
     xyz = labels.transpose(2, 1, 0)
     if "nifti_affine" in meta:
-        # Exact inverse of the reading: canonical RAS -> the file's own voxel order, then the file's affine.
+        # Exact inverse of the reading: canonical LPS -> the file's own voxel order, then the file's affine.
         source_ornt = np.asarray(meta["nifti_ornt"])
-        back = ornt_transform(axcodes2ornt("RAS"), source_ornt)
+        back = ornt_transform(axcodes2ornt(CANONICAL), source_ornt)
         data = apply_orientation(xyz, back)
         source_shape = tuple(meta["nifti_shape"])
         if data.shape != (source_shape + (1,))[:3]:

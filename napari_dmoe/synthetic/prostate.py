@@ -40,8 +40,15 @@ class ProstateCase:
     organs: dict[str, np.ndarray]
 
     def napari_order(self) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
-        """Image, label and spacing in (z, y, x) order, as `napari_dmoe.data.read_image` returns them."""
-        return self.image.transpose(2, 1, 0), self.label.transpose(2, 1, 0), tuple(self.spacing[::-1])
+        """Image, label and spacing in (z, y, x) order, as `napari_dmoe.data.read_image` returns them.
+
+        The arrays are built in RAS+ voxel order (the affine written to NIfTI); the reader shows them in LPS+
+        (radiological view: anterior up), so x and y are flipped here the same way.
+        """
+        flip = (slice(None, None, -1), slice(None, None, -1), slice(None))
+        image, label = self.image[flip], self.label[flip]
+        return (np.ascontiguousarray(image.transpose(2, 1, 0)), np.ascontiguousarray(label.transpose(2, 1, 0)),
+                tuple(self.spacing[::-1]))
 
 
 def _ellipsoid(grid: tuple[np.ndarray, ...], centre: Sequence[float], radii: Sequence[float],
