@@ -161,3 +161,14 @@ def test_aux_loss_is_off_by_default_and_differentiable_when_on():
     assert loss.dim() == 0 and torch.isfinite(loss) and loss > 0
     loss.backward()
     assert m.routers[0].gate.weight.grad.abs().sum() > 0
+
+
+def test_runs_under_autocast_close_to_float32():
+    m = make()
+    x, attr = tokens(b=2, n=20), torch.tensor([0, 2])
+    with torch.no_grad():
+        full = m(x, attr)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = m(x, attr)
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.float(), full, atol=5e-2, rtol=5e-2)

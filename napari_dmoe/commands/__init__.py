@@ -10,4 +10,5 @@ COMMANDS: list[str] = [
     "info",
     "import_official",
     "demo",
+    "train", "evaluate", "compare",
 ]

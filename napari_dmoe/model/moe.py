@@ -87,7 +87,7 @@ class Experts(nn.ModuleList):
         counts = torch.bincount(slot_expert, minlength=len(self)).tolist()
         slot_token = order // k
         slot_weight = weights.reshape(-1, 1)[order]
-        out = torch.zeros_like(x)
+        out: Tensor | None = None
         start = 0
         for expert, count in zip(self, counts):
             # Chunks keep the temporaries small so the allocator reuses them: fresh multi-MB buffers cost page
@@ -97,10 +97,12 @@ class Experts(nn.ModuleList):
                 tokens = slot_token[lo:hi]
                 y = expert(x.index_select(0, tokens))
                 y = y.mul_(slot_weight[lo:hi]) if not torch.is_grad_enabled() else y * slot_weight[lo:hi]
+                if out is None:  # expert output dtype, which differs from x under autocast
+                    out = torch.zeros(x.shape, dtype=y.dtype, device=x.device)
                 # Each token gets exactly k adds into a zero; for k <= 2 float addition order cannot change the sum.
                 out.index_add_(0, tokens, y)
             start += count
-        return out
+        return torch.zeros_like(x) if out is None else out
 
 
 class DMoE(nn.Module):

@@ -5,7 +5,6 @@ decoder4..1, out``), so official weights load after renaming only the MoE keys.
 """
 from __future__ import annotations
 
-import torch
 from monai.networks.blocks import UnetrBasicBlock, UnetrUpBlock
 from monai.networks.blocks.dynunet_block import get_conv_layer
 from torch import Tensor, nn
@@ -38,7 +37,10 @@ class OutUpBlock(nn.Module):
 
 
 class ResUNet3D(nn.Module):
-    """``forward(x [B, C, D, H, W], attr [B]) -> logits [B, n_classes, D, H, W]``; sizes divisible by 32, at least 64."""
+    """``forward(x [B, C, D, H, W], attr [B]) -> logits [B, n_classes, D, H, W]``.
+
+    Spatial sizes must be multiples of 32 and at least 64 (instance norm needs 2 voxels at the bottom stage).
+    """
 
     def __init__(
         self,

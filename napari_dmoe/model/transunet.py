@@ -200,7 +200,9 @@ class TransUNet(nn.Module):
         moe = None
         if n_routers > 0:
             n_moe = depth if moe_per_block else 1
-            moe = nn.ModuleList([DMoE(hidden, n_routers, n_experts, top_k, noisy_eval=noisy_eval) for _ in range(n_moe)])
+            moe = nn.ModuleList(
+                [DMoE(hidden, n_routers, n_experts, top_k, noisy_eval=noisy_eval) for _ in range(n_moe)]
+            )
         self.transformer = Transformer(
             Embeddings(embed_channels, hidden, img_size, patch_size, dropout),
             Encoder(hidden, depth, heads, mlp_dim, dropout, attn_dropout, moe),

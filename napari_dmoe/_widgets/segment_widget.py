@@ -1,0 +1,323 @@
+"""The Segment dock widget: pick a model, an image and the patient attribute, press Segment.
+
+GUI (controls.py) / jobs (jobs.py, no Qt) / layers (results.py, no Qt). Inference runs in a napari generator
+worker off the GUI thread; its ``Step`` yields drive a napari progress bar and ``worker.quit()`` cancels
+between two window batches. The target image is captured at launch, so results land on it even if the
+user selects another layer meanwhile. Re-running with the same image and attribute replaces the earlier
+result layers (names are deterministic), so the layer list does not pile up.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from napari.layers import Image
+from napari.qt.threading import create_worker
+from napari.utils import progress
+from napari.utils.notifications import show_error, show_info, show_warning
+from qtpy.QtCore import Qt
+from qtpy.QtWidgets import (
+    QAbstractItemView,
+    QComboBox,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QPushButton,
+    QTableWidget,
+    QTableWidgetItem,
+    QVBoxLayout,
+    QWidget,
+)
+from superqt import QCollapsible
+
+from napari_dmoe._widgets.controls import (
+    UNKNOWN,
+    AdvancedOptions,
+    AttributeForm,
+    DevicePicker,
+    ModelPicker,
+    OptionError,
+    routing_positions,
+)
+from napari_dmoe._widgets.jobs import JobResult, ModelCache, SegmentRequest, Step, run_sweep
+from napari_dmoe._widgets.results import RESULT_KEY, SourceInfo, is_result, result_layers
+
+if TYPE_CHECKING:
+    import napari
+
+RUN, CANCEL, CANCELLING = "Segment", "Cancel", "Cancelling..."
+SWEEP_COLUMNS = ("A", "B", "Dice", "changed px", "changed %")
+
+
+class SegmentWidget(QWidget):
+    """Dock widget: model, image, attribute(s), device, advanced options, Segment / Cancel, attribute sweep."""
+
+    def __init__(self, napari_viewer: "napari.viewer.Viewer") -> None:
+        super().__init__()
+        # napari hands plugins a proxy that warns on private access; we only use public API but need identity
+        # comparisons of layers, which the proxy's fresh wrappers would break
+        self.viewer = getattr(napari_viewer, "__wrapped__", napari_viewer)
+        self.spec: Any = None
+        self.worker: Any = None
+        self._job: Any = None
+        self._pbar: progress | None = None
+        self._cache = ModelCache()
+        self._build()
+        self.viewer.layers.events.inserted.connect(self._refresh_images)
+        self.viewer.layers.events.removed.connect(self._refresh_images)
+        self._refresh_images()
+        self._on_model_changed(self.models.path())
+
+    # -- layout --------------------------------------------------------------------------------------------
+    def _build(self) -> None:
+        self.models = ModelPicker()
+        self.model_info = QLabel()
+        self.model_info.setWordWrap(True)
+        self.images = QComboBox()
+        self.attributes = AttributeForm()
+        self.devices = DevicePicker()
+        self.advanced = AdvancedOptions()
+        self.run_button = QPushButton(RUN)
+        self.sweep_button = QPushButton("Sweep all values")
+        self.sweep_button.setToolTip("Segment the image under every value of the attribute and compare the masks")
+        self.sweep_attribute = QComboBox()
+        self.status = QLabel()
+        self.status.setWordWrap(True)
+        self.sweep_table = QTableWidget(0, len(SWEEP_COLUMNS))
+        self.sweep_table.setHorizontalHeaderLabels(SWEEP_COLUMNS)
+        self.sweep_table.setEditTriggers(QAbstractItemView.NoEditTriggers)
+        self.sweep_table.setSortingEnabled(True)
+
+        form = QFormLayout()
+        form.addRow("model", self.models)
+        form.addRow(self.model_info)
+        form.addRow("image", self.images)
+        form.addRow(self.attributes)
+        form.addRow("device", self.devices)
+        sweep = QCollapsible("Attribute sweep")
+        body = QWidget()
+        sweep_layout = QVBoxLayout(body)
+        row = QHBoxLayout()
+        row.addWidget(QLabel("over"))
+        row.addWidget(self.sweep_attribute, 1)
+        row.addWidget(self.sweep_button)
+        sweep_layout.addLayout(row)
+        sweep_layout.addWidget(self.sweep_table)
+        sweep.addWidget(body)
+        sweep.expand(animate=False)
+        layout = QVBoxLayout(self)
+        layout.addLayout(form)
+        layout.addWidget(self.advanced)
+        layout.addWidget(self.run_button)
+        layout.addWidget(self.status)
+        layout.addWidget(sweep)
+        layout.addStretch(1)
+
+        self.models.changed.connect(self._on_model_changed)
+        self.images.currentIndexChanged.connect(self._on_image_changed)
+        self.run_button.clicked.connect(self._on_run_clicked)
+        self.sweep_button.clicked.connect(self.sweep)
+
+    # -- model and image -----------------------------------------------------------------------------------
+    def _on_model_changed(self, path: str) -> None:
+        self.spec = None
+        if path:
+            from napari_dmoe.checkpoint import read_spec
+
+            try:
+                self.spec = read_spec(path)  # header only: fast, and bad files are reported right away
+            except ValueError as err:
+                show_error(f"Cannot use this model: {err}")
+                self.status.setText(f"Model not usable: {err}")
+        spec = self.spec
+        self.attributes.set_spec(spec, self._layer_attributes())
+        self.advanced.set_positions(routing_positions(spec) if spec else [])
+        self.sweep_attribute.clear()
+        if spec is not None:
+            self.sweep_attribute.addItems([a.name for a in spec.attributes])
+            classes = ", ".join(spec.class_names[1:])
+            self.model_info.setText(f"{spec.arch}, {spec.routing} with {spec.n_experts} experts; classes: {classes}")
+            self.status.setText("")
+        else:
+            self.model_info.setText("")
+        self._set_running(False)
+
+    def _image_layers(self) -> list[Image]:
+        return [layer for layer in self.viewer.layers if isinstance(layer, Image) and not is_result(layer.metadata)]
+
+    def _refresh_images(self, event: Any = None) -> None:
+        current = self.images.currentText()
+        names = [layer.name for layer in self._image_layers()]
+        self.images.blockSignals(True)
+        self.images.clear()
+        self.images.addItems(names)
+        inserted = getattr(event, "value", None) if event is not None and event.type == "inserted" else None
+        if isinstance(inserted, Image) and inserted.name in names:
+            current = inserted.name  # a newly opened image is what the user wants to segment next
+        self.images.setCurrentIndex(max(self.images.findText(current), 0))
+        self.images.blockSignals(False)
+        self._on_image_changed()
+
+    def _on_image_changed(self, *_: Any) -> None:
+        attrs = self._layer_attributes()
+        for name, value in attrs.items():
+            if name in self.attributes.combos and self.attributes.combos[name].findText(str(value)) >= 0:
+                self.attributes.set_value(name, str(value))
+        self._set_running(self.worker is not None)
+
+    def _layer_attributes(self) -> dict[str, str]:
+        """Attribute values stored with the image (our sample data and readers put them in the metadata)."""
+        layer = self.selected_image()
+        meta = layer.metadata.get("dmoe_attributes") if layer is not None else None
+        return {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
+
+    def selected_image(self) -> Image | None:
+        name = self.images.currentText()
+        return self.viewer.layers[name] if name in self.viewer.layers else None
+
+    # -- run / cancel --------------------------------------------------------------------------------------
+    def _on_run_clicked(self) -> None:
+        if self.worker is None:
+            self.segment()
+        else:
+            self.cancel()
+
+    def segment(self) -> Any:
+        """Start segmenting the selected image under the chosen attribute; returns the worker (or None)."""
+        return self._launch([self.attributes.values()], sweep=False)
+
+    def sweep(self) -> Any:
+        """Segment under every value of the sweep attribute (others as chosen); returns the worker."""
+        if self.spec is None:
+            return self._launch([], sweep=True)
+        name = self.sweep_attribute.currentText() or self.spec.attributes[0].name
+        values = next(a.values for a in self.spec.attributes if a.name == name)
+        base = self.attributes.values()
+        return self._launch([{**base, name: v} for v in values], sweep=True)
+
+    def cancel(self) -> None:
+        if self.worker is not None:
+            self.worker.quit()  # checked by the worker between two yields, i.e. between window batches
+            self.run_button.setText(CANCELLING)
+            self.run_button.setEnabled(False)
+
+    def _launch(self, attributes: list[dict[str, str]], sweep: bool) -> Any:
+        if self.worker is not None:
+            show_info("A segmentation is already running; cancel it first.")
+            return None
+        layer = self.selected_image()
+        problem = ("pick a model first (demo list or Browse...)" if self.spec is None
+                   else "open or select an image layer first" if layer is None else None)
+        if problem:
+            show_error(f"Cannot segment: {problem}")
+            return None
+        try:
+            options = self.advanced.options(self.spec.spatial_dims)
+        except OptionError as err:
+            show_error(str(err))
+            return None
+        options.update(device=self.devices.device(), rgb=bool(layer.rgb))
+        if not layer.rgb:
+            options["spacing"] = tuple(float(s) for s in layer.scale)
+        request = SegmentRequest(self.models.path(), layer.data, attributes[0] if attributes else {}, options)
+        launch = {"layer": layer, "position": self.advanced.position.currentText(), "sweep": sweep,
+                  "maps": options["routing"],
+                  "source": SourceInfo(layer.name, tuple(layer.scale), tuple(layer.translate), dict(layer.metadata),
+                                       bool(layer.rgb))}
+        self._job = launch
+        worker = create_worker(run_sweep, request, self._cache, attributes, _start_thread=False)
+        worker.yielded.connect(self._on_step)
+        worker.returned.connect(lambda result, launch=launch: self._on_result(result, launch))
+        worker.aborted.connect(lambda: self.status.setText("Cancelled."))
+        worker.finished.connect(self._on_finished)
+        self.worker = worker
+        self._pbar = progress(total=0, desc=f"dMoE: {layer.name}")
+        self.status.setText(f"Segmenting {layer.name}...")
+        self._set_running(True)
+        worker.start()
+        return worker
+
+    def _set_running(self, running: bool) -> None:
+        ready = self.spec is not None and self.images.count() > 0
+        self.run_button.setText(CANCEL if running else RUN)
+        self.run_button.setEnabled(running or ready)
+        self.sweep_button.setEnabled(not running and ready and self.spec.routing == "dmoe")
+
+    def _on_step(self, step: Step) -> None:
+        if self._pbar is None:
+            return
+        if self._pbar.total != step.total:
+            self._pbar.total = step.total
+        self._pbar.set_description(f"dMoE {step.text}")
+        self._pbar.n = 0
+        self._pbar.update(step.done)
+
+    def _on_finished(self) -> None:
+        if self._pbar is not None:
+            self._pbar.close()
+        self._pbar = None
+        self.worker = None
+        self._job = None
+        self._set_running(False)
+
+    # -- results -------------------------------------------------------------------------------------------
+    def _on_result(self, result: JobResult, launch: dict[str, Any]) -> None:
+        source: SourceInfo = launch["source"]
+        if result.error:
+            show_error(f"Segmentation of '{source.name}' failed: {result.error}")
+            self.status.setText(f"Failed: {result.error}")
+            return
+        if not any(layer is launch["layer"] for layer in self.viewer.layers):
+            show_warning(f"The image '{source.name}' was removed while it was being segmented; "
+                         "the results were discarded.")
+            self.status.setText("Image removed during the run: results discarded.")
+            return
+        warnings: list[str] = []
+        for tag, seg in result.segmentations.items():
+            layers = result_layers(seg, result.model.spec, str(result.model.path), source, result.requests[tag],
+                                   position=launch["position"], maps=launch["maps"] and not launch["sweep"])
+            replace_layers(self.viewer, layers)
+            warnings += [w for w in layers[0][1]["metadata"][RESULT_KEY]["warnings"] if w not in warnings]
+        self.status.setText(_summary(result, warnings))
+        for w in warnings:
+            show_warning(w)
+        if launch["sweep"]:
+            self.show_sweep(result)
+
+    def show_sweep(self, result: JobResult) -> None:
+        """Fill the sweep table with pairwise Dice and changed pixels between the masks."""
+        from napari_dmoe.sweep import pairwise_agreement
+
+        masks = {tag: seg.labels for tag, seg in result.segmentations.items()}
+        table = pairwise_agreement(masks, n_classes=result.model.spec.n_classes)
+        self.sweep_table.setSortingEnabled(False)
+        self.sweep_table.setRowCount(0)
+        for a, b, dice, changed, percent in table.pairs():
+            row = self.sweep_table.rowCount()
+            self.sweep_table.insertRow(row)
+            for col, value in enumerate((a, b, dice, changed, percent)):
+                item = QTableWidgetItem()
+                # numbers as numbers (not text) so that sorting a column sorts by value
+                item.setData(Qt.DisplayRole, round(value, 3) if isinstance(value, float) else value)
+                self.sweep_table.setItem(row, col, item)
+        self.sweep_table.setSortingEnabled(True)
+        self.last_sweep = table
+
+
+def replace_layers(viewer: Any, layers: list) -> None:
+    """Add result layers; a result layer of the same name (same image and attribute) is replaced."""
+    for data, kwargs, kind in reversed(layers):  # the mask ends up on top
+        name = kwargs["name"]
+        if name in viewer.layers and is_result(viewer.layers[name].metadata):
+            viewer.layers.remove(name)
+        getattr(viewer, f"add_{kind}")(data, **kwargs)
+
+
+def _summary(result: JobResult, warnings: list[str]) -> str:
+    seg = next(iter(result.segmentations.values()))
+    seconds = sum(seg.timings.values())
+    used = seg.attribute if isinstance(seg.attribute, str) else ", ".join(f"{k}={v}" for k, v in seg.attribute.items())
+    n = len(result.segmentations)
+    text = f"Done on {seg.device} in {seconds:.1f} s" + (f" per value ({n} values)" if n > 1 else f"; attribute {used}")
+    if UNKNOWN in used:
+        text += " (outputs of all routers averaged)"
+    return text + (f"; {len(warnings)} warning(s)" if warnings else "")

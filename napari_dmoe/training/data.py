@@ -1,0 +1,192 @@
+"""Datasets of a training config: train/val/test splits, the attribute vocabulary, seeded augmentation.
+
+The vocabulary is the list of config attributes (not the spec), so ``item["attr"]`` is always the index of the
+attribute *combination* (what FEBS and per-group validation need); the engine maps it to a router index.
+
+Augmentations are MONAI dict transforms reseeded for every item from (seed, epoch, index): the stream of
+augmented samples does not depend on the number of workers or processes, and a resumed run sees exactly the
+samples an uninterrupted run would.
+"""
+from __future__ import annotations
+
+import csv
+from collections import Counter
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from napari_dmoe.data.base import DatasetError, SegmentationDataset
+from napari_dmoe.model.spec import Attribute, ModelSpec
+from napari_dmoe.transforms import normalize
+
+from .config import DEFAULT_CLASSES, ConfigError
+
+SPLITS = ("train", "val", "test")
+
+
+def vocabulary(config: Mapping[str, Any]) -> list[Attribute]:
+    return [Attribute(a["name"], list(a["values"])) for a in config["data"]["attributes"]]
+
+
+def class_names(config: Mapping[str, Any]) -> list[str]:
+    data = config["data"]
+    if data["class_names"] is not None:
+        return list(data["class_names"])
+    return list(DEFAULT_CLASSES.get(data["format"], ["background", "foreground"]))
+
+
+def make_dataset(config: Mapping[str, Any], split: str, size: Sequence[int] | None) -> SegmentationDataset:
+    """The ``split`` ("train", "val", "test") of the config's dataset; items resized to ``size`` if given."""
+    if split not in SPLITS:
+        raise ConfigError(f"split {split!r}: expected one of {list(SPLITS)}")
+    data, seed = config["data"], int(config["seed"])
+    vocab, root = vocabulary(config), Path(data["root"])
+    n_classes = len(class_names(config))
+    fmt = data["format"]
+    if fmt == "ham10000":
+        from napari_dmoe.data.datasets import HAM10000Dataset
+
+        v, t = data["val_fraction"], data["test_fraction"]
+        return HAM10000Dataset(root, vocab, split=split, fractions=(1 - v - t, v, t), seed=seed, size=size)
+    if fmt == "fairseg":
+        from napari_dmoe.data.datasets import FairSegDataset
+
+        if split == "test":
+            listing = data["test_list"] or ("test.txt" if (root / "test.txt").is_file() else None)
+            if listing is None:
+                raise ConfigError(f"config key 'data.test_list': no test list given and {root / 'test.txt'} not found")
+            return FairSegDataset(root, vocab, names=listing, size=size, crop=data["crop"])
+        listing = data["train_list"] or ("train.txt" if (root / "train.txt").is_file() else None)
+        ds = FairSegDataset(root, vocab, names=listing, size=size, crop=data["crop"])
+        keep = _fraction_split([r.id for r in ds.records], {"val": data["val_fraction"]}, seed)
+        return _subset(ds, keep, split)
+    if fmt == "nifti":
+        from napari_dmoe.data.datasets import NiftiFolderDataset
+
+        csv_name = data["csv"] or "attributes.csv"
+        ds = NiftiFolderDataset(root, vocab, csv_path=csv_name, n_classes=n_classes, size=size)
+        table = root / csv_name if not Path(csv_name).is_absolute() else Path(csv_name)
+        return _subset(ds, _split_of(ds, data, seed, table, "case_id"), split)
+    from napari_dmoe.data.datasets import GenericFolderDataset
+
+    table = root / (data["csv"] or "dataset.csv")
+    label_map = {int(k): int(v) for k, v in data["label_map"].items()} if data["label_map"] else None
+    ds = GenericFolderDataset(table, vocab, label_map=label_map, n_classes=n_classes, size=size)
+    return _subset(ds, _split_of(ds, data, seed, table, "image", by_stem=True), split)
+
+
+def _split_of(ds: SegmentationDataset, data: Mapping[str, Any], seed: int, table: Path, id_column: str,
+              by_stem: bool = False) -> dict[str, str]:
+    """id -> split: from the CSV's ``split_column`` when given, else seeded fractions."""
+    column = data["split_column"]
+    if column is None:
+        fractions = {"test": data["test_fraction"], "val": data["val_fraction"]}
+        return _fraction_split([r.id for r in ds.records], fractions, seed)
+    with open(table, newline="", encoding="utf-8-sig") as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows or column not in rows[0]:
+        raise ConfigError(f"config key 'data.split_column': {table} has no column {column!r}")
+    out = {}
+    for row in rows:
+        key = Path(row[id_column]).stem if by_stem else row[id_column]
+        value = row[column].strip().lower()
+        if value not in SPLITS:
+            raise DatasetError(f"{table}: {id_column}={row[id_column]!r} has split {row[column]!r}; "
+                               f"expected one of {list(SPLITS)}")
+        out[key] = value
+    return out
+
+
+def _fraction_split(ids: Sequence[str], fractions: Mapping[str, float], seed: int) -> dict[str, str]:
+    """Seeded split of sorted ids: the first of a permutation go to each named split, the rest to train."""
+    ids = sorted(ids)
+    order = np.random.default_rng(seed).permutation(len(ids))
+    out, start = {}, 0
+    for name, fraction in fractions.items():
+        n = int(round(fraction * len(ids)))
+        if fraction > 0 and len(ids) >= 3:
+            n = max(n, 1)  # a tiny dataset still gets one case to validate on
+        for i in order[start:start + n]:
+            out[ids[i]] = name
+        start += n
+    for i in order[start:]:
+        out[ids[i]] = "train"
+    return out
+
+
+def _subset(ds: SegmentationDataset, split_of: Mapping[str, str], split: str) -> SegmentationDataset:
+    ds.records = [r for r in ds.records if split_of.get(r.id, "train") == split]
+    return ds
+
+
+def group_counts(ds: SegmentationDataset) -> dict[str, int]:
+    """Items per attribute combination, every combination of the vocabulary listed (0 when absent)."""
+    counts = Counter("/".join(r.values) for r in ds.records)
+    return {g: counts.get(g, 0) for g in ds.vocab.groups()}
+
+
+class TrainItems(Dataset):
+    """Normalised, augmented training items; reseeded per item from (seed, epoch, index)."""
+
+    def __init__(self, ds: SegmentationDataset, spec: ModelSpec, augment: Mapping[str, Any], seed: int,
+                 crop: bool) -> None:
+        self.ds, self.spec, self.seed, self.epoch = ds, spec, seed, 0
+        self.transform = _augmentations(spec, augment, crop)
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = self.ds[index]
+        data = {"image": normalize(item["image"], self.spec.normalization), "label": item["label"][None]}
+        self.transform.set_random_state(seed=(self.seed * 1_000_003 + self.epoch * 10_007 + index) % 2**32)
+        out = self.transform(data)
+        out = out[0] if isinstance(out, list) else out  # RandCropByPosNegLabeld returns a list of samples
+        return {**item, "image": _numpy(out["image"], np.float32), "label": _numpy(out["label"], np.int64)[0]}
+
+
+class EvalItems(Dataset):
+    """Normalised items without augmentation (validation)."""
+
+    def __init__(self, ds: SegmentationDataset, spec: ModelSpec) -> None:
+        self.ds, self.spec = ds, spec
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = self.ds[index]
+        return {**item, "image": normalize(item["image"], self.spec.normalization)}
+
+
+def _numpy(x: Any, dtype: Any) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    return np.ascontiguousarray(x, dtype=dtype)
+
+
+def _augmentations(spec: ModelSpec, augment: Mapping[str, Any], crop: bool) -> Any:
+    from monai.transforms import (Compose, RandCropByPosNegLabeld, RandFlipd, RandRotate90d, RandRotated,
+                                  RandScaleIntensityd, RandShiftIntensityd, SpatialPadd)
+
+    keys, p, dims = ["image", "label"], float(augment["prob"]), spec.spatial_dims
+    steps: list[Any] = []
+    if crop:  # 3D: patches of the model's input size, half centred on foreground (nnU-Net/MONAI practice)
+        steps += [SpatialPadd(keys, spec.input_size),
+                  RandCropByPosNegLabeld(keys, "label", spec.input_size, pos=1, neg=1, num_samples=1,
+                                         allow_smaller=True)]
+    if augment["flip"]:
+        steps += [RandFlipd(keys, prob=p, spatial_axis=axis) for axis in range(dims)]
+    if augment["rotate90"]:
+        steps.append(RandRotate90d(keys, prob=p, spatial_axes=(dims - 2, dims - 1)))  # in-plane (y, x)
+    if augment["rotate_degrees"]:
+        angle = np.deg2rad(augment["rotate_degrees"])
+        ranges = {"range_x": angle} if dims == 2 else {"range_z": angle}
+        steps.append(RandRotated(keys, prob=p, mode=("bilinear", "nearest"), padding_mode="zeros", **ranges))
+    if augment["intensity"]:
+        steps += [RandScaleIntensityd("image", factors=augment["intensity"], prob=p),
+                  RandShiftIntensityd("image", offsets=augment["intensity"], prob=p)]
+    return Compose(steps)

@@ -1,0 +1,261 @@
+"""The one training engine: ``train(config, events=None) -> best checkpoint path``.
+
+Run by ``dmoe train``, by the GUI fine-tune (through that command in a subprocess) and under torchrun.
+
+- ``recipe.batch_size`` is the GLOBAL batch: under torchrun each of N processes takes batch_size / N samples of
+  the same seeded permutation (DistributedSampler), so the samples of a step, the lr schedule and the loss curve
+  match a single process (up to BatchNorm statistics and the batch-pooled Dice, which see one shard per process).
+- Steps are optimizer iterations; the poly / cosine schedules move once per iteration.
+- Deterministic: seeded permutation per epoch, augmentations reseeded per item, a private DataLoader generator
+  (so building a loader never consumes the global RNG); a resumed run repeats an uninterrupted one bit for bit
+  on the CPU.
+- Files (rank 0 only): ``last.safetensors``, ``best.safetensors`` (by validation ES-Dice), ``resume.*``.
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
+
+from napari_dmoe.checkpoint import save_model
+from napari_dmoe.model.moe import DMoE
+
+from . import distributed as dist_utils
+from . import resume as resume_state
+from .config import resolve_recipe
+from .events import EventWriter, ProgressBar
+from .setup import RunParts, build_run
+from .validate import validate
+
+__all__ = ["train", "TrainingError"]
+
+
+class TrainingError(ValueError):
+    """A run cannot start or continue; the message says why and what to do."""
+
+
+class _Skip(Sampler):
+    """The indices of ``sampler`` from position ``start`` on (resume in the middle of an epoch)."""
+
+    def __init__(self, sampler: Sampler, start: int) -> None:
+        self.sampler, self.start = sampler, start
+
+    def __iter__(self):
+        return iter(list(self.sampler)[self.start:])
+
+    def __len__(self) -> int:
+        return max(0, len(self.sampler) - self.start)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _schedule(recipe: Mapping[str, Any], total: int):
+    """lr multiplier per step: paper2d poly (1 - t/T)^0.9; 3d linear warmup then cosine to 0."""
+    warm, power = int(recipe["warmup_steps"]), float(recipe["poly_power"])
+
+    def factor(step: int) -> float:
+        if warm and step < warm:
+            return (step + 1) / warm
+        t = (step - warm) / max(1, total - warm)
+        if recipe["schedule"] == "poly":
+            return max(0.0, 1.0 - t) ** power
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
+
+    return factor
+
+
+def _optimizer(params: list, recipe: Mapping[str, Any]) -> torch.optim.Optimizer:
+    if recipe["optimizer"] == "sgd":
+        return torch.optim.SGD(params, lr=recipe["lr"], momentum=recipe["momentum"],
+                               weight_decay=recipe["weight_decay"])
+    return torch.optim.AdamW(params, lr=recipe["lr"], weight_decay=recipe["weight_decay"])
+
+
+def _aux_loss(network: torch.nn.Module) -> torch.Tensor | None:
+    losses = [m.last_aux_loss for m in network.modules() if isinstance(m, DMoE) and m.last_aux_loss is not None]
+    return torch.stack(losses).mean() if losses else None
+
+
+def train(config: Mapping[str, Any], events: str | Path | None = None, *, device: str = "auto",
+          quiet: bool = False, require_resume: bool = False, command: str | None = None) -> Path:
+    """Train per ``config`` (validated by ``config.load_config``); return the path of ``best.safetensors``.
+
+    Continues automatically from ``output_dir``'s resume state when there is one (``require_resume`` makes its
+    absence an error). ``events``: JSON-lines file, ``"-"`` for stdout, or None.
+    """
+    info = dist_utils.setup(device)
+    writer = EventWriter(events if info.is_main else None)
+    try:
+        return _train(config, info, writer, quiet, require_resume, command)
+    except BaseException as err:
+        writer.emit("error", message=" ".join(str(err).split()) or type(err).__name__, kind=type(err).__name__)
+        raise
+    finally:
+        writer.close()
+        dist_utils.cleanup(info)
+
+
+def _train(config: Mapping[str, Any], info: dist_utils.DistInfo, writer: EventWriter, quiet: bool,
+           require_resume: bool, command: str | None) -> Path:
+    seed = int(config["seed"])
+    seed_everything(seed)
+    out = Path(config["output_dir"]).expanduser()
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    if require_resume and not resume_state.has_state(out):
+        raise TrainingError(f"--resume: no resume state in {out} (expected {resume_state.SCALARS}); drop --resume "
+                            "to start a new run")
+    run: RunParts = build_run(config, info, command)
+    spec, network = run.spec, run.network
+    batch, world = int(config["recipe"]["batch_size"]), info.world_size
+    if batch % world:
+        raise TrainingError(f"recipe.batch_size={batch} must be divisible by the {world} processes (it is the "
+                            "global batch, split across processes)")
+    per_rank = batch // world
+    n_train = len(run.train_items)
+    steps_per_epoch = n_train // batch
+    if steps_per_epoch < 1:
+        raise TrainingError(f"the training split has {n_train} items, fewer than recipe.batch_size={batch}; "
+                            "lower the batch size or add data")
+    recipe_cfg = config["recipe"]
+    total = recipe_cfg["steps"] or recipe_cfg["epochs"] * steps_per_epoch
+    recipe = resolve_recipe(config, total)
+    val_every = recipe["val_every"] or steps_per_epoch
+    ckpt_every = recipe["checkpoint_every"] or val_every
+
+    network.to(info.device)
+    params = [p for p in network.parameters() if p.requires_grad]
+    optimizer = _optimizer(params, recipe)
+    factor = _schedule(recipe, total)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    use_amp = bool(recipe["amp"]) and info.device.type == "cuda"  # mixed precision on CUDA only
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    for m in network.modules():
+        if isinstance(m, DMoE):
+            m.aux_loss_enabled = config["aux_loss"] > 0
+
+    step, best, best_step = 0, -math.inf, None
+    if resume_state.has_state(out):
+        meta = resume_state.load_state(out, network, optimizer)
+        if meta.get("run") != run.identity:
+            raise TrainingError(f"{out} holds a run with a different data/model/method config; choose another "
+                                "output_dir (or delete its resume.json/resume.safetensors to start over)")
+        step, best, best_step = int(meta["step"]), float(meta["best"]), meta.get("best_step")
+        scheduler.load_state_dict(meta["scheduler"])
+        scaler.load_state_dict(meta["scaler"]) if use_amp and meta.get("scaler") else None
+    model = network
+    if info.enabled:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        # Experts no token chose this step get no gradient: DDP must be told to expect unused parameters.
+        model = DDP(network, device_ids=[info.device.index] if info.device.type == "cuda" else None,
+                    find_unused_parameters=spec.routing != "none")
+
+    sampler = DistributedSampler(run.train_items, num_replicas=world, rank=info.rank, shuffle=True, seed=seed,
+                                 drop_last=True)
+    writer.emit("start", step=step, total_steps=total, epoch=step // steps_per_epoch, world_size=world,
+                batch_size=batch, steps_per_epoch=steps_per_epoch, output_dir=str(out), method=config["method"],
+                routing=spec.routing, device=str(info.device), data=run.data_summary, resumed=step > 0)
+    bar = ProgressBar(total, step, enabled=info.is_main and not quiet)
+    started, done_at_start, avg_step = time.perf_counter(), step, None
+    best_path, last_path = out / "best.safetensors", out / "last.safetensors"
+    network.train()
+    try:
+        while step < total:
+            epoch, offset = divmod(step, steps_per_epoch)
+            sampler.set_epoch(epoch)
+            run.train_items.epoch = epoch
+            loader = DataLoader(run.train_items, batch_size=per_rank, sampler=_Skip(sampler, offset * per_rank),
+                                num_workers=recipe["num_workers"], drop_last=True,
+                                generator=torch.Generator().manual_seed(seed + epoch),
+                                pin_memory=info.device.type == "cuda")
+            for data in loader:
+                t0 = time.perf_counter()
+                loss = _step(model, network, data, run, optimizer, scaler, recipe, config, info, use_amp)
+                scheduler.step()
+                step += 1
+                dt = time.perf_counter() - t0
+                avg_step = dt if avg_step is None else 0.9 * avg_step + 0.1 * dt
+                lr = optimizer.param_groups[0]["lr"]
+                writer.emit("step", step=step, epoch=epoch, loss=loss, lr=lr, throughput=batch / max(dt, 1e-9),
+                            eta_s=avg_step * (total - step))
+                bar.update(loss=loss, lr=lr)
+                if step % val_every == 0 or step == total:
+                    best, best_step = _validate_and_save(run, network, info, writer, bar, step, epoch, best,
+                                                         best_step, best_path, last_path, recipe)
+                if step % ckpt_every == 0 or step == total:
+                    if info.is_main:
+                        _save_last(run, network, step, epoch, best, best_step, last_path)
+                        resume_state.save_state(out, network, optimizer, {
+                            "step": step, "epoch": epoch, "best": best, "best_step": best_step, "run": run.identity,
+                            "scheduler": scheduler.state_dict(),
+                            "scaler": scaler.state_dict() if use_amp else None})
+                        writer.emit("checkpoint", step=step, epoch=epoch, path=str(last_path),
+                                    resume=str(out / resume_state.SCALARS))
+                    dist_utils.barrier(info)
+                if step >= total:
+                    break
+    finally:
+        bar.close()
+    if info.is_main and not best_path.exists():  # no validation split: the last model is the best we know
+        save_model(best_path, network, run.spec_for(step, None))
+    dist_utils.barrier(info)
+    elapsed = time.perf_counter() - started
+    writer.emit("done", step=step, best_path=str(best_path), best_es_dice=best if best > -math.inf else None,
+                best_step=best_step, seconds=round(elapsed, 3),
+                throughput=(step - done_at_start) * batch / max(elapsed, 1e-9))
+    return best_path
+
+
+def _step(model, network, data, run: RunParts, optimizer, scaler, recipe, config, info, use_amp) -> float:
+    x = data["image"].to(info.device, non_blocking=True)
+    y = data["label"].to(info.device, non_blocking=True)
+    groups = data["attr"].to(info.device)
+    optimizer.zero_grad(set_to_none=True)
+    with torch.autocast("cuda", dtype=torch.float16, enabled=use_amp):
+        logits = model(x, run.to_router(groups))
+    loss = run.loss(logits.float(), y, groups)
+    aux = _aux_loss(network) if config["aux_loss"] > 0 else None
+    if aux is not None:
+        loss = loss + config["aux_loss"] * aux
+    if not torch.isfinite(loss):
+        raise TrainingError(f"the loss became {float(loss)}; lower recipe.lr or set recipe.grad_clip")
+    scaler.scale(loss).backward()
+    if recipe["grad_clip"]:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(network.parameters(), recipe["grad_clip"])
+    scaler.step(optimizer)
+    scaler.update()
+    return dist_utils.mean_over_ranks(loss, info)
+
+
+def _validate_and_save(run, network, info, writer, bar, step, epoch, best, best_step, best_path, last_path, recipe):
+    if info.is_main and run.val_items is not None and len(run.val_items):
+        metrics = validate(network, run.val_items, run.spec, info.device, run.to_router,
+                           overlap=recipe["sw_overlap"], amp=bool(recipe["amp"]))
+        network.train()
+        es = metrics["es_dice"]
+        writer.emit("val", step=step, epoch=epoch, **metrics)
+        bar.write(f"step {step}: val ES-Dice {es:.4f}, Dice {metrics['dice']:.4f}")
+        if es is not None and es > best:
+            best, best_step = es, step
+            save_model(best_path, network, run.spec_for(step, metrics))
+            writer.emit("checkpoint", step=step, epoch=epoch, path=str(best_path), best=True, es_dice=es)
+    dist_utils.barrier(info)
+    return best, best_step
+
+
+def _save_last(run: RunParts, network, step, epoch, best, best_step, last_path: Path) -> None:
+    save_model(last_path, network, run.spec_for(step, None, best=best if best > -math.inf else None,
+                                                  best_step=best_step))
+

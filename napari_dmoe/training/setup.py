@@ -1,0 +1,117 @@
+"""Everything a run needs before the first step: datasets (checked), spec, network, initial weights, loss."""
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+
+from napari_dmoe.data.base import check_dataset
+from napari_dmoe.model import PRESETS, build_network, make_spec, preset_arch
+from napari_dmoe.model.spec import ModelSpec, SpecError
+
+from .config import ConfigError, method_routing
+from .data import EvalItems, TrainItems, class_names, group_counts, make_dataset, vocabulary
+from .distributed import DistInfo
+from .losses import build_loss
+from .pretrained import load_base_model, load_pretrained_vit, set_trainable
+from .routers import fallback_table, router_counts
+
+
+@dataclass
+class RunParts:
+    spec: ModelSpec
+    network: torch.nn.Module
+    train_items: TrainItems
+    val_items: EvalItems | None
+    loss: torch.nn.Module
+    to_router: Callable[[torch.Tensor], torch.Tensor]
+    data_summary: dict[str, Any]
+    identity: Any  # the config parts a resumed run must share with the original
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    def spec_for(self, step: int, metrics: Mapping[str, Any] | None, **extra: Any) -> ModelSpec:
+        """The spec to save with the weights at ``step``: provenance, and validation metrics when given."""
+        spec = copy.deepcopy(self.spec)
+        spec.provenance = {**self.provenance, "step": step, **extra}
+        if metrics:
+            spec.metrics = {"split": "val", "step": step, **metrics}
+        return spec
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def _spec(config: Mapping[str, Any], in_channels: int) -> ModelSpec:
+    model, data = config["model"], config["data"]
+    routing, _ = method_routing(config["method"])
+    attrs = vocabulary(config)
+    overrides = dict(model["overrides"])
+    try:
+        preset_arch(model["preset"])
+        spec = make_spec(model["preset"], attrs[0].name, attrs[0].values, class_names(config), routing=routing,
+                         n_experts=model["n_experts"], top_k=model["top_k"], in_channels=in_channels,
+                         normalization=data["normalization"] or {"kind": "zscore"}, **overrides)
+        spec.attributes = attrs  # intersectional: one router per combination (spec.router_index)
+        spec.validate()
+    except (SpecError, TypeError) as err:
+        raise ConfigError(f"config key 'model': {err} (presets: {sorted(PRESETS)})") from None
+    return spec
+
+
+def _summary(name: str, ds: Any) -> dict[str, Any]:
+    return {"n": len(ds), "groups": group_counts(ds), "skipped": dict(ds.skipped)}
+
+
+def build_run(config: Mapping[str, Any], info: DistInfo, command: str | None = None) -> RunParts:
+    spec = _spec(config, in_channels=1)
+    size = spec.input_size if spec.spatial_dims == 2 else config["data"]["size"]
+    train_ds = make_dataset(config, "train", size)
+    val_ds = make_dataset(config, "val", size)
+    if len(train_ds) == 0:
+        raise ConfigError(f"config key 'data.root': no training items found in {config['data']['root']}")
+    reports = {"train": check_dataset(train_ds), "val": check_dataset(val_ds) if len(val_ds) else None}
+    in_channels = config["data"]["in_channels"] or int(train_ds[0]["image"].shape[0])
+    spec = _spec(config, in_channels)
+    network = build_network(spec)
+    init: dict[str, Any] = {}
+    if config["model"]["init_from"]:
+        init.update(load_pretrained_vit(network, config["model"]["init_from"]))
+    if config["model"]["base_model"]:
+        init.update(load_base_model(network, config["model"]["base_model"]))
+    init["trainable_parameters"] = set_trainable(network, config["trainable"])
+
+    summary = {"train": _summary("train", train_ds), "val": _summary("val", val_ds),
+               "warnings": [w for r in reports.values() if r for w in r.warnings]}
+    counts = router_counts(spec, summary["train"]["groups"])
+    _, loss_name = method_routing(config["method"])
+    routing = spec.routing
+    provenance = {
+        "method": config["method"], "config": json.loads(json.dumps(config)), "command": command,
+        "seed": config["seed"], "git_commit": git_commit(), "world_size": info.world_size, "data": summary,
+        "router_counts": counts, "router_fallback": fallback_table(spec, counts, config["fallback_min_cases"]),
+        "init": init, "loss": loss_name,
+    }
+    identity = json.loads(json.dumps({k: config[k] for k in ("data", "model", "method", "seed", "trainable")}))
+
+    def to_router(groups: torch.Tensor) -> torch.Tensor:
+        # Combination index == router index for dMoE (same mixed radix); one router (or none) otherwise.
+        return groups if routing == "dmoe" else torch.zeros_like(groups)
+
+    return RunParts(
+        spec=spec, network=network,
+        train_items=TrainItems(train_ds, spec, config["augment"], int(config["seed"]), crop=spec.spatial_dims == 3),
+        val_items=EvalItems(val_ds, spec) if len(val_ds) else None,
+        loss=build_loss(loss_name, spec.n_classes, gamma=config["febs_gamma"]).to(info.device),
+        to_router=to_router, data_summary=summary, identity=identity, provenance=provenance,
+    )
