@@ -208,9 +208,9 @@ def preset_for(spec: Any) -> str:
 
 
 def build_config(base_model: str | os.PathLike, spec: Any, export: ExportSummary, output_dir: str | os.PathLike,
-                 settings: FinetuneSettings, name: str = "finetune") -> dict[str, Any]:
+                 settings: FinetuneSettings, name: str = "finetune", n_train: int | None = None) -> dict[str, Any]:
     """A ``dmoe train`` config that fine-tunes ``base_model`` on the exported pairs (engine schema,
-    ``training/config.py``)."""
+    ``training/config.py``). ``n_train``: training cases in all (default: the exported ones)."""
     if settings.steps < 1 or settings.batch_size < 1 or settings.lr <= 0:
         raise FinetuneError("steps and batch size must be at least 1 and the learning rate positive")
     if settings.trainable not in ("all", "routers_experts"):
@@ -218,8 +218,19 @@ def build_config(base_model: str | os.PathLike, spec: Any, export: ExportSummary
     if settings.trainable == "routers_experts" and spec.routing == "none":
         raise FinetuneError("this base model has no routers or experts; train 'all' weights instead")
     method = {"dmoe": "dmoe", "moe": "moe", "none": "baseline"}[spec.routing]
-    size = list(settings.patch_size) if settings.patch_size else list(spec.input_size)
     val_every = settings.val_every or max(1, settings.steps // 5)
+    # the engine rebuilds the network from preset + overrides: carry every size that differs from the preset
+    # so each base tensor fits (its loader silently skips tensors that do not)
+    preset = preset_for(spec)
+    from napari_dmoe.model import PRESETS
+
+    overrides: dict[str, Any] = {k: v for k, v in spec.arch_kwargs.items() if PRESETS[preset].get(k) != v}
+    if spec.spatial_dims == 3:  # 3D trains on random patches of the spec's input size
+        overrides["input_size"] = list(settings.patch_size or spec.input_size)
+    if spec.spacing is not None:
+        overrides["spacing"] = list(spec.spacing)
+    # the engine needs at least one full batch of training cases
+    batch = max(1, min(settings.batch_size, n_train if n_train is not None else len(export.train)))
     return {
         "name": name,
         "seed": 1234,
@@ -233,12 +244,13 @@ def build_config(base_model: str | os.PathLike, spec: Any, export: ExportSummary
             "split_column": SPLIT_COLUMN,
             "attributes": {a.name: list(a.values) for a in spec.attributes},
             "class_names": list(spec.class_names),
-            "size": size,
+            "size": list(spec.input_size) if spec.spatial_dims == 2 else None,  # 3D: whole volumes, patched
             "normalization": dict(spec.normalization),
             "in_channels": int(spec.in_channels),
         },
         "model": {
-            "preset": preset_for(spec),
+            "preset": preset,
+            "overrides": overrides,
             "n_experts": int(spec.n_experts),
             "top_k": int(spec.top_k),
             "base_model": str(Path(base_model).resolve()),
@@ -247,7 +259,7 @@ def build_config(base_model: str | os.PathLike, spec: Any, export: ExportSummary
             "name": "paper2d" if spec.spatial_dims == 2 else "3d",
             "lr": float(settings.lr),
             "steps": int(settings.steps),
-            "batch_size": int(settings.batch_size),
+            "batch_size": int(batch),
             "amp": bool(settings.amp),
             "val_every": int(val_every),
         },

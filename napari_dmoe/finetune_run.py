@@ -88,6 +88,7 @@ class RunState:
     error: str | None = None
     started: float = field(default_factory=time.monotonic)
     first_step_at: tuple[float, int] | None = None
+    engine_eta: float | None = None  # the engine's own estimate (smoothed step time), preferred when given
 
     def apply(self, event: dict[str, Any]) -> None:
         kind = event.get("event")
@@ -98,6 +99,8 @@ class RunState:
             self.total_steps = int(event.get("total_steps") or event.get("total") or self.total_steps)
             if self.first_step_at is None:
                 self.first_step_at = (time.monotonic(), self.step)
+            if isinstance(event.get("eta_s"), (int, float)):
+                self.engine_eta = float(event["eta_s"])
             loss = event.get("loss")
             if isinstance(loss, (int, float)) and math.isfinite(loss):
                 self.losses.append((self.step, float(loss)))
@@ -112,12 +115,14 @@ class RunState:
                 self.best = str(event["best"]) if isinstance(event["best"], str) else str(path)
         elif kind == "done":
             self.done = True
-            self.best = str(event.get("best") or event.get("path") or self.best or "") or self.best
+            self.best = str(event.get("best_path") or event.get("best") or self.best or "") or None
         elif kind == "error":
             self.error = str(event.get("message") or event.get("error") or "training failed")
 
     def eta_seconds(self) -> float | None:
-        """Seconds left, from the pace since the first step (the first includes start-up costs)."""
+        """Seconds left: the engine's estimate, else the pace since the first step (which includes start-up)."""
+        if self.engine_eta is not None:
+            return self.engine_eta
         if self.first_step_at is None or not self.total_steps:
             return None
         t0, s0 = self.first_step_at
@@ -207,16 +212,26 @@ class TrainingProcess:
         if self.proc is None:
             return None
         if self.proc.poll() is None:
-            self._signal(signal.SIGTERM)
+            self.terminate()
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
-                self._signal(signal.SIGKILL if hasattr(signal, "SIGKILL") else signal.SIGTERM)
+                self.kill()
                 self.proc.wait(timeout)
         self.poll()
         return self.proc.returncode
 
+    def terminate(self) -> None:
+        """Ask the child to stop (SIGTERM); non-blocking."""
+        self._signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        """Stop the child now (SIGKILL where there is one); non-blocking."""
+        self._signal(signal.SIGKILL if hasattr(signal, "SIGKILL") else signal.SIGTERM)
+
     def _signal(self, sig: int) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
         try:
             if os.name == "posix":
                 os.killpg(self.proc.pid, sig)

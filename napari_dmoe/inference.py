@@ -17,7 +17,11 @@ Geometry rules:
   ourselves (same scan as MONAI, interval rounded to a multiple of 4 for the routing maps; a test checks the
   result against ``sliding_window_inference``) and blend with MONAI's ``compute_importance_map``.
 - Probabilities are blended (MONAI importance maps) and averaged across routers when the attribute is unknown;
-  labels are their argmax.
+  labels are the argmax of the stored (float16) probabilities.
+- Memory: results are written straight into their float16/uint8 output arrays one class (or expert) and plane at
+  a time, so the float32 temporaries stay the size of one image; the input stack is dropped once it is on the
+  work grid. Per-position routing maps cost E x 2 bytes per voxel each: ``routing="auto"`` keeps them only while
+  they fit ``AUTO_ALL_BYTES`` (the mean map and dominant expert are always kept), ``"all"`` always, ``"mean"`` never.
 """
 from __future__ import annotations
 
@@ -34,6 +38,9 @@ from napari_dmoe.inference_prep import InferenceError, Plan, make_plan, prepare_
 from napari_dmoe.routing_maps import RoutingAccumulator, importance, resize
 
 __all__ = ["InferenceError", "Progress", "Segmentation", "iter_segment", "segment"]
+
+AUTO_ALL_BYTES = 256 * 2**20  # routing="auto" keeps per-position maps while they take at most this
+ROUTING_MODES = ("auto", "all", "mean", "none")
 
 
 class Progress(NamedTuple):
@@ -82,7 +89,7 @@ def iter_segment(
     sw_batch_size: int = 4,
     blend: str = "gaussian",
     amp: bool = True,
-    routing: bool = True,
+    routing: bool | str = True,
     unknown: str = "average",
     rgb: bool | None = None,
     mode2d: str = "auto",
@@ -92,7 +99,9 @@ def iter_segment(
     ``image``: (y, x), (y, x, 3|4) colour, (z, y, x) or (z, y, x, 3|4); ``spacing`` per spatial axis in the
     same order. ``attribute``: a value (one-attribute model), a dict name -> value, or None / "unknown" to
     average over all routers (``unknown="error"`` refuses instead). ``rgb``: None guesses from the last axis.
+    ``routing``: ``True``/"auto", "all", "mean" (only the mean map over positions) or ``False``/"none".
     """
+    routing_mode = _routing_mode(routing)
     if not 0 <= overlap < 1:
         raise InferenceError(f"overlap={overlap} must be in [0, 1)")
     if sw_batch_size < 1:
@@ -110,6 +119,7 @@ def iter_segment(
         stack, image_spacing, squeeze, notes, warns = prepare_image(spec, image, spacing, rgb)
         plan = make_plan(spec, stack.shape[2:], image_spacing, roi_size, overlap, mode2d, squeeze)
         work = _to_work_grid(stack, plan)
+        del stack  # the work grid holds the image from here on
     yield Progress("preprocess", 1, 1)
 
     runner = _Runner(network, dev, amp, sw_batch_size, warns)
@@ -120,7 +130,7 @@ def iter_segment(
     for start in plan.starts:
         weight[(slice(None), *_window(start, plan.roi))] += imp * len(routers)
     routes = RoutingAccumulator(work.shape[0], plan.padded, plan.roi, plan.align, blend)
-    want_routing = routing and spec.routing != "none"
+    want_routing = routing_mode != "none" and spec.routing != "none"
 
     windows = [(z, s) for z in range(work.shape[0]) for s in plan.starts]
     batches = [windows[i : i + sw_batch_size] for i in range(0, len(windows), sw_batch_size)]
@@ -142,21 +152,22 @@ def iter_segment(
                 yield Progress("infer", done, total)
     finally:
         runner.stop()
+    del work
 
     yield Progress("postprocess", 0, 1)
     with clock("postprocess"):
-        probs /= weight.clamp_min(1e-12)
+        probs /= weight.clamp_min_(1e-12)
+        del weight
         full = _to_image_grid(probs, plan)
-        labels = full.argmax(dim=1)
-        if plan.squeeze:
-            full, labels = full[0], labels[0]
-        else:  # slice by slice: channels first, then z
-            full = full.transpose(0, 1)
+        del probs
+        labels = _argmax(full, np.uint8 if n_classes <= 255 else np.int32)
     with clock("routing"):
-        maps, dominant = _routing_maps(routes, plan) if want_routing else ({}, None)
+        maps, dominant = ({}, None)
+        if want_routing:
+            maps, dominant = _routing_maps(routes, plan, routing_mode, warns)
     return Segmentation(
-        labels=labels.numpy().astype(np.uint8 if n_classes <= 255 else np.int32),
-        probabilities=full.to(torch.float16).numpy(),
+        labels=labels,
+        probabilities=full,
         routing=maps,
         dominant_expert=dominant,
         attribute=used,
@@ -200,36 +211,79 @@ def _to_work_grid(stack: np.ndarray, plan: Plan) -> torch.Tensor:
     return torch.nn.functional.pad(x, pad).contiguous()
 
 
-def _to_image_grid(probs: torch.Tensor, plan: Plan) -> torch.Tensor:
-    """Crop the padding and resize back to the image grid, one plane at a time (memory)."""
-    crop = tuple(slice(0, w) for w in plan.work)
-    out = torch.empty((probs.shape[0], probs.shape[1], *plan.image), dtype=torch.float32)
+def _out_shape(n: int, planes: int, plan: Plan) -> tuple[int, ...]:
+    """``[n, *image]`` for one plane, ``[n, Z, y, x]`` for a stack of slices."""
+    return (n, *plan.image) if plan.squeeze else (n, planes, *plan.image)
+
+def _plane(out: np.ndarray, channel: int, z: int, plan: Plan) -> torch.Tensor:
+    """The ``[*image]`` view of ``out`` for one channel and plane, as a tensor sharing memory."""
+    return torch.from_numpy(out[channel] if plan.squeeze else out[channel, z])
+
+
+def _on_image_grid(x: torch.Tensor, plan: Plan) -> torch.Tensor:
+    """One channel of one plane ``[*padded]`` -> crop the padding, resize back to the image grid."""
+    x = x[tuple(slice(0, w) for w in plan.work)]
+    return resize(x[None, None], plan.image)[0, 0]
+
+
+def _to_image_grid(probs: torch.Tensor, plan: Plan) -> np.ndarray:
+    """Float16 probabilities on the image grid, one class and plane at a time (float32 temporaries of one image)."""
+    out = np.empty(_out_shape(probs.shape[1], probs.shape[0], plan), dtype=np.float16)
     for z in range(probs.shape[0]):
-        out[z] = resize(probs[z : z + 1][(slice(None), slice(None), *crop)], plan.image)[0]
+        for c in range(probs.shape[1]):
+            _plane(out, c, z, plan).copy_(_on_image_grid(probs[z, c], plan))
     return out
 
 
-def _routing_maps(routes: RoutingAccumulator, plan: Plan) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
-    """Per-position maps on the image grid, their mean over positions, and its argmax (uint8)."""
+def _argmax(scores: np.ndarray, dtype: type, rows: int = 16) -> np.ndarray:
+    """Argmax over axis 0 of ``[K, *grid]``, a few rows of the grid at a time (never a full int64 array)."""
+    out = np.empty(scores.shape[1:], dtype=dtype)
+    flat_in, flat_out = scores.reshape(scores.shape[0], scores.shape[1], -1), out.reshape(out.shape[0], -1)
+    for i in range(0, out.shape[0], rows):
+        flat_out[i : i + rows] = torch.from_numpy(flat_in[:, i : i + rows]).argmax(dim=0).numpy()
+    return out
+
+
+def _routing_mode(routing: bool | str) -> str:
+    if routing is True:
+        return "auto"
+    if routing is False or routing is None:
+        return "none"
+    if isinstance(routing, str) and routing in ROUTING_MODES:
+        return routing
+    raise InferenceError(f"routing={routing!r}: expected True, False or one of {list(ROUTING_MODES)}")
+
+
+def _routing_maps(
+    routes: RoutingAccumulator, plan: Plan, mode: str, warns: list[str]
+) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    """Mean gate weights over positions on the image grid (float16), its argmax (uint8) and, per ``mode``, one map
+    per position. Built one expert and plane at a time so float32 temporaries stay the size of one image."""
     positions = routes.positions()
     if not positions:
         return {}, None
-    planes = routes.planes
-    maps: dict[str, np.ndarray] = {}
-    mean = None
-    for position in positions:
-        per_plane = torch.stack([routes.full_resolution(position, z, plan.work, plan.image) for z in range(planes)])
-        mean = per_plane.float() if mean is None else mean.add_(per_plane.float())
-        maps[position] = _layout(per_plane, plan).numpy()
-    mean /= len(positions)
-    dominant = mean.argmax(dim=1).to(torch.uint8)
-    maps["mean"] = _layout(mean.to(torch.float16), plan).numpy()
-    return maps, (dominant[0] if plan.squeeze else dominant).numpy()
-
-
-def _layout(x: torch.Tensor, plan: Plan) -> torch.Tensor:
-    """``[Z, E, *grid]`` -> ``[E, *grid]`` for one plane, ``[E, Z, y, x]`` for a stack of slices."""
-    return x[0] if plan.squeeze else x.transpose(0, 1).contiguous()
+    n_experts = routes.n_experts(positions[0])
+    shape = _out_shape(n_experts, routes.planes, plan)
+    keep = mode == "all"
+    if mode == "auto":
+        size = 2 * int(np.prod(shape)) * len(positions)
+        keep = size <= AUTO_ALL_BYTES
+        if not keep:
+            warns.append(f"per-position routing maps skipped ({size / 2**20:.0f} MiB); only the mean map is "
+                         "returned: pass routing='all' to keep them")
+    maps = {p: np.empty(shape, dtype=np.float16) for p in positions} if keep else {}
+    mean = np.empty(shape, dtype=np.float16)
+    for z in range(routes.planes):
+        for e in range(n_experts):
+            total = None
+            for position in positions:
+                m = _on_image_grid(routes.expert_cells_upsampled(position, z, e), plan)
+                if keep:
+                    _plane(maps[position], e, z, plan).copy_(m)
+                total = m.clone() if total is None else total.add_(m)
+            _plane(mean, e, z, plan).copy_(total.div_(len(positions)))
+    maps["mean"] = mean
+    return maps, _argmax(mean, np.uint8)
 
 
 class _Runner:

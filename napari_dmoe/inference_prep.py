@@ -81,7 +81,15 @@ def resolve_routers(spec: ModelSpec, attribute: Any, unknown: str = "average") -
         used = {n: (f"unknown (averaged over {len(a.values)} values)" if _is_unknown(v) else str(v))
                 for n, a, v in zip(names, spec.attributes, values)}
         return routers, used
-    return [_index(spec, [str(v) for v in values])], {n: str(v) for n, v in zip(names, values)}
+    index = _index(spec, [str(v) for v in values])
+    used = {n: str(v) for n, v in zip(names, values)}
+    # Routers (near) untrained in training fall back to averaging trained ones (training/routers.py).
+    from napari_dmoe.training.routers import fallback_routers
+
+    routers = fallback_routers(spec, index)
+    if routers != [index]:
+        used["fallback"] = f"router {index} had too few training cases; averaged over routers {routers}"
+    return routers, used
 
 
 def _index(spec: ModelSpec, values: Any) -> int:

@@ -79,22 +79,29 @@ class RoutingAccumulator:
     def positions(self) -> list[str]:
         return list(self.sums)
 
+    def n_experts(self, position: str) -> int:
+        return self.sums[position].shape[1]
+
     def mean_cells(self, position: str) -> torch.Tensor:
         """Mean gate weights ``[planes, E, *cells]`` of one position."""
         return self.sums[position] / self.weights[position].clamp_min(1e-12)
 
+    def expert_cells_upsampled(self, position: str, plane: int, expert: int) -> torch.Tensor:
+        """Mean weight of one expert on the padded work grid ``[*padded]`` (float32, one image in size)."""
+        cells = self.sums[position][plane, expert] / self.weights[position][plane, 0].clamp_min(1e-12)
+        padded = tuple(c * f for c, f in zip(cells.shape, self.factor[position]))
+        return resize(cells[None, None], padded)[0, 0]
+
     def full_resolution(
         self, position: str, plane: int, work: Sequence[int], out: Sequence[int]
     ) -> torch.Tensor:
-        """Map of one plane on the image grid ``out``: upsample cells to the padded grid, crop ``work``, resize.
+        """Map ``[E, *out]`` (float16) of one plane: upsample cells to the padded grid, crop ``work``, resize.
 
         Done one expert at a time so the float32 temporaries stay the size of one image.
         """
-        cells = self.mean_cells(position)[plane]
-        padded = tuple(c * f for c, f in zip(cells.shape[1:], self.factor[position]))
         crop = tuple(slice(0, w) for w in work)
-        result = torch.empty((cells.shape[0], *out), dtype=torch.float16)
-        for e in range(cells.shape[0]):
-            m = resize(cells[e][None, None], padded)[(0, 0, *crop)]
+        result = torch.empty((self.n_experts(position), *out), dtype=torch.float16)
+        for e in range(result.shape[0]):
+            m = self.expert_cells_upsampled(position, plane, e)[crop]
             result[e] = resize(m[None, None], out)[0, 0].to(torch.float16)
         return result

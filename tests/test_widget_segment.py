@@ -99,8 +99,8 @@ def test_segment_adds_aligned_layers_with_provenance(make_napari_viewer, qtbot, 
         np.testing.assert_allclose(layer.scale, image.scale)
         np.testing.assert_allclose(layer.translate, image.translate)
     assert experts.data.shape == (4, *image.data.shape)
-    np.testing.assert_allclose(experts.scale[1:], image.scale)
-    np.testing.assert_allclose(experts.translate[1:], image.translate)
+    np.testing.assert_allclose(experts.scale, (1.0, *image.scale))
+    np.testing.assert_allclose(experts.translate, (0.0, *image.translate))
     assert mask.visible and not experts.visible and not dominant.visible
     assert tuple(experts.contrast_limits) == (0.0, 1.0)
     assert list(mask.features["class"]) == CLASSES
@@ -175,6 +175,7 @@ def test_cancel_stops_the_worker(make_napari_viewer, qtbot, model_path):
     viewer.add_image(np.stack([make_image((32, 32))] * 60), name="stack")  # 2D model: 60 slices
     widget = dock(viewer, model_path)
     widget.advanced.batch.setValue(1)  # one window per step: 60 steps to cancel between
+    widget.attributes.set_value("race", "Black")  # one router ("unknown" would run all three)
     steps = []
     qtbot.mouseClick(widget.run_button, 1)
     worker = widget.worker

@@ -130,7 +130,7 @@ def result_layers(seg: Any, spec: Any, model_path: str, source: SourceInfo, requ
     )]
     if maps and heat is not None:
         n_experts = heat.shape[0]
-        extra = len(heat.shape) - 1 - len(source.scale)  # leading expert axis
+        extra = heat.ndim - len(source.scale)  # the leading expert axis
         layers.append((
             heat,
             {"name": layer_name(source.name, "experts", tag), "scale": (1.0,) * extra + tuple(source.scale),

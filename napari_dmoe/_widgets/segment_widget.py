@@ -243,13 +243,14 @@ class SegmentWidget(QWidget):
         self.sweep_button.setEnabled(not running and ready and self.spec.routing == "dmoe")
 
     def _on_step(self, step: Step) -> None:
-        if self._pbar is None:
+        pbar = self._pbar  # local: the progress events can process queued signals (even "finished")
+        if pbar is None:
             return
-        if self._pbar.total != step.total:
-            self._pbar.total = step.total
-        self._pbar.set_description(f"dMoE {step.text}")
-        self._pbar.n = 0
-        self._pbar.update(step.done)
+        if pbar.total != step.total:
+            pbar.total = step.total
+        pbar.set_description(f"dMoE {step.text}")
+        pbar.n = 0
+        pbar.update(step.done)
 
     def _on_finished(self) -> None:
         if self._pbar is not None:

@@ -116,8 +116,11 @@ _KIND_WORDS = {"int": "an integer", "number": "a number", "str": "a string", "bo
                "path": "a path", "dir": "a folder path", "list": "a list", "dict": "a mapping", "any": "a value"}
 
 
-def load_config(path: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
-    """Read a YAML config, apply ``key.sub=value`` overrides, validate; return the full config with defaults."""
+def load_config(path: str | Path, overrides: Sequence[str] = (), training: bool = True) -> dict[str, Any]:
+    """Read a YAML config, apply ``key.sub=value`` overrides, validate; return the full config with defaults.
+
+    ``training=False`` (``dmoe evaluate``): only the data section matters; output_dir and steps may be left out.
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} not found")
@@ -128,6 +131,11 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> dict[str, An
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a config must be a YAML mapping of keys to values")
     apply_overrides(raw, overrides)
+    if not training:
+        raw.setdefault("output_dir", ".")
+        recipe = raw.setdefault("recipe", {})
+        if isinstance(recipe, dict) and recipe.get("steps") is None and recipe.get("epochs") is None:
+            recipe["steps"] = 1
     return validate(raw, base_dir=path.parent)
 
 

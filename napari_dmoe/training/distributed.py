@@ -59,7 +59,7 @@ def barrier(info: DistInfo) -> None:
 def mean_over_ranks(value: torch.Tensor, info: DistInfo) -> float:
     """Mean of a scalar over all processes (the loss of the global batch, for logging)."""
     if not info.enabled:
-        return float(value)
+        return float(value.detach())
     t = value.detach().float().reshape(1).clone()
     dist.all_reduce(t)
     return float(t) / info.world_size

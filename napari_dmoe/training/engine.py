@@ -157,6 +157,9 @@ def _train(config: Mapping[str, Any], info: dist_utils.DistInfo, writer: EventWr
     if info.enabled:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
+        if info.device.type == "cuda":  # batch statistics over the global batch (SyncBatchNorm is CUDA-only)
+            network = torch.nn.SyncBatchNorm.convert_sync_batchnorm(network)
+            run.network = network
         # Experts no token chose this step get no gradient: DDP must be told to expect unused parameters.
         model = DDP(network, device_ids=[info.device.index] if info.device.type == "cuda" else None,
                     find_unused_parameters=spec.routing != "none")
@@ -181,13 +184,13 @@ def _train(config: Mapping[str, Any], info: dist_utils.DistInfo, writer: EventWr
                                 pin_memory=info.device.type == "cuda")
             for data in loader:
                 t0 = time.perf_counter()
+                lr = optimizer.param_groups[0]["lr"]  # the lr this step used
                 loss = _step(model, network, data, run, optimizer, scaler, recipe, config, info, use_amp)
                 scheduler.step()
                 step += 1
                 dt = time.perf_counter() - t0
                 avg_step = dt if avg_step is None else 0.9 * avg_step + 0.1 * dt
-                lr = optimizer.param_groups[0]["lr"]
-                writer.emit("step", step=step, epoch=epoch, loss=loss, lr=lr, throughput=batch / max(dt, 1e-9),
+                writer.emit("step", step=step, total_steps=total, epoch=epoch, loss=loss, lr=lr, throughput=batch / max(dt, 1e-9),
                             eta_s=avg_step * (total - step))
                 bar.update(loss=loss, lr=lr)
                 if step % val_every == 0 or step == total:
