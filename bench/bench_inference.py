@@ -61,19 +61,24 @@ def model_file(case: Case, folder: Path, quick: bool) -> tuple[Path, str]:
     return path, f"{case.preset} (fresh init)"
 
 
-def run_case(case: Case, folder: Path, repeats: int, quick: bool, routing: bool) -> dict[str, float | str]:
+def run_case(case: Case, folder: Path, repeats: int, quick: bool, routing: bool, device: str = "cpu",
+             amp: bool = True) -> dict[str, float | str]:
+    """Median seconds per stage of ``segment`` on one case; on CUDA also the peak GPU memory (MiB)."""
     path, label = model_file(case, folder, quick)
     image = np.random.default_rng(0).normal(100, 20, size=case.shape).astype(np.float32)
     loads, stages = [], {s: [] for s in STAGES}
     totals, walls = [], []
-    model = load_model(path)
-    segment(model, image, case.attribute, device="cpu", routing=routing)  # warm-up (allocator, kernels)
+    opts = dict(device=device, routing=routing, amp=amp)
+    model = load_model(path, device=device)  # the network lives on the device: no weight copies per call
+    segment(model, image, case.attribute, **opts)  # warm-up (allocator, kernels)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
     for _ in range(repeats):
         start = time.perf_counter()
-        model = load_model(path)
+        model = load_model(path, device=device)
         loads.append(time.perf_counter() - start)
         start = time.perf_counter()
-        seg = segment(model, image, case.attribute, device="cpu", routing=routing)
+        seg = segment(model, image, case.attribute, **opts)  # returns numpy arrays: already synchronised
         walls.append(time.perf_counter() - start)
         for s in STAGES:
             stages[s].append(seg.timings[s])
@@ -84,6 +89,8 @@ def run_case(case: Case, folder: Path, repeats: int, quick: bool, routing: bool)
     result["total"] = median(totals)
     result["wall"] = median(walls)  # segment() as the caller sees it, including bookkeeping outside the stages
     result["goal"] = case.goal_s
+    if device.startswith("cuda"):
+        result["gpu_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
     return result
 
 

@@ -196,6 +196,37 @@ def export_pairs(pairs: Sequence[TrainingPair], folder: str | os.PathLike, spec:
     return ExportSummary(csv_path, train, val, _count(pairs, spec), _count(held, spec))
 
 
+def append_csv_rows(csv_path: str | os.PathLike, extra: str | os.PathLike | None, spec: Any) -> int:
+    """Append a user's CSV (``image, mask, <attributes>[, split]``, paths relative to it; the generic folder
+    format) to the exported pairs with absolute paths; rows without a split train. Returns the training rows."""
+    if not extra or not str(extra).strip():
+        return 0
+    source = Path(extra).expanduser()
+    if not source.is_file():
+        raise FinetuneError(f"training CSV {source} not found; pick an existing file or clear the field")
+    names = [a.name for a in spec.attributes]
+    with open(source, newline="", encoding="utf-8-sig") as fh:  # utf-8-sig: Excel writes a BOM
+        rows = list(csv.DictReader(fh))
+    missing = [c for c in ("image", "mask", *names) if rows and c not in rows[0]]
+    if not rows or missing:
+        raise FinetuneError(f"{source}: needs columns image, mask, {', '.join(names)}"
+                            + (f"; missing {missing}" if missing else "; the file has no rows"))
+    out, n_train = [], 0
+    for line, row in enumerate(rows, start=2):
+        split = (row.get(SPLIT_COLUMN) or "").strip().lower() or "train"
+        if split not in ("train", "val", "test"):
+            raise FinetuneError(f"{source} line {line}: split {split!r} must be train, val or test")
+        paths = {k: (source.parent / row[k].strip()).resolve() for k in ("image", "mask")}
+        for path in paths.values():
+            if not path.is_file():
+                raise FinetuneError(f"{source} line {line}: file {path} not found")
+        out.append({**{k: str(v) for k, v in paths.items()}, **{n: row[n] for n in names}, SPLIT_COLUMN: split})
+        n_train += split == "train"
+    with open(csv_path, "a", newline="", encoding="utf-8") as fh:
+        csv.DictWriter(fh, fieldnames=["image", "mask", *names, SPLIT_COLUMN]).writerows(out)
+    return n_train
+
+
 # -- config -----------------------------------------------------------------------------------------------
 def preset_for(spec: Any) -> str:
     """The named preset whose sizes match the spec (the engine's config needs one), else ``<arch>-small``."""

@@ -240,7 +240,8 @@ def _argmax(scores: np.ndarray, dtype: type, rows: int = 16) -> np.ndarray:
     out = np.empty(scores.shape[1:], dtype=dtype)
     flat_in, flat_out = scores.reshape(scores.shape[0], scores.shape[1], -1), out.reshape(out.shape[0], -1)
     for i in range(0, out.shape[0], rows):
-        flat_out[i : i + rows] = torch.from_numpy(flat_in[:, i : i + rows]).argmax(dim=0).numpy()
+        # numpy's argmax over a leading axis is several times faster than torch's strided one on CPU
+        flat_out[i : i + rows] = np.argmax(flat_in[:, i : i + rows], axis=0)
     return out
 
 

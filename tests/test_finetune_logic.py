@@ -220,3 +220,56 @@ def test_compare_rows():
     assert [r[0] for r in rows] == ["Asian", "Black", "all"]
     assert rows[0][3] == pytest.approx(0.2) and math.isnan(rows[1][1]) and rows[2][3] == pytest.approx(0.05)
     assert json.dumps(rows, allow_nan=True)
+
+
+def test_3d_pairs_export_and_config(tmp_path):
+    from napari_dmoe.data.datasets import GenericFolderDataset
+    from napari_dmoe.training.config import validate
+
+    spec = make_spec("resunet3d-tiny", "stage", ["T1", "T2"], ["background", "prostate"], spacing=[2.0, 1.0, 1.0])
+    rng = np.random.default_rng(2)
+    pairs = []
+    for i in range(2):
+        labels = np.zeros((12, 20, 24), np.uint8)
+        labels[3:9, 5:15, 6:18] = 1
+        pairs.append(TrainingPair(f"vol{i}", rng.normal(0, 1, labels.shape).astype(np.float32), labels,
+                                  {"stage": ["T1", "T2"][i]}))
+    summary = export_pairs(pairs, tmp_path / "data", spec, [False, True])
+    ds = GenericFolderDataset(summary.csv_path, spec, n_classes=2)
+    item = ds[0]
+    assert item["image"].shape == (1, 12, 20, 24) and item["label"].shape == (12, 20, 24)
+    np.testing.assert_array_equal(item["label"], pairs[0].labels)
+    settings = FinetuneSettings(steps=2, batch_size=4, patch_size=[32, 32, 32])
+    from napari_dmoe.checkpoint import save_model
+    from napari_dmoe.model import build_network
+
+    base = save_model(tmp_path / "base3d.safetensors", build_network(spec), spec)
+    config = validate(build_config(base, spec, summary, tmp_path / "out", settings), base_dir=tmp_path)
+    assert config["model"]["overrides"] == {"input_size": [32, 32, 32], "spacing": [2.0, 1.0, 1.0]}
+    assert config["data"]["size"] is None  # whole volumes; the engine crops patches of input_size
+    assert config["recipe"]["name"] == "3d" and config["recipe"]["batch_size"] == 1  # only 1 training case
+
+
+def test_extra_csv_rows_are_appended_with_absolute_paths(tmp_path, spec):
+    import tifffile
+
+    from napari_dmoe.data.datasets import GenericFolderDataset
+    from napari_dmoe.finetune import append_csv_rows
+
+    summary = export_pairs(_pairs(2, np.random.default_rng(3)), tmp_path / "run", spec, [False, True])
+    user = tmp_path / "user"
+    (user / "img").mkdir(parents=True)
+    tifffile.imwrite(user / "img" / "u1.tif", np.ones((40, 48), np.float32))
+    tifffile.imwrite(user / "img" / "u1_mask.tif", np.zeros((40, 48), np.uint8))
+    table = user / "list.csv"
+    table.write_text("image,mask,race\nimg/u1.tif,img/u1_mask.tif,White\n")
+    assert append_csv_rows(summary.csv_path, table, spec) == 1
+    ds = GenericFolderDataset(summary.csv_path, spec, n_classes=2)
+    assert len(ds) == 3 and ds[2]["group"] == "White"
+    assert append_csv_rows(summary.csv_path, "", spec) == 0
+    table.write_text("image,mask\nimg/u1.tif,img/u1_mask.tif\n")
+    with pytest.raises(FinetuneError, match=r"missing \['race'\]"):
+        append_csv_rows(summary.csv_path, table, spec)
+    table.write_text("image,mask,race\nimg/nope.tif,img/u1_mask.tif,White\n")
+    with pytest.raises(FinetuneError, match="not found"):
+        append_csv_rows(summary.csv_path, table, spec)

@@ -331,3 +331,24 @@ def test_the_engine_never_imports_qt_or_napari():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_routing_modes_keep_positions_or_only_the_mean(model3d, monkeypatch):
+    import napari_dmoe.inference as engine
+
+    image = _rng_image(40, 40, 40)
+    every = segment(model3d, image, "Black", device="cpu", routing="all")
+    mean_only = segment(model3d, image, "Black", device="cpu", routing="mean")
+    assert set(every.routing) == {"mean", "stage0", "stage1", "stage2", "stage3", "stage4"}
+    assert set(mean_only.routing) == {"mean"}
+    # the mean map and dominant expert do not depend on whether per-position maps are kept
+    assert np.array_equal(every.routing["mean"], mean_only.routing["mean"])
+    assert np.array_equal(every.dominant_expert, mean_only.dominant_expert)
+    positions = np.mean([every.routing[f"stage{i}"].astype(np.float32) for i in range(5)], axis=0)
+    assert np.abs(positions - every.routing["mean"].astype(np.float32)).max() < 2e-3
+    # "auto" (routing=True) drops per-position maps above the size limit and says so
+    monkeypatch.setattr(engine, "AUTO_ALL_BYTES", 1000)
+    auto = segment(model3d, image, "Black", device="cpu", routing=True)
+    assert set(auto.routing) == {"mean"} and any("routing='all'" in w for w in auto.warnings)
+    with pytest.raises(InferenceError, match="routing="):
+        segment(model3d, image, "Black", device="cpu", routing="some")

@@ -72,6 +72,9 @@ class FinetuneWidget(QWidget):
         self.timer.setInterval(POLL_MS)
         self.timer.timeout.connect(self.poll)
         self._build()
+        from qtpy.QtWidgets import QApplication
+
+        QApplication.instance().aboutToQuit.connect(self.stop_now)  # napari quits: never leave an orphan run
         self.viewer.layers.events.inserted.connect(self._refresh_layers)
         self.viewer.layers.events.removed.connect(self._refresh_layers)
         self._refresh_layers()
@@ -237,7 +240,7 @@ class FinetuneWidget(QWidget):
 
     def start(self) -> Any:
         """Export the pairs, write the config, start ``dmoe train``; returns the TrainingProcess (or None)."""
-        from napari_dmoe.finetune import build_config, export_pairs, write_config
+        from napari_dmoe.finetune import append_csv_rows, build_config, export_pairs, write_config
         from napari_dmoe.finetune_run import TrainingProcess, train_command
 
         if self.process is not None:
@@ -253,7 +256,7 @@ class FinetuneWidget(QWidget):
             while run_dir.exists():  # two starts in one second
                 run_dir = run_dir.with_name(run_dir.name + "x")
             export = export_pairs(pairs, run_dir / "data", self.spec, is_val)
-            extra = _append_csv(export.csv_path, self.extra_csv.text().strip(), [a.name for a in self.spec.attributes])
+            extra = append_csv_rows(export.csv_path, self.extra_csv.text().strip(), self.spec)
             base = self.models.path()
             config = build_config(base, self.spec, export, run_dir / "train", settings,
                                   name=f"finetune-{Path(base).stem}", n_train=len(export.train) + extra)
@@ -275,7 +278,7 @@ class FinetuneWidget(QWidget):
         self.compare.setRowCount(0)
         self.segment_button.setEnabled(False)
         self.plot.clear()
-        self._pbar = progress(total=settings.steps, desc="dMoE fine-tune: starting")
+        self._close_progress()  # the napari progress bar is made at the first poll: creating one costs ~100 ms
         self.status.setText(f"Training on {len(export.train)} pair(s), validating on {len(export.val)} "
                             f"({', '.join(export.val)}); run folder {run_dir}")
         self._set_running(True)
@@ -323,7 +326,9 @@ class FinetuneWidget(QWidget):
 
     def _show_progress(self, process: Any, changed: bool) -> None:
         state = process.state
-        if self._pbar is not None and state.step:
+        if self._pbar is None:
+            self._pbar = progress(total=self._launch["steps"], desc="dMoE fine-tune: starting")
+        if state.step:
             if state.total_steps and self._pbar.total != state.total_steps:
                 self._pbar.total = state.total_steps
             eta = state.eta_seconds()
@@ -331,7 +336,7 @@ class FinetuneWidget(QWidget):
             self._pbar.set_description(f"dMoE fine-tune {loss}" + (f", ETA {eta:.0f} s" if eta is not None else ""))
             self._pbar.n = 0
             self._pbar.update(state.step)
-        if changed or self.plot._pending:
+        if changed or self.plot.pending:
             self.plot.update_curves(state.losses, state.val)
 
     def _close_progress(self) -> None:
@@ -430,35 +435,13 @@ class FinetuneWidget(QWidget):
         widget.models.set_path(str(self.new_model))
         return widget.segment()
 
-    def closeEvent(self, event: Any) -> None:  # noqa: N802 (Qt name)
-        if self.process is not None:  # never leave an orphan training process behind
+    def stop_now(self) -> None:
+        """Stop a running process without asking (the app or the widget is closing)."""
+        if self.process is not None:
             self.process.stop(timeout=2.0)
+            self._finish("Stopped: napari or the widget was closed.")
+
+    def closeEvent(self, event: Any) -> None:  # noqa: N802 (Qt name)
+        self.stop_now()
         super().closeEvent(event)
 
-
-def _append_csv(csv_path: Path, extra: str, attributes: list[str]) -> int:
-    """Append a user CSV (image, mask, attribute columns; paths relative to it) to the exported pairs as
-    rows, with absolute paths so the engine finds them from the run folder. Returns the training rows added."""
-    if not extra:
-        return 0
-    import csv
-
-    from napari_dmoe.finetune import SPLIT_COLUMN
-
-    source = Path(extra).expanduser()
-    if not source.is_file():
-        raise FinetuneError(f"training CSV {source} not found")
-    with open(source, newline="", encoding="utf-8-sig") as fh:
-        rows = list(csv.DictReader(fh))
-    missing = [c for c in ("image", "mask", *attributes) if rows and c not in rows[0]]
-    if not rows or missing:
-        raise FinetuneError(f"{source}: needs columns image, mask, {', '.join(attributes)}"
-                            + (f"; missing {missing}" if missing else "; the file has no rows"))
-    with open(csv_path, "a", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["image", "mask", *attributes, SPLIT_COLUMN])
-        for row in rows:
-            split = row.get(SPLIT_COLUMN, "").strip().lower() or "train"
-            writer.writerow({"image": str((source.parent / row["image"]).resolve()),
-                             "mask": str((source.parent / row["mask"]).resolve()),
-                             **{a: row[a] for a in attributes}, SPLIT_COLUMN: split})
-    return sum(1 for row in rows if (row.get(SPLIT_COLUMN, "").strip().lower() or "train") == "train")

@@ -72,7 +72,7 @@ SCHEMA: dict[str, Any] = {
         "split_column": Field("str"),  # nifti/folder: CSV column holding train/val/test
         "val_fraction": Field("number", 0.1, optional=False),
         "test_fraction": Field("number", 0.1, optional=False),
-        "size": Field("list"),  # resize (2D: the model input size is used when left out)
+        "size": Field("list"),  # 3D: resize volumes (optional); 2D items always take the model's input size
         "crop": Field("int", 512),  # fairseg centre crop before resizing
         "label_map": Field("dict"),  # folder: raw mask value -> class
         "normalization": Field("dict"),

@@ -146,13 +146,14 @@ def _train(config: Mapping[str, Any], info: dist_utils.DistInfo, writer: EventWr
 
     step, best, best_step = 0, -math.inf, None
     if resume_state.has_state(out):
-        meta = resume_state.load_state(out, network, optimizer)
-        if meta.get("run") != run.identity:
+        if resume_state.peek(out).get("run") != run.identity:
             raise TrainingError(f"{out} holds a run with a different data/model/method config; choose another "
                                 "output_dir (or delete its resume.json/resume.safetensors to start over)")
+        meta = resume_state.load_state(out, network, optimizer)
         step, best, best_step = int(meta["step"]), float(meta["best"]), meta.get("best_step")
         scheduler.load_state_dict(meta["scheduler"])
-        scaler.load_state_dict(meta["scaler"]) if use_amp and meta.get("scaler") else None
+        if use_amp and meta.get("scaler"):
+            scaler.load_state_dict(meta["scaler"])
     model = network
     if info.enabled:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -182,15 +183,16 @@ def _train(config: Mapping[str, Any], info: dist_utils.DistInfo, writer: EventWr
                                 num_workers=recipe["num_workers"], drop_last=True,
                                 generator=torch.Generator().manual_seed(seed + epoch),
                                 pin_memory=info.device.type == "cuda")
+            t0 = time.perf_counter()
             for data in loader:
-                t0 = time.perf_counter()
                 lr = optimizer.param_groups[0]["lr"]  # the lr this step used
                 loss = _step(model, network, data, run, optimizer, scaler, recipe, config, info, use_amp)
                 scheduler.step()
                 step += 1
-                dt = time.perf_counter() - t0
+                dt = time.perf_counter() - t0  # wall time of the step, data loading included
                 avg_step = dt if avg_step is None else 0.9 * avg_step + 0.1 * dt
-                writer.emit("step", step=step, total_steps=total, epoch=epoch, loss=loss, lr=lr, throughput=batch / max(dt, 1e-9),
+                writer.emit("step", step=step, total_steps=total, epoch=epoch, loss=loss, lr=lr,
+                            throughput=batch / max(dt, 1e-9),
                             eta_s=avg_step * (total - step))
                 bar.update(loss=loss, lr=lr)
                 if step % val_every == 0 or step == total:
@@ -208,6 +210,7 @@ def _train(config: Mapping[str, Any], info: dist_utils.DistInfo, writer: EventWr
                     dist_utils.barrier(info)
                 if step >= total:
                     break
+                t0 = time.perf_counter()  # validation and checkpoints are not counted in the throughput
     finally:
         bar.close()
     if info.is_main and not best_path.exists():  # no validation split: the last model is the best we know

@@ -44,6 +44,14 @@ def has_state(folder: Path) -> bool:
     return (folder / SCALARS).is_file() and (folder / TENSORS).is_file()
 
 
+def peek(folder: Path) -> dict[str, Any]:
+    """The scalars of a resume state (to check it belongs to this config before loading anything)."""
+    try:
+        return json.loads((folder / SCALARS).read_text())
+    except (OSError, ValueError) as err:
+        raise ResumeError(f"{folder / SCALARS}: unreadable ({err}); delete it and {TENSORS} to start over") from None
+
+
 def save_state(folder: Path, network: torch.nn.Module, optimizer: torch.optim.Optimizer,
                scalars: dict[str, Any]) -> None:
     """Write the resume state of ``network`` and ``optimizer``; ``scalars`` must hold ``step``."""

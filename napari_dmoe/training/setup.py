@@ -76,6 +76,9 @@ def _summary(name: str, ds: Any) -> dict[str, Any]:
 def build_run(config: Mapping[str, Any], info: DistInfo, command: str | None = None) -> RunParts:
     spec = _spec(config, in_channels=1)
     size = spec.input_size if spec.spatial_dims == 2 else config["data"]["size"]
+    if spec.spatial_dims == 2 and config["data"]["size"] not in (None, list(spec.input_size)):
+        raise ConfigError(f"config key 'data.size': 2D images are resized to the model's input size "
+                          f"{spec.input_size}; drop data.size or set model.overrides.img_size")
     train_ds = make_dataset(config, "train", size)
     val_ds = make_dataset(config, "val", size)
     if len(train_ds) == 0:

@@ -1,0 +1,187 @@
+"""Fine-tune widget on a real viewer (xvfb) running the real ``dmoe train`` in a subprocess on a tiny model."""
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import pytest
+
+pytest.importorskip("napari")
+pytestmark = pytest.mark.gui
+
+RACES = ["Asian", "Black", "White"]
+TRAIN_TIMEOUT_MS = 240_000  # the machine is shared; a tiny run takes ~20 s alone
+
+
+@pytest.fixture(autouse=True)
+def _user_config(tmp_path, monkeypatch):
+    monkeypatch.setenv("NAPARI_DMOE_CONFIG_DIR", str(tmp_path / "config"))  # never touch the real user config
+
+
+@pytest.fixture
+def base_model(tmp_path):
+    import torch
+
+    from napari_dmoe.checkpoint import save_model
+    from napari_dmoe.model import build_network, make_spec
+
+    torch.manual_seed(0)
+    spec = make_spec("transunet2d-tiny", "race", RACES, ["background", "disc"], n_experts=4)
+    return save_model(tmp_path / "base.safetensors", build_network(spec), spec)
+
+
+def add_cases(viewer, n: int) -> None:
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        labels = np.zeros((64, 64), np.int32)
+        labels[16 + i:44, 20:48 - i] = 1
+        image = rng.normal(0, 1, (64, 64)).astype(np.float32) + 2 * labels
+        viewer.add_image(image, name=f"scan{i}", metadata={"dmoe_attributes": {"race": RACES[i % 3]}})
+        viewer.add_labels(labels, name=f"scan{i} truth")
+
+
+def make_widget(viewer, base_model, tmp_path, **kwargs):
+    from napari_dmoe._widgets.finetune_widget import FinetuneWidget
+
+    widget = FinetuneWidget(viewer, **kwargs)
+    widget.models.set_path(base_model)
+    widget.output.setText(str(tmp_path / "runs"))
+    widget.devices.combo.setCurrentIndex(widget.devices.combo.findData("cpu"))
+    return widget
+
+
+def fill_pairs(widget, n: int) -> None:
+    for i in range(n):
+        widget.viewer.layers.selection.active = widget.viewer.layers[f"scan{i}"]
+        widget.add_pair(labels=f"scan{i} truth")
+
+
+def tensors(path):
+    from safetensors.numpy import load_file
+
+    return load_file(str(path))
+
+
+def test_finetune_on_layers_end_to_end(make_napari_viewer, qtbot, base_model, tmp_path):
+    from napari_dmoe._widgets.finetune_controls import StallMeter
+    from napari_dmoe._widgets.segment_widget import SegmentWidget
+    from napari_dmoe.checkpoint import load_model
+    from napari_dmoe.model_registry import recent_models
+
+    viewer = make_napari_viewer()
+    add_cases(viewer, 3)
+    segment = SegmentWidget(viewer)
+    segment.models.set_path(base_model)
+    widget = make_widget(viewer, base_model, tmp_path, segment_widget=segment)
+    fill_pairs(widget, 3)
+    assert widget.pairs.rows()[1] == ("scan1", "scan1 truth", {"race": "Black"}, False)  # attribute from metadata
+
+    # correct-and-learn: segment scan0, correct the mask, add it with one click
+    segment.images.setCurrentText("scan0")
+    segment.attributes.set_value("race", "Asian")
+    segment.segment()
+    qtbot.waitUntil(lambda: segment.worker is None, timeout=60_000)
+    mask = next(l for l in viewer.layers if l.metadata.get("dmoe", {}).get("kind") == "mask")
+    mask.data = viewer.layers["scan0 truth"].data.copy()  # the user's correction
+    viewer.layers.selection.active = mask
+    row = widget.add_current_result()
+    assert widget.pairs.rows()[row] == ("scan0", mask.name, {"race": "Asian"}, False)
+    widget.pairs.set_validation(1, True)  # hold back scan1 (a chosen validation case)
+
+    widget.settings.steps.setValue(3)
+    widget.settings.batch.setValue(2)
+    meter = StallMeter()
+    process = widget.start()
+    assert process is not None and widget.run_button.text() == "Cancel"
+    meter.start()
+    qtbot.waitUntil(lambda: widget.phase != "train", timeout=TRAIN_TIMEOUT_MS)
+    meter.stop()
+    qtbot.waitUntil(lambda: widget.process is None, timeout=TRAIN_TIMEOUT_MS)
+    print(f"longest event-loop stall while training: {meter.longest_stall_ms:.1f} ms over {len(meter.gaps)} ticks")
+
+    assert widget.errors.isHidden(), widget.errors.toPlainText()
+    assert widget.new_model is not None and widget.new_model.is_file(), widget.status.text()
+    assert process.state.step == 3 and process.state.losses and process.state.val  # events were followed
+    assert widget.plot.draws >= 1
+    new = load_model(widget.new_model)
+    before, after = tensors(base_model), tensors(widget.new_model)
+    assert set(before) == set(after)
+    assert any(not np.array_equal(before[k], after[k]) for k in before)  # the weights changed
+    finetune = new.spec.provenance["finetune"]
+    assert finetune["base_model"] == str(base_model.resolve())
+    assert finetune["data"]["val"] == ["scan1"] and finetune["data"]["counts"]["race"] == {"Asian": 2, "Black": 1, "White": 1}
+    assert finetune["settings"]["steps"] == 3
+    rows = widget.compare.values()
+    assert [r[0] for r in rows] == ["Black", "all"] and all(len(r) == 4 for r in rows)
+    assert float(rows[0][2]) == pytest.approx(new.spec.metrics["finetune_validation_dice"]["after"]["Black"], abs=1e-3)
+    assert widget.new_model in [e.path for e in recent_models()]  # registered for the Segment widget
+    assert segment.models.combo.findData(str(widget.new_model)) >= 0
+    assert meter.longest_stall_ms < 2000  # the goal (100 ms) is reported in BENCHMARKS.md; this catches freezes
+
+    # re-run segmentation on the current image with the new model at once
+    segment.images.setCurrentText("scan2")
+    widget.segment_button.click()
+    qtbot.waitUntil(lambda: segment.worker is None, timeout=60_000)
+    masks = [l for l in viewer.layers if l.metadata.get("dmoe", {}).get("model") == str(widget.new_model)]
+    assert masks and masks[0].metadata["dmoe"]["source_layer"] == "scan2"
+
+
+def test_cancel_keeps_last_checkpoint_and_stops_process(make_napari_viewer, qtbot, base_model, tmp_path):
+    from napari_dmoe.checkpoint import load_model
+
+    answers = []
+    viewer = make_napari_viewer()
+    add_cases(viewer, 3)
+    widget = make_widget(viewer, base_model, tmp_path, confirm=lambda parent, q: answers.pop(0))
+    fill_pairs(widget, 3)
+    widget.settings.steps.setValue(400)  # validation + checkpoint every 80 steps
+    widget.settings.batch.setValue(1)
+    process = widget.start()
+    last = tmp_path / "runs"
+    qtbot.waitUntil(lambda: any(process.state.checkpoints), timeout=TRAIN_TIMEOUT_MS)
+    answers.append(False)
+    assert widget.cancel() is False and process.running()  # "No" keeps it running
+    answers.append(True)
+    widget.run_button.click()  # Cancel
+    qtbot.waitUntil(lambda: widget.process is None, timeout=30_000)
+    assert process.returncode is not None and process.returncode != 0
+    with pytest.raises(ProcessLookupError):
+        os.kill(process.pid, 0)  # gone (and reaped)
+    assert process.state.step < 400
+    assert widget.last_checkpoint is not None and widget.last_checkpoint.parent.parent.parent == last
+    model = load_model(widget.last_checkpoint)  # the last good checkpoint still loads
+    assert model.spec.provenance["step"] >= 80
+    assert widget.status.text().startswith("Cancelled") and str(widget.last_checkpoint) in widget.status.text()
+    assert widget.new_model is None and widget.run_button.text() == "Start fine-tune"
+
+
+def test_failing_subprocess_shows_readable_message(make_napari_viewer, qtbot, base_model, tmp_path):
+    viewer = make_napari_viewer()
+    add_cases(viewer, 2)
+    widget = make_widget(viewer, base_model, tmp_path)
+    fill_pairs(widget, 2)
+    widget.settings.steps.setValue(2)
+    base_model.write_bytes(b"this is not a model")  # corrupted after it was picked
+    started = time.monotonic()
+    assert widget.start() is not None
+    qtbot.waitUntil(lambda: widget.process is None, timeout=TRAIN_TIMEOUT_MS)
+    text = widget.errors.toPlainText()
+    assert not widget.errors.isHidden() and widget.new_model is None
+    assert "Fine-tune failed" in text and "base.safetensors" in text and "Traceback" not in text.split("---")[0]
+    assert "dmoe train: error" in text  # the last stderr lines of the engine are shown too
+    assert widget.status.text().startswith("Fine-tune failed") and time.monotonic() - started < 240
+
+
+def test_bad_input_is_refused_before_starting(make_napari_viewer, base_model, tmp_path):
+    viewer = make_napari_viewer()
+    add_cases(viewer, 2)
+    widget = make_widget(viewer, base_model, tmp_path)
+    widget.add_pair(image="scan0", labels="scan0 truth")
+    assert widget.start() is None and "at least two pairs" in widget.status.text()
+    widget.add_pair(image="scan1", labels="scan0 truth")
+    viewer.layers["scan0 truth"].data = np.full((64, 64), 5, np.int32)  # class 5 in a 2-class model
+    assert widget.start() is None and "relabel" in widget.status.text()
+    viewer.layers.selection.active = viewer.layers["scan0"]
+    assert widget.add_current_result() is None  # an image is not a Segment result
+    assert widget.process is None and not list((tmp_path / "runs").rglob("*.yaml"))  # nothing was started
