@@ -189,6 +189,8 @@ class CurvePlot(QWidget):
     A matplotlib Agg render of even this small figure takes 50-100 ms (text layout dominates), which would freeze
     napari at every redraw. So the figure is rendered in a background thread (the figure is only ever touched by
     that thread while it runs) and the GUI thread just shows the finished image, which takes about a millisecond.
+    One long-lived thread, not one per render: matplotlib caches fonts per thread, and a fresh thread reloads them
+    (renders then took 3x longer and held the GIL for up to 250 ms).
     """
 
     def __init__(self, parent: QWidget | None = None, interval: float = 1.0) -> None:
@@ -210,7 +212,14 @@ class CurvePlot(QWidget):
         self.interval = interval
         self._last = 0.0
         self._pending: tuple | None = None  # newest data not drawn yet
-        self._thread: Any = None
+        import queue
+        import threading
+
+        self._jobs: queue.Queue = queue.Queue()
+        self._idle = threading.Event()
+        self._idle.set()
+        self._thread = threading.Thread(target=self._worker, daemon=True, name="dmoe-curve-render")
+        self._thread.start()
         self._result: tuple[int, int, bytes, bool] | None = None
         self._lines: dict[str, Any] = {}
         self.draws = 0
@@ -243,20 +252,29 @@ class CurvePlot(QWidget):
         return self._pending is not None
 
     def busy(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return not self._idle.is_set()
 
     def wait(self, timeout: float = 10.0) -> None:
         """Block until the render in flight is shown (tests, closing)."""
-        if self._thread is not None:
-            self._thread.join(timeout)
+        self._idle.wait(timeout)
         self._show_result()
 
     def _start_render(self, data: tuple | None) -> None:
-        import threading
-
-        self._thread = threading.Thread(target=self._render, args=(data,), daemon=True)
-        self._thread.start()
+        self._idle.clear()
+        self._jobs.put(data)
         self._collect.start()
+
+    def _worker(self) -> None:  # background thread: takes one render job at a time
+        while True:
+            data = self._jobs.get()
+            try:
+                self._render(data)
+            except Exception:  # a plotting bug must not kill the thread (the next render may still work)
+                import logging
+
+                logging.getLogger(__name__).exception("curve render failed")
+            finally:
+                self._idle.set()
 
     def _render(self, data: tuple | None) -> None:  # background thread: matplotlib only, no Qt
         if data is None:

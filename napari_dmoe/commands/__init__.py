@@ -10,5 +10,6 @@ COMMANDS: list[str] = [
     "info",
     "import_official",
     "demo",
+    "segment",
     "train", "evaluate", "compare",
 ]
