@@ -85,7 +85,7 @@ def segment_file(model: Any, src: Path, dest: Path, attribute: Any, args: argpar
 
 
 def write_routing(folder: Path, src: Path, result: Any, volume: Any) -> None:
-    """Dominant expert as a labels file in the source geometry; per-expert mean gate weights as float images."""
+    """Dominant expert and each expert's mean gate weight (uint8, 255 = 1) in the source geometry."""
     import numpy as np
 
     from napari_dmoe.data.io import suffix_of, write_labels
@@ -95,12 +95,11 @@ def write_routing(folder: Path, src: Path, result: Any, volume: Any) -> None:
     suffix = _default_suffix(volume)
     write_labels(folder / f"{stem}_dominant_expert{suffix}", result.dominant_expert, like=volume)
     mean = result.routing["mean"]
-    if suffix == ".png":
-        # gate weights in [0, 1] -> 8-bit grey PNG per expert, a lossless-enough view for 2D
-        for e in range(mean.shape[0]):
-            write_labels(folder / f"{stem}_expert{e}.png", np.round(mean[e].astype(np.float32) * 255).astype(np.uint8))
-    else:
-        np.save(folder / f"{stem}_experts.npy", mean)  # [E, z, y, x] float16, source grid
+    # gate weights in [0, 1] -> uint8 (255 = weight 1) per expert, written like labels so NIfTI keeps the
+    # source geometry; 1/255 resolution is plenty for a heatmap
+    for e in range(mean.shape[0]):
+        weights = np.round(mean[e].astype(np.float32) * 255).astype(np.uint8)
+        write_labels(folder / f"{stem}_expert{e}{suffix}", weights, like=volume)
 
 
 def run(args: argparse.Namespace) -> int:
