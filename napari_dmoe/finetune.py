@@ -128,6 +128,25 @@ def split_validation(n: int, fraction: float = 0.2, chosen: Sequence[int] | None
     return [i in val for i in range(n)]
 
 
+def pairs_from_layers(layers: Any, rows: Sequence[tuple[str, str, dict[str, str], bool]], val_fraction: float = 0.2,
+                      extra_data: bool = False) -> tuple[list[TrainingPair], list[bool]]:
+    """Table rows ``(image name, labels name, attributes, validation)`` -> pairs and validation flags.
+
+    ``layers``: napari's layer list (or any mapping name -> layer with ``.data`` and ``.rgb``). With
+    ``extra_data`` (a CSV adds training cases) a single layer pair is allowed and held back for validation."""
+    pairs = []
+    for image, labels, attrs, _ in rows:
+        if image not in layers or labels not in layers:
+            raise FinetuneError("a table row names a layer that is not open; pick its image and labels again")
+        pairs.append(TrainingPair(image, layers[image].data, layers[labels].data, dict(attrs),
+                                  bool(getattr(layers[image], "rgb", False))))
+    if not pairs or (len(pairs) < 2 and not extra_data):
+        raise FinetuneError("add at least two pairs (one is held back to validate the new model)")
+    if len(pairs) == 1:
+        return pairs, [True]
+    return pairs, split_validation(len(pairs), val_fraction, [i for i, row in enumerate(rows) if row[3]])
+
+
 # -- export -----------------------------------------------------------------------------------------------
 def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "case"

@@ -243,6 +243,22 @@ class TrainingProcess:
             pass
 
 
+def compare_process(run_dir: str | os.PathLike, base: str | os.PathLike, trained: str | os.PathLike,
+                    csv_path: str | os.PathLike, device: str = "cpu") -> tuple[TrainingProcess, Path]:
+    """The (not yet started) comparison subprocess of a run folder and the path the final model will get.
+
+    It reads ``run_dir/provenance.json`` and writes ``run_dir/compare.json`` and the final model."""
+    run_dir = Path(run_dir)
+    stamp = run_dir.name.removeprefix("run-")
+    out_model = run_dir / f"{Path(base).stem}-finetuned-{stamp}.safetensors"
+    cmd = [sys.executable, "-m", "napari_dmoe.finetune_run", "compare", str(base), str(trained), str(csv_path),
+           str(out_model), "--provenance", str(run_dir / "provenance.json"), "--out", str(run_dir / COMPARE_JSON),
+           "--device", device]
+    process = TrainingProcess(cmd, run_dir, events=run_dir / "compare-events.jsonl")
+    process.stderr_path = run_dir / "compare-stderr.log"
+    return process, out_model
+
+
 # -- before/after comparison (runs in its own subprocess) --------------------------------------------------
 def _mean_dice(metrics: dict[str, dict[str, float]]) -> float:
     values = [m["dice"] for m in metrics.values() if not math.isnan(m["dice"])]

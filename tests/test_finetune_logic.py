@@ -273,3 +273,21 @@ def test_extra_csv_rows_are_appended_with_absolute_paths(tmp_path, spec):
     table.write_text("image,mask,race\nimg/nope.tif,img/u1_mask.tif,White\n")
     with pytest.raises(FinetuneError, match="not found"):
         append_csv_rows(summary.csv_path, table, spec)
+
+
+def test_pairs_from_layer_rows():
+    from types import SimpleNamespace
+
+    from napari_dmoe.finetune import pairs_from_layers
+
+    img, lab = np.zeros((8, 8), np.float32), np.zeros((8, 8), np.uint8)
+    layers = {"a": SimpleNamespace(data=img, rgb=False), "a truth": SimpleNamespace(data=lab),
+              "b": SimpleNamespace(data=img, rgb=False), "b truth": SimpleNamespace(data=lab)}
+    rows = [("a", "a truth", {"race": "Asian"}, False), ("b", "b truth", {"race": "Black"}, True)]
+    pairs, is_val = pairs_from_layers(layers, rows)
+    assert [p.name for p in pairs] == ["a", "b"] and is_val == [False, True] and pairs[1].labels is lab
+    with pytest.raises(FinetuneError, match="at least two pairs"):
+        pairs_from_layers(layers, rows[:1])
+    assert pairs_from_layers(layers, rows[:1], extra_data=True)[1] == [True]  # the CSV trains, the layer validates
+    with pytest.raises(FinetuneError, match="not open"):
+        pairs_from_layers(layers, [("gone", "a truth", {}, False), *rows])

@@ -218,29 +218,9 @@ class FinetuneWidget(QWidget):
         else:
             self.cancel()
 
-    def _collect(self) -> tuple[list[Any], list[bool]]:
-        from napari_dmoe.finetune import TrainingPair, split_validation
-
-        rows = self.pairs.rows()
-        pairs = []
-        for image, labels, attrs, _ in rows:
-            if image not in self.viewer.layers or labels not in self.viewer.layers:
-                raise FinetuneError("a table row names a layer that is not open; pick its image and labels again")
-            img = self.viewer.layers[image]
-            pairs.append(TrainingPair(f"{image}", img.data, self.viewer.layers[labels].data, attrs, bool(img.rgb)))
-        chosen = [i for i, row in enumerate(rows) if row[3]]
-        extra = self.extra_csv.text().strip()
-        if len(pairs) < 2 and not extra:
-            raise FinetuneError("add at least two pairs (one is held back to validate the new model)")
-        if not pairs:
-            raise FinetuneError("add at least one pair from the open layers to validate on")
-        is_val = split_validation(len(pairs), self.settings.val_fraction.value(), chosen) if len(pairs) > 1 \
-            else [True]
-        return pairs, is_val
-
     def start(self) -> Any:
         """Export the pairs, write the config, start ``dmoe train``; returns the TrainingProcess (or None)."""
-        from napari_dmoe.finetune import append_csv_rows, build_config, export_pairs, write_config
+        from napari_dmoe.finetune import append_csv_rows, build_config, export_pairs, pairs_from_layers, write_config
         from napari_dmoe.finetune_run import TrainingProcess, train_command
 
         if self.process is not None:
@@ -249,10 +229,11 @@ class FinetuneWidget(QWidget):
         try:
             if self.spec is None:
                 raise FinetuneError("pick a base model first (demo list, recent or Browse...)")
-            pairs, is_val = self._collect()
+            pairs, is_val = pairs_from_layers(self.viewer.layers, self.pairs.rows(),
+                                              self.settings.val_fraction.value(), bool(self.extra_csv.text().strip()))
             device = self.devices.device() or "cpu"
             settings = self.settings.settings(device, self.spec.spatial_dims)
-            run_dir = Path(self.output.text()).expanduser() / time.strftime("run-%Y%m%d-%H%M%S")
+            run_dir = Path(self.output.text()).expanduser().resolve() / time.strftime("run-%Y%m%d-%H%M%S")
             while run_dir.exists():  # two starts in one second
                 run_dir = run_dir.with_name(run_dir.name + "x")
             export = export_pairs(pairs, run_dir / "data", self.spec, is_val)
@@ -368,28 +349,20 @@ class FinetuneWidget(QWidget):
         self._start_compare(self.last_checkpoint)
 
     def _start_compare(self, trained: Path) -> None:
-        import sys
+        from napari_dmoe.finetune_run import compare_process
 
-        from napari_dmoe.finetune_run import TrainingProcess
-
-        name = f"{Path(self._launch['base']).stem}-finetuned-{self.run_dir.name.removeprefix('run-')}.safetensors"
-        out_model = self.run_dir / name
-        cmd = [sys.executable, "-m", "napari_dmoe.finetune_run", "compare", self._launch["base"], str(trained),
-               self._launch["csv"], str(out_model), "--provenance", str(self.run_dir / "provenance.json"),
-               "--out", str(self.run_dir / "compare.json"),
-               "--device", "cpu" if self._launch["device"] == "auto" else self._launch["device"]]
-        process = TrainingProcess(cmd, self.run_dir, events=self.run_dir / "compare-events.jsonl")
-        process.stderr_path = self.run_dir / "compare-stderr.log"
+        process, out_model = compare_process(self.run_dir, self._launch["base"], trained, self._launch["csv"],
+                                             self._launch["device"])
         process.start()
         self.process, self.phase = process, "compare"
-        self._launch["out_model"] = out_model
         self.status.setText("Training done; comparing the base and the new model on the validation pairs...")
 
     def _compare_ended(self, process: Any) -> None:
         from napari_dmoe.finetune import compare_metrics
+        from napari_dmoe.finetune_run import COMPARE_JSON
         from napari_dmoe.model_registry import RegistryError, add_recent
 
-        result_path = self.run_dir / "compare.json"
+        result_path = self.run_dir / COMPARE_JSON
         if process.returncode != 0 or not result_path.is_file():
             self._fail("Comparing the models failed", process.failure() or "no result written",
                        process.stderr_tail())
