@@ -34,7 +34,7 @@ def vm(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status (this benchmark needs Linux)")
 
 
-def child(preset: str, shape: tuple[int, ...], routing: str, folder: str) -> dict:
+def child(preset: str, shape: tuple[int, ...], routing: str, folder: str, threads: int = 0) -> dict:
     """Runs in the subprocess: load a model, segment one int16 volume, report memory figures in bytes."""
     import time
 
@@ -45,6 +45,8 @@ def child(preset: str, shape: tuple[int, ...], routing: str, folder: str) -> dic
     from napari_dmoe.inference import segment
     from napari_dmoe.model import build_network, make_spec
 
+    if threads:
+        torch.set_num_threads(threads)
     spec = make_spec(preset, "stage", ["T1", "T2", "T3", "T4"], ["background", "CTV"])
     torch.manual_seed(0)
     path = Path(folder) / f"{preset}.safetensors"
@@ -63,9 +65,10 @@ def child(preset: str, shape: tuple[int, ...], routing: str, folder: str) -> dic
             "maps": sorted(seg.routing)}
 
 
-def measure(preset: str, shape: tuple[int, ...], routing: str, folder: str) -> dict:
+def measure(preset: str, shape: tuple[int, ...], routing: str, folder: str, threads: int = 0) -> dict:
     code = ("import json, sys; sys.path.insert(0, %r); import bench_memory as b; "
-            "print(json.dumps(b.child(%r, %r, %r, %r)))") % (str(Path(__file__).parent), preset, shape, routing, folder)
+            "print(json.dumps(b.child(%r, %r, %r, %r, %r)))") % (str(Path(__file__).parent), preset, shape, routing,
+                                                                 folder, threads)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if done.returncode:
         raise SystemExit(f"the {shape} run failed:\n{done.stderr[-3000:]}")
@@ -76,11 +79,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny preset and volumes, seconds")
     parser.add_argument("--routing", default="auto", help="segment(routing=...): auto, mean, all, none")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads in each run (default: torch's)")
     args = parser.parse_args(argv)
     cfg = QUICK if args.quick else FULL
     print(f"machine: {machine()}")
     with tempfile.TemporaryDirectory() as tmp:
-        runs = [measure(cfg["preset"], s, args.routing, tmp) for s in cfg["sizes"]]
+        runs = [measure(cfg["preset"], s, args.routing, tmp, args.threads) for s in cfg["sizes"]]
     rows = []
     for r in runs:
         r["beyond"] = r["peak"] - r["outputs"]

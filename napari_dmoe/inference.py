@@ -22,33 +22,36 @@ Geometry rules:
   a time, so the float32 temporaries stay the size of one image; the input stack is dropped once it is on the
   work grid. Per-position routing maps cost E x 2 bytes per voxel each: ``routing="auto"`` keeps them only while
   they fit ``AUTO_ALL_BYTES`` (the mean map and dominant expert are always kept), ``"all"`` always, ``"mean"`` never.
+- 3D models stream (``inference_volume.py``): windows run in rows of equal z start, the float32 accumulators
+  cover only a slab of ``roi_z + 8`` planes, finished planes go straight to the outputs, and each window's input
+  is made from the raw image (``volume_input.py``), so no float32 copy of the whole volume is ever made.
+  2D models (and stacks of slices) use the whole-image path below, as does 3D with ``STREAM_3D = False``.
 """
 from __future__ import annotations
 
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Generator, NamedTuple, Sequence
+from typing import Any, Callable, Generator, Sequence
 
 import numpy as np
 import torch
 
 from napari_dmoe.devices import DeviceError, resolve_device
-from napari_dmoe.inference_prep import InferenceError, Plan, make_plan, prepare_image, resolve_routers
+from napari_dmoe.inference_prep import (
+    InferenceError, Plan, Progress, check_image, make_plan, prepare_image, resolve_routers,
+)
+from napari_dmoe.inference_volume import iter_volume
 from napari_dmoe.routing_maps import RoutingAccumulator, importance, resize
+from napari_dmoe.volume_input import VolumeInput
 
 __all__ = ["InferenceError", "Progress", "Segmentation", "iter_segment", "segment"]
 
 AUTO_ALL_BYTES = 256 * 2**20  # routing="auto" keeps per-position maps while they take at most this
 ROUTING_MODES = ("auto", "all", "mean", "none")
-
-
-class Progress(NamedTuple):
-    """``done`` of ``total`` steps of ``stage`` ("preprocess", "infer", "postprocess")."""
-
-    stage: str
-    done: int
-    total: int
+# 3D models stream (inference_volume.py); False runs them through the whole-volume path below, the reference
+# the tests compare the streamed results with
+STREAM_3D = True
 
 
 @dataclass
@@ -116,21 +119,41 @@ def iter_segment(
             dev, reason = resolve_device(device)
         except DeviceError as err:
             raise InferenceError(str(err)) from None
-        stack, image_spacing, squeeze, notes, warns = prepare_image(spec, image, spacing, rgb)
-        plan = make_plan(spec, stack.shape[2:], image_spacing, roi_size, overlap, mode2d, squeeze)
-        work = _to_work_grid(stack, plan)
-        del stack  # the work grid holds the image from here on
+        stream = spec.spatial_dims == 3 and STREAM_3D
+        if stream:
+            image, shape, is_rgb, image_spacing = check_image(spec, image, spacing, rgb)
+            plan = make_plan(spec, shape, image_spacing, roi_size, overlap, mode2d)
+            source = VolumeInput(spec, image, is_rgb, plan)  # windows made on demand from the raw image
+            notes, warns = source.notes, source.warnings
+        else:
+            stack, image_spacing, squeeze, notes, warns = prepare_image(spec, image, spacing, rgb)
+            plan = make_plan(spec, stack.shape[2:], image_spacing, roi_size, overlap, mode2d, squeeze)
+            work = _to_work_grid(stack, plan)
+            del stack  # the work grid holds the image from here on
     yield Progress("preprocess", 1, 1)
 
     runner = _Runner(network, dev, amp, sw_batch_size, warns)
     n_classes = spec.n_classes
+    want_routing = routing_mode != "none" and spec.routing != "none"
+    if stream:
+        runner.start()
+        try:
+            full, labels, maps, dominant = yield from iter_volume(
+                runner, clock, source, plan, routers, n_classes, blend=blend, sw_batch_size=sw_batch_size,
+                want_routing=want_routing, keep_positions=_keep_positions(routing_mode, warns),
+            )
+        finally:
+            runner.stop()
+        return Segmentation(labels=labels, probabilities=full, routing=maps, dominant_expert=dominant,
+                            attribute=used, timings=clock.seconds, device=str(dev), warnings=warns,
+                            conversions=notes, device_reason=reason)
+
     probs = torch.zeros((work.shape[0], n_classes, *plan.padded), dtype=torch.float32)
     weight = torch.zeros((1, *plan.padded), dtype=torch.float32)
     imp = importance(plan.roi, blend)
     for start in plan.starts:
         weight[(slice(None), *_window(start, plan.roi))] += imp * len(routers)
     routes = RoutingAccumulator(work.shape[0], plan.padded, plan.roi, plan.align, blend)
-    want_routing = routing_mode != "none" and spec.routing != "none"
 
     windows = [(z, s) for z in range(work.shape[0]) for s in plan.starts]
     batches = [windows[i : i + sw_batch_size] for i in range(0, len(windows), sw_batch_size)]
@@ -255,6 +278,21 @@ def _routing_mode(routing: bool | str) -> str:
     raise InferenceError(f"routing={routing!r}: expected True, False or one of {list(ROUTING_MODES)}")
 
 
+def _keep_positions(mode: str, warns: list[str]) -> Callable[[tuple[int, ...], int], bool]:
+    """Whether per-position routing maps of ``shape`` (float16, one per position) are kept, per ``mode``."""
+
+    def keep(shape: tuple[int, ...], n_positions: int) -> bool:
+        if mode != "auto":
+            return mode == "all"
+        size = 2 * int(np.prod(shape)) * n_positions
+        if size > AUTO_ALL_BYTES:
+            warns.append(f"per-position routing maps skipped ({size / 2**20:.0f} MiB); only the mean map is "
+                         "returned: pass routing='all' to keep them")
+        return size <= AUTO_ALL_BYTES
+
+    return keep
+
+
 def _routing_maps(
     routes: RoutingAccumulator, plan: Plan, mode: str, warns: list[str]
 ) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
@@ -265,13 +303,7 @@ def _routing_maps(
         return {}, None
     n_experts = routes.n_experts(positions[0])
     shape = _out_shape(n_experts, routes.planes, plan)
-    keep = mode == "all"
-    if mode == "auto":
-        size = 2 * int(np.prod(shape)) * len(positions)
-        keep = size <= AUTO_ALL_BYTES
-        if not keep:
-            warns.append(f"per-position routing maps skipped ({size / 2**20:.0f} MiB); only the mean map is "
-                         "returned: pass routing='all' to keep them")
+    keep = _keep_positions(mode, warns)(shape, len(positions))
     maps = {p: np.empty(shape, dtype=np.float16) for p in positions} if keep else {}
     mean = np.empty(shape, dtype=np.float16)
     for z in range(routes.planes):
@@ -308,8 +340,11 @@ class _Runner:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def predict(self, x: torch.Tensor, router: int, want_routing: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Softmax probabilities ``[B, classes, *roi]`` and gate weights per position, both on the CPU."""
+    def predict(
+        self, x: torch.Tensor, router: int | Sequence[int], want_routing: bool
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Softmax probabilities ``[B, classes, *roi]`` and gate weights per position, both on the CPU.
+        ``router``: one router for the batch or one per window."""
         while True:
             try:
                 return self._chunks(x, router, want_routing)
@@ -323,11 +358,14 @@ class _Runner:
                 self.batch = max(1, self.batch // 2)
                 self.warns.append(f"GPU out of memory: retried with sw_batch_size={self.batch}")
 
-    def _chunks(self, x: torch.Tensor, router: int, want_routing: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def _chunks(
+        self, x: torch.Tensor, router: int | Sequence[int], want_routing: bool
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         probs, routes = [], {}
+        per_window = torch.as_tensor(router, dtype=torch.long).expand(x.shape[0])
         for i in range(0, x.shape[0], self.batch):
             chunk = x[i : i + self.batch].to(self.device)
-            attr = torch.full((chunk.shape[0],), router, dtype=torch.long, device=self.device)
+            attr = per_window[i : i + self.batch].to(self.device)
             autocast = torch.autocast("cuda", dtype=torch.float16) if self.amp else nullcontext()
             with torch.inference_mode(), autocast:
                 if want_routing:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
@@ -21,6 +21,14 @@ UNKNOWN = "unknown"
 
 class InferenceError(ValueError):
     """The input cannot be segmented as given; the message names the problem and what to do."""
+
+
+class Progress(NamedTuple):
+    """``done`` of ``total`` steps of ``stage`` ("preprocess", "infer", "postprocess")."""
+
+    stage: str
+    done: int
+    total: int
 
 
 @dataclass
@@ -103,14 +111,10 @@ def _vocab(spec: ModelSpec) -> str:
     return ", ".join(f"{a.name} in {a.values}" for a in spec.attributes)
 
 
-def prepare_image(
+def check_image(
     spec: ModelSpec, image: Any, spacing: Sequence[float] | None, rgb: bool | None
-) -> tuple[np.ndarray, tuple[float, ...] | None, bool, list[str], list[str]]:
-    """Check and normalise an image into a ``[Z, C, *spatial]`` float32 stack.
-
-    Returns the stack, the spacing of one plane (or None), whether it is a single image (``squeeze``),
-    the conversions made and warnings.
-    """
+) -> tuple[np.ndarray, tuple[int, ...], bool, tuple[float, ...] | None]:
+    """Refuse images the model cannot take. Returns the array, its spatial shape, ``rgb`` and the spacing."""
     try:
         image = np.asarray(image)
     except Exception as err:  # ragged lists and the like
@@ -137,7 +141,18 @@ def prepare_image(
         spacing = tuple(float(s) for s in spacing)
         if len(spacing) != len(spatial) or min(spacing) <= 0:
             raise InferenceError(f"spacing {spacing} must give {len(spatial)} positive values, one per spatial axis")
+    return image, tuple(spatial), bool(rgb), spacing
 
+
+def prepare_image(
+    spec: ModelSpec, image: Any, spacing: Sequence[float] | None, rgb: bool | None
+) -> tuple[np.ndarray, tuple[float, ...] | None, bool, list[str], list[str]]:
+    """Check and normalise an image into a ``[Z, C, *spatial]`` float32 stack.
+
+    Returns the stack, the spacing of one plane (or None), whether it is a single image (``squeeze``),
+    the conversions made and warnings.
+    """
+    image, spatial, rgb, spacing = check_image(spec, image, spacing, rgb)
     notes: list[str] = []
     warns: list[str] = []
     data, n_bad = sanitize(image)
@@ -146,7 +161,7 @@ def prepare_image(
     if data.size and float(data.max()) == float(data.min()):
         warns.append(f"the image is constant (all {float(data.min()):g}); the segmentation carries no information")
     try:
-        chans, more = to_channels(data, spec.in_channels, rgb=bool(rgb))
+        chans, more = to_channels(data, spec.in_channels, rgb=rgb)
     except TransformError as err:
         raise InferenceError(str(err)) from None
     notes += more

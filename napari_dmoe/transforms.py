@@ -38,24 +38,34 @@ def sanitize(image: np.ndarray) -> tuple[np.ndarray, int]:
     return out, n_bad
 
 
-def normalize(image: np.ndarray, normalization: Mapping[str, Any]) -> np.ndarray:
+def normalize(
+    image: np.ndarray, normalization: Mapping[str, Any], stats: Mapping[str, float] | None = None
+) -> np.ndarray:
     """Intensity normalisation per ``spec.normalization``; statistics are taken over the whole array.
 
     ``zscore``: (x - mean) / std, NaN ignored, std 0 treated as 1; ``minmax``: to [0, 1];
     ``window``: clip to [low, high] then to [0, 1]; ``scale``: divide by ``factor``.
+    ``stats`` (``mean``, ``std``, ``low``, ``high``) replaces the statistics of ``image``, so that a part of a
+    large volume is normalised as the whole would be (streamed 3D inference).
     """
     image = np.asarray(image, dtype=np.float32)
     kind = normalization.get("kind")
     if kind == "zscore":
-        finite = image[np.isfinite(image)]
-        mean = float(finite.mean()) if finite.size else 0.0
-        std = float(finite.std()) if finite.size else 0.0
+        if stats is not None:
+            mean, std = float(stats["mean"]), float(stats["std"])
+        else:
+            finite = image[np.isfinite(image)]
+            mean = float(finite.mean()) if finite.size else 0.0
+            std = float(finite.std()) if finite.size else 0.0
         # explicit statistics: NormalizeIntensity's own would turn into NaN as soon as one voxel is NaN
         out = NormalizeIntensity(subtrahend=mean, divisor=std if std > 0 else 1.0)(image)
     elif kind == "minmax":
-        finite = image[np.isfinite(image)]
-        low = float(finite.min()) if finite.size else 0.0
-        high = float(finite.max()) if finite.size else 0.0
+        if stats is not None:
+            low, high = float(stats["low"]), float(stats["high"])
+        else:
+            finite = image[np.isfinite(image)]
+            low = float(finite.min()) if finite.size else 0.0
+            high = float(finite.max()) if finite.size else 0.0
         if high <= low:  # constant image: map to 0 rather than dividing by zero
             return np.where(np.isfinite(image), 0.0, image).astype(np.float32)
         out = ScaleIntensityRange(a_min=low, a_max=high, b_min=0.0, b_max=1.0)(image)
