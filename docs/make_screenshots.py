@@ -37,13 +37,27 @@ def shoot(sample: str, out: Path, show_routing: bool) -> Path:
     for layer in viewer.layers:
         if "ground truth" in layer.name:
             layer.visible = False
-    if show_routing:
+    if show_routing:  # the dominant expert per pixel over the image, the mask as outlines on top
         for layer in viewer.layers:
-            if "experts" in layer.name or "heatmap" in layer.name:
+            if " dominant " in f" {layer.name} ":
                 layer.visible = True
+                layer.opacity = 0.6
+            elif " mask " in f" {layer.name} ":
+                layer.contour = 2
                 viewer.layers.selection.active = layer
     if viewer.dims.ndisplay == 2 and viewer.dims.ndim == 3:
         viewer.dims.set_point(0, viewer.dims.range[0].stop / 2)
+    # the Segment widget in front of the inspector (tabified); napari has no public API for tab order
+    from qtpy.QtWidgets import QTabBar
+
+    for bar in viewer.window._qt_window.findChildren(QTabBar):
+        for i in range(bar.count()):
+            if bar.tabText(i).startswith("Segment"):
+                bar.setCurrentIndex(i)
+    from napari._qt.dialogs.qt_notification import NapariQtNotification  # toasts (e.g. a Qt5 deprecation note)
+
+    for toast in viewer.window._qt_window.findChildren(NapariQtNotification):
+        toast.close()
     app.processEvents()
     viewer.screenshot(str(out), canvas_only=False, flash=False)
     viewer.close()

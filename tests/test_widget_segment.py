@@ -278,3 +278,21 @@ def test_launch_opens_sample_with_widget_and_preselects_its_attribute(make_napar
     assert widget.images.currentText() == "fundus (synthetic)"
     widget.models.set_path(model_path)
     assert widget.attributes.values() == {"race": "Black"}  # from the sample's dmoe_attributes metadata
+
+
+def test_image_attributes_pick_a_matching_bundled_model(make_napari_viewer, qtbot):
+    """A prostate sample (stage attribute) switches the picker from the fundus model to the prostate one."""
+    from napari_dmoe.checkpoint import read_spec
+    from napari_dmoe.model_registry import bundled_models
+
+    by_attr = {read_spec(e.path).attributes[0].name: e for e in bundled_models()}
+    assert {"race", "stage"} <= set(by_attr), "the fundus and prostate demo models ship with the package"
+    viewer = make_napari_viewer()
+    _, widget = viewer.window.add_plugin_dock_widget("napari-dmoe", "Segment (dMoE)")
+    widget.models.refresh(select=str(by_attr["race"].path))
+    assert [a.name for a in widget.spec.attributes] == ["race"]
+    viewer.open_sample("napari-dmoe", "prostate")
+    assert widget.models.path() == str(by_attr["stage"].path)
+    assert [a.name for a in widget.spec.attributes] == ["stage"]
+    assert widget.attributes.values() == {"stage": "T3"}
+    assert "prostate" in widget.status.text()

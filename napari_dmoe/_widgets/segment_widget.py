@@ -159,10 +159,30 @@ class SegmentWidget(QWidget):
 
     def _on_image_changed(self, *_: Any) -> None:
         attrs = self._layer_attributes()
+        self._match_model(attrs)
         for name, value in attrs.items():
             if name in self.attributes.combos and self.attributes.combos[name].findText(str(value)) >= 0:
                 self.attributes.set_value(name, str(value))
         self._set_running(self.worker is not None)
+
+    def _match_model(self, attrs: dict[str, str]) -> None:
+        """If the image names attributes the chosen model lacks (e.g. a prostate sample with a fundus model),
+        switch to a bundled model conditioned on exactly those attributes, and say so."""
+        names = set(attrs)
+        if not names or (self.spec is not None and names == {a.name for a in self.spec.attributes}):
+            return
+        from napari_dmoe.checkpoint import read_spec
+        from napari_dmoe.model_registry import bundled_models
+
+        for entry in bundled_models():
+            try:
+                spec = read_spec(entry.path)
+            except ValueError:
+                continue
+            if {a.name for a in spec.attributes} == names:
+                self.models.refresh(select=str(entry.path))  # bundled: not added to the recent list
+                self.status.setText(f"Picked the demo model {entry.name} for this image ({', '.join(sorted(names))}).")
+                return
 
     def _layer_attributes(self) -> dict[str, str]:
         """Attribute values stored with the image (our sample data and readers put them in the metadata)."""
