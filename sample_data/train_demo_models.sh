@@ -3,6 +3,7 @@
 # training/demo-*.yaml) on the 2D fundus and 3D prostate sets, evaluate each on the held-out test split,
 # write the fairness benchmark to sample_data/results/ and ship the two dMoE models as the demo models
 # (napari_dmoe/assets/models/{fundus,prostate}-dmoe.safetensors).
+# The 2D dMoE recipe adds a load-balancing loss (aux_loss 0.1): without it its routers collapse onto one expert.
 #
 #   bash sample_data/train_demo_models.sh            # full run: about 25 min on 2 CPU cores
 #   bash sample_data/train_demo_models.sh --quick    # pipeline check in about a minute; writes only to a temp folder

@@ -163,6 +163,37 @@ def test_aux_loss_is_off_by_default_and_differentiable_when_on():
     assert m.routers[0].gate.weight.grad.abs().sum() > 0
 
 
+def test_shared_layer_accumulates_one_aux_term_per_call_until_reset():
+    # The TransUNet calls ONE dMoE from every block: the balance loss must cover all calls, not the last one.
+    m = make()
+    m.aux_loss_enabled = True
+    attr = torch.tensor([0, 1, 2])
+    m(tokens(seed=1), attr)
+    m(tokens(seed=2), attr)
+    assert len(m.aux_losses) == 2
+    first, second = m.aux_losses
+    assert not torch.equal(first, second)
+    torch.testing.assert_close(m.last_aux_loss, (first + second) / 2)
+    m.reset_aux_losses()
+    assert m.aux_losses == [] and m.last_aux_loss is None
+
+
+def test_balance_loss_agrees_with_training_load_balancing_loss():
+    from napari_dmoe.training.losses import load_balancing_loss
+
+    m = make()  # eval: no noise, so the chosen experts are the top k of the gate logits in both
+    m.aux_loss_enabled = True
+    x, attr = tokens(), torch.tensor([0, 1, 2])
+    m(x, attr)
+    gate_logits, _ = m.router_logits(x, attr)
+    expected = load_balancing_loss(gate_logits.softmax(-1), top_k=m.top_k)
+    torch.testing.assert_close(m.last_aux_loss, expected)
+    # Collapsed routing (every token to one expert pair with near-certain gates) costs far more than balanced.
+    collapsed = torch.full((30, 8), -20.0)
+    collapsed[:, 7] = 9.0
+    assert load_balancing_loss(collapsed.softmax(-1), top_k=2) > 3.5
+
+
 def test_runs_under_autocast_close_to_float32():
     m = make()
     x, attr = tokens(b=2, n=20), torch.tensor([0, 2])

@@ -203,6 +203,35 @@ def test_trainable_routers_experts_freezes_the_rest():
     assert n == moe and not net.segmentation_head.weight.requires_grad
 
 
+def test_aux_loss_covers_every_block_of_a_shared_dmoe_and_resets_per_step(tmp_path, fairseg, monkeypatch):
+    from napari_dmoe.training import engine
+
+    net = _tiny_net()
+    shared = [m for m in net.modules() if isinstance(m, DMoE)]
+    assert len(shared) == 1  # one dMoE instance called by both blocks
+    shared[0].aux_loss_enabled = True
+    net(torch.randn(2, 1, 32, 32), torch.tensor([0, 1]))
+    terms = list(shared[0].aux_losses)
+    assert len(terms) == 2  # depth 2
+    torch.testing.assert_close(engine._aux_loss(net), torch.stack(terms).mean())
+    engine._reset_aux_losses(net)
+    assert engine._aux_loss(net) is None
+
+    seen = []
+    original = engine._aux_loss
+
+    def counting(network):
+        seen.append(sum(len(m.aux_losses) for m in network.modules() if isinstance(m, DMoE)))
+        return original(network)
+
+    monkeypatch.setattr(engine, "_aux_loss", counting)
+    best = train(load_config(_config(tmp_path, fairseg), ["aux_loss=0.05"]), quiet=True)
+    # Every step sees exactly the 2 terms of its own forward: validation forwards (steps 2, 4) and earlier
+    # steps never leak into the next step's loss.
+    assert seen == [2, 2, 2, 2]
+    assert read_spec(best).provenance["config"]["aux_loss"] == 0.05
+
+
 # -- resume state, in process ----------------------------------------------------------------------------------
 def test_resume_after_interrupt_is_bit_exact(tmp_path, fairseg, monkeypatch):
     cfg = load_config(_config(tmp_path, fairseg), ["recipe.steps=4", "recipe.checkpoint_every=2"])
@@ -237,7 +266,7 @@ def test_every_recipe_in_training_folder_validates(tmp_path):
     from pathlib import Path
 
     recipes = sorted((Path(__file__).parents[1] / "training").glob("*.yaml"))
-    assert len(recipes) == 30
+    assert len(recipes) == 38  # 30 dataset x method recipes + 8 demo-{fundus,prostate}-* recipes
     for path in recipes:
         cfg = load_config(path, [f"data.root={tmp_path}"])
         method = path.stem.rsplit("-", 1)[-1] if "dmoe+febs" not in path.stem else "dmoe+febs"

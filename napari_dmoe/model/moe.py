@@ -109,8 +109,10 @@ class DMoE(nn.Module):
     """Distribution-aware MoE: one ``NoisyTopKRouter`` per attribute value, ``n_experts`` shared experts.
 
     ``forward(x [B, N, C], attr [B]) -> update [B, N, C]``. Noise is added in training, and in eval only when
-    ``noisy_eval`` (the official behaviour). Set ``aux_loss_enabled = True`` to get a load-balancing loss of the
-    last call in ``last_aux_loss`` (off by default: the paper uses none).
+    ``noisy_eval`` (the official behaviour). Set ``aux_loss_enabled = True`` to make every call append a
+    load-balancing loss to ``aux_losses`` (off by default: the paper uses none). One instance may be called by
+    several blocks (the TransUNet shares one dMoE), so the terms accumulate until ``reset_aux_losses()``;
+    ``last_aux_loss`` is their mean (None when empty).
     """
 
     def __init__(
@@ -125,8 +127,16 @@ class DMoE(nn.Module):
         self.routers = nn.ModuleList([NoisyTopKRouter(dim, n_experts, top_k) for _ in range(n_attr)])
         self.experts = Experts(dim, n_experts, dropout)
         self.aux_loss_enabled = False
-        self.last_aux_loss: Tensor | None = None
+        self.aux_losses: list[Tensor] = []
         self._routing_sink: list[RoutingRecord] | None = None
+
+    @property
+    def last_aux_loss(self) -> Tensor | None:
+        """Mean load-balancing loss over the calls since the last reset (every block sharing this layer)."""
+        return torch.stack(self.aux_losses).mean() if self.aux_losses else None
+
+    def reset_aux_losses(self) -> None:
+        self.aux_losses = []
 
     @property
     def n_attr(self) -> int:
@@ -167,7 +177,7 @@ class DMoE(nn.Module):
         if self._routing_sink is not None:
             self._record(indices, weights, position, grid)
         if self.aux_loss_enabled:
-            self.last_aux_loss = self._balance_loss(gate_logits, indices)
+            self.aux_losses.append(self._balance_loss(gate_logits, indices))
         return out.view(b, n, c)
 
     def dense_gates(self, indices: Tensor, weights: Tensor) -> Tensor:

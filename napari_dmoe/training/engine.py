@@ -81,8 +81,15 @@ def _optimizer(params: list, recipe: Mapping[str, Any]) -> torch.optim.Optimizer
     return torch.optim.AdamW(params, lr=recipe["lr"], weight_decay=recipe["weight_decay"])
 
 
+def _reset_aux_losses(network: torch.nn.Module) -> None:
+    for m in network.modules():
+        if isinstance(m, DMoE):
+            m.reset_aux_losses()
+
+
 def _aux_loss(network: torch.nn.Module) -> torch.Tensor | None:
-    losses = [m.last_aux_loss for m in network.modules() if isinstance(m, DMoE) and m.last_aux_loss is not None]
+    """Mean load-balancing loss over every dMoE call of the last forward (a shared layer counts once per block)."""
+    losses = [t for m in network.modules() if isinstance(m, DMoE) for t in m.aux_losses]
     return torch.stack(losses).mean() if losses else None
 
 
@@ -228,6 +235,7 @@ def _step(model, network, data, run: RunParts, optimizer, scaler, recipe, config
     y = data["label"].to(info.device, non_blocking=True)
     groups = data["attr"].to(info.device)
     optimizer.zero_grad(set_to_none=True)
+    _reset_aux_losses(network)  # also drops the terms left by validation forwards
     with torch.autocast("cuda", dtype=torch.float16, enabled=use_amp):
         logits = model(x, run.to_router(groups))
     loss = run.loss(logits.float(), y, groups)
