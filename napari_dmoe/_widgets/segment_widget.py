@@ -338,7 +338,7 @@ def _summary(result: JobResult, warnings: list[str]) -> str:
     seconds = sum(seg.timings.values())
     used = seg.attribute if isinstance(seg.attribute, str) else ", ".join(f"{k}={v}" for k, v in seg.attribute.items())
     n = len(result.segmentations)
-    text = f"Done on {seg.device} in {seconds:.1f} s" + (f" per value ({n} values)" if n > 1 else f"; attribute {used}")
+    text = f"Done on {seg.device} in {seconds:.2f} s" + (f" per value ({n} values)" if n > 1 else f"; attribute {used}")
     if UNKNOWN in used:
         text += " (outputs of all routers averaged)"
     return text + (f"; {len(warnings)} warning(s)" if warnings else "")
