@@ -18,3 +18,19 @@ def _torch_determinism():
     torch.manual_seed(0)
     torch.set_num_threads(1)
     yield
+
+
+@pytest.fixture(scope="module")
+def model2d():
+    """A tiny real TransUNet dMoE (3 race routers), freshly initialised with seed 0."""
+    from inference_models import tiny
+
+    return tiny("transunet2d-tiny")
+
+
+@pytest.fixture(scope="module")
+def model3d():
+    """A tiny real 3D residual UNet dMoE (64^3 windows), freshly initialised with seed 0."""
+    from inference_models import tiny
+
+    return tiny("resunet3d-tiny")

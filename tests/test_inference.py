@@ -11,52 +11,14 @@ import torch
 from monai.inferers import sliding_window_inference
 
 from napari_dmoe.inference import InferenceError, Progress, iter_segment, segment
-from napari_dmoe.model import build_network, make_spec
 from napari_dmoe.model.moe import DMoE
 from napari_dmoe.transforms import normalize
 
-RACES = ["Asian", "Black", "White"]
-
-
-@dataclasses.dataclass
-class TinyModel:  # what checkpoint.load_model returns: .spec, .network, .path
-    spec: object
-    network: torch.nn.Module
-    path: str = ""
-
-
-def tiny(preset: str, routing: str = "dmoe", **spec_changes) -> TinyModel:
-    spec = make_spec(preset, "race", RACES, ["background", "rim", "cup"], routing=routing)
-    spec = dataclasses.replace(spec, **spec_changes) if spec_changes else spec
-    torch.manual_seed(0)
-    return TinyModel(spec, build_network(spec).eval())
-
-
-@pytest.fixture(scope="module")
-def model2d() -> TinyModel:
-    return tiny("transunet2d-tiny")
-
-
-@pytest.fixture(scope="module")
-def model3d() -> TinyModel:
-    return tiny("resunet3d-tiny")  # 64^3 windows
-
-
-def _rng_image(*shape: int) -> np.ndarray:
-    rng = np.random.default_rng(1)
-    return rng.normal(100, 20, size=shape).astype(np.float32)
-
-
-def _assert_routing_sums_to_one(seg) -> None:
-    for position, m in seg.routing.items():
-        assert m.dtype == np.float16
-        total = m.astype(np.float32).sum(axis=0)
-        # float16 per expert: each rounds by <= 2**-11 relative, so E=8 values sum within ~4e-3 of 1
-        assert np.abs(total - 1).max() < 1e-2, position
+from inference_models import RACES, TinyModel, assert_routing_sums_to_one, rng_image, tiny
 
 
 def test_2d_output_is_on_the_input_grid(model2d):
-    seg = segment(model2d, _rng_image(37, 53), "Black", device="cpu")
+    seg = segment(model2d, rng_image(37, 53), "Black", device="cpu")
     assert seg.labels.shape == (37, 53)
     assert seg.probabilities.shape == (3, 37, 53) and seg.probabilities.dtype == np.float16
     assert np.allclose(seg.probabilities.astype(np.float32).sum(0), 1, atol=5e-3)
@@ -68,7 +30,7 @@ def test_2d_output_is_on_the_input_grid(model2d):
     n_pos = len([k for k in seg.routing if k != "mean"])
     assert n_pos >= 1 and "mean" in seg.routing
     assert seg.routing["mean"].shape == (model2d.spec.n_experts, 37, 53)
-    _assert_routing_sums_to_one(seg)
+    assert_routing_sums_to_one(seg)
     mean = seg.routing["mean"]
     assert seg.dominant_expert.dtype == np.uint8 and seg.dominant_expert.shape == (37, 53)
     # dominant = argmax of the mean map (float16 ties aside)
@@ -79,19 +41,19 @@ def test_2d_output_is_on_the_input_grid(model2d):
 def test_3d_output_is_on_the_input_grid_with_resampling(model3d):
     spec = dataclasses.replace(model3d.spec, spacing=[2.0, 1.0, 1.0])
     model = TinyModel(spec, model3d.network)
-    seg = segment(model, _rng_image(20, 30, 40), "White", spacing=(3.0, 1.5, 1.0), device="cpu")
+    seg = segment(model, rng_image(20, 30, 40), "White", spacing=(3.0, 1.5, 1.0), device="cpu")
     assert seg.labels.shape == (20, 30, 40)
     assert seg.probabilities.shape == (3, 20, 30, 40)
     assert {k for k in seg.routing} >= {"mean"} and len(seg.routing) >= 2
     for m in seg.routing.values():
         assert m.shape == (spec.n_experts, 20, 30, 40)
-    _assert_routing_sums_to_one(seg)
+    assert_routing_sums_to_one(seg)
     assert seg.dominant_expert.shape == (20, 30, 40)
 
 
 def test_3d_sliding_window_matches_monai(model3d):
     """Our window loop (needed for progress and routing) against MONAI's sliding_window_inference."""
-    image = _rng_image(128, 64, 40)  # padded to 128x64x64: windows at z = 0, 48, 64
+    image = rng_image(128, 64, 40)  # padded to 128x64x64: windows at z = 0, 48, 64
     seg = segment(model3d, image, "Asian", roi_size=(64, 64, 64), overlap=0.25, device="cpu", sw_batch_size=2)
     x = torch.from_numpy(normalize(image, model3d.spec.normalization))[None, None]
     x = torch.nn.functional.pad(x, (0, 24))  # the engine pads at the end to 64
@@ -108,7 +70,7 @@ def test_3d_sliding_window_matches_monai(model3d):
 
 
 def test_single_window_equals_a_direct_forward(model3d):
-    image = _rng_image(64, 64, 64)
+    image = rng_image(64, 64, 64)
     seg = segment(model3d, image, "Black", device="cpu")
     x = torch.from_numpy(normalize(image, model3d.spec.normalization))[None, None]
     with torch.inference_mode():
@@ -117,7 +79,7 @@ def test_single_window_equals_a_direct_forward(model3d):
 
 
 def test_generator_yields_increasing_progress_and_returns(model3d):
-    gen = iter_segment(model3d, _rng_image(100, 40, 50), "Asian", sw_batch_size=1, device="cpu")
+    gen = iter_segment(model3d, rng_image(100, 40, 50), "Asian", sw_batch_size=1, device="cpu")
     steps = []
     while True:
         try:
@@ -134,7 +96,7 @@ def test_generator_yields_increasing_progress_and_returns(model3d):
 
 
 def test_generator_can_be_closed_between_windows(model3d):
-    gen = iter_segment(model3d, _rng_image(100, 40, 50), "Asian", sw_batch_size=1, device="cpu")
+    gen = iter_segment(model3d, rng_image(100, 40, 50), "Asian", sw_batch_size=1, device="cpu")
     seen = [next(gen) for _ in range(3)]  # preprocess + two windows
     assert seen[-1].stage == "infer" and seen[-1].done < seen[-1].total
     gen.close()
@@ -164,7 +126,7 @@ def _routers_matter(model: TinyModel) -> TinyModel:
 
 def test_unknown_attribute_averages_the_routers(model2d):
     model2d = _routers_matter(model2d)
-    image = _rng_image(40, 44)
+    image = rng_image(40, 44)
     per_value = [segment(model2d, image, race, device="cpu") for race in RACES]
     avg = segment(model2d, image, None, device="cpu")
     assert avg.attribute == "unknown (averaged over all routers)"
@@ -180,11 +142,11 @@ def test_unknown_attribute_averages_the_routers(model2d):
 
 def test_attribute_outside_the_vocabulary_lists_it(model2d):
     with pytest.raises(InferenceError, match=r"Martian.*\['Asian', 'Black', 'White'\]"):
-        segment(model2d, _rng_image(16, 16), "Martian", device="cpu")
+        segment(model2d, rng_image(16, 16), "Martian", device="cpu")
     with pytest.raises(InferenceError, match="race"):
-        segment(model2d, _rng_image(16, 16), {"sex": "F"}, device="cpu")
+        segment(model2d, rng_image(16, 16), {"sex": "F"}, device="cpu")
     with pytest.raises(InferenceError, match="needs race"):
-        segment(model2d, _rng_image(16, 16), None, unknown="error", device="cpu")
+        segment(model2d, rng_image(16, 16), None, unknown="error", device="cpu")
 
 
 def test_rgb_image_on_a_grey_model_is_converted_and_reported(model2d):
@@ -195,7 +157,7 @@ def test_rgb_image_on_a_grey_model_is_converted_and_reported(model2d):
 
 
 def test_nan_input_is_sanitized_and_reported(model2d):
-    image = _rng_image(24, 24).astype(np.float64)
+    image = rng_image(24, 24).astype(np.float64)
     image[3:5, 3:6] = np.nan
     image[0, 0] = np.inf
     seg = segment(model2d, image, "Asian", device="cpu")
@@ -210,7 +172,7 @@ def test_constant_16bit_image_works_with_a_warning(model2d):
 
 
 def test_2d_model_on_a_volume_goes_slice_by_slice(model2d):
-    volume = _rng_image(3, 20, 26)
+    volume = rng_image(3, 20, 26)
     volume[1] = volume[1][::-1]  # the slices differ
     seg = segment(model2d, volume, "White", device="cpu")
     assert seg.labels.shape == (3, 20, 26) and seg.probabilities.shape == (3, 3, 20, 26)
@@ -223,7 +185,7 @@ def test_2d_model_on_a_volume_goes_slice_by_slice(model2d):
 
 def test_2d_sliding_mode_on_a_large_image(model2d):
     size = model2d.spec.input_size
-    image = _rng_image(2 * size[0] + 10, size[1] + 5)
+    image = rng_image(2 * size[0] + 10, size[1] + 5)
     gen = iter_segment(model2d, image, "Black", mode2d="sliding", device="cpu", sw_batch_size=1)
     steps = []
     while True:
@@ -234,12 +196,12 @@ def test_2d_sliding_mode_on_a_large_image(model2d):
             break
     assert max(p.total for p in steps if p.stage == "infer") > 2  # really several windows
     assert seg.labels.shape == image.shape
-    _assert_routing_sums_to_one(seg)
+    assert_routing_sums_to_one(seg)
 
 
 def test_3d_model_on_2d_image_is_refused(model3d):
     with pytest.raises(InferenceError, match="3D model.*2D"):
-        segment(model3d, _rng_image(40, 40), "Asian", device="cpu")
+        segment(model3d, rng_image(40, 40), "Asian", device="cpu")
 
 
 @pytest.mark.parametrize(
@@ -258,15 +220,15 @@ def test_bad_images_give_clear_errors(model2d, image, message):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_when_unavailable_is_a_clear_error(model2d):
     with pytest.raises(InferenceError, match="not usable"):
-        segment(model2d, _rng_image(16, 16), "Asian", device="cuda")
+        segment(model2d, rng_image(16, 16), "Asian", device="cuda")
 
 
 def test_baseline_and_plain_moe_models():
     base = tiny("transunet2d-tiny", routing="none")
-    seg = segment(base, _rng_image(20, 20), None, device="cpu")
+    seg = segment(base, rng_image(20, 20), None, device="cpu")
     assert seg.routing == {} and seg.dominant_expert is None and "not used" in seg.attribute
     moe = tiny("transunet2d-tiny", routing="moe")
-    seg = segment(moe, _rng_image(20, 20), "Black", device="cpu")
+    seg = segment(moe, rng_image(20, 20), "Black", device="cpu")
     assert "mean" in seg.routing and "plain MoE" in seg.attribute
 
 
@@ -285,7 +247,7 @@ class _OOMOnBigBatches(torch.nn.Module):
 
 
 def test_out_of_memory_halves_the_batch_then_gives_up(model3d):
-    image = _rng_image(64, 128, 64)  # three windows in one z row (3D batches never span two rows)
+    image = rng_image(64, 128, 64)  # three windows in one z row (3D batches never span two rows)
     net = _OOMOnBigBatches(model3d.network, limit=1)
     seg = segment(TinyModel(model3d.spec, net), image, "Asian", sw_batch_size=4, device="cpu")
     assert seg.labels.shape == (64, 128, 64) and net.sizes[0] == 3
@@ -315,7 +277,7 @@ def test_plan_rules_for_2d_resize_versus_sliding_and_3d_resampling(model2d, mode
 
 def test_grey_image_on_an_rgb_model_is_repeated_and_reported():
     rgb_model = tiny("transunet2d-tiny", in_channels=3)
-    seg = segment(rgb_model, _rng_image(30, 30), "Asian", device="cpu")
+    seg = segment(rgb_model, rng_image(30, 30), "Asian", device="cpu")
     assert seg.labels.shape == (30, 30)
     assert any("repeated" in c for c in seg.conversions)
 
@@ -336,7 +298,7 @@ def test_the_engine_never_imports_qt_or_napari():
 def test_routing_modes_keep_positions_or_only_the_mean(model3d, monkeypatch):
     import napari_dmoe.inference as engine
 
-    image = _rng_image(40, 40, 40)
+    image = rng_image(40, 40, 40)
     every = segment(model3d, image, "Black", device="cpu", routing="all")
     mean_only = segment(model3d, image, "Black", device="cpu", routing="mean")
     assert set(every.routing) == {"mean", "stage0", "stage1", "stage2", "stage3", "stage4"}
@@ -355,97 +317,3 @@ def test_routing_modes_keep_positions_or_only_the_mean(model3d, monkeypatch):
 
 
 # --- streamed 3D inference (inference_volume.py): equal to the whole-volume path, slab by slab ---------------
-
-
-@pytest.mark.parametrize(
-    "shape, spacing, attribute",
-    [
-        ((200, 40, 50), None, "Asian"),  # rows of windows at z = 0, 48, 96, 144, 160 (pads 200 -> 224)
-        ((36, 30, 40), (9.0, 1.5, 1.0), None),  # z resampled 36 -> 162 planes and back; 3 routers mixed
-    ],
-)
-def test_streamed_3d_equals_the_whole_volume_path(model3d, monkeypatch, shape, spacing, attribute):
-    import napari_dmoe.inference as engine
-
-    spec = dataclasses.replace(model3d.spec, spacing=[2.0, 1.0, 1.0]) if spacing else model3d.spec
-    model = TinyModel(spec, model3d.network)
-    image = _rng_image(*shape)
-    opts = dict(spacing=spacing, device="cpu", routing="all", sw_batch_size=3)
-    gen = iter_segment(model, image, attribute, **opts)
-    steps = []
-    while True:
-        try:
-            steps.append(next(gen))
-        except StopIteration as stop:
-            streamed = stop.value
-            break
-    monkeypatch.setattr(engine, "STREAM_3D", False)
-    whole = segment(model, image, attribute, **opts)
-    from napari_dmoe.inference_prep import make_plan
-
-    plan = make_plan(spec, shape, spacing, None, 0.25)
-    assert len({s[0] for s in plan.starts}) >= 4  # several rows of windows, so several slabs
-    assert max(p.total for p in steps if p.stage == "infer") >= 4
-    assert streamed.probabilities.shape == whole.probabilities.shape == (3, *shape)
-    # float16 storage: the two differ by at most one unit in the last place (2**-11 on values in [0.5, 1])
-    assert np.abs(streamed.probabilities.astype(np.float32) - whole.probabilities.astype(np.float32)).max() <= 2**-11
-    assert (streamed.labels != whole.labels).mean() < 1e-3  # argmax flips only at float16 ties
-    assert set(streamed.routing) == set(whole.routing) == {"mean", "stage0", "stage1", "stage2", "stage3", "stage4"}
-    for key, m in whole.routing.items():
-        assert np.abs(streamed.routing[key].astype(np.float32) - m.astype(np.float32)).max() <= 2**-11, key
-    assert (streamed.dominant_expert != whole.dominant_expert).mean() < 1e-3
-    assert streamed.attribute == whole.attribute and streamed.warnings == whole.warnings
-
-
-def test_streamed_3d_input_matches_the_whole_volume_preprocessing(model3d):
-    """Each window is made from the raw image; it must equal the same window of the whole preprocessed grid."""
-    from napari_dmoe.inference import _to_work_grid
-    from napari_dmoe.inference_prep import check_image, make_plan, prepare_image
-    from napari_dmoe.volume_input import VolumeInput
-
-    spec = dataclasses.replace(model3d.spec, spacing=[2.0, 1.0, 1.0], normalization={"kind": "zscore"})
-    image = np.random.default_rng(3).integers(-1000, 1000, size=(50, 120, 21)).astype(np.float32)
-    image[2, 3, 4], image[5, 6, 7] = np.nan, np.inf
-    spacing = (3.0, 0.7, 1.9)  # z upsampled, y downsampled, x upsampled
-    array, grid, rgb, spacing = check_image(spec, image, spacing, None)
-    plan = make_plan(spec, grid, spacing, None, 0.25)
-    source = VolumeInput(spec, array, rgb, plan)
-    stack, _, _, notes, _ = prepare_image(spec, image, spacing, None)
-    whole = _to_work_grid(stack, plan)[0]
-    assert source.notes == notes and len(plan.starts) > 1
-    for start in plan.starts:
-        window = whole[(slice(None), *(slice(s, s + r) for s, r in zip(start, plan.roi)))]
-        assert torch.allclose(source.window(start, plan.roi), window, atol=1e-5)
-
-
-def test_linear_stream_resizes_like_interpolate_plane_by_plane():
-    from napari_dmoe.routing_maps import LinearStream
-
-    volume = torch.rand(2, 37, 5, 6)
-    for n_out in (37, 12, 90):
-        ref = torch.nn.functional.interpolate(volume[None], size=(n_out, 5, 6), mode="trilinear")[0]
-        asked = []
-        stream = LinearStream(37, n_out, lambda i: asked.append(i) or volume[:, i])
-        planes = torch.stack([stream.get(j) for j in range(n_out)], dim=1)
-        assert torch.allclose(planes, ref, atol=1e-6), n_out
-        assert asked == sorted(asked) and len(stream.cache) <= 2  # input planes pulled in order, few kept
-        assert all(stream.needs(j) <= stream.needs(j + 1) for j in range(n_out - 1))
-
-
-def test_routing_accumulator_slab_keeps_only_its_depth_and_moves_on():
-    from napari_dmoe.routing_maps import RoutingAccumulator
-
-    whole = RoutingAccumulator(1, (96, 8, 8), (32, 8, 8), 4, "gaussian")
-    slab = RoutingAccumulator(1, (96, 8, 8), (32, 8, 8), 4, "gaussian", depth=40)
-    rng = torch.Generator().manual_seed(0)
-    for z in (0, 32, 64):  # rows of windows; the slab advances past each finished row but the last 8 planes
-        w = torch.rand(3, 16, 4, 4, generator=rng)
-        w /= w.sum(0)
-        whole.add("stage0", 0, (z, 0, 0), w)
-        slab.add("stage0", 0, (z, 0, 0), w)
-        assert slab.sums["stage0"].shape[2] == 20  # 40 planes at 2 voxels per cell, whatever the volume depth
-        for c in range(slab.base // 2, (z + 32) // 2):
-            expected = whole.sums["stage0"][0, :, c] / whole.weights["stage0"][0, :, c].clamp_min(1e-12)
-            assert torch.allclose(slab.cell_plane("stage0", c), expected)
-        slab.advance(z + 32 - 8)
-    assert slab.base == 88

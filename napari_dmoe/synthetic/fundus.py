@@ -2,8 +2,9 @@
 
 Fairness design (see sample_data/README.md): the visible cup pallor is smaller than the annotated cup by a
 group-dependent ratio (White ~0.95, Asian ~0.80, Black ~0.70), so the same image evidence maps to a different
-mask depending on the group. Group also shifts appearance (brightness, contrast, disc size, cup-to-disc ratio,
-peripapillary atrophy), with overlapping distributions, so the image hints at the group but cannot settle it.
+mask depending on the group. Group shifts appearance only faintly (brightness,
+contrast, disc size, peripapillary atrophy; the visible pallor-to-disc ratio is the same for all), with heavily
+overlapping distributions, so an attribute-blind model cannot infer the convention from the image.
 """
 from __future__ import annotations
 
@@ -20,12 +21,15 @@ RACES = ("Asian", "Black", "White")  # FairSeg codes 0, 1, 2
 RACE_FREQUENCIES = {"White": 0.80, "Asian": 0.12, "Black": 0.08}
 
 # Per-group appearance and annotation convention. brightness/contrast: background level and tissue contrast;
-# disc_scale: disc radius factor; cdr: mean cup-to-disc ratio; pallor: visible pallor radius / annotated cup
-# radius; ppa: probability of a bright peripapillary-atrophy crescent (outside the disc, not labelled).
+# disc_scale: disc radius factor; cdr: mean annotated cup-to-disc ratio; pallor: visible pallor radius / annotated
+# cup radius; ppa: probability of a bright peripapillary-atrophy crescent (outside the disc, not labelled).
+# The group must stay only FAINTLY visible, else a blind network reads the convention off the image: cdr x pallor
+# is 0.40 for every group (same visible pallor-to-disc ratio), brightness differs by at most 0.03 (sd 0.06,
+# d' <= 0.5) and disc size by at most 3 %.
 GROUP_LOOK = {
-    "White": dict(brightness=0.56, contrast=1.00, disc_scale=1.00, cdr=0.45, pallor=0.95, ppa=0.10),
-    "Asian": dict(brightness=0.48, contrast=0.90, disc_scale=1.05, cdr=0.50, pallor=0.80, ppa=0.45),
-    "Black": dict(brightness=0.40, contrast=0.80, disc_scale=1.12, cdr=0.55, pallor=0.70, ppa=0.15),
+    "White": dict(brightness=0.52, contrast=1.00, disc_scale=1.00, cdr=0.40 / 0.95, pallor=0.95, ppa=0.10),
+    "Asian": dict(brightness=0.50, contrast=0.97, disc_scale=1.02, cdr=0.40 / 0.80, pallor=0.80, ppa=0.30),
+    "Black": dict(brightness=0.49, contrast=0.95, disc_scale=1.03, cdr=0.40 / 0.70, pallor=0.70, ppa=0.15),
 }
 
 
