@@ -24,7 +24,7 @@ if ((QUICK)); then
     SHIP=()
 else
     DATA=$PWD/data/demo RUNS=runs RESULTS=sample_data/results
-    GEN_FUNDUS=(--n 600 --n-test 200) GEN_PROSTATE=(--n 160)
+    GEN_FUNDUS=(--n 600 --n-test 400) GEN_PROSTATE=(--n 160)
     EXTRA=()
     EVAL=(--n-boot 1000)
     SHIP=(--ship napari_dmoe/assets/models)

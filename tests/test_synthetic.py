@@ -192,6 +192,24 @@ def test_fundus_blind_rule_fails_the_rare_groups():
     assert dice["White"] - dice["Black"] > 0.1 and dice["White"] - dice["Asian"] > 0.05
 
 
+def test_fundus_group_is_only_faintly_visible():
+    # the convention must not be readable from the image: background brightness and disc size overlap heavily
+    def look(race):
+        samples = [make_fundus(2, race, size=64, index=i) for i in range(30)]
+        bright = np.array([s.image[s.mask == 0].mean() for s in samples])
+        disc = np.array([(s.mask < 0).sum() for s in samples], float)
+        return bright, disc
+
+    (wb, wd), (bb, bd) = look("White"), look("Black")
+    d_prime = abs(wb.mean() - bb.mean()) / np.sqrt((wb.var() + bb.var()) / 2)
+    assert d_prime < 1.0
+    assert abs(bd.mean() / wd.mean() - 1) < 0.08
+    # while the labelled cup (the convention) differs clearly: Black cups are larger for the same visible pallor
+    cup = {r: np.mean([(make_fundus(2, r, size=64, index=i).mask == -2).sum() for i in range(30)])
+           for r in ("White", "Black")}
+    assert cup["Black"] > 1.5 * cup["White"]
+
+
 def test_skin_blind_rule_depends_on_age():
     def blind(s):
         g = ndimage.gaussian_filter(s.image.astype(float).mean(-1), 1)
