@@ -1,12 +1,14 @@
 """How much the patient attribute matters: agreement between masks and expert usage per attribute value.
 
-Pure numpy, no Qt: the attribute-sweep table and the routing inspector of the napari widgets are drawn from
-these results, and the CLI or a notebook can use them directly.
+No Qt: the attribute-sweep table and the routing inspector of the napari widgets are drawn from these results,
+and the CLI or a notebook can use them directly. ``iter_folder_usage`` runs the inference engine over a folder
+of cases (the engine is imported inside it, so the maths above stays plain numpy).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Generator, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
@@ -104,3 +106,85 @@ def usage_matrix(rows: Sequence[tuple[str, Mapping[str, Sequence[float]]]], posi
         labels.append(label)
         data.append(vec)
     return labels, np.asarray(data, dtype=float).reshape(len(data), -1 if data else 0)
+
+
+# -- expert usage over a folder of cases ---------------------------------------------------------------------
+class FolderProgress(NamedTuple):
+    """Cases ``done`` of ``total``; ``name`` is the case being segmented and ``stage`` the engine's step."""
+
+    done: int
+    total: int
+    name: str
+    stage: str = ""
+
+
+class FolderUsage(NamedTuple):
+    """Rows (one per attribute value or combination, vocabulary order, "unknown" last), the ``[rows, experts]``
+    mean gate weights (mean over the cases of each case's image-mean), cases per row, skipped (name, message)."""
+
+    labels: list[str]
+    matrix: np.ndarray
+    counts: list[int]
+    errors: list[tuple[str, str]]
+
+
+def _group_key(spec: Any, attribute: Mapping[str, str] | None) -> tuple[int, str]:
+    if attribute is None:
+        return (spec.n_routers, "unknown")  # after every router: "unknown" comes last
+    label = ", ".join(f"{k}={v}" for k, v in attribute.items())
+    index = spec.router_index(attribute) if spec.routing == "dmoe" else 0
+    return (index, label)
+
+
+def iter_folder_usage(model: Any, folder: str | Path, csv_path: str | Path, **options: Any
+                      ) -> Generator[FolderProgress, None, FolderUsage]:
+    """Segment every case listed in ``csv_path`` (column ``image`` + one per attribute) and average the expert
+    usage per attribute value. Unreadable or unusable cases are skipped and listed in ``errors``; bad CSVs,
+    models without experts and folders without a single usable case raise a ``ValueError``.
+
+    ``options`` go to ``iter_segment`` (``device``, ``overlap``...); routing is always ``"mean"``.
+    """
+    from napari_dmoe.commands.segment import read_batch_csv
+    from napari_dmoe.data.io import read_image
+    from napari_dmoe.inference import iter_segment
+
+    spec = model.spec
+    if spec.routing == "none":
+        raise SweepError(f"model {getattr(model, 'path', '')!s} has no mixture of experts: there is no expert "
+                         "usage to show; pick a dMoE or MoE model")
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise SweepError(f"{folder} is not a folder; pick the folder that holds the images listed in the CSV")
+    rows = read_batch_csv(Path(csv_path), spec)
+    sums: dict[tuple[int, str], np.ndarray] = {}
+    counts: dict[tuple[int, str], int] = {}
+    errors: list[tuple[str, str]] = []
+    for i, (name, attribute) in enumerate(rows):
+        yield FolderProgress(i, len(rows), name, "reading")
+        try:
+            volume = read_image(folder / name)
+            spacing = volume.spacing if volume.meta.get("spacing_known", True) else None
+            gen = iter_segment(model, volume.array, attribute, spacing=spacing, rgb=volume.rgb,
+                               **{**options, "routing": "mean"})
+            try:
+                while True:
+                    step = next(gen)
+                    yield FolderProgress(i, len(rows), name, step.stage)
+            except StopIteration as stop:
+                seg = stop.value
+            finally:
+                gen.close()  # a cancelled worker stops here and the engine puts the network back
+            usage = np.asarray(expert_usage(seg.routing["mean"]))
+        except (ValueError, OSError) as err:  # one bad case must not stop the folder; it is reported instead
+            errors.append((name, " ".join(str(err).split())))
+            continue
+        key = _group_key(spec, attribute)
+        sums[key] = sums.get(key, 0.0) + usage
+        counts[key] = counts.get(key, 0) + 1
+    yield FolderProgress(len(rows), len(rows), "", "done")
+    if not sums:
+        detail = "; ".join(f"{n}: {m}" for n, m in errors[:3])
+        raise SweepError(f"none of the {len(rows)} cases in {csv_path} could be segmented ({detail})")
+    keys = sorted(sums)
+    matrix = np.stack([sums[k] / counts[k] for k in keys])
+    return FolderUsage([k[1] for k in keys], matrix, [counts[k] for k in keys], errors)

@@ -2,18 +2,53 @@
 
 It reads the expert usage the segment widget stores in each mask layer's metadata, so it costs no inference:
 segment an image under several attribute values (or press "Sweep all values") and the rows fill in.
+"Folder of cases..." runs a model over a folder listed in a CSV (``sweep.iter_folder_usage``) in a worker
+thread and adds one more entry to the picker: one row per attribute value, averaged over its cases.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Generator
 
 import numpy as np
-from qtpy.QtWidgets import QComboBox, QFormLayout, QLabel, QVBoxLayout, QWidget
+from qtpy.QtWidgets import (
+    QComboBox, QFileDialog, QFormLayout, QHBoxLayout, QLabel, QPushButton, QVBoxLayout, QWidget,
+)
 
+from napari_dmoe._widgets.controls import ModelPicker
+from napari_dmoe._widgets.jobs import ModelCache, Step
 from napari_dmoe._widgets.results import RESULT_KEY
 
 if TYPE_CHECKING:
     import napari
+
+log = logging.getLogger(__name__)
+FOLDER_BUTTON = "Folder of cases..."
+CANCEL = "Cancel"
+
+
+def folder_job(cache: ModelCache, model_path: str, folder: str, csv: str, options: dict[str, Any]
+               ) -> Generator[Step, None, tuple[Any, str | None]]:
+    """Worker body (no Qt): load the model, run ``iter_folder_usage``; returns (FolderUsage or None, error)."""
+    try:
+        yield Step("loading model", 0, 0)
+        from napari_dmoe.sweep import iter_folder_usage
+
+        gen = iter_folder_usage(cache.get(model_path), folder, csv, **options)
+        try:
+            while True:
+                p = next(gen)
+                yield Step(f"{p.name} {p.stage}".strip(), p.done, p.total)
+        except StopIteration as stop:
+            return stop.value, None
+        finally:
+            gen.close()
+    except (ValueError, OSError) as err:  # bad CSV, model, folder: messages written for users
+        return None, str(err)
+    except Exception as err:  # a bug: keep the viewer alive, log the traceback for the report
+        log.exception("napari-dmoe folder usage failed")
+        return None, f"unexpected {type(err).__name__}: {err} (see the terminal for the traceback)"
 
 
 def _mask_records(viewer: Any) -> list[dict[str, Any]]:
@@ -55,11 +90,24 @@ class RoutingInspector(QWidget):
         self.canvas = FigureCanvasQTAgg(self.figure)
         self.hint = QLabel()
         self.hint.setWordWrap(True)
+        self.models = ModelPicker()  # for folders only: single images use the segment widget's results
+        self.folder_button = QPushButton(FOLDER_BUTTON)
+        self.folder_button.setToolTip("Segment every image listed in a CSV (columns: image, one per attribute) "
+                                      "and show the mean expert usage per attribute value")
+        self.folder_button.clicked.connect(self._on_folder_clicked)
+        self.worker: Any = None
+        self._pbar: Any = None
+        self._cache = ModelCache()
+        self._folders: dict[str, dict[str, Any]] = {}  # picker entry -> labels, matrix, cases, skipped
         form = QFormLayout()
         form.addRow("image | model", self.groups)
         form.addRow("routing position", self.positions)
+        folder_row = QHBoxLayout()
+        folder_row.addWidget(self.models, 1)
+        folder_row.addWidget(self.folder_button)
         layout = QVBoxLayout(self)
         layout.addLayout(form)
+        layout.addLayout(folder_row)
         layout.addWidget(self.canvas, 1)
         layout.addWidget(self.hint)
         self.groups.currentIndexChanged.connect(self._on_group_changed)
@@ -71,7 +119,7 @@ class RoutingInspector(QWidget):
     def refresh(self, *_: Any) -> None:
         """Re-read the result layers (called when layers are added or removed)."""
         current = self.groups.currentText()
-        groups = sorted({_group(m) for m in _mask_records(self.viewer)})
+        groups = sorted({_group(m) for m in _mask_records(self.viewer)}) + list(self._folders)
         self.groups.blockSignals(True)
         self.groups.clear()
         self.groups.addItems(groups)
@@ -85,7 +133,7 @@ class RoutingInspector(QWidget):
         return sorted(records, key=_row_order)
 
     def _on_group_changed(self, *_: Any) -> None:
-        positions: list[str] = []
+        positions: list[str] = ["mean"] if self.groups.currentText() in self._folders else []
         for meta in self._records():
             positions += [p for p in meta["expert_usage"] if p not in positions]
         positions.sort(key=lambda p: (p != "mean", len(p), p))  # "mean" first, then block0, block1, ... block10
@@ -101,6 +149,9 @@ class RoutingInspector(QWidget):
         """Row labels (attribute tags) and the ``[rows, experts]`` mean gate weights shown."""
         from napari_dmoe.sweep import usage_matrix
 
+        folder = self._folders.get(self.groups.currentText())
+        if folder is not None:
+            return list(folder["labels"]), folder["matrix"]
         rows = {}
         for meta in self._records():  # one row per tag: the latest layer of a tag wins
             rows[meta.get("tag", "")] = meta["expert_usage"]
@@ -114,8 +165,12 @@ class RoutingInspector(QWidget):
                               "(the attribute sweep fills one row per attribute value).")
             self.canvas.draw_idle()
             return
-        self.hint.setText("Mean gate weight of each expert over the image; each row sums to 1. "
-                          "Rows that differ show the attribute changes which experts do the work.")
+        folder = self._folders.get(self.groups.currentText())
+        if folder is None:
+            self.hint.setText("Mean gate weight of each expert over the image; each row sums to 1. "
+                              "Rows that differ show the attribute changes which experts do the work.")
+        else:
+            self.hint.setText(_folder_hint(folder))
         ax = self.figure.add_subplot(1, 1, 1)
         im = ax.imshow(matrix, cmap="viridis", vmin=0.0, vmax=max(float(matrix.max()), 1e-6), aspect="auto")
         ax.set_xticks(range(matrix.shape[1]), [str(e) for e in range(matrix.shape[1])])
@@ -127,3 +182,86 @@ class RoutingInspector(QWidget):
                         color="white" if v < 0.6 * matrix.max() else "black")
         self.figure.colorbar(im, ax=ax, fraction=0.05)
         self.canvas.draw_idle()
+
+    # -- folder of cases -----------------------------------------------------------------------------------
+    def _on_folder_clicked(self) -> None:
+        if self.worker is not None:
+            self.worker.quit()  # checked between two window batches
+            return
+        folder = QFileDialog.getExistingDirectory(self, "Folder of cases (images listed in a CSV)")
+        if not folder:
+            return
+        csv, _ = QFileDialog.getOpenFileName(self, "CSV: column 'image' and one column per attribute", folder,
+                                             "CSV files (*.csv);;All files (*)")
+        if csv:
+            self.inspect_folder(folder, csv)
+
+    def inspect_folder(self, folder: str | Path, csv: str | Path, model_path: str | Path | None = None,
+                       **options: Any) -> Any:
+        """Run the model (the picker's, or ``model_path``) over the cases in ``csv``; returns the worker."""
+        from napari.qt.threading import create_worker
+        from napari.utils import progress
+        from napari.utils.notifications import show_error, show_info
+
+        if self.worker is not None:
+            show_info("A folder is already being processed; cancel it first.")
+            return None
+        if model_path is not None:
+            self.models.set_path(model_path)
+        path = self.models.path()
+        if not path:
+            show_error("Cannot inspect a folder: pick a model first (demo list or Browse...)")
+            return None
+        entry = f"folder {Path(folder).name} | {Path(path).name}"
+        worker = create_worker(folder_job, self._cache, path, str(folder), str(csv), options, _start_thread=False)
+        worker.yielded.connect(self._on_folder_step)
+        worker.returned.connect(lambda result, entry=entry: self._on_folder_result(entry, *result))
+        worker.aborted.connect(lambda: self.hint.setText("Folder cancelled."))
+        worker.finished.connect(self._on_folder_finished)
+        self.worker = worker
+        self._pbar = progress(total=0, desc=f"dMoE: {entry}")
+        self.folder_button.setText(CANCEL)
+        self.hint.setText(f"Segmenting the cases of {folder}...")
+        worker.start()
+        return worker
+
+    def _on_folder_step(self, step: Step) -> None:
+        pbar = self._pbar
+        if pbar is None:
+            return
+        if pbar.total != step.total:
+            pbar.total = step.total
+        pbar.set_description(f"dMoE {step.text}")
+        pbar.n = 0
+        pbar.update(step.done)
+
+    def _on_folder_result(self, entry: str, usage: Any, error: str | None) -> None:
+        from napari.utils.notifications import show_error, show_warning
+
+        if error is not None:
+            show_error(f"Folder of cases failed: {error}")
+            self.hint.setText(f"Failed: {error}")
+            return
+        labels = [f"{label} (n={n})" for label, n in zip(usage.labels, usage.counts)]
+        self._folders[entry] = {"labels": labels, "matrix": usage.matrix, "cases": sum(usage.counts),
+                                "skipped": list(usage.errors)}
+        if usage.errors:
+            show_warning(f"{len(usage.errors)} case(s) skipped: " + ", ".join(n for n, _ in usage.errors))
+        self.refresh()
+        self.groups.setCurrentText(entry)  # emits currentIndexChanged -> draw (no-op when already current)
+        self._on_group_changed()
+
+    def _on_folder_finished(self) -> None:
+        if self._pbar is not None:
+            self._pbar.close()
+        self._pbar = None
+        self.worker = None
+        self.folder_button.setText(FOLDER_BUTTON)
+
+
+def _folder_hint(folder: dict[str, Any]) -> str:
+    text = (f"Mean gate weight of each expert over each image, averaged over the {folder['cases']} cases of "
+            "each attribute value; each row sums to 1.")
+    if folder["skipped"]:
+        text += f" Skipped {len(folder['skipped'])}: " + "; ".join(f"{n} ({m})" for n, m in folder["skipped"])
+    return text
