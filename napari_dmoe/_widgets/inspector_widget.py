@@ -17,7 +17,7 @@ from qtpy.QtWidgets import (
 )
 
 from napari_dmoe._widgets.controls import ModelPicker
-from napari_dmoe._widgets.jobs import ModelCache, Step
+from napari_dmoe._widgets.jobs import ModelCache, Step, advance
 from napari_dmoe._widgets.results import RESULT_KEY
 
 if TYPE_CHECKING:
@@ -226,14 +226,7 @@ class RoutingInspector(QWidget):
         return worker
 
     def _on_folder_step(self, step: Step) -> None:
-        pbar = self._pbar
-        if pbar is None:
-            return
-        if pbar.total != step.total:
-            pbar.total = step.total
-        pbar.set_description(f"dMoE {step.text}")
-        pbar.n = 0
-        pbar.update(step.done)
+        advance(self._pbar, step)  # local read: progress events can run queued signals, even 'finished'
 
     def _on_folder_result(self, entry: str, usage: Any, error: str | None) -> None:
         from napari.utils.notifications import show_error, show_warning

@@ -112,3 +112,14 @@ def run_sweep(request: SegmentRequest, cache: ModelCache, attributes: Sequence[d
         log.exception("napari-dmoe job failed")
         result.error = f"unexpected {type(err).__name__}: {err} (see the terminal for the traceback)"
     return result
+
+
+def advance(pbar: Any, step: Step) -> None:
+    """Show ``step`` on a napari progress bar (``None`` once the job has finished: queued steps are ignored)."""
+    if pbar is None:
+        return
+    if pbar.total != step.total:
+        pbar.total = step.total
+    pbar.set_description(f"dMoE {step.text}")
+    pbar.n = 0
+    pbar.update(step.done)

@@ -38,7 +38,7 @@ from napari_dmoe._widgets.controls import (
     OptionError,
     routing_positions,
 )
-from napari_dmoe._widgets.jobs import JobResult, ModelCache, SegmentRequest, Step, run_sweep
+from napari_dmoe._widgets.jobs import JobResult, ModelCache, SegmentRequest, Step, advance, run_sweep
 from napari_dmoe._widgets.results import RESULT_KEY, SourceInfo, is_result, result_layers
 
 if TYPE_CHECKING:
@@ -263,14 +263,7 @@ class SegmentWidget(QWidget):
         self.sweep_button.setEnabled(not running and ready and self.spec.routing == "dmoe")
 
     def _on_step(self, step: Step) -> None:
-        pbar = self._pbar  # local: the progress events can process queued signals (even "finished")
-        if pbar is None:
-            return
-        if pbar.total != step.total:
-            pbar.total = step.total
-        pbar.set_description(f"dMoE {step.text}")
-        pbar.n = 0
-        pbar.update(step.done)
+        advance(self._pbar, step)  # local read: progress events can run queued signals, even 'finished'
 
     def _on_finished(self) -> None:
         if self._pbar is not None:
