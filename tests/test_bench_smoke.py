@@ -13,7 +13,9 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
 def _run(cmd: list[str], timeout: int = 180, **extra_env: str) -> list[str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", **extra_env)  # the machine is shared: one thread is enough for a smoke test
+    # the machine is shared: one thread is enough for a smoke test; PYTHON: gpu.sh uses this interpreter, whose
+    # environment has torch, whether or not a virtual environment is activated
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHON=sys.executable, **extra_env)
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=BENCH.parent, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     lines = [line for line in done.stdout.splitlines() if line.strip()]
