@@ -2,10 +2,13 @@
 
 No Qt: the attribute-sweep table and the routing inspector of the napari widgets are drawn from these results,
 and the CLI or a notebook can use them directly. ``iter_folder_usage`` runs the inference engine over a folder
-of cases (the engine is imported inside it, so the maths above stays plain numpy).
+of cases (the engine is imported inside it, so the maths above stays plain numpy); ``write_folder_csv`` saves
+its per-case results for a spreadsheet or a statistics package.
 """
 from __future__ import annotations
 
+import csv
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generator, Mapping, NamedTuple, Sequence
@@ -118,14 +121,32 @@ class FolderProgress(NamedTuple):
     stage: str = ""
 
 
+class CaseUsage(NamedTuple):
+    """One case of a folder: its attribute from the CSV (None = unknown), the routers the engine ran (their outputs
+    averaged when several), the attribute as the engine describes it, usage (position -> per-expert mean gate
+    weight over the image; "mean" only, as the folder run keeps no per-position maps) and why it was skipped
+    ("" when it was not; skipped cases have no usage)."""
+
+    name: str
+    attribute: dict[str, str] | None
+    routers: list[int]
+    used: str
+    usage: dict[str, list[float]]
+    error: str = ""
+
+
 class FolderUsage(NamedTuple):
     """Rows (one per attribute value or combination, vocabulary order, "unknown" last), the ``[rows, experts]``
-    mean gate weights (mean over the cases of each case's image-mean), cases per row, skipped (name, message)."""
+    mean gate weights (mean over the cases of each case's image-mean), cases per row, skipped (name, message);
+    then every case in CSV order, the model's attribute names and the model file (for ``write_folder_csv``)."""
 
     labels: list[str]
     matrix: np.ndarray
     counts: list[int]
     errors: list[tuple[str, str]]
+    cases: list[CaseUsage]
+    attributes: list[str]
+    model: str
 
 
 def _group_key(spec: Any, attribute: Mapping[str, str] | None) -> tuple[int, str]:
@@ -147,6 +168,7 @@ def iter_folder_usage(model: Any, folder: str | Path, csv_path: str | Path, **op
     from napari_dmoe.commands.segment import read_batch_csv
     from napari_dmoe.data.io import read_image
     from napari_dmoe.inference import iter_segment
+    from napari_dmoe.inference_prep import resolve_routers
 
     spec = model.spec
     if spec.routing == "none":
@@ -159,6 +181,7 @@ def iter_folder_usage(model: Any, folder: str | Path, csv_path: str | Path, **op
     sums: dict[tuple[int, str], np.ndarray] = {}
     counts: dict[tuple[int, str], int] = {}
     errors: list[tuple[str, str]] = []
+    cases: list[CaseUsage] = []
     for i, (name, attribute) in enumerate(rows):
         yield FolderProgress(i, len(rows), name, "reading")
         try:
@@ -175,9 +198,12 @@ def iter_folder_usage(model: Any, folder: str | Path, csv_path: str | Path, **op
             finally:
                 gen.close()  # a cancelled worker stops here and the engine puts the network back
             usage = np.asarray(expert_usage(seg.routing["mean"]))
+            routers, _ = resolve_routers(spec, attribute, options.get("unknown", "average"))  # as the engine did
         except (ValueError, OSError) as err:  # one bad case must not stop the folder; it is reported instead
             errors.append((name, " ".join(str(err).split())))
+            cases.append(CaseUsage(name, attribute, [], "", {}, errors[-1][1]))
             continue
+        cases.append(CaseUsage(name, attribute, routers, _describe(seg.attribute), {"mean": usage.tolist()}))
         key = _group_key(spec, attribute)
         sums[key] = sums.get(key, 0.0) + usage
         counts[key] = counts.get(key, 0) + 1
@@ -187,4 +213,59 @@ def iter_folder_usage(model: Any, folder: str | Path, csv_path: str | Path, **op
         raise SweepError(f"none of the {len(rows)} cases in {csv_path} could be segmented ({detail})")
     keys = sorted(sums)
     matrix = np.stack([sums[k] / counts[k] for k in keys])
-    return FolderUsage([k[1] for k in keys], matrix, [counts[k] for k in keys], errors)
+    return FolderUsage([k[1] for k in keys], matrix, [counts[k] for k in keys], errors, cases,
+                       [a.name for a in spec.attributes], str(getattr(model, "path", "")))
+
+
+def _describe(attribute: Any) -> str:
+    if isinstance(attribute, Mapping):
+        return ", ".join(f"{k}={v}" for k, v in attribute.items())
+    return str(attribute)
+
+
+def folder_csv_rows(result: FolderUsage) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of ``write_folder_csv`` (strings, as written)."""
+    n_experts = result.matrix.shape[1]
+    positions = sorted({p for c in result.cases for p in c.usage}, key=lambda p: (p != "mean", len(p), p))
+    experts = [f"expert_{e}" if p == "mean" else f"{p}_expert_{e}" for p in positions for e in range(n_experts)]
+    header = ["case", *result.attributes, "router", "attribute_used", *experts, "status", "reason", "model"]
+    rows = []
+    for case in result.cases:
+        values = [(case.attribute or {}).get(a, "unknown") for a in result.attributes]
+        usage = [f"{v:.6f}" if p in case.usage else "" for p in positions
+                 for v in case.usage.get(p, [0.0] * n_experts)]  # blank cells where a case has no such usage
+        rows.append([case.name, *values, " ".join(str(r) for r in case.routers), case.used, *usage,
+                     "skipped" if case.error else "ok", case.error, result.model])
+    return header, rows
+
+
+def write_folder_csv(result: FolderUsage, path: str | Path) -> Path:
+    """Write one row per case of a folder run, in the order of its CSV, and return the path.
+
+    Columns: ``case`` (image file name), one per attribute (the value from the CSV; ``unknown`` when any value
+    was missing, since such cases run every router), ``router`` (the router indices the engine ran,
+    space-separated when their outputs were averaged), ``attribute_used`` (the engine's description),
+    ``expert_0`` .. ``expert_{E-1}`` (mean gate weight of each expert over the image, averaged over the dMoE
+    positions; they sum to 1), ``<position>_expert_<e>`` when a result has per-position usage, ``status``
+    (``ok`` or ``skipped``), ``reason`` (why a case was skipped; its expert columns stay empty) and ``model``.
+    Skipped cases stay in the same file so the table lists every case of the CSV. Written atomically (a
+    temporary file in the same folder, then renamed), so a failed export never leaves half a file.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise SweepError(f"{path} is a folder; give a file name such as {path / 'expert_usage.csv'}")
+    if not path.parent.is_dir():
+        raise SweepError(f"cannot write {path}: the folder {path.parent} does not exist")
+    header, rows = folder_csv_rows(result)
+    # a plain open() (not mkstemp, whose files are private to the user) so the CSV gets the usual permissions
+    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
+    try:
+        with tmp.open("w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow(header)
+            writer.writerows(rows)
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise SweepError(f"cannot write {path}: {err.strerror or err}") from None
+    return path

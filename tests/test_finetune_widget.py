@@ -185,3 +185,48 @@ def test_bad_input_is_refused_before_starting(make_napari_viewer, base_model, tm
     viewer.layers.selection.active = viewer.layers["scan0"]
     assert widget.add_current_result() is None  # an image is not a Segment result
     assert widget.process is None and not list((tmp_path / "runs").rglob("*.yaml"))  # nothing was started
+
+
+def test_3d_finetune_through_the_widget(make_napari_viewer, qtbot, model3d, tmp_path):
+    """A 3D base model, two 64^3 volumes (one held back), a real 2-step ``dmoe train`` and comparison."""
+    from napari_dmoe import load_model
+    from napari_dmoe.checkpoint import save_model
+
+    base = save_model(tmp_path / "base3d.safetensors", model3d.network, model3d.spec)
+    viewer = make_napari_viewer()
+    rng = np.random.default_rng(3)
+    for i in range(2):  # 64^3: the smallest volume the 3D UNet takes (multiples of 32, >= 64 per axis)
+        labels = np.zeros((64, 64, 64), np.int32)
+        labels[16:48, 18 + i:46, 20:44] = 1
+        labels[28:36, 28:36, 28:36] = 2  # a "cup" inside the "rim": both classes present
+        image = rng.normal(0, 1, labels.shape).astype(np.float32) + labels
+        viewer.add_image(image, name=f"vol{i}", metadata={"dmoe_attributes": {"race": RACES[i]}})
+        viewer.add_labels(labels, name=f"vol{i} truth")
+    widget = make_widget(viewer, base, tmp_path)
+    assert widget.spec.spatial_dims == 3 and widget.settings.patch.text() == "64,64,64"
+    widget.add_pair(image="vol0", labels="vol0 truth")
+    widget.add_pair(image="vol1", labels="vol1 truth", validation=True)
+    widget.settings.steps.setValue(2)
+    widget.settings.batch.setValue(1)
+    widget.settings.lr.setValue(0.01)
+    process = widget.start()
+    assert process is not None, widget.status.text()
+    qtbot.waitUntil(lambda: widget.process is None, timeout=TRAIN_TIMEOUT_MS)
+
+    assert widget.errors.isHidden(), widget.errors.toPlainText()
+    assert widget.new_model is not None and widget.new_model.is_file(), widget.status.text()
+    assert process.state.step == 2 and process.state.val  # training events were followed
+    new = load_model(widget.new_model)
+    assert new.spec.spatial_dims == 3 and new.spec.arch == "resunet3d" and list(new.spec.input_size) == [64, 64, 64]
+    assert any(p.ndim == 5 for p in new.network.parameters())  # 3D convolutions
+    before, after = tensors(base), tensors(widget.new_model)
+    assert set(before) == set(after)
+    assert any(not np.array_equal(before[k], after[k]) for k in before)  # the weights changed
+    finetune = new.spec.provenance["finetune"]
+    assert finetune["data"]["train"] == ["vol0"] and finetune["data"]["val"] == ["vol1"]
+    assert finetune["settings"]["patch_size"] == [64, 64, 64]
+    rows = widget.compare.values()
+    assert [r[0] for r in rows] == ["Black", "all"] and all(len(r) == 4 for r in rows)
+    dice_after = new.spec.metrics["finetune_validation_dice"]["after"]
+    assert float(rows[0][2]) == pytest.approx(dice_after["Black"], abs=1e-3) and 0 <= dice_after["Black"] <= 1
+    assert widget.status.text().startswith("Done") and widget.segment_button.isEnabled()

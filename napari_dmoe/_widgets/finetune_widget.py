@@ -1,22 +1,17 @@
 """The Fine-tune dock widget: teach a model the user's corrected masks without freezing napari.
 
-GUI wiring only. The layers are exported and the config written by ``napari_dmoe.finetune``; ``dmoe train`` runs
-in a subprocess (``napari_dmoe.finetune_run.TrainingProcess``) polled by a QTimer every 200 ms, so the GUI thread
-only reads a small events file and redraws a throttled plot. Afterwards a second subprocess compares the base and
-the new model on the held-back pairs and saves the new model with its provenance; it is then registered in the
-recent-model list the Segment widget reads.
+Three layers, as in napari-nninteractive: this file is the GUI (layout, the pairs taken from layers, signal
+wiring); ``finetune_controls.py`` / ``finetune_monitor.py`` hold the sub-widgets; ``finetune_session.py`` runs the
+fine-tune (export, ``dmoe train`` in a subprocess polled by a timer, comparison, cancel) and reports through
+signals. The engine side is Qt-free: ``napari_dmoe.finetune`` (export, config) and ``napari_dmoe.finetune_run``.
 """
 from __future__ import annotations
 
-import json
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from napari.layers import Image, Labels
-from napari.utils import progress
 from napari.utils.notifications import show_error, show_info, show_warning
-from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import (
     QFileDialog,
     QFormLayout,
@@ -31,7 +26,9 @@ from qtpy.QtWidgets import (
 )
 
 from napari_dmoe._widgets.controls import DevicePicker, ModelPicker
-from napari_dmoe._widgets.finetune_controls import CompareTable, CurvePlot, PairTable, SettingsForm
+from napari_dmoe._widgets.finetune_controls import CompareTable, PairTable, SettingsForm
+from napari_dmoe._widgets.finetune_monitor import CurvePlot
+from napari_dmoe._widgets.finetune_session import FinetuneSession, RunRequest
 from napari_dmoe._widgets.results import RESULT_KEY, is_result
 from napari_dmoe.finetune import FinetuneError
 
@@ -39,8 +36,6 @@ if TYPE_CHECKING:
     import napari
 
 START, CANCEL, CANCELLING = "Start fine-tune", "Cancel", "Cancelling..."
-POLL_MS = 200
-KILL_AFTER_S = 5.0
 
 
 def _ask(parent: QWidget, question: str) -> bool:
@@ -58,19 +53,7 @@ class FinetuneWidget(QWidget):
         self.confirm = confirm  # injectable: tests answer the Cancel question without a modal dialog
         self.segment_widget = segment_widget
         self.spec: Any = None
-        self.process: Any = None  # the running TrainingProcess (training, then comparison)
-        self.phase: str | None = None  # "train" | "compare" | None
-        self.run_dir: Path | None = None
-        self.new_model: Path | None = None
-        self.last_checkpoint: Path | None = None
-        self.comparison: dict[str, Any] | None = None
-        self._kill_at: float | None = None
-        self._cancelled = False
-        self._pbar: progress | None = None
-        self._launch: dict[str, Any] = {}
-        self.timer = QTimer(self)
-        self.timer.setInterval(POLL_MS)
-        self.timer.timeout.connect(self.poll)
+        self.session = FinetuneSession(self)  # the run lifecycle; reports through signals wired in _build
         self._build()
         from qtpy.QtWidgets import QApplication
 
@@ -140,6 +123,14 @@ class FinetuneWidget(QWidget):
         browse.clicked.connect(self._browse_csv)
         self.run_button.clicked.connect(self._on_run_clicked)
         self.segment_button.clicked.connect(lambda: self.segment_with_new_model())
+
+        self.session.started.connect(self._on_started)
+        self.session.curves.connect(self._on_curves)
+        self.session.status.connect(self.status.setText)
+        self.session.cancelling.connect(self._on_cancelling)
+        self.session.failed.connect(self._on_failed)
+        self.session.compared.connect(self._on_compared)
+        self.session.finished.connect(self._on_finished)
 
     def _browse_csv(self) -> None:
         path, _ = QFileDialog.getOpenFileName(self, "Training pairs CSV", "", "CSV (*.csv)")
@@ -211,73 +202,81 @@ class FinetuneWidget(QWidget):
             show_warning("The mask was made without a known attribute value: choose it in the table.")
         return self.pairs.add_row(source, layer.name, known)
 
-    # -- run -------------------------------------------------------------------------------------------------
+    # -- run (the session does the work; these read the form and show what it reports) ---------------------
+    # the run's state lives in the session; these read-only views keep the widget's public surface
+    @property
+    def process(self) -> Any:
+        """The running TrainingProcess (training, then comparison), or None."""
+        return self.session.process
+
+    @property
+    def phase(self) -> str | None:
+        """The running phase: train, compare, or None when idle."""
+        return self.session.phase
+
+    @property
+    def run_dir(self) -> Path | None:
+        return self.session.run_dir
+
+    @property
+    def new_model(self) -> Path | None:
+        """The saved fine-tuned model, once the comparison is done."""
+        return self.session.new_model
+
+    @property
+    def last_checkpoint(self) -> Path | None:
+        return self.session.last_checkpoint
+
+    @property
+    def comparison(self) -> dict[str, Any] | None:
+        return self.session.comparison
+
+    @property
+    def timer(self) -> Any:
+        """The poll timer (``bench/bench_finetune_stall.py`` times its slot)."""
+        return self.session.timer
+
+    def poll(self) -> None:
+        """Read new events and handle the end of a process (the poll timer's slot)."""
+        self.session.poll()
+
     def _on_run_clicked(self) -> None:
-        if self.process is None:
-            self.start()
-        else:
+        if self.session.busy:
             self.cancel()
+        else:
+            self.start()
 
     def start(self) -> Any:
         """Export the pairs, write the config, start ``dmoe train``; returns the TrainingProcess (or None)."""
-        from napari_dmoe.finetune import append_csv_rows, build_config, export_pairs, pairs_from_layers, write_config
-        from napari_dmoe.finetune_run import TrainingProcess, train_command
-
-        if self.process is not None:
+        if self.session.busy:
             show_info("A fine-tune is already running; cancel it first.")
             return None
         try:
-            if self.spec is None:
-                raise FinetuneError("pick a base model first (demo list, recent or Browse...)")
-            pairs, is_val = pairs_from_layers(self.viewer.layers, self.pairs.rows(),
-                                              self.settings.val_fraction.value(), bool(self.extra_csv.text().strip()))
-            device = self.devices.device() or "cpu"
-            settings = self.settings.settings(device, self.spec.spatial_dims)
-            run_dir = Path(self.output.text()).expanduser().resolve() / time.strftime("run-%Y%m%d-%H%M%S")
-            while run_dir.exists():  # two starts in one second
-                run_dir = run_dir.with_name(run_dir.name + "x")
-            export = export_pairs(pairs, run_dir / "data", self.spec, is_val)
-            extra = append_csv_rows(export.csv_path, self.extra_csv.text().strip(), self.spec)
-            base = self.models.path()
-            config = build_config(base, self.spec, export, run_dir / "train", settings,
-                                  name=f"finetune-{Path(base).stem}", n_train=len(export.train) + extra)
-            config_path = write_config(config, run_dir / "finetune.yaml")
+            return self.session.start(self._request())
         except (ValueError, OSError) as err:  # FinetuneError, ImageWriteError, disk full...
             show_error(f"Cannot start the fine-tune: {err}")
             self.status.setText(f"Not started: {err}")
             return None
-        provenance = {"data": export.to_dict(), "settings": vars(settings), "config": str(config_path)}
-        (run_dir / "provenance.json").write_text(json.dumps(provenance, indent=1), encoding="utf-8")
-        self.run_dir, self.new_model, self.comparison, self.last_checkpoint = run_dir, None, None, None
-        self._launch = {"base": base, "csv": str(export.csv_path), "device": device, "output": run_dir / "train",
-                        "steps": settings.steps}
-        process = TrainingProcess(train_command(config_path, run_dir / "events.jsonl", device), run_dir,
-                                  events=run_dir / "events.jsonl")
-        process.start()
-        self.process, self.phase = process, "train"
-        self.errors.hide()
-        self.compare.setRowCount(0)
-        self.segment_button.setEnabled(False)
-        self.plot.clear()
-        self._close_progress()  # the napari progress bar is made at the first poll: creating one costs ~100 ms
-        self.status.setText(f"Training on {len(export.train)} pair(s), validating on {len(export.val)} "
-                            f"({', '.join(export.val)}); run folder {run_dir}")
-        self._set_running(True)
-        self.timer.start()
-        return process
+
+    def _request(self) -> RunRequest:
+        """The run as the form describes it; FinetuneError names what is missing or wrong."""
+        from napari_dmoe.finetune import pairs_from_layers
+
+        if self.spec is None:
+            raise FinetuneError("pick a base model first (demo list, recent or Browse...)")
+        extra = self.extra_csv.text().strip()
+        pairs, is_val = pairs_from_layers(self.viewer.layers, self.pairs.rows(), self.settings.val_fraction.value(),
+                                          bool(extra))
+        settings = self.settings.settings(self.devices.device() or "cpu", self.spec.spatial_dims)
+        return RunRequest(self.models.path(), self.spec, pairs, is_val, settings, Path(self.output.text()), extra)
 
     def cancel(self) -> bool:
         """Ask, then stop the training process (terminate, then kill after a timeout). Returns whether it stops."""
-        if self.process is None:
+        if not self.session.busy:
             return False
         if not self.confirm(self, "Stop the fine-tune? The last saved checkpoint is kept."):
             return False
-        self.process.terminate()
-        self._cancelled = True
-        self._kill_at = time.monotonic() + KILL_AFTER_S
-        self.run_button.setText(CANCELLING)
-        self.run_button.setEnabled(False)
-        return True
+        return self.session.cancel()
 
     def _set_running(self, running: bool) -> None:
         self.run_button.setText(CANCEL if running else START)
@@ -285,113 +284,38 @@ class FinetuneWidget(QWidget):
         for w in (self.models, self.devices, self.settings, self.add_button, self.add_result_button):
             w.setEnabled(not running)
 
-    # -- polling ---------------------------------------------------------------------------------------------
-    def poll(self) -> None:
-        """Timer slot: read new events, update the progress bar and curves, handle the end of a process."""
-        process = self.process
-        if process is None:
-            self.timer.stop()
-            return
-        events = process.poll()
-        if self.phase == "train":
-            self._show_progress(process, bool(events))
-        if process.returncode is None:
-            if self._kill_at is not None and time.monotonic() > self._kill_at:
-                process.kill()  # did not stop on SIGTERM
-                self._kill_at = None
-            return
-        if self.phase == "train":
-            self._train_ended(process)
-        else:
-            self._compare_ended(process)
+    # -- what the session reports --------------------------------------------------------------------------
+    def _on_started(self, text: str) -> None:
+        self.errors.hide()
+        self.compare.setRowCount(0)
+        self.segment_button.setEnabled(False)
+        self.plot.clear()
+        self.status.setText(text)
+        self._set_running(True)
 
-    def _show_progress(self, process: Any, changed: bool) -> None:
-        state = process.state
-        if self._pbar is None:
-            self._pbar = progress(total=self._launch["steps"], desc="dMoE fine-tune: starting")
-        if state.step:
-            if state.total_steps and self._pbar.total != state.total_steps:
-                self._pbar.total = state.total_steps
-            eta = state.eta_seconds()
-            loss = f"loss {state.losses[-1][1]:.3f}" if state.losses else ""
-            self._pbar.set_description(f"dMoE fine-tune {loss}" + (f", ETA {eta:.0f} s" if eta is not None else ""))
-            self._pbar.n = 0
-            self._pbar.update(state.step)
-        if changed or self.plot.pending:
-            self.plot.update_curves(state.losses, state.val)
+    def _on_curves(self, state: Any, changed: bool, force: bool) -> None:
+        if changed or force or self.plot.pending:  # pending: data that arrived while the plot was throttled
+            self.plot.update_curves(state.losses, state.val, force=force)
 
-    def _close_progress(self) -> None:
-        if self._pbar is not None:
-            self._pbar.close()
-        self._pbar = None
+    def _on_cancelling(self) -> None:
+        self.run_button.setText(CANCELLING)
+        self.run_button.setEnabled(False)
 
-    def _checkpoint(self, state: Any) -> Path | None:
-        out = Path(self._launch["output"])
-        for candidate in (state.best, out / "best.safetensors", out / "last.safetensors"):
-            if candidate and Path(candidate).is_file():
-                return Path(candidate)
-        return None
-
-    def _train_ended(self, process: Any) -> None:
-        state = process.state
-        self.plot.update_curves(state.losses, state.val, force=True)
-        self._close_progress()
-        self.last_checkpoint = self._checkpoint(state)
-        cancelled, self._cancelled, self._kill_at = self._cancelled, False, None
-        if cancelled:
-            kept = f"; last checkpoint kept: {self.last_checkpoint}" if self.last_checkpoint else ""
-            self._finish(f"Cancelled at step {state.step}{kept}.")
-            return
-        failure = process.failure()
-        if failure or self.last_checkpoint is None:
-            self._fail("Fine-tune failed", failure or "the engine wrote no checkpoint", process.stderr_tail())
-            return
-        self._start_compare(self.last_checkpoint)
-
-    def _start_compare(self, trained: Path) -> None:
-        from napari_dmoe.finetune_run import compare_process
-
-        process, out_model = compare_process(self.run_dir, self._launch["base"], trained, self._launch["csv"],
-                                             self._launch["device"])
-        process.start()
-        self.process, self.phase = process, "compare"
-        self.status.setText("Training done; comparing the base and the new model on the validation pairs...")
-
-    def _compare_ended(self, process: Any) -> None:
-        from napari_dmoe.finetune import compare_metrics
-        from napari_dmoe.finetune_run import COMPARE_JSON
-        from napari_dmoe.model_registry import RegistryError, add_recent
-
-        result_path = self.run_dir / COMPARE_JSON
-        if process.returncode != 0 or not result_path.is_file():
-            self._fail("Comparing the models failed", process.failure() or "no result written",
-                       process.stderr_tail())
-            return
-        self.comparison = json.loads(result_path.read_text(encoding="utf-8"))
-        self.new_model = Path(self.comparison["model"])
-        self.compare.show_rows(compare_metrics(self.comparison["before"], self.comparison["after"]))
-        try:
-            add_recent(self.new_model)  # the Segment widget's model list reads the recent list
-        except RegistryError as err:
-            show_warning(f"The new model could not be added to the recent list: {err}")
-        self.models.refresh(select=self._launch["base"])
-        if self.segment_widget is not None:
-            self.segment_widget.models.refresh(select=str(self.new_model))
-        self.segment_button.setEnabled(True)
-        after = self.comparison["after"].get("all", float("nan"))
-        before = self.comparison["before"].get("all", float("nan"))
-        self._finish(f"Done: new model {self.new_model} (validation Dice {before:.3f} -> {after:.3f}).")
-
-    def _fail(self, title: str, reason: str, tail: str) -> None:
+    def _on_failed(self, title: str, reason: str, tail: str) -> None:
         show_error(f"{title}: {reason}")
         self.errors.setPlainText(f"{title}: {reason}\n\n--- last lines of the process output ---\n{tail}")
         self.errors.show()
-        self._finish(f"{title}: {reason}")
 
-    def _finish(self, text: str) -> None:
-        self.timer.stop()
-        self._close_progress()
-        self.process, self.phase = None, None
+    def _on_compared(self, comparison: dict[str, Any]) -> None:
+        from napari_dmoe.finetune import compare_metrics
+
+        self.compare.show_rows(compare_metrics(comparison["before"], comparison["after"]))
+        self.models.refresh(select=self.session.base)  # the list now holds the new model too
+        if self.segment_widget is not None:
+            self.segment_widget.models.refresh(select=str(comparison["model"]))
+        self.segment_button.setEnabled(True)
+
+    def _on_finished(self, text: str) -> None:
         self.status.setText(text)
         self._set_running(False)
 
@@ -410,9 +334,7 @@ class FinetuneWidget(QWidget):
 
     def stop_now(self) -> None:
         """Stop a running process without asking (the app or the widget is closing)."""
-        if self.process is not None:
-            self.process.stop(timeout=2.0)
-            self._finish("Stopped: napari or the widget was closed.")
+        self.session.stop_now()
 
     def closeEvent(self, event: Any) -> None:  # noqa: N802 (Qt name)
         self.stop_now()

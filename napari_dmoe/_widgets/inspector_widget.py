@@ -4,6 +4,8 @@ It reads the expert usage the segment widget stores in each mask layer's metadat
 segment an image under several attribute values (or press "Sweep all values") and the rows fill in.
 "Folder of cases..." runs a model over a folder listed in a CSV (``sweep.iter_folder_usage``) in a worker
 thread and adds one more entry to the picker: one row per attribute value, averaged over its cases.
+"Export CSV..." (enabled while a folder entry is shown) saves that folder's per-case usage with
+``sweep.write_folder_csv``: one row per case, skipped cases included with their reason.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 FOLDER_BUTTON = "Folder of cases..."
+EXPORT_BUTTON = "Export CSV..."
 CANCEL = "Cancel"
 
 
@@ -95,6 +98,11 @@ class RoutingInspector(QWidget):
         self.folder_button.setToolTip("Segment every image listed in a CSV (columns: image, one per attribute) "
                                       "and show the mean expert usage per attribute value")
         self.folder_button.clicked.connect(self._on_folder_clicked)
+        self.export_button = QPushButton(EXPORT_BUTTON)
+        self.export_button.setToolTip("Save the folder shown: one row per case with its attribute, router, "
+                                      "expert usage, and skipped cases with the reason")
+        self.export_button.setEnabled(False)
+        self.export_button.clicked.connect(lambda: self.export_csv())
         self.worker: Any = None
         self._pbar: Any = None
         self._cache = ModelCache()
@@ -105,6 +113,7 @@ class RoutingInspector(QWidget):
         folder_row = QHBoxLayout()
         folder_row.addWidget(self.models, 1)
         folder_row.addWidget(self.folder_button)
+        folder_row.addWidget(self.export_button)
         layout = QVBoxLayout(self)
         layout.addLayout(form)
         layout.addLayout(folder_row)
@@ -133,7 +142,9 @@ class RoutingInspector(QWidget):
         return sorted(records, key=_row_order)
 
     def _on_group_changed(self, *_: Any) -> None:
-        positions: list[str] = ["mean"] if self.groups.currentText() in self._folders else []
+        is_folder = self.groups.currentText() in self._folders
+        self.export_button.setEnabled(is_folder)
+        positions: list[str] = ["mean"] if is_folder else []
         for meta in self._records():
             positions += [p for p in meta["expert_usage"] if p not in positions]
         positions.sort(key=lambda p: (p != "mean", len(p), p))  # "mean" first, then block0, block1, ... block10
@@ -215,7 +226,8 @@ class RoutingInspector(QWidget):
         entry = f"folder {Path(folder).name} | {Path(path).name}"
         worker = create_worker(folder_job, self._cache, path, str(folder), str(csv), options, _start_thread=False)
         worker.yielded.connect(self._on_folder_step)
-        worker.returned.connect(lambda result, entry=entry: self._on_folder_result(entry, *result))
+        worker.returned.connect(lambda result, entry=entry, folder=folder: self._on_folder_result(entry, *result,
+                                                                                                  folder=folder))
         worker.aborted.connect(lambda: self.hint.setText("Folder cancelled."))
         worker.finished.connect(self._on_folder_finished)
         self.worker = worker
@@ -228,7 +240,7 @@ class RoutingInspector(QWidget):
     def _on_folder_step(self, step: Step) -> None:
         advance(self._pbar, step)  # local read: progress events can run queued signals, even 'finished'
 
-    def _on_folder_result(self, entry: str, usage: Any, error: str | None) -> None:
+    def _on_folder_result(self, entry: str, usage: Any, error: str | None, folder: str | Path = "") -> None:
         from napari.utils.notifications import show_error, show_warning
 
         if error is not None:
@@ -237,12 +249,41 @@ class RoutingInspector(QWidget):
             return
         labels = [f"{label} (n={n})" for label, n in zip(usage.labels, usage.counts)]
         self._folders[entry] = {"labels": labels, "matrix": usage.matrix, "cases": sum(usage.counts),
-                                "skipped": list(usage.errors)}
+                                "skipped": list(usage.errors), "usage": usage, "folder": str(folder)}
         if usage.errors:
             show_warning(f"{len(usage.errors)} case(s) skipped: " + ", ".join(n for n, _ in usage.errors))
         self.refresh()
         self.groups.setCurrentText(entry)  # emits currentIndexChanged -> draw (no-op when already current)
         self._on_group_changed()
+
+    def export_csv(self, path: str | Path | None = None) -> Path | None:
+        """Write the per-case CSV of the folder entry shown to ``path`` (asked with a dialog when None);
+        returns the path written, or None when cancelled or refused (with a message)."""
+        from napari.utils.notifications import show_error, show_info
+
+        from napari_dmoe.sweep import SweepError, write_folder_csv
+
+        entry = self.groups.currentText()
+        folder = self._folders.get(entry)
+        if folder is None:
+            show_error("Nothing to export: run 'Folder of cases...' and pick its entry first")
+            return None
+        if path is None:
+            default = Path(folder["folder"] or ".") / f"{Path(folder['folder']).name or 'folder'}_expert_usage.csv"
+            path, _ = QFileDialog.getSaveFileName(self, "Export expert usage per case", str(default),
+                                                  "CSV files (*.csv);;All files (*)")
+            if not path:
+                return None
+            if not Path(path).suffix:  # some platforms' dialogs do not add the filter's extension
+                path = f"{path}.csv"
+        try:
+            written = write_folder_csv(folder["usage"], path)
+        except SweepError as err:
+            show_error(f"Export failed: {err}")
+            return None
+        show_info(f"Saved {len(folder['usage'].cases)} case(s) to {written}")
+        self.hint.setText(_folder_hint(folder) + f" Exported to {written}.")
+        return written
 
     def _on_folder_finished(self) -> None:
         if self._pbar is not None:

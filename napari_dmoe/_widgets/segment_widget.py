@@ -4,7 +4,8 @@ GUI (controls.py) / jobs (jobs.py, no Qt) / layers (results.py, no Qt). Inferenc
 worker off the GUI thread; its ``Step`` yields drive a napari progress bar and ``worker.quit()`` cancels
 between two window batches. The target image is captured at launch, so results land on it even if the
 user selects another layer meanwhile. Re-running with the same image and attribute replaces the earlier
-result layers (names are deterministic), so the layer list does not pile up.
+result layers (names are deterministic), so the layer list does not pile up; a mask the user edited is never
+replaced: it is kept as "<name> (edited)" and the new result added beside it.
 """
 from __future__ import annotations
 
@@ -39,7 +40,17 @@ from napari_dmoe._widgets.controls import (
     routing_positions,
 )
 from napari_dmoe._widgets.jobs import JobResult, ModelCache, SegmentRequest, Step, advance, run_sweep
-from napari_dmoe._widgets.results import RESULT_KEY, SourceInfo, is_result, result_layers
+from napari_dmoe._widgets.results import (
+    DIGEST_KEY,
+    EDITABLE_TYPES,
+    RESULT_KEY,
+    SourceInfo,
+    data_digest,
+    edited_name,
+    is_edited,
+    is_result,
+    result_layers,
+)
 
 if TYPE_CHECKING:
     import napari
@@ -286,12 +297,18 @@ class SegmentWidget(QWidget):
             self.status.setText("Image removed during the run: results discarded.")
             return
         warnings: list[str] = []
+        kept: list[tuple[str, str]] = []
         for tag, seg in result.segmentations.items():
             layers = result_layers(seg, result.model.spec, str(result.model.path), source, result.requests[tag],
                                    position=launch["position"], maps=launch["maps"] and not launch["sweep"])
-            replace_layers(self.viewer, layers)
+            kept += replace_layers(self.viewer, layers)
             warnings += [w for w in layers[0][1]["metadata"][RESULT_KEY]["warnings"] if w not in warnings]
-        self.status.setText(_summary(result, warnings))
+        text = _summary(result, warnings)
+        if kept:
+            text += "; kept your edited " + ", ".join(f"'{old}' as '{new}'" for old, new in kept)
+            show_info("Your edits were kept: " + "; ".join(f"'{old}' is now '{new}'" for old, new in kept)
+                      + "; the new result has the usual name.")
+        self.status.setText(text)
         for w in warnings:
             show_warning(w)
         if launch["sweep"]:
@@ -317,13 +334,28 @@ class SegmentWidget(QWidget):
         self.last_sweep = table
 
 
-def replace_layers(viewer: Any, layers: list) -> None:
-    """Add result layers; a result layer of the same name (same image and attribute) is replaced."""
+def replace_layers(viewer: Any, layers: list) -> list[tuple[str, str]]:
+    """Add result layers; a result layer of the same name (same image and attribute) is replaced, unless the
+    user edited its data since we made it: that one is renamed "<name> (edited)" and kept.
+
+    Returns (old name, new name) of every edited layer kept. Editable layers get a digest of their data once
+    added (what napari holds, so a dtype conversion on adding can never look like an edit).
+    """
+    kept = []
     for data, kwargs, kind in reversed(layers):  # the mask ends up on top
         name = kwargs["name"]
         if name in viewer.layers and is_result(viewer.layers[name].metadata):
-            viewer.layers.remove(name)
-        getattr(viewer, f"add_{kind}")(data, **kwargs)
+            old = viewer.layers[name]
+            if is_edited(old.metadata, old.data):
+                old.name = edited_name(name, viewer.layers)
+                old.metadata[RESULT_KEY]["edited"] = True
+                kept.append((name, old.name))
+            else:
+                viewer.layers.remove(old)
+        layer = getattr(viewer, f"add_{kind}")(data, **kwargs)
+        if kind in EDITABLE_TYPES:
+            layer.metadata[RESULT_KEY][DIGEST_KEY] = data_digest(layer.data)
+    return kept
 
 
 def _summary(result: JobResult, warnings: list[str]) -> str:
