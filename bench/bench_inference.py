@@ -62,20 +62,23 @@ def model_file(case: Case, folder: Path, quick: bool) -> tuple[Path, str]:
 
 
 def run_case(case: Case, folder: Path, repeats: int, quick: bool, routing: bool, device: str = "cpu",
-             amp: bool = True) -> dict[str, float | str]:
-    """Median seconds per stage of ``segment`` on one case; on CUDA also the peak GPU memory (MiB)."""
+             amp: bool = True, channels_last: bool = False, compile: bool = False) -> dict[str, float | str]:
+    """Median seconds per stage of ``segment`` on one case; on CUDA also the peak GPU memory (MiB).
+    ``first`` is the warm-up call (with ``compile``, the compilation)."""
     path, label = model_file(case, folder, quick)
     image = np.random.default_rng(0).normal(100, 20, size=case.shape).astype(np.float32)
     loads, stages = [], {s: [] for s in STAGES}
     totals, walls = [], []
-    opts = dict(device=device, routing=routing, amp=amp)
+    opts = dict(device=device, routing=routing, amp=amp, channels_last=channels_last, compile=compile)
     model = load_model(path, device=device)  # the network lives on the device: no weight copies per call
-    segment(model, image, case.attribute, **opts)  # warm-up (allocator, kernels)
+    start = time.perf_counter()
+    warm = segment(model, image, case.attribute, **opts)  # warm-up (allocator, kernels, compilation)
+    first = time.perf_counter() - start
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     for _ in range(repeats):
         start = time.perf_counter()
-        model = load_model(path, device=device)
+        load_model(path, device=device)  # timed only: segmenting with the warm model keeps its compiled form
         loads.append(time.perf_counter() - start)
         start = time.perf_counter()
         seg = segment(model, image, case.attribute, **opts)  # returns numpy arrays: already synchronised
@@ -89,6 +92,8 @@ def run_case(case: Case, folder: Path, repeats: int, quick: bool, routing: bool,
     result["total"] = median(totals)
     result["wall"] = median(walls)  # segment() as the caller sees it, including bookkeeping outside the stages
     result["goal"] = case.goal_s
+    result["first"] = first
+    result["warnings"] = "; ".join(warm.warnings)
     if device.startswith("cuda"):
         result["gpu_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
     return result

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# GPU benchmarks in one go (under 8 minutes on an H100-class card): 2D/3D inference latency with and without
-# AMP, peak GPU memory, training throughput, and the dMoE layer against the per-sample loop version.
+# GPU benchmarks in one go (under 8 minutes on an H100-class card): 2D/3D inference latency in fp32, with AMP,
+# with AMP + channels-last and with torch.compile, peak GPU memory, training throughput, and the dMoE layer
+# against the per-sample loop version.
 #
 #   bench/gpu.sh [WHEELS_DIR] [--device cpu] [--quick]
 #
@@ -52,6 +53,9 @@ run() {  # run one bench with a time limit, keep going if it fails, log everythi
     timeout "${LIMIT:-240}" "$PY" "$@" 2>&1 | tee -a "$OUT" || echo "(failed or timed out: $*)" | tee -a "$OUT"
 }
 run bench/bench_gpu.py --device "$DEVICE" $QUICK
+if [[ -z "$QUICK" ]]; then  # torch.compile on its own: its first call compiles for a minute or more
+    LIMIT=200 run bench/bench_gpu.py --device "$DEVICE" --variants compile --cases 3d-paper,2d-small --repeats 3
+fi
 if [[ ! -f bench/bench_training.py || ! -d napari_dmoe/training ]]; then
     echo "=== training throughput skipped: no bench/bench_training.py or napari_dmoe/training engine yet" | tee -a "$OUT"
 elif "$PY" bench/bench_training.py --help 2>/dev/null | grep -q -- "--device"; then

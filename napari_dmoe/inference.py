@@ -30,7 +30,6 @@ Geometry rules:
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generator, Sequence
 
@@ -41,6 +40,7 @@ from napari_dmoe.devices import DeviceError, resolve_device
 from napari_dmoe.inference_prep import (
     InferenceError, Plan, Progress, check_image, make_plan, prepare_image, resolve_routers,
 )
+from napari_dmoe.inference_runner import Runner
 from napari_dmoe.inference_volume import iter_volume
 from napari_dmoe.routing_maps import RoutingAccumulator, importance, resize
 from napari_dmoe.volume_input import VolumeInput
@@ -96,6 +96,8 @@ def iter_segment(
     unknown: str = "average",
     rgb: bool | None = None,
     mode2d: str = "auto",
+    channels_last: bool = False,
+    compile: bool = False,
 ) -> Generator[Progress, None, Segmentation]:
     """Yield progress while segmenting; return a Segmentation.
 
@@ -103,6 +105,8 @@ def iter_segment(
     same order. ``attribute``: a value (one-attribute model), a dict name -> value, or None / "unknown" to
     average over all routers (``unknown="error"`` refuses instead). ``rgb``: None guesses from the last axis.
     ``routing``: ``True``/"auto", "all", "mean" (only the mean map over positions) or ``False``/"none".
+    ``channels_last`` / ``compile``: speed options for GPUs, see ``inference_runner``; a compile that fails or
+    disagrees with the eager network falls back to it with a warning.
     """
     routing_mode = _routing_mode(routing)
     if not 0 <= overlap < 1:
@@ -132,7 +136,7 @@ def iter_segment(
             del stack  # the work grid holds the image from here on
     yield Progress("preprocess", 1, 1)
 
-    runner = _Runner(network, dev, amp, sw_batch_size, warns)
+    runner = Runner(network, dev, amp, sw_batch_size, warns, channels_last=channels_last, compile=compile)
     n_classes = spec.n_classes
     want_routing = routing_mode != "none" and spec.routing != "none"
     if stream:
@@ -317,66 +321,3 @@ def _routing_maps(
             _plane(mean, e, z, plan).copy_(total.div_(len(positions)))
     maps["mean"] = mean
     return maps, _argmax(mean, np.uint8)
-
-
-class _Runner:
-    """Moves the network to the device, runs window batches (AMP on CUDA), halves the batch on CUDA OOM."""
-
-    def __init__(self, network: torch.nn.Module, device: torch.device, amp: bool, batch: int, warns: list) -> None:
-        self.network, self.device, self.batch, self.warns = network, device, batch, warns
-        self.amp = amp and device.type == "cuda"
-        first = next(network.parameters(), None)
-        self.home = first.device if first is not None else torch.device("cpu")
-        self.was_training = network.training
-
-    def start(self) -> None:
-        self.network.eval()
-        self.network.to(self.device)
-
-    def stop(self) -> None:
-        """Always called (also on close or error): the network goes home and the CUDA cache is emptied."""
-        self.network.to(self.home)
-        self.network.train(self.was_training)
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-
-    def predict(
-        self, x: torch.Tensor, router: int | Sequence[int], want_routing: bool
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Softmax probabilities ``[B, classes, *roi]`` and gate weights per position, both on the CPU.
-        ``router``: one router for the batch or one per window."""
-        while True:
-            try:
-                return self._chunks(x, router, want_routing)
-            except torch.OutOfMemoryError:
-                torch.cuda.empty_cache()
-                if self.batch == 1:
-                    raise InferenceError(
-                        f"ran out of GPU memory on {self.device} even with one window at a time; use "
-                        "device='cpu' or a smaller roi_size"
-                    ) from None
-                self.batch = max(1, self.batch // 2)
-                self.warns.append(f"GPU out of memory: retried with sw_batch_size={self.batch}")
-
-    def _chunks(
-        self, x: torch.Tensor, router: int | Sequence[int], want_routing: bool
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        probs, routes = [], {}
-        per_window = torch.as_tensor(router, dtype=torch.long).expand(x.shape[0])
-        for i in range(0, x.shape[0], self.batch):
-            chunk = x[i : i + self.batch].to(self.device)
-            attr = per_window[i : i + self.batch].to(self.device)
-            autocast = torch.autocast("cuda", dtype=torch.float16) if self.amp else nullcontext()
-            with torch.inference_mode(), autocast:
-                if want_routing:
-                    from napari_dmoe.model.moe import capture_routing
-
-                    with capture_routing(self.network) as records:
-                        logits = self.network(chunk, attr)
-                else:
-                    records, logits = [], self.network(chunk, attr)
-            probs.append(torch.softmax(logits.float(), dim=1).cpu())
-            for rec in records:  # a shared dMoE is called once per block: positions are already distinct
-                routes.setdefault(rec.position, []).append(rec.weights.float().cpu())
-        return torch.cat(probs), {k: torch.cat(v) for k, v in routes.items()}
-

@@ -30,6 +30,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap (default: %(default)s)")
     p.add_argument("--window-batch", type=int, default=4, help="windows per forward pass (default: %(default)s)")
     p.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
+    p.add_argument("--channels-last", action="store_true",
+                   help="channels-last memory layout (for GPUs; see BENCHMARKS.md for when it pays)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the network once for the whole batch (the first image takes longer; "
+                        "falls back to the plain network with a warning where it fails)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress output")
     p.set_defaults(func=run)
 
@@ -65,7 +70,8 @@ def segment_file(model: Any, src: Path, dest: Path, attribute: Any, args: argpar
     volume = read_image(src)
     gen = iter_segment(model, volume.array, attribute, spacing=volume.spacing if volume.meta.get("spacing_known",
                        True) else None, device=args.device, overlap=args.overlap, sw_batch_size=args.window_batch,
-                       amp=not args.no_amp, rgb=volume.rgb, routing="mean" if routing_dir else False)
+                       amp=not args.no_amp, channels_last=args.channels_last, compile=args.compile, rgb=volume.rgb,
+                       routing="mean" if routing_dir else False)
     while True:
         try:
             step = next(gen)
@@ -123,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
     for name, attribute in rows:
         path = src / name
         try:
-            from napari_dmoe.data.io import read_image, suffix_of
+            from napari_dmoe.data.io import suffix_of
 
             suffix = suffix_of(path)
             stem = path.name[: -len(suffix)] if suffix else path.name

@@ -165,6 +165,9 @@ class DMoE(nn.Module):
         logits = torch.baddbmm(bias[attr].unsqueeze(1), x, weight[attr].transpose(1, 2))
         return logits[..., :e], logits[..., e:]
 
+    # Eager under torch.compile (the rest of the network compiles): the per-expert token counts are data and the
+    # position name differs per call, so a compiled graph would be rebuilt again and again.
+    @torch.compiler.disable
     def forward(
         self, x: Tensor, attr: Tensor, *, position: str | None = None, grid: Sequence[int] | None = None
     ) -> Tensor:
