@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from skimage.io import imsave
 
-from test_widget_segment import make_image, make_model
+from test_widget_segment import LEFT, make_image, make_model
 
 
 @pytest.fixture(autouse=True)
@@ -135,8 +135,8 @@ def test_folder_button_asks_for_folder_then_csv(make_napari_viewer, qtbot, monke
     dialog = inspector_widget.QFileDialog
     monkeypatch.setattr(dialog, "getExistingDirectory", staticmethod(lambda *a, **k: str(tmp_path)))
     monkeypatch.setattr(dialog, "getOpenFileName", staticmethod(lambda *a, **k: ("", "")))
-    qtbot.mouseClick(inspector.folder_button, 1)
+    qtbot.mouseClick(inspector.folder_button, LEFT)
     assert calls == []  # CSV dialog cancelled: nothing runs
     monkeypatch.setattr(dialog, "getOpenFileName", staticmethod(lambda *a, **k: (str(tmp_path / "c.csv"), "")))
-    qtbot.mouseClick(inspector.folder_button, 1)
+    qtbot.mouseClick(inspector.folder_button, LEFT)
     assert calls == [(str(tmp_path), str(tmp_path / "c.csv"))]
