@@ -1,7 +1,9 @@
 """Fine-tune from napari layers, the Qt-free part: export pairs, split, settings, the YAML config, comparison.
 
 The GUI writes the user's (image, labels, attribute) pairs to a run folder in the generic folder + CSV format
-the training engine reads (``data.format: folder`` with a ``split`` column that holds the validation cases back),
+the training engine reads (``data.format: folder`` with a ``split`` column that holds the validation cases back);
+3D pairs go as NIfTI with the image layer's scale as voxel size, so the engine resamples them to the model's
+spacing exactly as the Segment widget does with that layer,
 writes a config that fine-tunes from the chosen base model, and runs ``dmoe train`` in a subprocess
 (``finetune_run.py``). Nothing here imports Qt, napari or torch at module level.
 """
@@ -30,13 +32,15 @@ class FinetuneError(ValueError):
 
 @dataclass
 class TrainingPair:
-    """One training case taken from napari: image array (napari axis order), label map, attribute values."""
+    """One training case taken from napari: image array (napari axis order), label map, attribute values and,
+    for a 3D image, its voxel size in mm (z, y, x; the layer's scale), None when unknown."""
 
     name: str
     image: Any
     labels: Any
     attributes: dict[str, str]
     rgb: bool = False
+    spacing: tuple[float, ...] | None = None
 
 
 @dataclass
@@ -138,8 +142,11 @@ def pairs_from_layers(layers: Any, rows: Sequence[tuple[str, str, dict[str, str]
     for image, labels, attrs, _ in rows:
         if image not in layers or labels not in layers:
             raise FinetuneError("a table row names a layer that is not open; pick its image and labels again")
-        pairs.append(TrainingPair(image, layers[image].data, layers[labels].data, dict(attrs),
-                                  bool(getattr(layers[image], "rgb", False))))
+        layer, rgb = layers[image], bool(getattr(layers[image], "rgb", False))
+        # the Segment widget runs a (non-RGB) layer at its scale: fine-tuning must see the same voxel size
+        scale = getattr(layer, "scale", None)
+        spacing = tuple(float(v) for v in scale) if scale is not None and not rgb and len(scale) == 3 else None
+        pairs.append(TrainingPair(image, layer.data, layers[labels].data, dict(attrs), rgb, spacing))
     if not pairs or (len(pairs) < 2 and not extra_data):
         raise FinetuneError("add at least two pairs (one is held back to validate the new model)")
     if len(pairs) == 1:
@@ -179,12 +186,31 @@ def _count(pairs: Sequence[TrainingPair], spec: Any) -> dict[str, dict[str, int]
     return {a.name: dict(Counter(p.attributes[a.name] for p in pairs)) for a in spec.attributes}
 
 
+def _write_nifti(path: Path, array: np.ndarray, spacing: Sequence[float]) -> None:
+    """A (z, y, x) array as NIfTI with voxel size ``spacing`` (z, y, x), oriented so that ``read_image`` gives
+    back exactly this array: LPS voxel order, its canonical one (``data/io.py``)."""
+    import nibabel as nib
+
+    if len(spacing) != 3 or not all(math.isfinite(s) and s > 0 for s in spacing):
+        raise FinetuneError(f"layer scale {tuple(spacing)} is not a voxel size (three positive numbers, z, y, x); "
+                            "fix the image layer's scale")
+    sz, sy, sx = (float(s) for s in spacing)
+    affine = np.diag([-sx, -sy, sz, 1.0])  # voxel x -> left, y -> posterior, z -> superior (RAS+ world)
+    img = nib.Nifti1Image(np.ascontiguousarray(array.transpose(2, 1, 0)), affine)
+    img.header.set_qform(affine, code=1)
+    img.header.set_sform(affine, code=1)
+    img.header.set_xyzt_units("mm")
+    nib.save(img, str(path))
+
+
 def export_pairs(pairs: Sequence[TrainingPair], folder: str | os.PathLike, spec: Any, is_val: Sequence[bool]
                  ) -> ExportSummary:
-    """Write the pairs as TIFF files plus ``pairs.csv`` (``image, mask, <attributes>, split``) in ``folder``.
+    """Write the pairs plus ``pairs.csv`` (``image, mask, <attributes>, split``) in ``folder``.
 
-    TIFF keeps float intensities and 3D stacks as they are (PNG would quantise), and the engine reads it with
-    the same ``read_image`` as every other format.
+    3D pairs with a voxel size (``pair.spacing``) go as NIfTI (.nii.gz) carrying it, so training resamples them
+    to the model's spacing like any NIfTI (and like the Segment widget does). 2D pairs and volumes without a
+    voxel size go as TIFF, which keeps float intensities and stacks as they are (PNG would quantise); the engine
+    uses those on their own grid. The engine reads both with the same ``read_image`` as every other format.
     """
     import tifffile
 
@@ -200,10 +226,18 @@ def export_pairs(pairs: Sequence[TrainingPair], folder: str | os.PathLike, spec:
         base = _safe(pair.name)
         used[base] += 1
         case = base if used[base] == 1 else f"{base}_{used[base]}"  # same layer added twice: keep both
-        tifffile.imwrite(folder / "images" / f"{case}.tif", image,
-                         photometric="rgb" if pair.rgb else "minisblack")
-        tifffile.imwrite(folder / "masks" / f"{case}.tif", labels)
-        rows.append({"image": f"images/{case}.tif", "mask": f"masks/{case}.tif",
+        nifti = spec.spatial_dims == 3 and pair.spacing is not None and not pair.rgb and labels.ndim == 3
+        suffix = ".nii.gz" if nifti else ".tif"
+        if nifti:
+            if image.dtype == np.float16 or image.dtype.kind == "b":  # types NIfTI does not store
+                image = image.astype(np.float32)
+            _write_nifti(folder / "images" / f"{case}{suffix}", image, pair.spacing)
+            _write_nifti(folder / "masks" / f"{case}{suffix}", labels, pair.spacing)
+        else:
+            tifffile.imwrite(folder / "images" / f"{case}{suffix}", image,
+                             photometric="rgb" if pair.rgb else "minisblack")
+            tifffile.imwrite(folder / "masks" / f"{case}{suffix}", labels)
+        rows.append({"image": f"images/{case}{suffix}", "mask": f"masks/{case}{suffix}",
                      **{n: pair.attributes[n] for n in names}, SPLIT_COLUMN: "val" if held else "train"})
         (val if held else train).append(case)
     csv_path = folder / PAIRS_CSV

@@ -286,8 +286,9 @@ def evaluate_on_pairs(model_path: str | os.PathLike, csv_path: str | os.PathLike
         image = read_image(csv_path.parent / row["image"])
         labels = read_image(csv_path.parent / row["mask"]).array
         attribute = {n: row[n] for n in names}
+        spacing = image.spacing if image.meta.get("spacing_known") else None  # resampled as the Segment widget does
         seg = segment(model, image.array, attribute if len(names) > 1 else attribute[names[0]], device=device,
-                      routing=False, rgb=bool(image.meta.get("rgb")))
+                      routing=False, rgb=bool(image.meta.get("rgb")), spacing=spacing)
         dice = _mean_dice(image_metrics(seg.labels, labels, spec.n_classes, class_names=spec.class_names))
         group = "/".join(attribute[n] for n in names)
         per_group.setdefault(group, []).append(dice)

@@ -250,6 +250,55 @@ def test_3d_pairs_export_and_config(tmp_path):
     assert config["recipe"]["name"] == "3d" and config["recipe"]["batch_size"] == 1  # only 1 training case
 
 
+def test_3d_export_keeps_the_layer_spacing_and_trains_at_the_model_spacing(tmp_path):
+    """3D layers with scale (3, 1.5, 1.5) go out as NIfTI with that voxel size; training resamples them to the
+    model's 3 mm as the Segment widget would; the exported config runs."""
+    from types import SimpleNamespace
+
+    import nibabel as nib
+
+    from napari_dmoe.checkpoint import load_model, save_model
+    from napari_dmoe.data.datasets import GenericFolderDataset
+    from napari_dmoe.data.io import read_image
+    from napari_dmoe.finetune import pairs_from_layers
+    from napari_dmoe.model import build_network
+    from napari_dmoe.training.config import validate
+    from napari_dmoe.training.engine import train
+
+    spec = make_spec("resunet3d-tiny", "stage", ["T1", "T2"], ["background", "prostate"], spacing=[3.0, 3.0, 3.0])
+    rng, layers, rows = np.random.default_rng(4), {}, []
+    for i in range(2):
+        labels = np.zeros((12, 20, 24), np.int32)
+        labels[3:9, 5:15 + i, 6:18] = 1
+        image = (rng.normal(0, 1, labels.shape) + 3 * labels).astype(np.float32)
+        layers[f"vol{i}"] = SimpleNamespace(data=image, rgb=False, scale=np.array([3.0, 1.5, 1.5]))
+        layers[f"vol{i} truth"] = SimpleNamespace(data=labels, scale=np.array([3.0, 1.5, 1.5]))
+        rows.append((f"vol{i}", f"vol{i} truth", {"stage": ["T1", "T2"][i]}, i == 1))
+    pairs, is_val = pairs_from_layers(layers, rows)
+    assert pairs[0].spacing == (3.0, 1.5, 1.5)
+    summary = export_pairs(pairs, tmp_path / "data", spec, is_val)
+    assert summary.csv_path.read_text().splitlines()[1].startswith("images/vol0.nii.gz,masks/vol0.nii.gz,T1,")
+    for kind in ("images", "masks"):
+        header = nib.load(tmp_path / "data" / kind / "vol0.nii.gz").header
+        assert header.get_zooms() == pytest.approx((1.5, 1.5, 3.0))  # x, y, z
+    volume = read_image(tmp_path / "data" / "images" / "vol0.nii.gz")
+    assert volume.spacing == pytest.approx((3.0, 1.5, 1.5))
+    np.testing.assert_array_equal(volume.array, layers["vol0"].data)  # same voxel order as the layer, no flips
+    mask = read_image(tmp_path / "data" / "masks" / "vol0.nii.gz").array
+    np.testing.assert_array_equal(mask, layers["vol0 truth"].data)
+    ds = GenericFolderDataset(summary.csv_path, spec, n_classes=2, spacing=spec.spacing)
+    assert ds[0]["image"].shape == (1, 12, 10, 12) and set(np.unique(ds[0]["label"])) == {0, 1}
+
+    base = save_model(tmp_path / "base3d.safetensors", build_network(spec), spec)
+    settings = FinetuneSettings(steps=2, batch_size=1, patch_size=[64, 64, 64], val_every=2)
+    config = validate(build_config(base, spec, summary, tmp_path / "out", settings), base_dir=tmp_path)
+    best = train(config, device="cpu", quiet=True)
+    trained = load_model(best).spec
+    assert trained.spacing == [3.0, 3.0, 3.0]
+    assert trained.provenance["data"]["train"]["spacing"] == {"target": [3.0, 3.0, 3.0], "resampled": 1,
+                                                               "unknown": 0}
+
+
 def test_extra_csv_rows_are_appended_with_absolute_paths(tmp_path, spec):
     import tifffile
 

@@ -306,3 +306,20 @@ def test_write_errors(tmp_path):
         write_labels(tmp_path / "x.jpg", np.zeros((3, 3), np.uint8))
     with pytest.raises(ImageWriteError, match="does not exist"):
         write_labels(tmp_path / "missing" / "x.png", np.zeros((3, 3), np.uint8))
+
+
+@pytest.mark.parametrize("shape, spacing, origin", [((4, 5, 6), (3.0, 1.5, 0.5), (10.0, -20.0, 7.5)),
+                                                    ((5, 6), (0.8, 0.4), (1.0, 2.0))])
+def test_labels_without_source_geometry_read_back_unchanged(tmp_path, shape, spacing, origin):
+    """A TIFF-born volume (spacing from the napari layer, no affine) written as NIfTI reads back as the same
+    array, voxel size and LPS origin: no axis is flipped on the way."""
+    from napari_dmoe.data.io import Volume, read_image, write_labels
+
+    labels = np.arange(np.prod(shape), dtype=np.uint8).reshape(shape) % 7
+    like = Volume(array=labels, spacing=spacing, origin=origin, affine=None, meta={})
+    back = read_image(write_labels(tmp_path / "labels.nii.gz", labels, like=like))
+    np.testing.assert_array_equal(back.array.reshape(shape), labels)
+    assert back.spacing[-len(spacing):] == pytest.approx(spacing)
+    assert back.origin[-len(origin):] == pytest.approx(origin)
+    plain = read_image(write_labels(tmp_path / "plain.nii.gz", labels))  # no geometry at all: unit voxels
+    np.testing.assert_array_equal(plain.array.reshape(shape), labels)

@@ -50,7 +50,6 @@ def evaluate(model: Any, config: dict, split: str, out: Path, device: str = "aut
     """Run the model on every case of ``split``; write the report files to ``out``; return the report."""
     import numpy as np
 
-    from napari_dmoe.data.io import read_image
     from napari_dmoe.fairness import evaluate_image, fairness_report, plot_expert_usage, plot_violins, write_report
     from napari_dmoe.inference import segment
     from napari_dmoe.training.data import make_dataset
@@ -65,14 +64,10 @@ def evaluate(model: Any, config: dict, split: str, out: Path, device: str = "aut
     records, usage = [], {}
     names = [a.name for a in spec.attributes]
     for i, rec in enumerate(ds.records):
-        item = ds[i]
+        item, spacing = ds.read(i)  # the file's own grid and voxel size (None when the file states none)
         image = item["image"]
         rgb = image.shape[0] in (3, 4) and spec.spatial_dims == 2
         image = np.moveaxis(image, 0, -1) if rgb else image[0]
-        spacing = None
-        if config["data"]["format"] == "nifti":
-            vol = read_image(rec.image)
-            spacing = vol.spacing if vol.meta.get("spacing_known", True) else None
         seg = segment(model, image, dict(zip(names, rec.values)), spacing=spacing, device=device, rgb=rgb)
         records.append(evaluate_image(rec.id, item["group"], seg.labels, item["label"], spec.n_classes, spacing,
                                       spec.class_names))

@@ -4,6 +4,7 @@ All yield the item dicts described in `data/base.py`; files are read lazily, one
 Attribute values become router indices through the vocabulary (a ModelSpec or a list of Attribute);
 with several attributes the router index is intersectional (`spec.router_index(values)`).
 Items whose attribute is missing are skipped and counted in `ds.skipped` (``on_missing="error"`` raises).
+With a target ``spacing`` (3D models), NIfTI/DICOM volumes are resampled to it (see `data/base.py`).
 """
 from __future__ import annotations
 
@@ -45,6 +46,11 @@ def _require_columns(path: Path, rows: list[dict[str, str]], columns: Sequence[s
 def _channels_first(volume: Any) -> np.ndarray:
     array = np.asarray(volume.array, dtype=np.float32)
     return np.moveaxis(array, -1, 0) if volume.rgb else array[None]
+
+
+def _known_spacing(volume: Any) -> tuple[float, ...] | None:
+    """The voxel size the file states (NIfTI, DICOM), None for formats that do not store one (TIFF, PNG)."""
+    return tuple(volume.spacing) if volume.meta.get("spacing_known", False) else None
 
 
 class FairSegDataset(SegmentationDataset):
@@ -187,13 +193,15 @@ class NiftiFolderDataset(SegmentationDataset):
 
     `columns` maps attribute name -> CSV column (default: the attribute's name). Cases without a CSV row
     or with an empty cell are skipped and counted; a CSV row without image or label files is an error.
-    Volumes are read in canonical (z, y, x) order; `size` (optional) resizes each volume.
+    Volumes are read in canonical (z, y, x) order; `spacing` (optional, mm, z, y, x) resamples each volume to
+    that voxel size, then `size` (optional) resizes it.
     """
 
     def __init__(self, root: str | Path, vocab: Any, csv_path: str | Path = "attributes.csv",
                  columns: Mapping[str, str] | None = None, id_column: str = "case_id",
-                 n_classes: int | None = None, size: Sequence[int] | None = None, **kwargs: Any) -> None:
-        super().__init__(vocab, size=size, n_classes=n_classes, **kwargs)
+                 n_classes: int | None = None, size: Sequence[int] | None = None,
+                 spacing: Sequence[float] | None = None, **kwargs: Any) -> None:
+        super().__init__(vocab, size=size, n_classes=n_classes, spacing=spacing, **kwargs)
         self.root = Path(root)
         images, labels = self._nifti_files(self.root / "images"), self._nifti_files(self.root / "labels")
         csv_file = Path(csv_path) if Path(csv_path).is_absolute() else self.root / csv_path
@@ -228,20 +236,26 @@ class NiftiFolderDataset(SegmentationDataset):
         return out
 
     def load_pair(self, rec: Record) -> tuple[np.ndarray, np.ndarray]:
-        return _channels_first(read_image(rec.image)), read_image(rec.mask).array
+        return self.load(rec)[:2]
+
+    def load(self, rec: Record) -> tuple[np.ndarray, np.ndarray, tuple[float, ...] | None]:
+        volume = read_image(rec.image)
+        return _channels_first(volume), read_image(rec.mask).array, _known_spacing(volume)
 
 
 class GenericFolderDataset(SegmentationDataset):
     """Image/mask pairs listed in a CSV with columns `image`, `mask` and one column per attribute.
 
     Paths are relative to the CSV's folder; any format `read_image` knows. `label_map` maps raw mask values
-    to classes (e.g. {0: 0, 255: 1}); without it masks must hold classes 0..n_classes-1.
+    to classes (e.g. {0: 0, 255: 1}); without it masks must hold classes 0..n_classes-1. `spacing` (optional)
+    resamples images whose file gives a voxel size (NIfTI, DICOM); others are used as they are.
     """
 
     def __init__(self, csv_path: str | Path, vocab: Any, image_column: str = "image", mask_column: str = "mask",
                  columns: Mapping[str, str] | None = None, label_map: Mapping[int, int] | None = None,
-                 n_classes: int | None = None, size: Sequence[int] | None = None, **kwargs: Any) -> None:
-        super().__init__(vocab, size=size, n_classes=n_classes, **kwargs)
+                 n_classes: int | None = None, size: Sequence[int] | None = None,
+                 spacing: Sequence[float] | None = None, **kwargs: Any) -> None:
+        super().__init__(vocab, size=size, n_classes=n_classes, spacing=spacing, **kwargs)
         self.mask_table = {int(k): int(v) for k, v in label_map.items()} if label_map is not None else None
         csv_file = Path(csv_path)
         rows = _read_csv(csv_file)
@@ -258,10 +272,14 @@ class GenericFolderDataset(SegmentationDataset):
                 self.records.append(Record(Path(row[image_column]).stem, image, mask, values))
 
     def load_pair(self, rec: Record) -> tuple[np.ndarray, np.ndarray]:
+        return self.load(rec)[:2]
+
+    def load(self, rec: Record) -> tuple[np.ndarray, np.ndarray, tuple[float, ...] | None]:
         mask = read_image(rec.mask)
         if mask.rgb:
             raise DatasetError(f"{rec.mask}: mask is a colour image; save masks single-channel")
-        return _channels_first(read_image(rec.image)), mask.array
+        volume = read_image(rec.image)
+        return _channels_first(volume), mask.array, _known_spacing(volume)
 
 
 __all__ = ["FairSegDataset", "HAM10000Dataset", "NiftiFolderDataset", "GenericFolderDataset", "resize_pair",

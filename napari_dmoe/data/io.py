@@ -261,6 +261,12 @@ def write_labels(path: str | Path, labels: np.ndarray, like: Volume | None = Non
     return path
 
 
+def _pad3(values: Any, fill: float) -> tuple[float, float, float]:
+    """(z, y, x) from 2 or 3 values: a 2D image is one slice."""
+    values = tuple(float(v) for v in values)
+    return ((fill,) * (3 - len(values)) + values)[-3:]  # type: ignore[return-value]
+
+
 def _write_nifti(path: Path, labels: np.ndarray, like: Volume | None) -> None:
     import nibabel as nib
     from nibabel.orientations import apply_orientation, axcodes2ornt, ornt_transform
@@ -287,17 +293,15 @@ def _write_nifti(path: Path, labels: np.ndarray, like: Volume | None) -> None:
     else:
         if like is not None and like.affine is not None:
             zyx = np.asarray(like.affine, dtype=float)
-        else:  # no geometry from a file: diagonal from spacing/origin (z, y, x), unit when unknown
+            affine = zyx.copy()
+            affine[:3, :3] = zyx[:3, [2, 1, 0]]
+        else:  # no geometry from a file: the array is in our LPS voxel order, spacing/origin (z, y, x), origin LPS
             spacing = like.spacing if like is not None else (1.0,) * labels.ndim
             origin = like.origin if like is not None else (0.0,) * labels.ndim
-            spacing = (1.0,) * (3 - len(spacing)) + tuple(spacing)
-            origin = (0.0,) * (3 - len(origin)) + tuple(origin)
-            zyx = np.eye(4)
-            zyx[:3, :3] = np.diag(spacing)
-            zyx[:3, 3] = origin[::-1]  # world coordinates are (x, y, z)
-            zyx[:3, :3] = zyx[:3, :3][[2, 1, 0]]
-        affine = zyx.copy()
-        affine[:3, :3] = zyx[:3, [2, 1, 0]]
+            (sz, sy, sx), (oz, oy, ox) = _pad3(spacing, 1.0), _pad3(origin, 0.0)
+            # x and y grow towards L and P, i.e. against RAS+: reading the file back gives the same array
+            affine = np.diag([-sx, -sy, sz, 1.0])
+            affine[:3, 3] = (-ox, -oy, oz)
         data = xyz
     img = nib.Nifti1Image(np.ascontiguousarray(data), affine)
     img.header.set_qform(affine, code=1)

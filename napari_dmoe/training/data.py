@@ -3,6 +3,12 @@
 The vocabulary is the list of config attributes (not the spec), so ``item["attr"]`` is always the index of the
 attribute *combination* (what FEBS and per-group validation need); the engine maps it to a router index.
 
+Geometry (3D): with a target spacing (``spec.spacing``), training items are resampled to it the way inference
+does (normalise the whole volume, then the same linear resize to the same grid; labels nearest) before the
+patches are cropped; validation items stay on the file's grid and raw, because validation segments them with the
+inference engine exactly as ``dmoe evaluate`` does (see ``validate.py``). Files without a voxel size are used as
+they are (``check_dataset`` warns).
+
 Augmentations are MONAI dict transforms reseeded for every item from (seed, epoch, index): the stream of
 augmented samples does not depend on the number of workers or processes, and a resumed run sees exactly the
 samples an uninterrupted run would.
@@ -18,7 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from napari_dmoe.data.base import DatasetError, SegmentationDataset
+from napari_dmoe.data.base import DatasetError, SegmentationDataset, resample_pair
 from napari_dmoe.model.spec import Attribute, ModelSpec
 from napari_dmoe.transforms import normalize
 
@@ -38,8 +44,10 @@ def class_names(config: Mapping[str, Any]) -> list[str]:
     return list(DEFAULT_CLASSES.get(data["format"], ["background", "foreground"]))
 
 
-def make_dataset(config: Mapping[str, Any], split: str, size: Sequence[int] | None) -> SegmentationDataset:
-    """The ``split`` ("train", "val", "test") of the config's dataset; items resized to ``size`` if given."""
+def make_dataset(config: Mapping[str, Any], split: str, size: Sequence[int] | None,
+                 spacing: Sequence[float] | None = None) -> SegmentationDataset:
+    """The ``split`` ("train", "val", "test") of the config's dataset; items resampled to the voxel size
+    ``spacing`` (mm; files that give one) and resized to ``size``, each if given."""
     if split not in SPLITS:
         raise ConfigError(f"split {split!r}: expected one of {list(SPLITS)}")
     data, seed = config["data"], int(config["seed"])
@@ -67,14 +75,14 @@ def make_dataset(config: Mapping[str, Any], split: str, size: Sequence[int] | No
         from napari_dmoe.data.datasets import NiftiFolderDataset
 
         csv_name = data["csv"] or "attributes.csv"
-        ds = NiftiFolderDataset(root, vocab, csv_path=csv_name, n_classes=n_classes, size=size)
+        ds = NiftiFolderDataset(root, vocab, csv_path=csv_name, n_classes=n_classes, size=size, spacing=spacing)
         table = root / csv_name if not Path(csv_name).is_absolute() else Path(csv_name)
         return _subset(ds, _split_of(ds, data, seed, table, "case_id"), split)
     from napari_dmoe.data.datasets import GenericFolderDataset
 
     table = root / (data["csv"] or "dataset.csv")
     label_map = {int(k): int(v) for k, v in data["label_map"].items()} if data["label_map"] else None
-    ds = GenericFolderDataset(table, vocab, label_map=label_map, n_classes=n_classes, size=size)
+    ds = GenericFolderDataset(table, vocab, label_map=label_map, n_classes=n_classes, size=size, spacing=spacing)
     return _subset(ds, _split_of(ds, data, seed, table, "image", by_stem=True), split)
 
 
@@ -140,8 +148,12 @@ class TrainItems(Dataset):
         return len(self.ds)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        item = self.ds[index]
-        data = {"image": normalize(item["image"], self.spec.normalization), "label": item["label"][None]}
+        # normalised on the file's grid, then resampled: the order (and resize) of the inference engine
+        item, spacing = self.ds.read(index, resample=False)
+        image, label = normalize(item["image"], self.spec.normalization), item["label"]
+        if self.ds.spacing is not None and spacing is not None:
+            image, label, _ = resample_pair(image, label, spacing, self.ds.spacing, item["id"])
+        data = {"image": image, "label": label[None]}
         self.transform.set_random_state(seed=(self.seed * 1_000_003 + self.epoch * 10_007 + index) % 2**32)
         out = self.transform(data)
         out = out[0] if isinstance(out, list) else out  # RandCropByPosNegLabeld returns a list of samples
@@ -149,7 +161,9 @@ class TrainItems(Dataset):
 
 
 class EvalItems(Dataset):
-    """Normalised items without augmentation (validation)."""
+    """Validation items without augmentation. 2D: normalised, at the model's input size. 3D: raw, on the file's
+    grid, with ``spacing`` (the file's voxel size, None when unknown) and ``values`` (attribute name -> value),
+    what ``validate`` hands to the inference engine."""
 
     def __init__(self, ds: SegmentationDataset, spec: ModelSpec) -> None:
         self.ds, self.spec = ds, spec
@@ -158,6 +172,10 @@ class EvalItems(Dataset):
         return len(self.ds)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        if self.spec.spatial_dims == 3:
+            item, spacing = self.ds.read(index, resample=False)
+            values = dict(zip(self.ds.vocab.names, self.ds.records[index].values))
+            return {**item, "spacing": spacing, "values": values}
         item = self.ds[index]
         return {**item, "image": normalize(item["image"], self.spec.normalization)}
 

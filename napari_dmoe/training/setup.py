@@ -10,7 +10,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from napari_dmoe.data.base import check_dataset
+from napari_dmoe.data.base import DatasetReport, check_dataset
 from napari_dmoe.model import PRESETS, build_network, make_spec, preset_arch
 from napari_dmoe.model.spec import ModelSpec, SpecError
 
@@ -69,8 +69,12 @@ def _spec(config: Mapping[str, Any], in_channels: int) -> ModelSpec:
     return spec
 
 
-def _summary(name: str, ds: Any) -> dict[str, Any]:
-    return {"n": len(ds), "groups": group_counts(ds), "skipped": dict(ds.skipped)}
+def _summary(ds: Any, report: DatasetReport | None) -> dict[str, Any]:
+    out = {"n": len(ds), "groups": group_counts(ds), "skipped": dict(ds.skipped)}
+    if ds.spacing is not None and report is not None:
+        out["spacing"] = {"target": list(ds.spacing), "resampled": report.resampled,
+                          "unknown": report.unknown_spacing}
+    return out
 
 
 def build_run(config: Mapping[str, Any], info: DistInfo, command: str | None = None) -> RunParts:
@@ -79,8 +83,14 @@ def build_run(config: Mapping[str, Any], info: DistInfo, command: str | None = N
     if spec.spatial_dims == 2 and config["data"]["size"] not in (None, list(spec.input_size)):
         raise ConfigError(f"config key 'data.size': 2D images are resized to the model's input size "
                           f"{spec.input_size}; drop data.size or set model.overrides.img_size")
-    train_ds = make_dataset(config, "train", size)
-    val_ds = make_dataset(config, "val", size)
+    # 3D: volumes are resampled to the model's voxel size, as inference does (files that state theirs)
+    spacing = spec.spacing if spec.spatial_dims == 3 else None
+    if spacing is not None and config["data"]["size"] is not None:
+        raise ConfigError(f"config key 'data.size': volumes are resampled to the model's spacing {spec.spacing} mm, "
+                          "as at inference; a fixed size would train on another voxel size. Drop data.size "
+                          "(or model.overrides.spacing)")
+    train_ds = make_dataset(config, "train", size, spacing)
+    val_ds = make_dataset(config, "val", size, spacing)
     if len(train_ds) == 0:
         raise ConfigError(f"config key 'data.root': no training items found in {config['data']['root']}")
     reports = {"train": check_dataset(train_ds), "val": check_dataset(val_ds) if len(val_ds) else None}
@@ -94,7 +104,7 @@ def build_run(config: Mapping[str, Any], info: DistInfo, command: str | None = N
         init.update(load_base_model(network, config["model"]["base_model"]))
     init["trainable_parameters"] = set_trainable(network, config["trainable"])
 
-    summary = {"train": _summary("train", train_ds), "val": _summary("val", val_ds),
+    summary = {"train": _summary(train_ds, reports["train"]), "val": _summary(val_ds, reports["val"]),
                "warnings": [w for r in reports.values() if r for w in r.warnings]}
     counts = router_counts(spec, summary["train"]["groups"])
     _, loss_name = method_routing(config["method"])
