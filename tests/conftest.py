@@ -34,3 +34,25 @@ def model3d():
     from inference_models import tiny
 
     return tiny("resunet3d-tiny")
+
+
+# -- widget tests ---------------------------------------------------------------------------------------------
+@pytest.fixture(autouse=True)
+def _user_config(tmp_path, monkeypatch):
+    monkeypatch.setenv("NAPARI_DMOE_CONFIG_DIR", str(tmp_path / "config"))  # never touch the real user config
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    """A tiny decisive TransUNet-dMoE file (4 experts, race) for the widget tests."""
+    from inference_models import make_model
+
+    return make_model(tmp_path_factory.mktemp("models") / "tiny.safetensors")
+
+
+@pytest.fixture
+def notifications():
+    from napari.utils.notifications import notification_manager
+
+    start = len(notification_manager.records)
+    return lambda: [(str(n.severity), str(n.message)) for n in notification_manager.records[start:]]

@@ -9,6 +9,7 @@ import torch
 from napari_dmoe.model import build_network, make_spec
 
 RACES = ["Asian", "Black", "White"]
+WIDGET_CLASSES = ["background", "rim", "cup"]
 
 
 @dataclasses.dataclass
@@ -37,3 +38,30 @@ def assert_routing_sums_to_one(seg) -> None:
         # float16 per expert: each rounds by <= 2**-11 relative, so E=8 values sum within ~4e-3 of 1
         assert np.abs(total - 1).max() < 1e-2, position
 
+
+def make_image(shape=(48, 64)) -> np.ndarray:
+    yy, xx = np.mgrid[: shape[-2], : shape[-1]]
+    return (np.sin(xx / 5.0) + np.cos(yy / 7.0)).astype(np.float32)
+
+
+
+
+def make_model(path, seed: int = 0):
+    """A tiny TransUNet-dMoE whose masks depend on the image and the attribute (random weights, scaled so
+    the routers, experts and head are decisive; head bias centred so all three classes appear)."""
+    from napari_dmoe.checkpoint import save_model
+
+    torch.manual_seed(seed)
+    spec = make_spec("transunet2d-tiny", "race", RACES, WIDGET_CLASSES, n_experts=4)
+    net = build_network(spec).eval()
+    x = torch.from_numpy(make_image((64, 64)))[None, None]
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if "routers" in name:
+                p.mul_(10)
+            if "experts" in name and "weight" in name:
+                p.mul_(3)
+        net.segmentation_head.weight.mul_(20)
+        logits = net((x - x.mean()) / x.std(), torch.tensor([1]))
+        net.segmentation_head.bias.sub_(logits.mean(dim=(0, 2, 3)))
+    return save_model(path, net, spec)

@@ -14,11 +14,6 @@ RACES = ["Asian", "Black", "White"]
 TRAIN_TIMEOUT_MS = 240_000  # the machine is shared; a tiny run takes ~20 s alone
 
 
-@pytest.fixture(autouse=True)
-def _user_config(tmp_path, monkeypatch):
-    monkeypatch.setenv("NAPARI_DMOE_CONFIG_DIR", str(tmp_path / "config"))  # never touch the real user config
-
-
 @pytest.fixture
 def base_model(tmp_path):
     import torch

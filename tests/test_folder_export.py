@@ -8,19 +8,9 @@ import numpy as np
 import pytest
 
 from test_folder_usage import drain, write_cases
-from test_widget_segment import LEFT, make_model
+from test_widget_segment import LEFT
 
 EXPERTS = [f"expert_{e}" for e in range(4)]
-
-
-@pytest.fixture(autouse=True)
-def _user_config(tmp_path, monkeypatch):
-    monkeypatch.setenv("NAPARI_DMOE_CONFIG_DIR", str(tmp_path / "config"))
-
-
-@pytest.fixture(scope="module")
-def model_path(tmp_path_factory):
-    return make_model(tmp_path_factory.mktemp("models") / "tiny.safetensors")
 
 
 def read_rows(path):

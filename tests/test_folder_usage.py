@@ -6,17 +6,7 @@ import numpy as np
 import pytest
 from skimage.io import imsave
 
-from test_widget_segment import LEFT, make_image, make_model
-
-
-@pytest.fixture(autouse=True)
-def _user_config(tmp_path, monkeypatch):
-    monkeypatch.setenv("NAPARI_DMOE_CONFIG_DIR", str(tmp_path / "config"))
-
-
-@pytest.fixture(scope="module")
-def model_path(tmp_path_factory):
-    return make_model(tmp_path_factory.mktemp("models") / "tiny.safetensors")
+from test_widget_segment import LEFT, make_image
 
 
 def write_cases(folder):

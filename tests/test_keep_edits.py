@@ -4,27 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from test_widget_segment import dock, make_image, make_model, results, run_and_wait
+from test_widget_segment import dock, make_image, results, run_and_wait
 
 MASK = "scan mask [race=Asian]"
-
-
-@pytest.fixture(autouse=True)
-def _user_config(tmp_path, monkeypatch):
-    monkeypatch.setenv("NAPARI_DMOE_CONFIG_DIR", str(tmp_path / "config"))
-
-
-@pytest.fixture(scope="module")
-def model_path(tmp_path_factory):
-    return make_model(tmp_path_factory.mktemp("models") / "tiny.safetensors")
-
-
-@pytest.fixture
-def notifications():
-    from napari.utils.notifications import notification_manager
-
-    start = len(notification_manager.records)
-    return lambda: [(str(n.severity), str(n.message)) for n in notification_manager.records[start:]]
 
 
 # -- digest helpers (no Qt) ----------------------------------------------------------------------------------

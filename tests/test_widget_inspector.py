@@ -7,17 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from test_widget_segment import RACES, dock, make_image, make_model, results, run_and_wait
-
-
-@pytest.fixture(autouse=True)
-def _user_config(tmp_path, monkeypatch):
-    monkeypatch.setenv("NAPARI_DMOE_CONFIG_DIR", str(tmp_path / "config"))
-
-
-@pytest.fixture(scope="module")
-def model_path(tmp_path_factory):
-    return make_model(tmp_path_factory.mktemp("models") / "tiny.safetensors")
+from test_widget_segment import RACES, dock, make_image, results, run_and_wait
 
 
 # -- sweep maths (no Qt) -------------------------------------------------------------------------------------

@@ -14,54 +14,7 @@ WIDGET = "Segment (dMoE)"
 RACES = ["Asian", "Black", "White"]
 CLASSES = ["background", "rim", "cup"]
 
-
-def make_image(shape=(48, 64)) -> np.ndarray:
-    yy, xx = np.mgrid[: shape[-2], : shape[-1]]
-    return (np.sin(xx / 5.0) + np.cos(yy / 7.0)).astype(np.float32)
-
-
-
-
-def make_model(path, seed: int = 0):
-    """A tiny TransUNet-dMoE whose masks depend on the image and the attribute (random weights, scaled so
-    the routers, experts and head are decisive; head bias centred so all three classes appear)."""
-    import torch
-
-    from napari_dmoe.checkpoint import save_model
-    from napari_dmoe.model import build_network, make_spec
-
-    torch.manual_seed(seed)
-    spec = make_spec("transunet2d-tiny", "race", RACES, CLASSES, n_experts=4)
-    net = build_network(spec).eval()
-    x = torch.from_numpy(make_image((64, 64)))[None, None]
-    with torch.no_grad():
-        for name, p in net.named_parameters():
-            if "routers" in name:
-                p.mul_(10)
-            if "experts" in name and "weight" in name:
-                p.mul_(3)
-        net.segmentation_head.weight.mul_(20)
-        logits = net((x - x.mean()) / x.std(), torch.tensor([1]))
-        net.segmentation_head.bias.sub_(logits.mean(dim=(0, 2, 3)))
-    return save_model(path, net, spec)
-
-
-@pytest.fixture(autouse=True)
-def _user_config(tmp_path, monkeypatch):
-    monkeypatch.setenv("NAPARI_DMOE_CONFIG_DIR", str(tmp_path / "config"))  # never touch the real user config
-
-
-@pytest.fixture(scope="module")
-def model_path(tmp_path_factory):
-    return make_model(tmp_path_factory.mktemp("models") / "tiny.safetensors")
-
-
-@pytest.fixture
-def notifications():
-    from napari.utils.notifications import notification_manager
-
-    start = len(notification_manager.records)
-    return lambda: [(str(n.severity), str(n.message)) for n in notification_manager.records[start:]]
+from inference_models import make_image  # noqa: E402
 
 
 def dock(viewer, model_path=None):
