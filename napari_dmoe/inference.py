@@ -134,6 +134,10 @@ def iter_segment(
             plan = make_plan(spec, stack.shape[2:], image_spacing, roi_size, overlap, mode2d, squeeze)
             work = _to_work_grid(stack, plan)
             del stack  # the work grid holds the image from here on
+        if spec.spatial_dims == 3 and spec.spacing is not None and image_spacing is None:
+            warns.append(f"the voxel size of this volume is unknown: it was used as it is, while the model "
+                         f"expects {'x'.join(f'{s:g}' for s in spec.spacing)} mm voxels; give the spacing (or "
+                         "open a NIfTI/DICOM file) for a correct result")
     yield Progress("preprocess", 1, 1)
 
     runner = Runner(network, dev, amp, sw_batch_size, warns, channels_last=channels_last, compile=compile)

@@ -104,3 +104,27 @@ def test_routing_accumulator_slab_keeps_only_its_depth_and_moves_on():
             assert torch.allclose(slab.cell_plane("stage0", c), expected)
         slab.advance(z + 32 - 8)
     assert slab.base == 88
+
+
+def test_unknown_voxel_size_is_said_for_a_model_that_expects_one():
+    from inference_models import rng_image, tiny
+
+    model = tiny("resunet3d-tiny", spacing=[3.0, 3.0, 3.0])
+    image = rng_image(40, 48, 48)
+    unknown = segment(model, image, "Black", device="cpu", routing=False)
+    assert any("voxel size of this volume is unknown" in w and "3x3x3 mm" in w for w in unknown.warnings)
+    known = segment(model, image, "Black", device="cpu", routing=False, spacing=(3.0, 3.0, 3.0))
+    assert not any("voxel size" in w for w in known.warnings), known.warnings
+    np.testing.assert_array_equal(unknown.labels, known.labels)  # same grid: nothing was resampled either way
+
+
+def test_segment_widget_passes_the_scale_only_when_it_is_a_voxel_size():
+    from napari.layers import Image
+
+    from napari_dmoe._widgets.segment_widget import _spacing_known
+
+    volume = np.zeros((4, 5, 6), dtype=np.float32)
+    assert not _spacing_known(Image(volume))  # e.g. a TIFF stack: unit scale says nothing
+    assert _spacing_known(Image(volume, scale=(3.0, 0.8, 0.8)))  # someone set it
+    assert _spacing_known(Image(volume, metadata={"spacing_known": True}))  # our NIfTI reader: 1 mm is real
+    assert not _spacing_known(Image(volume, scale=(2.0, 1.0, 1.0), metadata={"spacing_known": False}))

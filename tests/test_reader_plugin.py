@@ -114,14 +114,19 @@ def test_labels_written_through_npe2_restore_source_geometry(tmp_path):
 
 
 def test_writer_without_metadata_uses_scale_and_translate(tmp_path):
-    labels = np.zeros((2, 3, 4), np.uint8)
+    labels = np.arange(24, dtype=np.uint8).reshape(2, 3, 4)
     out = tmp_path / "plain.nii"
     npe2.write(str(out), [(labels, {"scale": (3.0, 2.0, 0.5), "translate": (1.0, 2.0, 3.0)}, "labels")],
                plugin_name="napari-dmoe")
     back = nib.load(out)
     assert back.shape == (4, 3, 2)
     np.testing.assert_allclose(back.header.get_zooms(), (0.5, 2.0, 3.0))
-    np.testing.assert_allclose(back.affine[:3, 3], (3.0, 2.0, 1.0))
+    # a layer's translate is the LPS position of its first voxel, as our reader sets it: RAS x and y flip sign
+    np.testing.assert_allclose(back.affine[:3, 3], (-3.0, -2.0, 1.0))
+    [(data, kwargs, _)] = napari_get_reader(str(out))(str(out))  # and opening it again gives the same layer
+    np.testing.assert_array_equal(data, labels)
+    np.testing.assert_allclose(kwargs["scale"], (3.0, 2.0, 0.5))
+    np.testing.assert_allclose(kwargs["translate"], (1.0, 2.0, 3.0))
 
 
 @pytest.mark.gui
