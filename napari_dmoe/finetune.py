@@ -21,6 +21,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from napari_dmoe.data.io import layer_spacing, write_volume
+
 PAIRS_CSV = "pairs.csv"
 SPLIT_COLUMN = "split"
 GiB = 1024**3
@@ -143,9 +145,9 @@ def pairs_from_layers(layers: Any, rows: Sequence[tuple[str, str, dict[str, str]
         if image not in layers or labels not in layers:
             raise FinetuneError("a table row names a layer that is not open; pick its image and labels again")
         layer, rgb = layers[image], bool(getattr(layers[image], "rgb", False))
-        # the Segment widget runs a (non-RGB) layer at its scale: fine-tuning must see the same voxel size
-        scale = getattr(layer, "scale", None)
-        spacing = tuple(float(v) for v in scale) if scale is not None and not rgb and len(scale) == 3 else None
+        # the Segment widget runs a (non-RGB) layer at its voxel size: fine-tuning must see the same one
+        spacing = layer_spacing(getattr(layer, "scale", None), getattr(layer, "metadata", None))
+        spacing = spacing if spacing is not None and not rgb and len(spacing) == 3 else None
         pairs.append(TrainingPair(image, layer.data, layers[labels].data, dict(attrs), rgb, spacing))
     if not pairs or (len(pairs) < 2 and not extra_data):
         raise FinetuneError("add at least two pairs (one is held back to validate the new model)")
@@ -189,18 +191,10 @@ def _count(pairs: Sequence[TrainingPair], spec: Any) -> dict[str, dict[str, int]
 def _write_nifti(path: Path, array: np.ndarray, spacing: Sequence[float]) -> None:
     """A (z, y, x) array as NIfTI with voxel size ``spacing`` (z, y, x), oriented so that ``read_image`` gives
     back exactly this array: LPS voxel order, its canonical one (``data/io.py``)."""
-    import nibabel as nib
-
     if len(spacing) != 3 or not all(math.isfinite(s) and s > 0 for s in spacing):
         raise FinetuneError(f"layer scale {tuple(spacing)} is not a voxel size (three positive numbers, z, y, x); "
                             "fix the image layer's scale")
-    sz, sy, sx = (float(s) for s in spacing)
-    affine = np.diag([-sx, -sy, sz, 1.0])  # voxel x -> left, y -> posterior, z -> superior (RAS+ world)
-    img = nib.Nifti1Image(np.ascontiguousarray(array.transpose(2, 1, 0)), affine)
-    img.header.set_qform(affine, code=1)
-    img.header.set_sform(affine, code=1)
-    img.header.set_xyzt_units("mm")
-    nib.save(img, str(path))
+    write_volume(path, array, spacing)
 
 
 def export_pairs(pairs: Sequence[TrainingPair], folder: str | os.PathLike, spec: Any, is_val: Sequence[bool]

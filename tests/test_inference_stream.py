@@ -118,13 +118,17 @@ def test_unknown_voxel_size_is_said_for_a_model_that_expects_one():
     np.testing.assert_array_equal(unknown.labels, known.labels)  # same grid: nothing was resampled either way
 
 
-def test_segment_widget_passes_the_scale_only_when_it_is_a_voxel_size():
+def test_a_layer_scale_counts_as_voxel_size_only_when_known():
+    """The rule the Segment widget and the fine-tune export share (napari_dmoe.data.io.layer_spacing)."""
     from napari.layers import Image
 
-    from napari_dmoe._widgets.segment_widget import _spacing_known
+    from napari_dmoe.data.io import layer_spacing
+
+    def spacing(layer):
+        return layer_spacing(layer.scale, layer.metadata)
 
     volume = np.zeros((4, 5, 6), dtype=np.float32)
-    assert not _spacing_known(Image(volume))  # e.g. a TIFF stack: unit scale says nothing
-    assert _spacing_known(Image(volume, scale=(3.0, 0.8, 0.8)))  # someone set it
-    assert _spacing_known(Image(volume, metadata={"spacing_known": True}))  # our NIfTI reader: 1 mm is real
-    assert not _spacing_known(Image(volume, scale=(2.0, 1.0, 1.0), metadata={"spacing_known": False}))
+    assert spacing(Image(volume)) is None  # e.g. a TIFF stack: unit scale says nothing
+    assert spacing(Image(volume, scale=(3.0, 0.8, 0.8))) == (3.0, 0.8, 0.8)  # someone set it
+    assert spacing(Image(volume, metadata={"spacing_known": True})) == (1.0, 1.0, 1.0)  # our NIfTI reader
+    assert spacing(Image(volume, scale=(2.0, 1.0, 1.0), metadata={"spacing_known": False})) is None

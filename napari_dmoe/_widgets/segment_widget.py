@@ -51,6 +51,7 @@ from napari_dmoe._widgets.results import (
     is_result,
     result_layers,
 )
+from napari_dmoe.data.io import layer_spacing
 
 if TYPE_CHECKING:
     import napari
@@ -247,8 +248,9 @@ class SegmentWidget(QWidget):
             show_error(str(err))
             return None
         options.update(device=self.devices.device(), rgb=bool(layer.rgb))
-        if not layer.rgb and _spacing_known(layer):
-            options["spacing"] = tuple(float(s) for s in layer.scale)
+        spacing = layer_spacing(layer.scale, layer.metadata)
+        if not layer.rgb and spacing is not None:
+            options["spacing"] = spacing
         request = SegmentRequest(self.models.path(), layer.data, attributes[0] if attributes else {}, options)
         launch = {"layer": layer, "position": self.advanced.position.currentText(), "sweep": sweep,
                   "maps": options["routing"],
@@ -332,15 +334,6 @@ class SegmentWidget(QWidget):
                 self.sweep_table.setItem(row, col, item)
         self.sweep_table.setSortingEnabled(True)
         self.last_sweep = table
-
-
-def _spacing_known(layer: Any) -> bool:
-    """Whether the layer's scale is a voxel size in mm. Our reader says so in the metadata; a layer from
-    elsewhere (e.g. a TIFF stack) with unit scale has no known voxel size, and resampling it would be a guess."""
-    known = layer.metadata.get("spacing_known")
-    if known is not None:
-        return bool(known)
-    return any(float(s) != 1.0 for s in layer.scale)
 
 
 def replace_layers(viewer: Any, layers: list) -> list[tuple[str, str]]:

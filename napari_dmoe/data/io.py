@@ -8,9 +8,10 @@ importing this module (e.g. from the napari reader) stays fast.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -261,6 +262,31 @@ def write_labels(path: str | Path, labels: np.ndarray, like: Volume | None = Non
     return path
 
 
+def layer_spacing(scale: Any, metadata: Any) -> tuple[float, ...] | None:
+    """The voxel size (mm) a napari layer's ``scale`` stands for, or None when it is not known to be one.
+
+    Our reader records ``spacing_known`` in the layer metadata. A layer from elsewhere (a TIFF stack, an array)
+    with unit scale has no known voxel size: resampling it to a model's spacing would be a guess."""
+    if scale is None:
+        return None
+    scale = tuple(float(s) for s in scale)
+    known = (metadata or {}).get("spacing_known")
+    if known is None:
+        known = any(s != 1.0 for s in scale)
+    return scale if known else None
+
+
+def write_volume(path: str | os.PathLike, array: np.ndarray, spacing: Sequence[float],
+                 origin: Sequence[float] | None = None) -> Path:
+    """A (z, y, x) array (any dtype) as NIfTI with voxel size ``spacing`` and LPS ``origin`` (z, y, x), written so
+    that ``read_image`` gives back the same array, spacing and origin."""
+    path = Path(path)
+    like = Volume(array=array, spacing=tuple(spacing), origin=tuple(origin or (0.0,) * len(spacing)), affine=None,
+                  meta={})
+    _write_nifti(path, np.asarray(array), like)
+    return path
+
+
 def _pad3(values: Any, fill: float) -> tuple[float, float, float]:
     """(z, y, x) from 2 or 3 values: a 2D image is one slice."""
     values = tuple(float(v) for v in values)
@@ -306,4 +332,5 @@ def _write_nifti(path: Path, labels: np.ndarray, like: Volume | None) -> None:
     img = nib.Nifti1Image(np.ascontiguousarray(data), affine)
     img.header.set_qform(affine, code=1)
     img.header.set_sform(affine, code=1)
+    img.header.set_xyzt_units("mm")
     nib.save(img, str(path))
