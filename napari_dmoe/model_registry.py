@@ -10,6 +10,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from napari_dmoe.files import atomic_write
+
 MODEL_SUFFIX = ".safetensors"
 RECENT_FILE = "recent_models.json"
 RECENT_LIMIT = 10
@@ -92,9 +94,8 @@ def add_recent(path: str | os.PathLike, limit: int = RECENT_LIMIT) -> list[Model
     paths = [str(path)] + [str(e.path) for e in recent_models() if e.path.resolve() != path]
     target = _recent_path()
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"recent": paths[:limit]}, indent=1), encoding="utf-8")
-    os.replace(tmp, target)  # atomic: two viewers writing at once never leave half a file
+    text = json.dumps({"recent": paths[:limit]}, indent=1)
+    atomic_write(target, lambda tmp: tmp.write_text(text, encoding="utf-8"))  # two viewers at once: no half file
     return recent_models()
 
 

@@ -8,12 +8,13 @@ its per-case results for a spreadsheet or a statistics package.
 from __future__ import annotations
 
 import csv
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generator, Mapping, NamedTuple, Sequence
 
 import numpy as np
+
+from napari_dmoe.files import atomic_write
 
 
 class SweepError(ValueError):
@@ -257,15 +258,14 @@ def write_folder_csv(result: FolderUsage, path: str | Path) -> Path:
     if not path.parent.is_dir():
         raise SweepError(f"cannot write {path}: the folder {path.parent} does not exist")
     header, rows = folder_csv_rows(result)
-    # a plain open() (not mkstemp, whose files are private to the user) so the CSV gets the usual permissions
-    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
-    try:
+
+    def write(tmp: Path) -> None:
         with tmp.open("w", newline="", encoding="utf-8") as f:
             writer = csv.writer(f)
             writer.writerow(header)
             writer.writerows(rows)
-        os.replace(tmp, path)
+
+    try:
+        return atomic_write(path, write)
     except OSError as err:
-        tmp.unlink(missing_ok=True)
         raise SweepError(f"cannot write {path}: {err.strerror or err}") from None
-    return path

@@ -273,3 +273,16 @@ def test_spec_the_real_networks_cannot_build(tmp_path):
     path = write_with_metadata(tmp_path / "odd.safetensors")
     with pytest.raises(CheckpointError, match=r"odd\.safetensors: the spec does not describe a buildable network"):
         load_model(path)
+
+
+def test_saved_files_get_the_usual_permissions(tmp_path, model2d):
+    """Atomic writes must not leave a model readable by its owner only (mkstemp's 0600) on a shared server."""
+    import os
+
+    from napari_dmoe.checkpoint import save_model
+
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")  # what the user's umask gives a new file
+    path = save_model(tmp_path / "m.safetensors", model2d.network, model2d.spec)
+    assert os.stat(path).st_mode & 0o777 == os.stat(plain).st_mode & 0o777
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []

@@ -7,37 +7,22 @@ both carry the step, so a kill between the two writes is detected instead of sil
 from __future__ import annotations
 
 import json
-import os
 import random
-import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from napari_dmoe.files import atomic_write
+
 TENSORS, SCALARS = "resume.safetensors", "resume.json"
 
 
 class ResumeError(ValueError):
     """A resume state cannot be used; the message names the file and what to do."""
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` then move tmp over ``path``; the old file stays intact if anything fails."""
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def has_state(folder: Path) -> bool:
