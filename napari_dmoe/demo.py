@@ -24,16 +24,20 @@ class DemoCase:
     spacing: tuple[float, ...]
     attribute: dict[str, str]
     model_file: str
+    rgb: bool = False
 
 
 def demo_cases() -> list[DemoCase]:
-    from .synthetic import make_fundus, make_prostate
+    from .synthetic import make_fundus, make_prostate, make_skin
 
     fundus = make_fundus(SAMPLE_SEED, race="Black", size=224)
     cases = [DemoCase("fundus", fundus.image, fundus.classes, (1.0, 1.0), {"race": fundus.race}, "fundus-dmoe")]
     prostate = make_prostate(SAMPLE_SEED, stage="T3")
     image, label, spacing = prostate.napari_order()
     cases.append(DemoCase("prostate", image, label, tuple(spacing), {"stage": prostate.stage}, "prostate-dmoe"))
+    skin = make_skin(SAMPLE_SEED, age_group="80+")  # the napari skin sample
+    cases.append(DemoCase("skin", skin.image, (skin.mask > 0).astype(np.uint8), (1.0, 1.0), {"age": skin.age_group},
+                          "skin-dmoe", rgb=True))
     return cases
 
 
@@ -42,8 +46,12 @@ def _untrained_model(case: DemoCase):
     from .checkpoint import Model
     from .model import build_network, make_spec
 
+    from .synthetic import AGE_GROUPS
+
     name, value = next(iter(case.attribute.items()))
-    if case.image.ndim == 2:
+    if case.rgb:
+        spec = make_spec("transunet2d-small", name, list(AGE_GROUPS), ["background", "lesion"], in_channels=3)
+    elif case.image.ndim == 2:
         values = ["Asian", "Black", "White"]
         spec = make_spec("transunet2d-small", name, values, ["background", "rim", "cup"])
     else:
@@ -64,15 +72,16 @@ def load_demo_model(case: DemoCase):
     return _untrained_model(case), False
 
 
-def _middle(volume: np.ndarray) -> np.ndarray:
-    return volume[volume.shape[0] // 2] if volume.ndim == 3 else volume
+def _middle(volume: np.ndarray, rgb: bool = False) -> np.ndarray:
+    """The middle z-plane of a volume; a 2D (or RGB) image as it is."""
+    return volume[volume.shape[0] // 2] if volume.ndim == 3 and not rgb else volume
 
 
 def draw_overlay(case: DemoCase, labels: np.ndarray, title: str, path: Path) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    image, truth, pred = _middle(case.image), _middle(case.truth), _middle(labels)
+    image, truth, pred = _middle(case.image, case.rgb), _middle(case.truth), _middle(labels)
     fig = Figure(figsize=(9, 3.4), dpi=110)
     FigureCanvasAgg(fig)
     aspect = case.spacing[1] / case.spacing[2] if len(case.spacing) == 3 else 1.0
@@ -123,7 +132,7 @@ def run_demo(out_dir: str | Path, device: str = "auto", say: Callable[[str], Non
         if not trained:
             say(f"NOTE: no trained demo model '{case.model_file}' is installed: using a RANDOMLY INITIALISED "
                 f"{model.spec.arch} model. The mask below shows that the pipeline runs, not a real segmentation.")
-        result = segment(model, case.image, case.attribute, spacing=case.spacing, device=device)
+        result = segment(model, case.image, case.attribute, spacing=case.spacing, device=device, rgb=case.rgb)
         scores = image_metrics(result.labels, case.truth, model.spec.n_classes, spacing=case.spacing,
                                class_names=model.spec.class_names)
         dice = ", ".join(f"{c} Dice {m['dice']:.3f}" for c, m in scores.items())

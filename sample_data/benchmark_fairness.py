@@ -8,7 +8,9 @@ writes, into RESULTS:
 - ``per_group_dice.png``: per-group Dice per method with CIs;
 - ``provenance.json``: command, git commit, configs and training time of every run.
 
-``--ship DIR`` copies each dataset's dMoE model to ``DIR/<dataset>-dmoe.safetensors`` with the test-split
+``--datasets`` names the data sets trained by this invocation (default: all with reports): only their runs'
+provenance is rewritten (the others' entries are kept from the existing provenance.json) and only their models ship.
+``--ship DIR`` copies each such dataset's dMoE model to ``DIR/<dataset>-dmoe.safetensors`` with the test-split
 metrics added to its spec (``spec.metrics["test"]``) next to the validation metrics the engine recorded.
 """
 from __future__ import annotations
@@ -22,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 METHODS = ("baseline", "febs", "moe", "dmoe")
-DATASETS = {"fundus": "2D fundus (race)", "prostate": "3D prostate CT (T stage)"}
+DATASETS = {"fundus": "2D fundus (race)", "prostate": "3D prostate CT (T stage)", "skin": "2D skin lesion (age group)"}
 TARGET_GAIN = 0.05  # the issue's target: dMoE worst-group Dice at least this much above the baseline's
 
 
@@ -144,10 +146,20 @@ def plot(summary: dict[str, Any], path: Path) -> Path:
     return path
 
 
-def run_provenance(runs: Path, reports: dict[str, dict[str, dict]], command: str) -> dict[str, Any]:
-    out: dict[str, Any] = {"command": command, "git_commit": _git_commit(), "runs": {}}
+def run_provenance(runs: Path, reports: dict[str, dict[str, dict]], command: str, datasets: list[str],
+                   previous: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Provenance of every run; runs of data sets outside ``datasets`` keep their entry from ``previous``, with the
+    command and commit that made them (each entry names its own, since lanes can be rerun separately)."""
+    commit = _git_commit()
+    out: dict[str, Any] = {"command": command, "git_commit": commit, "runs": {}}
+    old = (previous or {}).get("runs", {})
     for dataset, by_method in reports.items():
         for method in by_method:
+            key = f"{dataset}/{method}"
+            if dataset not in datasets and key in old:
+                out["runs"][key] = {"command": previous.get("command"), "git_commit": previous.get("git_commit"),
+                                    **old[key]}
+                continue
             events = runs / f"demo-{dataset}-{method}.events.jsonl"
             done = {}
             if events.is_file():
@@ -156,8 +168,8 @@ def run_provenance(runs: Path, reports: dict[str, dict[str, dict]], command: str
                     if event.get("event") in ("start", "done"):
                         done[event["event"]] = event
             start = done.get("start", {})
-            out["runs"][f"{dataset}/{method}"] = {
-                "config": f"training/demo-{dataset}-{method}.yaml", "steps": start.get("total_steps"),
+            out["runs"][key] = {
+                "command": command, "git_commit": commit, "config": f"training/demo-{dataset}-{method}.yaml", "steps": start.get("total_steps"),
                 "batch_size": start.get("batch_size"), "train_seconds": done.get("done", {}).get("seconds"),
                 "best_step": done.get("done", {}).get("best_step"), "device": start.get("device"),
             }
@@ -172,12 +184,12 @@ def _git_commit() -> str | None:
     return res.stdout.strip() or None
 
 
-def ship(runs: Path, dest: Path, summary: dict[str, Any], command: str) -> list[Path]:
-    """Copy each dataset's dMoE model to ``dest`` with its test metrics added to the spec."""
+def ship(runs: Path, dest: Path, summary: dict[str, Any], command: str, datasets: list[str]) -> list[Path]:
+    """Copy the dMoE model of each of ``datasets`` to ``dest`` with its test metrics added to the spec."""
     from napari_dmoe.checkpoint import load_model, save_model
 
     written = []
-    for dataset in summary:
+    for dataset in (d for d in summary if d in datasets):
         src = runs / f"demo-{dataset}-dmoe" / "best.safetensors"
         if "dmoe" not in summary[dataset]["rows"] or not src.is_file():
             continue
@@ -200,9 +212,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=Path, default=Path("runs"))
     p.add_argument("--ship", type=Path, default=None, help="folder to copy the dMoE models to")
     p.add_argument("--command", default="bash sample_data/train_demo_models.sh")
+    p.add_argument("--datasets", nargs="+", choices=sorted(DATASETS), default=None,
+                   help="data sets trained by this run (default: all with reports): only these ship")
     args = p.parse_args(argv)
 
     reports = load_reports(args.results)
+    datasets = args.datasets or list(reports)
     summary: dict[str, Any] = {}
     for dataset, by_method in reports.items():
         rows = {m: class_rows(r) for m, r in by_method.items()}
@@ -222,11 +237,12 @@ def main(argv: list[str] | None = None) -> int:
     text = markdown(reports, summary)
     (args.results / "benchmark.md").write_text(text)
     plot(summary, args.results / "per_group_dice.png")
-    (args.results / "provenance.json").write_text(json.dumps(run_provenance(args.runs, reports, args.command),
-                                                             indent=2))
+    prov_path = args.results / "provenance.json"
+    previous = json.loads(prov_path.read_text()) if prov_path.is_file() else None
+    prov_path.write_text(json.dumps(run_provenance(args.runs, reports, args.command, datasets, previous), indent=2))
     print(text)
     if args.ship:
-        for path in ship(args.runs, args.ship, summary, args.command):
+        for path in ship(args.runs, args.ship, summary, args.command, datasets):
             print(f"shipped {path} ({path.stat().st_size / 1e6:.1f} MB)")
     return 0
 
