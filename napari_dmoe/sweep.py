@@ -154,6 +154,8 @@ def _group_key(spec: Any, attribute: Mapping[str, str] | None) -> tuple[int, str
     if attribute is None:
         return (spec.n_routers, "unknown")  # after every router: "unknown" comes last
     label = ", ".join(f"{k}={v}" for k, v in attribute.items())
+    if any(v.lower() == "unknown" for v in attribute.values()):  # partly unknown: after every router too
+        return (spec.n_routers, label)
     index = spec.router_index(attribute) if spec.routing == "dmoe" else 0
     return (index, label)
 
@@ -243,8 +245,8 @@ def folder_csv_rows(result: FolderUsage) -> tuple[list[str], list[list[str]]]:
 def write_folder_csv(result: FolderUsage, path: str | Path) -> Path:
     """Write one row per case of a folder run, in the order of its CSV, and return the path.
 
-    Columns: ``case`` (image file name), one per attribute (the value from the CSV; ``unknown`` when any value
-    was missing, since such cases run every router), ``router`` (the router indices the engine ran,
+    Columns: ``case`` (image file name), one per attribute (the value from the CSV; ``unknown`` for an empty
+    cell: the case ran every router that fits its known values), ``router`` (the router indices the engine ran,
     space-separated when their outputs were averaged), ``attribute_used`` (the engine's description),
     ``expert_0`` .. ``expert_{E-1}`` (mean gate weight of each expert over the image, averaged over the dMoE
     positions; they sum to 1), ``<position>_expert_<e>`` when a result has per-position usage, ``status``

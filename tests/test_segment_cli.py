@@ -80,3 +80,32 @@ def test_batch_over_a_folder_with_csv(models, tmp_path):
     csv.write_text("image,race\na.png,Martian\n")
     bad = dmoe("segment", models[0], tmp_path / "in", "--csv", csv, "-o", tmp_path / "out2")
     assert bad.returncode == 2 and "vocabulary" in bad.stderr
+
+
+def test_batch_csv_with_a_partly_unknown_patient_runs_the_routers_that_fit(tmp_path):
+    """Two attributes (race x sex, 6 intersectional routers): an empty sex cell averages over the 2 routers of the
+    known race, not over all 6; a value outside the vocabulary is refused with the line and the vocabulary."""
+    import dataclasses
+
+    from napari_dmoe.commands.segment import read_batch_csv
+    from napari_dmoe.model.spec import Attribute
+
+    spec = make_spec("transunet2d-tiny", "race", ["Asian", "Black", "White"], ["background", "rim", "cup"])
+    spec = dataclasses.replace(spec, attributes=[spec.attributes[0], Attribute("sex", ["Female", "Male"])])
+    __import__("torch").manual_seed(0)
+    model_path = save_model(tmp_path / "two.safetensors", build_network(spec).eval(), spec)
+    (tmp_path / "in").mkdir()
+    for name in ["a.png", "b.png", "c.png"]:
+        Image.fromarray((np.random.default_rng(3).random((40, 50)) * 255).astype("uint8")).save(tmp_path / "in" / name)
+    csv = tmp_path / "cases.csv"
+    csv.write_text("image,race,sex\na.png,Black,Male\nb.png,Black,\nc.png,,unknown\n")
+    rows = read_batch_csv(csv, spec)
+    assert rows == [("a.png", {"race": "Black", "sex": "Male"}), ("b.png", {"race": "Black", "sex": "unknown"}),
+                    ("c.png", None)]
+    result = dmoe("segment", model_path, tmp_path / "in", "--csv", csv, "-o", tmp_path / "out", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    b_line = next(line for line in result.stdout.splitlines() if "b.png" in line)
+    assert "race=Black" in b_line and "sex=unknown (averaged over 2 values)" in b_line, b_line
+    csv.write_text("image,race,sex\na.png,Black,Other\n")
+    bad = dmoe("segment", model_path, tmp_path / "in", "--csv", csv, "-o", tmp_path / "out2")
+    assert bad.returncode == 2 and "line 2" in bad.stderr and "sex='Other'" in bad.stderr, bad.stderr

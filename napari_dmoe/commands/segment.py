@@ -158,11 +158,14 @@ def read_batch_csv(path: Path, spec: Any) -> list[tuple[str, Any]]:
             raise ValueError(f"{path}: no column for attribute(s) {missing} (columns: {columns})")
         rows = []
         for line, row in enumerate(reader, start=2):
-            values = {n: (row[n] or "").strip() for n in names}
-            unknown = any(v in ("", "unknown") for v in values.values())
-            if not unknown:
-                spec.router_index(values)  # fail early, naming the vocabulary, before hours of inference
-            rows.append((row["image"].strip(), None if unknown else values))
+            # an empty cell is an unknown value; the engine averages over the routers that fit the known ones
+            values = {n: (row[n] or "").strip() or "unknown" for n in names}
+            known = {n: v for n, v in values.items() if v.lower() != "unknown"}
+            for attr in spec.attributes:  # fail early, naming the vocabulary, before hours of inference
+                if attr.name in known and known[attr.name] not in attr.values:
+                    raise ValueError(f"{path}, line {line}: {attr.name}={known[attr.name]!r} is not in the model's "
+                                     f"vocabulary {attr.values}; leave the cell empty or write 'unknown'")
+            rows.append((row["image"].strip(), values if known else None))
     if not rows:
         raise ValueError(f"{path}: no rows")
     return rows
