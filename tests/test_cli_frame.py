@@ -86,6 +86,17 @@ def test_info_text_and_json(tmp_path, capsys):
     assert ModelSpec.from_dict(json.loads(capsys.readouterr().out)) == spec
 
 
+def test_info_shows_the_shipped_models_test_results_readably(capsys):
+    from napari_dmoe.demo import MODELS_DIR
+
+    assert main(["info", str(MODELS_DIR / "prostate-dmoe.safetensors")]) == 0
+    out = capsys.readouterr().out
+    for fragment in ("test (n=32)  : CTV: Dice", "worst group T4", "T4 ", "(n=2)", "train cases: 104 (T1 ",
+                     "validation   : split=val", "dmoe info MODEL --json"):
+        assert fragment in out, (fragment, out)
+    assert '{"' not in out, "no raw JSON in the text form"
+
+
 def test_info_as_a_real_process(tmp_path):
     path, spec = tiny_model_file(tmp_path / "m.safetensors")
     done = run_cli("info", path, "--json")

@@ -49,11 +49,70 @@ def format_spec(spec: Any, title: str = "", n_params: int | None = None) -> str:
     ]
     if n_params is not None:
         lines.append(f"  parameters   : {n_params:,}")
-    lines.append(f"  provenance   : {_kv(spec.provenance) or 'none recorded'}")
-    metrics = [f"{k}={json.dumps(v) if isinstance(v, (dict, list)) else v}" for k, v in spec.metrics.items()]
-    lines.append(f"  metrics      : {metrics[0] if metrics else 'not evaluated'}")
-    lines += [f"                 {m}" for m in metrics[1:]]  # one metric a line: per-group dicts are long
+    lines += _block("provenance   : ", _provenance(spec.provenance) or ["none recorded"])
+    lines += _block("validation   : ", _metrics(spec.metrics) or ["not evaluated"])
+    test = spec.metrics.get("test")
+    if isinstance(test, dict):
+        lines += _block(f"{'test (n=' + str(test.get('n', '?')) + ')':<13}: ", _test(test))
+    if spec.provenance or spec.metrics:
+        lines.append("  (everything recorded: dmoe info MODEL --json)")
     return "\n".join(lines)
+
+
+# Provenance keys shown as one line each, in this order; the rest (config, router tables...) only with --json.
+_SHOWN = ("method", "source", "file", "command", "seed", "step", "git_commit", "world_size", "loss",
+          "benchmark_command")
+
+
+def _provenance(prov: dict) -> list[str]:
+    out = [f"{k}={prov[k]}" for k in _SHOWN if k in prov and not isinstance(prov[k], (dict, list))]
+    for split, info in (prov.get("data") or {}).items():
+        if isinstance(info, dict) and "n" in info:
+            groups = ", ".join(f"{g} {n}" for g, n in (info.get("groups") or {}).items())
+            out.append(f"{split} cases: {info['n']}" + (f" ({groups})" if groups else ""))
+    tune = prov.get("finetune")
+    if isinstance(tune, dict):
+        out.append(f"fine-tuned from {tune.get('base_model', '?')}")
+    return out
+
+
+def _metrics(metrics: dict) -> list[str]:
+    """The validation summary of the saved step: overall line, then one line per class with its groups."""
+    head = ", ".join(f"{k}={_num(metrics[k])}" for k in ("split", "step", "n", "dice", "es_dice") if k in metrics)
+    out = [head] if head else []
+    for name, row in (metrics.get("classes") or {}).items():
+        if isinstance(row, dict):
+            groups = ", ".join(f"{g} {_num(v)}" for g, v in (row.get("groups") or {}).items())
+            out.append(f"{name}: Dice {_num(row.get('dice'))}, ES-Dice {_num(row.get('es_dice'))}"
+                       + (f"; groups {groups}" if groups else ""))
+    other = [k for k in metrics if k not in ("split", "step", "n", "dice", "es_dice", "classes", "groups", "test")]
+    out += [f"{k}={_num(metrics[k]) if not isinstance(metrics[k], (dict, list)) else json.dumps(metrics[k])}"
+            for k in other]
+    return out
+
+
+def _test(test: dict) -> list[str]:
+    """Held-out test results with bootstrap CIs, per class: overall, ES-Dice, worst group, every group."""
+    out = []
+    for name, row in (test.get("classes") or {}).items():
+        out.append(f"{name}: Dice {_num(row.get('dice'))} {_ci(row.get('dice_ci'))}, ES-Dice "
+                   f"{_num(row.get('es_dice'))} {_ci(row.get('es_dice_ci'))}, worst group {row.get('worst_group')} "
+                   f"{_num(row.get('worst_group_dice'))}")
+        groups = row.get("groups") or {}
+        out.append("  " + ", ".join(f"{g} {_num(v.get('dice'))} (n={v.get('n')})" for g, v in groups.items()))
+    return out
+
+
+def _block(label: str, rows: list[str]) -> list[str]:
+    return [f"  {label}{rows[0]}"] + [f"  {' ' * len(label)}{r}" for r in rows[1:]]
+
+
+def _num(v: Any) -> str:
+    return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def _ci(ci: Any) -> str:
+    return f"[{ci[0]:.3f}, {ci[1]:.3f}]" if isinstance(ci, (list, tuple)) and len(ci) == 2 else ""
 
 
 def _kv(d: dict) -> str:
