@@ -112,7 +112,7 @@ def _num(v: Any) -> str:
 
 
 def _ci(ci: Any) -> str:
-    return f"[{ci[0]:.3f}, {ci[1]:.3f}]" if isinstance(ci, (list, tuple)) and len(ci) == 2 else ""
+    return f"[{ci[0]:.3f}, {ci[1]:.3f}]" if isinstance(ci, (list, tuple)) and len(ci) == 2 else "(no CI)"
 
 
 def _kv(d: dict) -> str:
