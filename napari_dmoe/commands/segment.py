@@ -23,7 +23,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--attribute", "-a", action="append", default=[], metavar="VALUE|NAME=VALUE",
                    help="patient attribute, e.g. -a Black or -a race=Black (repeat for several attributes); "
                    "'unknown' or leaving it out averages over all routers")
-    p.add_argument("--out", "-o", required=True, help="output labels file (.nii.gz, .nii, .png, .tif), or folder")
+    p.add_argument("--out", "-o", required=True,
+                   help="output labels file (.nii.gz, .nii, .png, .tif, or .dcm for DICOM SEG on a DICOM input), "
+                   "or folder")
     p.add_argument("--csv", help="batch: CSV with a column 'image' (file name in INPUT) and one column per attribute")
     p.add_argument("--routing-out", help="folder for routing maps (mean gate weight per expert, dominant expert)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
@@ -68,6 +70,10 @@ def segment_file(model: Any, src: Path, dest: Path, attribute: Any, args: argpar
     from napari_dmoe.inference import iter_segment
 
     volume = read_image(src)
+    if str(dest).lower().endswith(".dcm"):  # refuse before the inference, not after it
+        from napari_dmoe.data.dicom_seg import require_dicom_source
+
+        require_dicom_source(volume, dest)
     gen = iter_segment(model, volume.array, attribute, spacing=volume.spacing if volume.meta.get("spacing_known",
                        True) else None, device=args.device, overlap=args.overlap, sw_batch_size=args.window_batch,
                        amp=not args.no_amp, channels_last=args.channels_last, compile=args.compile, rgb=volume.rgb,
@@ -82,12 +88,22 @@ def segment_file(model: Any, src: Path, dest: Path, attribute: Any, args: argpar
             print(f"\r  {src.name}: {step.stage} {step.done}/{step.total}", end="", file=sys.stderr, flush=True)
     if not args.quiet:
         print(file=sys.stderr)
-    write_labels(dest, result.labels, like=volume)
+    write_labels(dest, result.labels, like=volume, class_names=model.spec.class_names,
+                 algorithm=_algorithm(model, result) if str(dest).lower().endswith(".dcm") else None)
     if routing_dir is not None and result.routing:
         write_routing(routing_dir, src, result, volume)
     for note in [*volume.meta.get("warnings", []), *result.conversions, *result.warnings]:
         print(f"  note: {src.name}: {note}", file=sys.stderr)
     return result
+
+
+def _algorithm(model: Any, result: Any) -> Any:
+    """What DICOM SEG records about the model: its file name and the attribute used."""
+    from napari_dmoe.data.dicom_seg import SegAlgorithm
+
+    attr = result.attribute if isinstance(result.attribute, str) else ", ".join(
+        f"{k}={v}" for k, v in result.attribute.items())
+    return SegAlgorithm(model=Path(str(getattr(model, "path", "") or "")).name, attribute=attr)
 
 
 def write_routing(folder: Path, src: Path, result: Any, volume: Any) -> None:

@@ -136,7 +136,9 @@ def read_dicom_file(path: str | Path) -> Volume:
     else:
         origin = (0.0,) * len(spacing)
     affine = _zyx_affine(pos, dirs, spacing) if dirs is not None and len(spacing) == 3 and not rgb else None
-    return Volume(array=array, spacing=spacing, origin=origin, affine=affine, meta=_meta(path, ds, warnings, rgb=rgb))
+    meta = _meta(path, ds, warnings, rgb=rgb, files=[str(path)],
+                 sop_instance_uids=[str(getattr(ds, "SOPInstanceUID", ""))])
+    return Volume(array=array, spacing=spacing, origin=origin, affine=affine, meta=meta)
 
 
 def _group_series(paths: list[Path]) -> tuple[dict[str, list[tuple[Path, Any]]], int]:
@@ -220,6 +222,8 @@ def read_dicom_series(folder: str | Path | list[str | Path]) -> Volume:
         affine = _zyx_affine(pos, dirs, spacing)
     else:
         origin, affine = (0.0, 0.0, 0.0), None
+    # the sorted files and their SOPInstanceUIDs: plane z of the array is files[z] (DICOM SEG export refers to it)
     meta = _meta(folder, first, warnings, rgb=False, n_files_skipped=skipped, other_series=others,
-                 files=[str(p) for p, _ in items])
+                 files=[str(p) for p, _ in items],
+                 sop_instance_uids=[str(getattr(ds, "SOPInstanceUID", "")) for _, ds in items])
     return Volume(array=array, spacing=spacing, origin=origin, affine=affine, meta=meta)

@@ -226,11 +226,14 @@ def _label_dtype(labels: np.ndarray) -> np.dtype:
     raise ImageWriteError(f"label value {top} does not fit 16 bits; relabel to fewer classes")
 
 
-def write_labels(path: str | Path, labels: np.ndarray, like: Volume | None = None) -> Path:
-    """Write a label map as NIfTI (.nii/.nii.gz) in the geometry of `like`, or as PNG/TIFF.
+def write_labels(path: str | Path, labels: np.ndarray, like: Volume | None = None, *,
+                 class_names: Sequence[str] = (), algorithm: Any = None) -> Path:
+    """Write a label map as NIfTI (.nii/.nii.gz) in the geometry of `like`, as PNG/TIFF, or as DICOM SEG (.dcm).
 
     `labels` is in the napari order of `like.array` (same spatial shape). For a NIfTI source the file
-    gets the source's affine and voxel order back exactly.
+    gets the source's affine and voxel order back exactly. DICOM SEG needs `like` read from DICOM (it references
+    the source images); `class_names` name its segments and `algorithm` (`dicom_seg.SegAlgorithm`) says what
+    made them. Other formats ignore both.
     """
     path = Path(path)
     labels = np.asarray(labels)
@@ -243,6 +246,11 @@ def write_labels(path: str | Path, labels: np.ndarray, like: Volume | None = Non
     suffix = suffix_of(path)
     if not path.parent.exists():
         raise ImageWriteError(f"{path.parent}: folder does not exist")
+    if suffix == ".dcm":
+        from .dicom_seg import require_dicom_source, write_dicom_seg
+
+        require_dicom_source(like, path)
+        return write_dicom_seg(path, labels, like, class_names=class_names, algorithm=algorithm)
     if suffix in NIFTI_SUFFIXES:
         _write_nifti(path, labels, like)
     elif suffix == ".png":
@@ -258,7 +266,8 @@ def write_labels(path: str | Path, labels: np.ndarray, like: Volume | None = Non
 
         tifffile.imwrite(path, labels)
     else:
-        raise ImageWriteError(f"{path}: cannot write labels as {suffix or '(no suffix)'!r}; use .nii.gz, .png or .tif")
+        raise ImageWriteError(f"{path}: cannot write labels as {suffix or '(no suffix)'!r}; use .nii.gz, .png, .tif "
+                              f"or .dcm (DICOM SEG, for DICOM sources)")
     return path
 
 
