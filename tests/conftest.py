@@ -56,3 +56,16 @@ def notifications():
 
     start = len(notification_manager.records)
     return lambda: [(str(n.severity), str(n.message)) for n in notification_manager.records[start:]]
+
+
+@pytest.fixture(scope="module")
+def registered_plugin():
+    """Discover our manifest through its entry point, as napari does at start-up."""
+    import npe2
+
+    pm = npe2.PluginManager.instance()
+    try:
+        pm.get_manifest("napari-dmoe")
+    except KeyError:
+        pm.discover(include_npe1=False)
+    pm.get_manifest("napari-dmoe")  # raises if the entry point is missing

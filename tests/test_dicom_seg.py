@@ -134,16 +134,6 @@ def test_shape_mismatch_and_missing_source_file(tmp_path):
     assert not list(tmp_path.glob("*.dcm")) and not list(tmp_path.glob(".*tmp"))
 
 
-@pytest.fixture(scope="module")
-def registered_plugin():
-    """Discover our manifest through its entry point, as napari does at start-up."""
-    pm = npe2.PluginManager.instance()
-    try:
-        pm.get_manifest("napari-dmoe")
-    except KeyError:
-        pm.discover(include_npe1=False)
-
-
 def test_napari_writer_and_single_2d_file(tmp_path, registered_plugin):
     [(image, kwargs, _)] = npe2.read([CT], plugin_name="napari-dmoe", stack=False)
     labels = np.zeros(image.shape, np.uint8)

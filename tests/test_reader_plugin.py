@@ -15,15 +15,7 @@ from napari_dmoe.data.io import read_image
 CT = get_testdata_file("CT_small.dcm")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def registered_plugin():
-    """Discover our manifest through its entry point, as napari does at start-up."""
-    pm = npe2.PluginManager.instance()
-    try:
-        pm.get_manifest("napari-dmoe")
-    except KeyError:
-        pm.discover(include_npe1=False)
-    pm.get_manifest("napari-dmoe")
+pytestmark = pytest.mark.usefixtures("registered_plugin")  # conftest: discover our manifest once
 
 
 def write_nifti(path, spacing=(0.7, 0.9, 3.0)):
