@@ -177,3 +177,19 @@ def test_seg_says_whether_a_person_edited_or_drew_the_mask(tmp_path, registered_
     assert all(s.SegmentAlgorithmName == "napari-dmoe" for s in seg.SegmentSequence)
     kinds, seg = algorithm_type(edited, dict(kwargs["metadata"]), "drawn.dcm")  # no dmoe provenance: drawn by hand
     assert kinds == {"MANUAL"} and not any("SegmentAlgorithmName" in s for s in seg.SegmentSequence)
+
+
+def test_batch_writes_dicom_seg_for_dicom_inputs_only(tmp_path, capsys):
+    """--dicom-seg: a series folder gets <name>_labels.dcm; a NIfTI case in the same batch stays .nii.gz."""
+    (tmp_path / "cases").mkdir()
+    make_series(tmp_path / "cases" / "ct1", n=8, size=64)
+    write_volume(tmp_path / "cases" / "vol2.nii.gz", np.random.default_rng(0).normal(0, 50, (8, 64, 64)),
+                 (2.5, 1.0, 1.0))
+    (tmp_path / "cases.csv").write_text("image,race\nct1,Black\nvol2.nii.gz,White\n")
+    model = tiny("resunet3d-tiny", input_size=[64, 64, 64])
+    save_model(tmp_path / "tiny3d.safetensors", model.network, model.spec)
+    assert main(["segment", str(tmp_path / "tiny3d.safetensors"), str(tmp_path / "cases"), "--csv",
+                 str(tmp_path / "cases.csv"), "-o", str(tmp_path / "out"), "--dicom-seg", "-q"]) == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["ct1_labels.dcm", "vol2_labels.nii.gz"]
+    seg = hd.seg.segread(tmp_path / "out" / "ct1_labels.dcm")
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == read_image(tmp_path / "cases" / "ct1").meta["series_uid"]

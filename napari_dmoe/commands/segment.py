@@ -27,6 +27,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="output labels file (.nii.gz, .nii, .png, .tif, or .dcm for DICOM SEG on a DICOM input), "
                    "or folder")
     p.add_argument("--csv", help="batch: CSV with a column 'image' (file name in INPUT) and one column per attribute")
+    p.add_argument("--dicom-seg", action="store_true",
+                   help="batch: write the masks of DICOM inputs (series folders, .dcm files) as DICOM SEG "
+                        "(<name>_labels.dcm) instead of NIfTI")
     p.add_argument("--routing-out", help="folder for routing maps (mean gate weight per expert, dominant expert)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
     p.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap (default: %(default)s)")
@@ -149,7 +152,9 @@ def run(args: argparse.Namespace) -> int:
 
             suffix = suffix_of(path)
             stem = path.name[: -len(suffix)] if suffix else path.name
-            dest = out / f"{stem}_labels{'.nii.gz' if suffix in ('.nii', '.nii.gz', '.dcm', '') else '.png'}"
+            dicom = suffix in (".dcm", "")  # a .dcm file or a series folder
+            ext = ".dcm" if dicom and args.dicom_seg else ".nii.gz" if dicom or suffix in (".nii", ".nii.gz") else ".png"
+            dest = out / f"{stem}_labels{ext}"
             result = segment_file(model, path, dest, attribute, args, routing_dir)
             print(f"{path} -> {dest} ({_describe(result)})")
         except (ValueError, OSError) as err:  # one bad case must not stop the batch; it is reported and counted
