@@ -256,3 +256,17 @@ def test_generation_is_fast():
     start = time.perf_counter()
     make_prostate(0, "T4")
     assert fundus_s < 0.2 and time.perf_counter() - start < 2.0
+
+
+def test_group_visibility_script_reports_skin_more_visible_than_fundus():
+    """sample_data/group_visibility.py backs the BENCHMARKS.md reading of the skin result (age shows in the image)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "sample_data" / "group_visibility.py"
+    done = subprocess.run([sys.executable, str(script), "--n", "30"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    values = dict(part.split("=") for part in done.stdout.strip().splitlines()[-1].split())
+    fundus, skin = float(values["fundus_brightness_dprime"]), float(values["skin_dark_area_dprime"])
+    assert fundus < 1.0 < skin, (fundus, skin)
