@@ -6,8 +6,8 @@ on the prostate sample (T3); on the test split the dMoE models' group means are 
 passes, and far above what a broken pipeline gives (wrong spacing, normalisation or router mapping, untrained
 weights: Dice near 0).
 
-The skin model scores lesion 0.90 on the napari skin sample (age 80+; its test-split 80+ group: 0.919, 95 % CI
-0.911-0.926) and 0.54 when told the wrong age (0-19, whose annotators leave out the faint periphery): the router,
+The skin model scores lesion 0.92 on the napari skin sample (age 80+; its test-split 80+ group: 0.926, 95 % CI
+0.919-0.932) and 0.61 when told the wrong age (0-19, whose annotators leave out the faint periphery): the router,
 not only the image, sets where the boundary goes.
 """
 from __future__ import annotations
