@@ -305,6 +305,8 @@ class SegmentWidget(QWidget):
                                    position=launch["position"], maps=launch["maps"] and not launch["sweep"])
             kept += replace_layers(self.viewer, layers)
             warnings += [w for w in layers[0][1]["metadata"][RESULT_KEY]["warnings"] if w not in warnings]
+        if any(kind == "image" for _, _, kind in layers):  # the heatmaps add a leading expert axis
+            label_expert_axis(self.viewer, len(source.scale))
         text = _summary(result, warnings)
         if kept:
             text += "; kept your edited " + ", ".join(f"'{old}' as '{new}'" for old, new in kept)
@@ -334,6 +336,15 @@ class SegmentWidget(QWidget):
                 self.sweep_table.setItem(row, col, item)
         self.sweep_table.setSortingEnabled(True)
         self.last_sweep = table
+
+
+def label_expert_axis(viewer: Any, n_spatial: int) -> None:
+    """Name the heatmaps' leading axis "expert", so its slider does not read napari's default "-3". Only when
+    there is exactly one axis before the image's and nobody has named it (default labels are numbers)."""
+    labels = list(viewer.dims.axis_labels)
+    if len(labels) == n_spatial + 1 and labels[0].lstrip("-").isdigit():
+        labels[0] = "expert"
+        viewer.dims.axis_labels = labels
 
 
 def replace_layers(viewer: Any, layers: list) -> list[tuple[str, str]]:
