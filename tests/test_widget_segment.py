@@ -55,7 +55,7 @@ def test_segment_adds_aligned_layers_with_provenance(make_napari_viewer, qtbot, 
         np.testing.assert_allclose(layer.scale, image.scale)
         np.testing.assert_allclose(layer.translate, image.translate)
     assert experts.data.shape == (4, *image.data.shape)
-    assert viewer.dims.axis_labels[0] == "expert"  # the heatmaps' slider says what it browses
+    assert tuple(viewer.dims.axis_labels) == ("expert", "y", "x")  # the heatmaps' slider says what it browses
     np.testing.assert_allclose(experts.scale, (1.0, *image.scale))
     np.testing.assert_allclose(experts.translate, (0.0, *image.translate))
     assert mask.visible and not experts.visible and not dominant.visible

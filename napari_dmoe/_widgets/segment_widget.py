@@ -339,12 +339,12 @@ class SegmentWidget(QWidget):
 
 
 def label_expert_axis(viewer: Any, n_spatial: int) -> None:
-    """Name the heatmaps' leading axis "expert", so its slider does not read napari's default "-3". Only when
-    there is exactly one axis before the image's and nobody has named it (default labels are numbers)."""
+    """Name the heatmaps' leading axis "expert" (and z, y, x after it), so the sliders do not read napari's
+    default "-4", "-3". Only when there is exactly one axis before the image's and no axis has been named yet
+    (napari's default labels are numbers)."""
     labels = list(viewer.dims.axis_labels)
-    if len(labels) == n_spatial + 1 and labels[0].lstrip("-").isdigit():
-        labels[0] = "expert"
-        viewer.dims.axis_labels = labels
+    if len(labels) == n_spatial + 1 and all(label.lstrip("-").isdigit() for label in labels):
+        viewer.dims.axis_labels = ["expert", *("z", "y", "x")[-n_spatial:]]
 
 
 def replace_layers(viewer: Any, layers: list) -> list[tuple[str, str]]:
