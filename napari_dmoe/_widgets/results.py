@@ -2,7 +2,7 @@
 
 No Qt and no torch: plain numpy and dicts, so the layer contents are testable without a viewer.
 Layer names are deterministic ("<image> mask [race=Black]"), which lets a re-run replace the layers of the
-same image and attribute instead of piling up (see ``replace_layers`` in the segment widget). A result the user
+same image and attribute instead of piling up (see ``placement.replace_layers``). A result the user
 edited must never be replaced: editable layers carry a digest of the data we made (``data_digest``), and a layer
 whose data no longer matches it is kept under another name (``is_edited``, ``edited_name``).
 """

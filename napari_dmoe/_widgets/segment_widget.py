@@ -9,6 +9,7 @@ replaced: it is kept as "<name> (edited)" and the new result added beside it.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from napari.layers import Image
@@ -19,6 +20,7 @@ from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
     QAbstractItemView,
     QComboBox,
+    QFileDialog,
     QFormLayout,
     QHBoxLayout,
     QLabel,
@@ -40,17 +42,8 @@ from napari_dmoe._widgets.controls import (
     routing_positions,
 )
 from napari_dmoe._widgets.jobs import JobResult, ModelCache, SegmentRequest, Step, advance, run_sweep
-from napari_dmoe._widgets.results import (
-    DIGEST_KEY,
-    EDITABLE_TYPES,
-    RESULT_KEY,
-    SourceInfo,
-    data_digest,
-    edited_name,
-    is_edited,
-    is_result,
-    result_layers,
-)
+from napari_dmoe._widgets.placement import label_expert_axis, replace_layers
+from napari_dmoe._widgets.results import RESULT_KEY, SourceInfo, is_result, result_layers
 from napari_dmoe.data.io import layer_spacing
 
 if TYPE_CHECKING:
@@ -94,6 +87,9 @@ class SegmentWidget(QWidget):
         self.sweep_attribute = QComboBox()
         self.status = QLabel()
         self.status.setWordWrap(True)
+        self.save_button = QPushButton("Save mask...")
+        self.save_button.setToolTip("Save the selected mask (or the last one made): DICOM SEG for a DICOM series, "
+                                    "NIfTI in the source geometry for NIfTI, PNG for a 2D image")
         self.sweep_table = QTableWidget(0, len(SWEEP_COLUMNS))
         self.sweep_table.setHorizontalHeaderLabels(SWEEP_COLUMNS)
         self.sweep_table.setEditTriggers(QAbstractItemView.NoEditTriggers)
@@ -121,6 +117,7 @@ class SegmentWidget(QWidget):
         layout.addWidget(self.advanced)
         layout.addWidget(self.run_button)
         layout.addWidget(self.status)
+        layout.addWidget(self.save_button)
         layout.addWidget(sweep)
         layout.addStretch(1)
 
@@ -128,6 +125,7 @@ class SegmentWidget(QWidget):
         self.images.currentIndexChanged.connect(self._on_image_changed)
         self.run_button.clicked.connect(self._on_run_clicked)
         self.sweep_button.clicked.connect(self.sweep)
+        self.save_button.clicked.connect(lambda: self.save_mask())
 
     # -- model and image -----------------------------------------------------------------------------------
     def _on_model_changed(self, path: str) -> None:
@@ -318,6 +316,33 @@ class SegmentWidget(QWidget):
         if launch["sweep"]:
             self.show_sweep(result)
 
+    def save_mask(self, path: str | Path | None = None) -> Path | None:
+        """Save the selected result mask (else the newest one) to ``path``, asked with a dialog when None, in the
+        source's own format by default; returns the path written, or None when cancelled or refused."""
+        from napari_dmoe._widgets import save_mask as sm
+
+        selected = self.viewer.layers.selection.active
+        masks = [layer for layer in self.viewer.layers if sm.is_mask(layer)]
+        layer = selected if selected is not None and sm.is_mask(selected) else (masks[-1] if masks else None)
+        if layer is None:
+            show_error("No mask to save: segment an image first")
+            return None
+        if path is None:
+            default = sm.default_path(layer)
+            filters = ";;".join([sm.FILTERS[sm.default_suffix(layer)],
+                                 *(f for s, f in sm.FILTERS.items() if s != sm.default_suffix(layer))])
+            path, _ = QFileDialog.getSaveFileName(self, f"Save {layer.name}", str(default), filters)
+            if not path:
+                return None
+        try:
+            written = sm.save(layer, path)
+        except (ValueError, OSError) as err:  # ImageWriteError is a ValueError: bad format for this source
+            show_error(f"Mask not saved: {err}")
+            return None
+        self.status.setText(f"Saved '{layer.name}' to {written}")
+        show_info(f"Saved '{layer.name}' to {written}")
+        return written
+
     def show_sweep(self, result: JobResult) -> None:
         """Fill the sweep table with pairwise Dice and changed pixels between the masks."""
         from napari_dmoe.sweep import pairwise_agreement
@@ -336,39 +361,6 @@ class SegmentWidget(QWidget):
                 self.sweep_table.setItem(row, col, item)
         self.sweep_table.setSortingEnabled(True)
         self.last_sweep = table
-
-
-def label_expert_axis(viewer: Any, n_spatial: int) -> None:
-    """Name the heatmaps' leading axis "expert" (and z, y, x after it), so the sliders do not read napari's
-    default "-4", "-3". Only when there is exactly one axis before the image's and no axis has been named yet
-    (napari's default labels are numbers)."""
-    labels = list(viewer.dims.axis_labels)
-    if len(labels) == n_spatial + 1 and all(label.lstrip("-").isdigit() for label in labels):
-        viewer.dims.axis_labels = ["expert", *("z", "y", "x")[-n_spatial:]]
-
-
-def replace_layers(viewer: Any, layers: list) -> list[tuple[str, str]]:
-    """Add result layers; a result layer of the same name (same image and attribute) is replaced, unless the
-    user edited its data since we made it: that one is renamed "<name> (edited)" and kept.
-
-    Returns (old name, new name) of every edited layer kept. Editable layers get a digest of their data once
-    added (what napari holds, so a dtype conversion on adding can never look like an edit).
-    """
-    kept = []
-    for data, kwargs, kind in reversed(layers):  # the mask ends up on top
-        name = kwargs["name"]
-        if name in viewer.layers and is_result(viewer.layers[name].metadata):
-            old = viewer.layers[name]
-            if is_edited(old.metadata, old.data):
-                old.name = edited_name(name, viewer.layers)
-                old.metadata[RESULT_KEY]["edited"] = True
-                kept.append((name, old.name))
-            else:
-                viewer.layers.remove(old)
-        layer = getattr(viewer, f"add_{kind}")(data, **kwargs)
-        if kind in EDITABLE_TYPES:
-            layer.metadata[RESULT_KEY][DIGEST_KEY] = data_digest(layer.data)
-    return kept
 
 
 def _summary(result: JobResult, warnings: list[str]) -> str:
