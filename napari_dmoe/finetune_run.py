@@ -296,17 +296,56 @@ def evaluate_on_pairs(model_path: str | os.PathLike, csv_path: str | os.PathLike
     return {g: float(sum(v) / len(v)) for g, v in per_group.items()}
 
 
+RUN_FOLDER = "<fine-tune run folder>"
+
+
+def shareable(provenance: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """The provenance a fine-tuned model file carries, safe to share with another site.
+
+    Models travel; the names of the cases they were tuned on must not. Case names come from layer names, which
+    often hold patient names or IDs, and local folders may too. So the model keeps how many cases per split and
+    per attribute value, the settings and the base model's file name; the case list and the full paths stay in
+    the run folder (``provenance.json``, ``pairs.csv``), which never leaves the machine."""
+    out = _replace_paths(provenance, str(run_dir), RUN_FOLDER)
+    base = str((provenance.get("finetune") or {}).get("base_model") or "")
+    if base:  # the engine records the base model's full path too (config, init)
+        for form in {base, str(Path(base).resolve())}:
+            out = _replace_paths(out, form, Path(base).name)
+    tune = dict(out.get("finetune") or {})
+    data = dict(tune.get("data") or {})
+    for split in ("train", "val"):
+        if isinstance(data.get(split), list):
+            data[f"n_{split}"] = len(data.pop(split))
+    data.pop("csv_path", None)
+    tune["data"] = data
+    for key in ("base_model", "config"):
+        if tune.get(key):
+            tune[key] = Path(str(tune[key])).name
+    out["finetune"] = tune
+    return out
+
+
+def _replace_paths(value: Any, old: str, new: str) -> Any:
+    if isinstance(value, dict):
+        return {k: _replace_paths(v, old, new) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_replace_paths(v, old, new) for v in value]
+    return value.replace(old, new) if isinstance(value, str) else value
+
+
 def compare_and_save(base: str, trained: str, csv_path: str, out_model: str, provenance: dict[str, Any],
                      device: str = "cpu") -> dict[str, Any]:
     """Evaluate base and fine-tuned models on the validation pairs; save the fine-tuned model (atomically) with
-    the fine-tune provenance and the after-metrics in its spec; return ``{"before", "after", "model"}``."""
+    the fine-tune provenance (``shareable``: no case names or local paths) and the after-metrics in its spec;
+    return ``{"before", "after", "model"}``."""
     from napari_dmoe.checkpoint import load_model, save_model
 
     before = evaluate_on_pairs(base, csv_path, device=device)
     after = evaluate_on_pairs(trained, csv_path, device=device)
     model = load_model(trained)
     spec = model.spec
-    spec.provenance = {**spec.provenance, "finetune": {**provenance, "base_model": str(base)}}
+    run_dir = Path(out_model).resolve().parent
+    spec.provenance = shareable({**spec.provenance, "finetune": {**provenance, "base_model": str(base)}}, run_dir)
     spec.metrics = {**spec.metrics, "finetune_validation_dice": {"before": before, "after": after}}
     save_model(out_model, model.network, spec)
     return {"before": before, "after": after, "model": str(Path(out_model).resolve())}

@@ -1,6 +1,7 @@
 """Fine-tune widget on a real viewer (xvfb) running the real ``dmoe train`` in a subprocess on a tiny model."""
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -104,8 +105,13 @@ def test_finetune_on_layers_end_to_end(make_napari_viewer, qtbot, base_model, tm
     assert set(before) == set(after)
     assert any(not np.array_equal(before[k], after[k]) for k in before)  # the weights changed
     finetune = new.spec.provenance["finetune"]
-    assert finetune["base_model"] == str(base_model.resolve())
-    assert finetune["data"]["val"] == ["scan1"] and finetune["data"]["counts"]["race"] == {"Asian": 2, "Black": 1, "White": 1}
+    assert finetune["base_model"] == base_model.name
+    assert finetune["data"]["n_val"] == 1 and finetune["data"]["counts"]["race"] == {"Asian": 2, "Black": 1, "White": 1}
+    # the model can be shared: no case (layer) names and no local paths in its header; they stay in the run folder
+    header = json.dumps(new.spec.to_dict())
+    assert "scan1" not in header and str(widget.run_dir) not in header and str(tmp_path) not in header
+    local = json.loads((widget.run_dir / "provenance.json").read_text())
+    assert local["data"]["val"] == ["scan1"]
     assert finetune["settings"]["steps"] == 3
     rows = widget.compare.values()
     assert [r[0] for r in rows] == ["Black", "all"] and all(len(r) == 4 for r in rows)
@@ -218,7 +224,9 @@ def test_3d_finetune_through_the_widget(make_napari_viewer, qtbot, model3d, tmp_
     assert set(before) == set(after)
     assert any(not np.array_equal(before[k], after[k]) for k in before)  # the weights changed
     finetune = new.spec.provenance["finetune"]
-    assert finetune["data"]["train"] == ["vol0"] and finetune["data"]["val"] == ["vol1"]
+    assert finetune["data"]["n_train"] == 1 and finetune["data"]["n_val"] == 1
+    header = json.dumps(new.spec.to_dict())
+    assert "vol0" not in header and str(tmp_path) not in header  # shareable: no case names, no local paths
     assert finetune["settings"]["patch_size"] == [64, 64, 64]
     rows = widget.compare.values()
     assert [r[0] for r in rows] == ["Black", "all"] and all(len(r) == 4 for r in rows)
