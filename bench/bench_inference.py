@@ -22,8 +22,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _util import machine, median, summary, table  # noqa: E402
 
-from napari_dmoe.checkpoint import load_model, save_model  # noqa: E402
-from napari_dmoe.inference import segment  # noqa: E402
+from napari_dmoe.io.checkpoint import load_model, save_model  # noqa: E402
+from napari_dmoe.inference.engine import segment  # noqa: E402
 from napari_dmoe.model import build_network, make_spec  # noqa: E402
 
 MODELS = Path(__file__).resolve().parents[1] / "napari_dmoe" / "assets" / "models"

@@ -41,8 +41,8 @@ def child(preset: str, shape: tuple[int, ...], routing: str, folder: str, thread
     import numpy as np
     import torch
 
-    from napari_dmoe.checkpoint import load_model, save_model
-    from napari_dmoe.inference import segment
+    from napari_dmoe.io.checkpoint import load_model, save_model
+    from napari_dmoe.inference.engine import segment
     from napari_dmoe.model import build_network, make_spec
 
     if threads:

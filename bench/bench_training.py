@@ -66,7 +66,7 @@ def run_case(work: Path, name: str, data: dict, steps: int, nproc: int = 1, thre
     events = work / f"{tag}.jsonl"
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] \
         if nproc > 1 else [sys.executable]
-    cmd = [*launcher, "-m", "napari_dmoe.cli", "train", str(path), "--events", str(events), "--device", device,
+    cmd = [*launcher, "-m", "napari_dmoe.cli.main", "train", str(path), "--events", str(events), "--device", device,
            "--quiet"]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)

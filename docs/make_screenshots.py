@@ -25,7 +25,7 @@ def shoot(sample: str, out: Path, show_routing: bool) -> Path:
     import napari
     from qtpy.QtWidgets import QApplication
 
-    from napari_dmoe.launch import build_viewer
+    from napari_dmoe.plugin.launch import build_viewer
 
     viewer = napari.Viewer(title=f"napari-dmoe: {sample}", show=True)
     viewer.window._qt_window.resize(1500, 900)  # napari has no public API for the window size

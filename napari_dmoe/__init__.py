@@ -9,13 +9,13 @@ from typing import Any
 __version__ = "0.1.0"
 
 _LAZY = {
-    "load_model": "napari_dmoe.checkpoint",
-    "save_model": "napari_dmoe.checkpoint",
-    "Model": "napari_dmoe.checkpoint",
+    "load_model": "napari_dmoe.io.checkpoint",
+    "save_model": "napari_dmoe.io.checkpoint",
+    "Model": "napari_dmoe.io.checkpoint",
     "ModelSpec": "napari_dmoe.model.spec",
-    "segment": "napari_dmoe.inference",
-    "iter_segment": "napari_dmoe.inference",
-    "Segmentation": "napari_dmoe.inference",
+    "segment": "napari_dmoe.inference.engine",
+    "iter_segment": "napari_dmoe.inference.engine",
+    "Segmentation": "napari_dmoe.inference.engine",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -186,7 +186,7 @@ def _git_commit() -> str | None:
 
 def ship(runs: Path, dest: Path, summary: dict[str, Any], command: str, datasets: list[str]) -> list[Path]:
     """Copy the dMoE model of each of ``datasets`` to ``dest`` with its test metrics added to the spec."""
-    from napari_dmoe.checkpoint import load_model, save_model
+    from napari_dmoe.io.checkpoint import load_model, save_model
 
     written = []
     for dataset in (d for d in summary if d in datasets):

@@ -35,8 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from napari_dmoe.checkpoint import load_model
-    from napari_dmoe.inference import segment
+    from napari_dmoe.io.checkpoint import load_model
+    from napari_dmoe.inference.engine import segment
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", type=Path, default=ROOT / "napari_dmoe/assets/models/fundus-dmoe.safetensors")

@@ -49,7 +49,7 @@ def make_image(shape=(48, 64)) -> np.ndarray:
 def make_model(path, seed: int = 0):
     """A tiny TransUNet-dMoE whose masks depend on the image and the attribute (random weights, scaled so
     the routers, experts and head are decisive; head bias centred so all three classes appear)."""
-    from napari_dmoe.checkpoint import save_model
+    from napari_dmoe.io.checkpoint import save_model
 
     torch.manual_seed(seed)
     spec = make_spec("transunet2d-tiny", "race", RACES, WIDGET_CLASSES, n_experts=4)

@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import napari_dmoe.checkpoint as ckpt
+import napari_dmoe.io.checkpoint as ckpt
 import napari_dmoe.model as model_pkg
-from napari_dmoe.checkpoint import CheckpointError, Model, load_model, read_spec, save_model, tensor_shapes
+from napari_dmoe.io.checkpoint import CheckpointError, Model, load_model, read_spec, save_model, tensor_shapes
 from napari_dmoe.model.spec import Attribute, ModelSpec
 
 
@@ -279,7 +279,7 @@ def test_saved_files_get_the_usual_permissions(tmp_path, model2d):
     """Atomic writes must not leave a model readable by its owner only (mkstemp's 0600) on a shared server."""
     import os
 
-    from napari_dmoe.checkpoint import save_model
+    from napari_dmoe.io.checkpoint import save_model
 
     plain = tmp_path / "plain.txt"
     plain.write_text("x")  # what the user's umask gives a new file

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from napari_dmoe import __version__
-from napari_dmoe.checkpoint import save_model
-from napari_dmoe.cli import build_parser, main
-from napari_dmoe.commands import COMMANDS
+from napari_dmoe.io.checkpoint import save_model
+from napari_dmoe.cli.main import build_parser, main
+from napari_dmoe.cli import COMMANDS
 from napari_dmoe.model.spec import Attribute, ModelSpec
 
 
@@ -30,7 +30,7 @@ def tiny_model_file(path):
 
 def run_cli(*args):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "napari_dmoe.cli", *map(str, args)],
+    return subprocess.run([sys.executable, "-m", "napari_dmoe.cli.main", *map(str, args)],
                           capture_output=True, text=True, timeout=120, env=env)
 
 
@@ -87,7 +87,7 @@ def test_info_text_and_json(tmp_path, capsys):
 
 
 def test_info_shows_the_shipped_models_test_results_readably(capsys):
-    from napari_dmoe.demo import MODELS_DIR
+    from napari_dmoe.cli.demo_pictures import MODELS_DIR
 
     assert main(["info", str(MODELS_DIR / "prostate-dmoe.safetensors")]) == 0
     out = capsys.readouterr().out
@@ -181,7 +181,7 @@ def official_checkpoint(path, preset, values, classes, heads=None):
     ("resunet3d-tiny", "T1,T2,T3,T4", "background,prostate", None),
 ])
 def test_import_official_end_to_end(tmp_path, capsys, preset, values, classes, heads):
-    from napari_dmoe.checkpoint import load_model
+    from napari_dmoe.io.checkpoint import load_model
 
     src, out = tmp_path / "best.pth", tmp_path / "imported.safetensors"
     reference = official_checkpoint(src, preset, values.split(","), classes.split(","), heads)

@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from napari_dmoe.data.base import AGE_BINS, DatasetError, Vocabulary, age_bin, check_dataset
-from napari_dmoe.data.datasets import FairSegDataset, GenericFolderDataset, HAM10000Dataset, NiftiFolderDataset
+from napari_dmoe.datasets.base import AGE_BINS, DatasetError, Vocabulary, age_bin, check_dataset
+from napari_dmoe.datasets.formats import FairSegDataset, GenericFolderDataset, HAM10000Dataset, NiftiFolderDataset
 from napari_dmoe.model.spec import Attribute, ModelSpec
 
 RACE = Attribute("race", ["Asian", "Black", "White"])
@@ -216,7 +216,7 @@ def test_nifti_folder_items_and_report(tmp_path):
     item = ds[1]
     assert item["id"] == "p2" and item["attr"] == 2 and item["group"] == "T3"
     assert item["image"].shape == (1, 4, 5, 6) and item["label"].shape == (4, 5, 6)  # canonical (z, y, x)
-    from napari_dmoe.data.io import read_image
+    from napari_dmoe.io.images import read_image
 
     np.testing.assert_array_equal(item["label"], read_image(tmp_path / "labels" / "p2.nii.gz").array)
     assert item["label"].sum() == 8

@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from napari_dmoe.checkpoint import load_model, read_spec
-from napari_dmoe.demo import MODELS_DIR, demo_cases
-from napari_dmoe.fairness import image_metrics
-from napari_dmoe.inference import segment
+from napari_dmoe.io.checkpoint import load_model, read_spec
+from napari_dmoe.cli.demo_pictures import MODELS_DIR, demo_cases
+from napari_dmoe.evaluation.fairness import image_metrics
+from napari_dmoe.inference.engine import segment
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = {name: MODELS_DIR / f"{name}-dmoe.safetensors" for name in ("fundus", "prostate", "skin")}
@@ -109,7 +109,7 @@ def test_benchmark_summary_is_rebuilt_from_the_reports(tmp_path):
 
 def test_skin_model_segments_the_napari_skin_sample():
     """The skin demo model is conditioned on the skin sample's attribute (age, 80+) and finds its lesion."""
-    from napari_dmoe._sample_data import skin_sample
+    from napari_dmoe.plugin.samples import skin_sample
 
     (image, image_kw, _), (truth, _, _) = skin_sample()
     (name, value), = image_kw["metadata"]["dmoe_attributes"].items()

@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 
-from napari_dmoe.checkpoint import save_model
-from napari_dmoe.cli import main
+from napari_dmoe.io.checkpoint import save_model
+from napari_dmoe.cli.main import main
 from napari_dmoe.model import build_network, make_spec
 from napari_dmoe.model.spec import Attribute
 from training_data import tiny_config, write_fairseg, write_folder
@@ -35,7 +35,7 @@ def fairseg_config(tmp_path):
 def test_evaluate_subprocess_writes_report_plots_and_heatmap(tmp_path, fairseg_config):
     model = _model(tmp_path / "dmoe.safetensors")
     out = tmp_path / "ev"
-    proc = subprocess.run([sys.executable, "-m", "napari_dmoe.cli", "evaluate", str(model), str(fairseg_config),
+    proc = subprocess.run([sys.executable, "-m", "napari_dmoe.cli.main", "evaluate", str(model), str(fairseg_config),
                            "--out", str(out), "--n-boot", "50", "--device", "cpu", "--name", "dMoE"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -64,7 +64,7 @@ def test_baseline_has_no_heatmap_and_compare_table(tmp_path, fairseg_config, cap
                  "--name", "dmoe", "--device", "cpu", "--quiet"]) == 0
     assert not (tmp_path / "a" / "expert_usage.png").exists()
     capsys.readouterr()
-    proc = subprocess.run([sys.executable, "-m", "napari_dmoe.cli", "compare", str(tmp_path / "a"),
+    proc = subprocess.run([sys.executable, "-m", "napari_dmoe.cli.main", "compare", str(tmp_path / "a"),
                            str(tmp_path / "b" / "report.json")], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()

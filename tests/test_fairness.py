@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from napari_dmoe.fairness import (
+from napari_dmoe.evaluation.fairness import (
     FairnessError,
     PerImage,
     bootstrap_ci,

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from napari_dmoe.finetune import (
+from napari_dmoe.finetune.prepare import (
     GiB,
     FinetuneError,
     FinetuneSettings,
@@ -23,7 +23,7 @@ from napari_dmoe.finetune import (
     split_validation,
     write_config,
 )
-from napari_dmoe.finetune_run import EventReader, RunState, TrainingProcess, train_command
+from napari_dmoe.finetune.run import EventReader, RunState, TrainingProcess, train_command
 from napari_dmoe.model import make_spec
 
 
@@ -71,7 +71,7 @@ def test_split_holds_back_at_least_one_and_leaves_one():
 
 
 def test_export_is_read_back_by_the_training_dataset(tmp_path, spec):
-    from napari_dmoe.data.datasets import GenericFolderDataset
+    from napari_dmoe.datasets.formats import GenericFolderDataset
 
     pairs = _pairs(4, np.random.default_rng(0))
     pairs.append(TrainingPair("case 0", pairs[0].image, pairs[0].labels, {"race": "Asian"}))  # same layer twice
@@ -103,7 +103,7 @@ def test_export_rejects_bad_pairs_with_clear_messages(tmp_path, spec):
 
 
 def test_config_passes_the_engine_schema(tmp_path, spec):
-    from napari_dmoe.checkpoint import save_model
+    from napari_dmoe.io.checkpoint import save_model
     from napari_dmoe.model import build_network
     from napari_dmoe.training.config import load_config
 
@@ -210,7 +210,7 @@ def test_stop_terminates_a_running_process(tmp_path):
 
 def test_train_command_uses_this_interpreter(tmp_path):
     cmd = train_command(tmp_path / "c.yaml", tmp_path / "e.jsonl", "cpu", ["recipe.steps=3"])
-    assert cmd[0] == sys.executable and cmd[1:4] == ["-m", "napari_dmoe.cli", "train"]
+    assert cmd[0] == sys.executable and cmd[1:4] == ["-m", "napari_dmoe.cli.main", "train"]
     assert cmd[cmd.index("--events") + 1] == str(tmp_path / "e.jsonl")
     assert cmd[-2:] == ["--device", "cpu"] and "recipe.steps=3" in cmd
 
@@ -223,7 +223,7 @@ def test_compare_rows():
 
 
 def test_3d_pairs_export_and_config(tmp_path):
-    from napari_dmoe.data.datasets import GenericFolderDataset
+    from napari_dmoe.datasets.formats import GenericFolderDataset
     from napari_dmoe.training.config import validate
 
     spec = make_spec("resunet3d-tiny", "stage", ["T1", "T2"], ["background", "prostate"], spacing=[2.0, 1.0, 1.0])
@@ -240,7 +240,7 @@ def test_3d_pairs_export_and_config(tmp_path):
     assert item["image"].shape == (1, 12, 20, 24) and item["label"].shape == (12, 20, 24)
     np.testing.assert_array_equal(item["label"], pairs[0].labels)
     settings = FinetuneSettings(steps=2, batch_size=4, patch_size=[32, 32, 32])
-    from napari_dmoe.checkpoint import save_model
+    from napari_dmoe.io.checkpoint import save_model
     from napari_dmoe.model import build_network
 
     base = save_model(tmp_path / "base3d.safetensors", build_network(spec), spec)
@@ -257,10 +257,10 @@ def test_3d_export_keeps_the_layer_spacing_and_trains_at_the_model_spacing(tmp_p
 
     import nibabel as nib
 
-    from napari_dmoe.checkpoint import load_model, save_model
-    from napari_dmoe.data.datasets import GenericFolderDataset
-    from napari_dmoe.data.io import read_image
-    from napari_dmoe.finetune import pairs_from_layers
+    from napari_dmoe.io.checkpoint import load_model, save_model
+    from napari_dmoe.datasets.formats import GenericFolderDataset
+    from napari_dmoe.io.images import read_image
+    from napari_dmoe.finetune.prepare import pairs_from_layers
     from napari_dmoe.model import build_network
     from napari_dmoe.training.config import validate
     from napari_dmoe.training.engine import train
@@ -302,8 +302,8 @@ def test_3d_export_keeps_the_layer_spacing_and_trains_at_the_model_spacing(tmp_p
 def test_extra_csv_rows_are_appended_with_absolute_paths(tmp_path, spec):
     import tifffile
 
-    from napari_dmoe.data.datasets import GenericFolderDataset
-    from napari_dmoe.finetune import append_csv_rows
+    from napari_dmoe.datasets.formats import GenericFolderDataset
+    from napari_dmoe.finetune.prepare import append_csv_rows
 
     summary = export_pairs(_pairs(2, np.random.default_rng(3)), tmp_path / "run", spec, [False, True])
     user = tmp_path / "user"
@@ -327,7 +327,7 @@ def test_extra_csv_rows_are_appended_with_absolute_paths(tmp_path, spec):
 def test_pairs_from_layer_rows():
     from types import SimpleNamespace
 
-    from napari_dmoe.finetune import pairs_from_layers
+    from napari_dmoe.finetune.prepare import pairs_from_layers
 
     img, lab = np.zeros((8, 8), np.float32), np.zeros((8, 8), np.uint8)
     layers = {"a": SimpleNamespace(data=img, rgb=False), "a truth": SimpleNamespace(data=lab),

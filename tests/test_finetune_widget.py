@@ -19,7 +19,7 @@ TRAIN_TIMEOUT_MS = 240_000  # the machine is shared; a tiny run takes ~20 s alon
 def base_model(tmp_path):
     import torch
 
-    from napari_dmoe.checkpoint import save_model
+    from napari_dmoe.io.checkpoint import save_model
     from napari_dmoe.model import build_network, make_spec
 
     torch.manual_seed(0)
@@ -38,7 +38,7 @@ def add_cases(viewer, n: int) -> None:
 
 
 def make_widget(viewer, base_model, tmp_path, **kwargs):
-    from napari_dmoe._widgets.finetune_widget import FinetuneWidget
+    from napari_dmoe.plugin.widgets.finetune_widget import FinetuneWidget
 
     widget = FinetuneWidget(viewer, **kwargs)
     widget.models.set_path(base_model)
@@ -60,10 +60,10 @@ def tensors(path):
 
 
 def test_finetune_on_layers_end_to_end(make_napari_viewer, qtbot, base_model, tmp_path):
-    from napari_dmoe._widgets.finetune_controls import StallMeter
-    from napari_dmoe._widgets.segment_widget import SegmentWidget
-    from napari_dmoe.checkpoint import load_model
-    from napari_dmoe.model_registry import recent_models
+    from napari_dmoe.plugin.widgets.finetune_controls import StallMeter
+    from napari_dmoe.plugin.widgets.segment_widget import SegmentWidget
+    from napari_dmoe.io.checkpoint import load_model
+    from napari_dmoe.io.model_registry import recent_models
 
     viewer = make_napari_viewer()
     add_cases(viewer, 3)
@@ -129,7 +129,7 @@ def test_finetune_on_layers_end_to_end(make_napari_viewer, qtbot, base_model, tm
 
 
 def test_cancel_keeps_last_checkpoint_and_stops_process(make_napari_viewer, qtbot, base_model, tmp_path):
-    from napari_dmoe.checkpoint import load_model
+    from napari_dmoe.io.checkpoint import load_model
 
     answers = []
     viewer = make_napari_viewer()
@@ -191,7 +191,7 @@ def test_bad_input_is_refused_before_starting(make_napari_viewer, base_model, tm
 def test_3d_finetune_through_the_widget(make_napari_viewer, qtbot, model3d, tmp_path):
     """A 3D base model, two 64^3 volumes (one held back), a real 2-step ``dmoe train`` and comparison."""
     from napari_dmoe import load_model
-    from napari_dmoe.checkpoint import save_model
+    from napari_dmoe.io.checkpoint import save_model
 
     base = save_model(tmp_path / "base3d.safetensors", model3d.network, model3d.spec)
     viewer = make_napari_viewer()

@@ -20,8 +20,8 @@ def read_rows(path):
 
 
 def test_csv_has_one_row_per_case_with_router_usage_and_skips(tmp_path, model_path):
-    from napari_dmoe.checkpoint import load_model
-    from napari_dmoe.sweep import SweepError, iter_folder_usage, write_folder_csv
+    from napari_dmoe.io.checkpoint import load_model
+    from napari_dmoe.inference.sweep import SweepError, iter_folder_usage, write_folder_csv
 
     write_cases(tmp_path / "cases")
     cases = tmp_path / "cases" / "with_unknown.csv"  # the standard cases plus one without an attribute value
@@ -59,7 +59,7 @@ def test_csv_has_one_row_per_case_with_router_usage_and_skips(tmp_path, model_pa
 def test_inspector_exports_the_folder_shown(make_napari_viewer, qtbot, monkeypatch, tmp_path, model_path):
     from napari.utils.notifications import notification_manager
 
-    from napari_dmoe._widgets import inspector_widget
+    from napari_dmoe.plugin.widgets import inspector_widget
 
     csv_path = write_cases(tmp_path / "cases")
     viewer = make_napari_viewer()

@@ -31,10 +31,10 @@ def drain(gen):
 
 
 def test_folder_usage_groups_cases_and_skips_broken_files(tmp_path, model_path):
-    from napari_dmoe.checkpoint import load_model
-    from napari_dmoe.data.io import read_image
-    from napari_dmoe.inference import segment
-    from napari_dmoe.sweep import expert_usage, iter_folder_usage
+    from napari_dmoe.io.checkpoint import load_model
+    from napari_dmoe.io.images import read_image
+    from napari_dmoe.inference.engine import segment
+    from napari_dmoe.inference.sweep import expert_usage, iter_folder_usage
 
     csv = write_cases(tmp_path / "cases")
     model = load_model(model_path)
@@ -57,8 +57,8 @@ def test_folder_usage_groups_cases_and_skips_broken_files(tmp_path, model_path):
 
 
 def test_folder_usage_rejects_bad_input(tmp_path, model_path):
-    from napari_dmoe.checkpoint import load_model
-    from napari_dmoe.sweep import SweepError, iter_folder_usage
+    from napari_dmoe.io.checkpoint import load_model
+    from napari_dmoe.inference.sweep import SweepError, iter_folder_usage
 
     model = load_model(model_path)
     csv = write_cases(tmp_path / "cases")
@@ -80,8 +80,8 @@ def test_folder_usage_rejects_bad_input(tmp_path, model_path):
 def test_inspector_folder_of_cases(make_napari_viewer, qtbot, tmp_path, model_path):
     from napari.utils.notifications import notification_manager
 
-    from napari_dmoe.checkpoint import load_model
-    from napari_dmoe.sweep import iter_folder_usage
+    from napari_dmoe.io.checkpoint import load_model
+    from napari_dmoe.inference.sweep import iter_folder_usage
 
     csv = write_cases(tmp_path / "cases")
     viewer = make_napari_viewer()
@@ -116,7 +116,7 @@ def test_inspector_folder_of_cases(make_napari_viewer, qtbot, tmp_path, model_pa
 
 @pytest.mark.gui
 def test_folder_button_asks_for_folder_then_csv(make_napari_viewer, qtbot, monkeypatch, tmp_path):
-    from napari_dmoe._widgets import inspector_widget
+    from napari_dmoe.plugin.widgets import inspector_widget
 
     viewer = make_napari_viewer()
     _, inspector = viewer.window.add_plugin_dock_widget("napari-dmoe", "Routing inspector")

@@ -10,7 +10,7 @@ import pytest
 import torch
 from monai.inferers import sliding_window_inference
 
-from napari_dmoe.inference import InferenceError, Progress, iter_segment, segment
+from napari_dmoe.inference.engine import InferenceError, Progress, iter_segment, segment
 from napari_dmoe.model.moe import DMoE
 from napari_dmoe.transforms import normalize
 
@@ -258,7 +258,7 @@ def test_out_of_memory_halves_the_batch_then_gives_up(model3d):
 
 
 def test_plan_rules_for_2d_resize_versus_sliding_and_3d_resampling(model2d, model3d):
-    from napari_dmoe.inference_prep import make_plan
+    from napari_dmoe.inference.plan import make_plan
 
     spec2d = dataclasses.replace(model2d.spec, spacing=[0.5, 0.5])
     near = make_plan(spec2d, (100, 90), None, None, 0.25)
@@ -287,7 +287,7 @@ def test_the_engine_never_imports_qt_or_napari():
     import sys
 
     code = (
-        "import sys, napari_dmoe.inference; "
+        "import sys, napari_dmoe.inference.engine; "
         "bad = [m for m in sys.modules if m.split('.')[0] in ('napari', 'qtpy', 'PyQt5', 'PyQt6', 'PySide2', 'PySide6')]; "
         "print(bad); sys.exit(1 if bad else 0)"
     )
@@ -296,7 +296,7 @@ def test_the_engine_never_imports_qt_or_napari():
 
 
 def test_routing_modes_keep_positions_or_only_the_mean(model3d, monkeypatch):
-    import napari_dmoe.inference as engine
+    import napari_dmoe.inference.engine as engine
 
     image = rng_image(40, 40, 40)
     every = segment(model3d, image, "Black", device="cpu", routing="all")

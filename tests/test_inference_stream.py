@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from napari_dmoe.inference import iter_segment, segment
+from napari_dmoe.inference.engine import iter_segment, segment
 
 from inference_models import TinyModel, rng_image
 
@@ -20,7 +20,7 @@ from inference_models import TinyModel, rng_image
     ],
 )
 def test_streamed_3d_equals_the_whole_volume_path(model3d, monkeypatch, shape, spacing, attribute):
-    import napari_dmoe.inference as engine
+    import napari_dmoe.inference.engine as engine
 
     spec = dataclasses.replace(model3d.spec, spacing=[2.0, 1.0, 1.0]) if spacing else model3d.spec
     model = TinyModel(spec, model3d.network)
@@ -36,7 +36,7 @@ def test_streamed_3d_equals_the_whole_volume_path(model3d, monkeypatch, shape, s
             break
     monkeypatch.setattr(engine, "STREAM_3D", False)
     whole = segment(model, image, attribute, **opts)
-    from napari_dmoe.inference_prep import make_plan
+    from napari_dmoe.inference.plan import make_plan
 
     plan = make_plan(spec, shape, spacing, None, 0.25)
     assert len({s[0] for s in plan.starts}) >= 4  # several rows of windows, so several slabs
@@ -54,9 +54,9 @@ def test_streamed_3d_equals_the_whole_volume_path(model3d, monkeypatch, shape, s
 
 def test_streamed_3d_input_matches_the_whole_volume_preprocessing(model3d):
     """Each window is made from the raw image; it must equal the same window of the whole preprocessed grid."""
-    from napari_dmoe.inference import _to_work_grid
-    from napari_dmoe.inference_prep import check_image, make_plan, prepare_image
-    from napari_dmoe.volume_input import VolumeInput
+    from napari_dmoe.inference.engine import _to_work_grid
+    from napari_dmoe.inference.plan import check_image, make_plan, prepare_image
+    from napari_dmoe.inference.volume_input import VolumeInput
 
     spec = dataclasses.replace(model3d.spec, spacing=[2.0, 1.0, 1.0], normalization={"kind": "zscore"})
     image = np.random.default_rng(3).integers(-1000, 1000, size=(50, 120, 21)).astype(np.float32)
@@ -74,7 +74,7 @@ def test_streamed_3d_input_matches_the_whole_volume_preprocessing(model3d):
 
 
 def test_linear_stream_resizes_like_interpolate_plane_by_plane():
-    from napari_dmoe.routing_maps import LinearStream
+    from napari_dmoe.inference.routing import LinearStream
 
     volume = torch.rand(2, 37, 5, 6)
     for n_out in (37, 12, 90):
@@ -88,7 +88,7 @@ def test_linear_stream_resizes_like_interpolate_plane_by_plane():
 
 
 def test_routing_accumulator_slab_keeps_only_its_depth_and_moves_on():
-    from napari_dmoe.routing_maps import RoutingAccumulator
+    from napari_dmoe.inference.routing import RoutingAccumulator
 
     whole = RoutingAccumulator(1, (96, 8, 8), (32, 8, 8), 4, "gaussian")
     slab = RoutingAccumulator(1, (96, 8, 8), (32, 8, 8), 4, "gaussian", depth=40)
@@ -119,10 +119,10 @@ def test_unknown_voxel_size_is_said_for_a_model_that_expects_one():
 
 
 def test_a_layer_scale_counts_as_voxel_size_only_when_known():
-    """The rule the Segment widget and the fine-tune export share (napari_dmoe.data.io.layer_spacing)."""
+    """The rule the Segment widget and the fine-tune export share (napari_dmoe.io.images.layer_spacing)."""
     from napari.layers import Image
 
-    from napari_dmoe.data.io import layer_spacing
+    from napari_dmoe.io.images import layer_spacing
 
     def spacing(layer):
         return layer_spacing(layer.scale, layer.metadata)

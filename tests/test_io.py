@@ -14,7 +14,7 @@ from nibabel.testing import data_path
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
-from napari_dmoe.data.io import ImageReadError, ImageWriteError, Volume, read_image, write_labels
+from napari_dmoe.io.images import ImageReadError, ImageWriteError, Volume, read_image, write_labels
 
 CT = get_testdata_file("CT_small.dcm")
 MR = get_testdata_file("MR_small.dcm")
@@ -313,7 +313,7 @@ def test_write_errors(tmp_path):
 def test_labels_without_source_geometry_read_back_unchanged(tmp_path, shape, spacing, origin):
     """A TIFF-born volume (spacing from the napari layer, no affine) written as NIfTI reads back as the same
     array, voxel size and LPS origin: no axis is flipped on the way."""
-    from napari_dmoe.data.io import Volume, read_image, write_labels
+    from napari_dmoe.io.images import Volume, read_image, write_labels
 
     labels = np.arange(np.prod(shape), dtype=np.uint8).reshape(shape) % 7
     like = Volume(array=labels, spacing=spacing, origin=origin, affine=None, meta={})

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from monai.networks.blocks import UnetrBasicBlock, UnetrUpBlock
 from torch import nn
 
-from napari_dmoe.official import OfficialImportError, convert_official_state_dict, import_official
+from napari_dmoe.model.official import OfficialImportError, convert_official_state_dict, import_official
 
 # A tiny official-style 2D config: ViT hidden 32, 2 layers, 2 heads (head dim 16), MLP 48, patch 16, 64x64 input.
 H, DEPTH, HEADS, MLP, P, GRID, E, R, K = 32, 2, 2, 48, 16, 4, 8, 3, 3

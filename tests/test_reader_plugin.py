@@ -9,8 +9,8 @@ import pytest
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
-from napari_dmoe._reader import napari_get_reader
-from napari_dmoe.data.io import read_image
+from napari_dmoe.plugin.reader import napari_get_reader
+from napari_dmoe.io.images import read_image
 
 CT = get_testdata_file("CT_small.dcm")
 
@@ -154,7 +154,7 @@ def test_plugin_modules_import_without_torch_or_nibabel():
     import subprocess
     import sys
 
-    code = ("import sys, napari_dmoe._reader, napari_dmoe._writer; "
+    code = ("import sys, napari_dmoe.plugin.reader, napari_dmoe.plugin.writer; "
             "bad = [m for m in ('torch', 'nibabel', 'pydicom', 'monai') if m in sys.modules]; "
             "sys.exit(f'imported at plugin load: {bad}' if bad else 0)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -8,8 +8,8 @@ from PIL import Image
 from qtpy.QtWidgets import QFileDialog
 
 from inference_models import tiny
-from napari_dmoe._widgets import save_mask as sm
-from napari_dmoe.checkpoint import save_model
+from napari_dmoe.plugin.widgets import save_mask as sm
+from napari_dmoe.io.checkpoint import save_model
 from test_dicom_seg import make_series
 from test_widget_segment import dock, make_image, results, run_and_wait
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from napari_dmoe.checkpoint import save_model
-from napari_dmoe.cli import main
+from napari_dmoe.io.checkpoint import save_model
+from napari_dmoe.cli.main import main
 from napari_dmoe.model import build_network, make_spec
 
 
@@ -28,7 +28,7 @@ def models(tmp_path_factory):
 
 
 def dmoe(*args):
-    return subprocess.run([sys.executable, "-m", "napari_dmoe.cli", *map(str, args)], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "napari_dmoe.cli.main", *map(str, args)], capture_output=True,
                           text=True, timeout=300)
 
 
@@ -87,7 +87,7 @@ def test_batch_csv_with_a_partly_unknown_patient_runs_the_routers_that_fit(tmp_p
     known race, not over all 6; a value outside the vocabulary is refused with the line and the vocabulary."""
     import dataclasses
 
-    from napari_dmoe.commands.segment import read_batch_csv
+    from napari_dmoe.cli.segment import read_batch_csv
     from napari_dmoe.model.spec import Attribute
 
     spec = make_spec("transunet2d-tiny", "race", ["Asian", "Black", "White"], ["background", "rim", "cup"])

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from inference_models import rng_image, tiny
-from napari_dmoe.cli import main
-from napari_dmoe.inference import segment
-from napari_dmoe.inference_runner import memory_format
+from napari_dmoe.cli.main import main
+from napari_dmoe.inference.engine import segment
+from napari_dmoe.inference.runner import memory_format
 
 
 def _same(a, b, atol=1e-3):
@@ -92,7 +92,7 @@ def test_real_torch_compile_matches_eager_and_keeps_routing():
 
 
 def test_cli_accepts_the_speed_options(tmp_path, capsys):
-    from napari_dmoe.checkpoint import save_model
+    from napari_dmoe.io.checkpoint import save_model
     from PIL import Image
 
     model = tiny("transunet2d-tiny")

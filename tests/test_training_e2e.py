@@ -13,12 +13,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from napari_dmoe.checkpoint import load_model
+from napari_dmoe.io.checkpoint import load_model
 from napari_dmoe.training.config import load_config
 from napari_dmoe.training.engine import train
 from training_data import tiny_config, write_fairseg, write_folder, write_ham10000, write_nifti
 
-DMOE = [sys.executable, "-m", "napari_dmoe.cli"]
+DMOE = [sys.executable, "-m", "napari_dmoe.cli.main"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # same thread count as the in-process runs (bit-exact checks)
 
 
@@ -63,7 +63,7 @@ def test_dmoe_train_subprocess_every_format(tmp_path, kind):
     assert model.spec.metrics["step"] == 2 and "groups" in model.spec.metrics
     assert (tmp_path / "run" / "resume.json").is_file() and (tmp_path / "run" / "resume.safetensors").is_file()
     # evaluate the trained model on the test split, in process through the CLI entry point
-    from napari_dmoe.cli import main
+    from napari_dmoe.cli.main import main
 
     assert main(["evaluate", str(tmp_path / "run" / "best.safetensors"), str(cfg), "--out", str(tmp_path / "ev"),
                  "--n-boot", "20", "--device", "cpu", "--quiet"]) == 0
@@ -125,7 +125,7 @@ def test_torchrun_two_processes_match_one(tmp_path):
                       augment={"flip": False})
     events = tmp_path / "ddp.jsonl"
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "-m", "napari_dmoe.cli", "train", str(cfg), "--events", str(events), "--device", "cpu",
+                           "-m", "napari_dmoe.cli.main", "train", str(cfg), "--events", str(events), "--device", "cpu",
                            "--quiet"], env=ENV, capture_output=True, text=True, timeout=150)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ddp = _events(events)

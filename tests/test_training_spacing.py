@@ -11,8 +11,8 @@ import pytest
 import tifffile
 import torch
 
-from napari_dmoe.data.base import check_dataset, resample_image, resampled_shape
-from napari_dmoe.data.datasets import GenericFolderDataset, NiftiFolderDataset
+from napari_dmoe.datasets.base import check_dataset, resample_image, resampled_shape
+from napari_dmoe.datasets.formats import GenericFolderDataset, NiftiFolderDataset
 from napari_dmoe.model import make_spec
 from napari_dmoe.model.spec import Attribute
 
@@ -77,8 +77,8 @@ def test_nifti_items_are_resampled_to_the_target_spacing(tmp_path):
 
 def test_training_resamples_exactly_as_inference():
     """Same grid as the inference plan and the same values as the streamed 3D input (VolumeInput)."""
-    from napari_dmoe.inference_prep import make_plan
-    from napari_dmoe.volume_input import VolumeInput
+    from napari_dmoe.inference.plan import make_plan
+    from napari_dmoe.inference.volume_input import VolumeInput
 
     spec = make_spec("resunet3d-tiny", "stage", STAGE.values, ["bg", "fg"], spacing=list(TARGET),
                      normalization={"kind": "zscore"})
@@ -134,7 +134,7 @@ def test_unknown_spacing_is_used_as_is_and_counted(tmp_path):
 
 
 def test_a_2d_image_cannot_take_a_3d_spacing():
-    from napari_dmoe.data.base import DatasetError, resample_pair
+    from napari_dmoe.datasets.base import DatasetError, resample_pair
 
     with pytest.raises(DatasetError, match="cannot be resampled"):
         resample_pair(np.zeros((1, 12, 10), np.float32), np.zeros((12, 10), np.int64), (1.0, 1.0), TARGET)
@@ -156,9 +156,9 @@ class _Threshold(torch.nn.Module):
 
 def test_validation_segments_like_evaluate(tmp_path):
     """Validation items stay on the file's grid; their Dice is the one ``dmoe evaluate`` computes."""
-    from napari_dmoe.data.io import read_image
-    from napari_dmoe.fairness import image_metrics
-    from napari_dmoe.inference import segment
+    from napari_dmoe.io.images import read_image
+    from napari_dmoe.evaluation.fairness import image_metrics
+    from napari_dmoe.inference.engine import segment
     from napari_dmoe.training.data import EvalItems
     from napari_dmoe.training.validate import _Model, validate
 
@@ -189,7 +189,7 @@ def test_training_run_at_the_model_spacing(tmp_path):
     """A real 2-step run: the data summary says what was resampled, validation runs, the spec keeps the spacing."""
     from training_data import tiny_config
 
-    from napari_dmoe.checkpoint import load_model
+    from napari_dmoe.io.checkpoint import load_model
     from napari_dmoe.training.config import ConfigError, load_config
     from napari_dmoe.training.engine import train
 

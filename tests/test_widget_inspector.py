@@ -12,7 +12,7 @@ from test_widget_segment import RACES, dock, make_image, results, run_and_wait
 
 # -- sweep maths (no Qt) -------------------------------------------------------------------------------------
 def test_pairwise_agreement_by_hand():
-    from napari_dmoe.sweep import pairwise_agreement
+    from napari_dmoe.inference.sweep import pairwise_agreement
 
     a = np.array([[0, 1, 1, 2], [0, 0, 2, 2]])
     b = np.array([[0, 1, 0, 2], [0, 0, 2, 0]])
@@ -34,7 +34,7 @@ def test_pairwise_dice_agrees_with_monai():
     from monai.metrics import compute_dice
     from monai.networks.utils import one_hot
 
-    from napari_dmoe.sweep import pairwise_agreement
+    from napari_dmoe.inference.sweep import pairwise_agreement
 
     rng = np.random.default_rng(0)
     a, b = rng.integers(0, 3, (2, 16, 16, 8))
@@ -45,7 +45,7 @@ def test_pairwise_dice_agrees_with_monai():
 
 
 def test_pairwise_agreement_rejects_bad_input():
-    from napari_dmoe.sweep import SweepError, pairwise_agreement
+    from napari_dmoe.inference.sweep import SweepError, pairwise_agreement
 
     with pytest.raises(SweepError, match="at least two"):
         pairwise_agreement({"a": np.zeros((2, 2), int)})
@@ -56,7 +56,7 @@ def test_pairwise_agreement_rejects_bad_input():
 
 
 def test_expert_usage_and_matrix():
-    from napari_dmoe.sweep import SweepError, expert_usage, usage_matrix
+    from napari_dmoe.inference.sweep import SweepError, expert_usage, usage_matrix
 
     maps = np.zeros((3, 2, 2), np.float16)
     maps[0, 0] = 1.0
@@ -101,9 +101,9 @@ def test_registry_recent_models(tmp_path, monkeypatch):
 
 # -- result layers (no Qt) -----------------------------------------------------------------------------------
 def test_result_layers_for_a_slice_by_slice_volume(model_path):
-    from napari_dmoe.checkpoint import load_model
-    from napari_dmoe.inference import segment
-    from napari_dmoe._widgets.results import SourceInfo, result_layers
+    from napari_dmoe.io.checkpoint import load_model
+    from napari_dmoe.inference.engine import segment
+    from napari_dmoe.plugin.widgets.results import SourceInfo, result_layers
 
     model = load_model(model_path)
     volume = np.stack([make_image((24, 24))] * 3)

@@ -35,8 +35,8 @@ def run_and_wait(qtbot, widget, button=None, timeout=20000):
 
 
 def test_segment_adds_aligned_layers_with_provenance(make_napari_viewer, qtbot, model_path):
-    from napari_dmoe.checkpoint import load_model
-    from napari_dmoe.inference import segment
+    from napari_dmoe.io.checkpoint import load_model
+    from napari_dmoe.inference.engine import segment
 
     viewer = make_napari_viewer()
     image = viewer.add_image(make_image(), name="scan", scale=(0.5, 2.0), translate=(3.0, -4.0))
@@ -152,7 +152,7 @@ def test_cancel_stops_the_worker(make_napari_viewer, qtbot, model_path):
 def test_bad_model_files_show_errors_and_the_viewer_survives(make_napari_viewer, qtbot, tmp_path, notifications):
     import torch
 
-    from napari_dmoe.checkpoint import save_model
+    from napari_dmoe.io.checkpoint import save_model
     from napari_dmoe.model import build_network, make_spec
 
     viewer = make_napari_viewer()
@@ -228,7 +228,7 @@ def test_sweep_table_matches_a_hand_computation(make_napari_viewer, qtbot, model
 
 
 def test_launch_opens_sample_with_widget_and_preselects_its_attribute(make_napari_viewer, model_path):
-    from napari_dmoe.launch import build_viewer
+    from napari_dmoe.plugin.launch import build_viewer
 
     viewer, widget, note = build_viewer(make_napari_viewer(), sample="fundus", inspector=False)
     assert "fundus" in note
@@ -239,8 +239,8 @@ def test_launch_opens_sample_with_widget_and_preselects_its_attribute(make_napar
 
 def test_image_attributes_pick_a_matching_bundled_model(make_napari_viewer, qtbot):
     """A prostate sample (stage attribute) switches the picker from the fundus model to the prostate one."""
-    from napari_dmoe.checkpoint import read_spec
-    from napari_dmoe.model_registry import bundled_models
+    from napari_dmoe.io.checkpoint import read_spec
+    from napari_dmoe.io.model_registry import bundled_models
 
     by_attr = {read_spec(e.path).attributes[0].name: e for e in bundled_models()}
     assert {"race", "stage"} <= set(by_attr), "the fundus and prostate demo models ship with the package"

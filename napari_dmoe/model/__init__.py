@@ -5,7 +5,7 @@ from typing import Any, Sequence
 
 from torch import nn
 
-from .spec import Attribute, ModelSpec, SpecError
+from napari_dmoe.model.spec import Attribute, ModelSpec, SpecError
 
 # Named arch_kwargs. "paper" = the released models; "small" runs on a laptop CPU; "tiny" is for tests.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -32,8 +32,8 @@ def preset_arch(preset: str) -> str:
 
 def build_network(spec: ModelSpec) -> nn.Module:
     """The torch module a spec describes, freshly initialised (load weights separately)."""
-    from .resunet3d import ResUNet3D
-    from .transunet import TransUNet
+    from napari_dmoe.model.resunet3d import ResUNet3D
+    from napari_dmoe.model.transunet import TransUNet
 
     classes = {"transunet2d": TransUNet, "resunet3d": ResUNet3D}
     if spec.arch not in classes:

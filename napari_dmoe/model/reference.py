@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .moe import DMoE
+from napari_dmoe.model.moe import DMoE
 
 
 def loop_gates(moe: DMoE, x: Tensor, attr: Tensor, noisy: bool = False) -> tuple[Tensor, Tensor]:

@@ -9,8 +9,8 @@ from monai.networks.blocks import UnetrBasicBlock, UnetrUpBlock
 from monai.networks.blocks.dynunet_block import get_conv_layer
 from torch import Tensor, nn
 
-from .moe import DMoE
-from .transunet import InputShapeError, default_attr
+from napari_dmoe.model.moe import DMoE
+from napari_dmoe.model.transunet import InputShapeError, default_attr
 
 N_STAGES = 5
 DIVISOR = 2**N_STAGES  # every stage halves the grid

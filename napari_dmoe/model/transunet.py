@@ -1,7 +1,7 @@
 """2D TransUNet (ViT encoder + CUP decoder, no skips) with a dMoE residual step after every transformer block.
 
 Module names follow the official dMoE / FairSeg ``VisionTransformer`` so an official state dict maps onto this
-one by renaming the MoE keys and the head only (see ``napari_dmoe.official``).
+one by renaming the MoE keys and the head only (see ``napari_dmoe.model.official``).
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .moe import DMoE
+from napari_dmoe.model.moe import DMoE
 
 
 class InputShapeError(ValueError):

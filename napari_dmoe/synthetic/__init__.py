@@ -6,10 +6,10 @@ see sample_data/README.md for what these data can and cannot show.
 """
 from __future__ import annotations
 
-from .common import SyntheticDataError, allocate, rng_for
-from .fundus import GROUP_LOOK, RACE_FREQUENCIES, RACES, FundusSample, make_fundus, write_fairseg
-from .prostate import STAGE_FREQUENCIES, STAGES, ProstateCase, make_prostate, write_prostate
-from .skin import AGE_FREQUENCIES, AGE_GROUPS, SkinSample, make_skin, write_ham10000
+from napari_dmoe.synthetic.common import SyntheticDataError, allocate, rng_for
+from napari_dmoe.synthetic.fundus import GROUP_LOOK, RACE_FREQUENCIES, RACES, FundusSample, make_fundus, write_fairseg
+from napari_dmoe.synthetic.prostate import STAGE_FREQUENCIES, STAGES, ProstateCase, make_prostate, write_prostate
+from napari_dmoe.synthetic.skin import AGE_FREQUENCIES, AGE_GROUPS, SkinSample, make_skin, write_ham10000
 
 __all__ = [
     "SyntheticDataError", "allocate", "rng_for",

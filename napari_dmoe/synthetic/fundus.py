@@ -15,7 +15,7 @@ from typing import Mapping
 import numpy as np
 from scipy import ndimage
 
-from .common import SyntheticDataError, allocate, check_frequencies, ellipse_field, rng_for, smooth_noise, soft_step
+from napari_dmoe.synthetic.common import SyntheticDataError, allocate, check_frequencies, ellipse_field, rng_for, smooth_noise, soft_step
 
 RACES = ("Asian", "Black", "White")  # FairSeg codes 0, 1, 2
 RACE_FREQUENCIES = {"White": 0.80, "Asian": 0.12, "Black": 0.08}

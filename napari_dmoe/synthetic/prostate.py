@@ -8,7 +8,7 @@ thickening where T4 invades), so the anatomy alone does not fix the extent of th
 
 Arrays are in NIfTI order (x, y, z) with a RAS+ affine (nibabel's convention: +x Right, +y Anterior,
 +z Superior), already canonical so every reader sees the same array; `napari_order` gives the (z, y, x)
-view that napari and `napari_dmoe.data.read_image` use.
+view that napari and `napari_dmoe.datasets.read_image` use.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from typing import Mapping, Sequence
 import numpy as np
 from scipy import ndimage
 
-from .common import SyntheticDataError, allocate, check_frequencies, rng_for
+from napari_dmoe.synthetic.common import SyntheticDataError, allocate, check_frequencies, rng_for
 
 STAGES = ("T1", "T2", "T3", "T4")
 STAGE_FREQUENCIES = {"T1": 0.10, "T2": 0.40, "T3": 0.40, "T4": 0.10}
@@ -40,7 +40,7 @@ class ProstateCase:
     organs: dict[str, np.ndarray]
 
     def napari_order(self) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
-        """Image, label and spacing in (z, y, x) order, as `napari_dmoe.data.read_image` returns them.
+        """Image, label and spacing in (z, y, x) order, as `napari_dmoe.datasets.read_image` returns them.
 
         The arrays are built in RAS+ voxel order (the affine written to NIfTI); the reader shows them in LPS+
         (radiological view: anterior up), so x and y are flipped here the same way.

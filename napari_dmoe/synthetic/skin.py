@@ -14,7 +14,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from .common import SyntheticDataError, allocate, check_frequencies, rng_for, smooth_noise, soft_step
+from napari_dmoe.synthetic.common import SyntheticDataError, allocate, check_frequencies, rng_for, smooth_noise, soft_step
 
 AGE_GROUPS = ("0-19", "20-39", "40-59", "60-79", "80+")
 AGE_FREQUENCIES = {"0-19": 0.05, "20-39": 0.20, "40-59": 0.35, "60-79": 0.30, "80+": 0.10}

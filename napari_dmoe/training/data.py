@@ -24,11 +24,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from napari_dmoe.data.base import DatasetError, SegmentationDataset, resample_pair
+from napari_dmoe.datasets.base import DatasetError, SegmentationDataset, resample_pair
 from napari_dmoe.model.spec import Attribute, ModelSpec
 from napari_dmoe.transforms import normalize
 
-from .config import DEFAULT_CLASSES, ConfigError
+from napari_dmoe.training.config import DEFAULT_CLASSES, ConfigError
 
 SPLITS = ("train", "val", "test")
 
@@ -55,12 +55,12 @@ def make_dataset(config: Mapping[str, Any], split: str, size: Sequence[int] | No
     n_classes = len(class_names(config))
     fmt = data["format"]
     if fmt == "ham10000":
-        from napari_dmoe.data.datasets import HAM10000Dataset
+        from napari_dmoe.datasets.formats import HAM10000Dataset
 
         v, t = data["val_fraction"], data["test_fraction"]
         return HAM10000Dataset(root, vocab, split=split, fractions=(1 - v - t, v, t), seed=seed, size=size)
     if fmt == "fairseg":
-        from napari_dmoe.data.datasets import FairSegDataset
+        from napari_dmoe.datasets.formats import FairSegDataset
 
         if split == "test":
             listing = data["test_list"] or ("test.txt" if (root / "test.txt").is_file() else None)
@@ -72,13 +72,13 @@ def make_dataset(config: Mapping[str, Any], split: str, size: Sequence[int] | No
         keep = _fraction_split([r.id for r in ds.records], {"val": data["val_fraction"]}, seed)
         return _subset(ds, keep, split)
     if fmt == "nifti":
-        from napari_dmoe.data.datasets import NiftiFolderDataset
+        from napari_dmoe.datasets.formats import NiftiFolderDataset
 
         csv_name = data["csv"] or "attributes.csv"
         ds = NiftiFolderDataset(root, vocab, csv_path=csv_name, n_classes=n_classes, size=size, spacing=spacing)
         table = root / csv_name if not Path(csv_name).is_absolute() else Path(csv_name)
         return _subset(ds, _split_of(ds, data, seed, table, "case_id"), split)
-    from napari_dmoe.data.datasets import GenericFolderDataset
+    from napari_dmoe.datasets.formats import GenericFolderDataset
 
     table = root / (data["csv"] or "dataset.csv")
     label_map = {int(k): int(v) for k, v in data["label_map"].items()} if data["label_map"] else None

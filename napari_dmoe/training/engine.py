@@ -23,15 +23,15 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
-from napari_dmoe.checkpoint import save_model
+from napari_dmoe.io.checkpoint import save_model
 from napari_dmoe.model.moe import DMoE
 
-from . import distributed as dist_utils
-from . import resume as resume_state
-from .config import resolve_recipe
-from .events import EventWriter, ProgressBar
-from .setup import RunParts, build_run
-from .validate import validate
+from napari_dmoe.training import distributed as dist_utils
+from napari_dmoe.training import resume as resume_state
+from napari_dmoe.training.config import resolve_recipe
+from napari_dmoe.training.events import EventWriter, ProgressBar
+from napari_dmoe.training.setup import RunParts, build_run
+from napari_dmoe.training.validate import validate
 
 __all__ = ["train", "TrainingError"]
 

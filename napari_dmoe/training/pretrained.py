@@ -124,7 +124,7 @@ def load_pretrained_vit(network: nn.Module, path: str | Path) -> dict[str, Any]:
 def load_base_model(network: nn.Module, path: str | Path) -> dict[str, Any]:
     """Fine-tune start: copy every tensor of one of our models whose name and shape match (e.g. a baseline's
     encoder/decoder into a dMoE network, whose MoE layers stay freshly initialised)."""
-    from napari_dmoe.checkpoint import load_model
+    from napari_dmoe.io.checkpoint import load_model
 
     base = load_model(path)
     theirs, ours = base.network.state_dict(), network.state_dict()

@@ -16,7 +16,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from napari_dmoe.files import atomic_write
+from napari_dmoe.io.files import atomic_write
 
 TENSORS, SCALARS = "resume.safetensors", "resume.json"
 

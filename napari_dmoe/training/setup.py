@@ -10,16 +10,16 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from napari_dmoe.data.base import DatasetReport, check_dataset
+from napari_dmoe.datasets.base import DatasetReport, check_dataset
 from napari_dmoe.model import PRESETS, build_network, make_spec, preset_arch
 from napari_dmoe.model.spec import ModelSpec, SpecError
 
-from .config import ConfigError, method_routing
-from .data import EvalItems, TrainItems, class_names, group_counts, make_dataset, vocabulary
-from .distributed import DistInfo
-from .losses import build_loss
-from .pretrained import load_base_model, load_pretrained_vit, set_trainable
-from .routers import fallback_table, router_counts
+from napari_dmoe.training.config import ConfigError, method_routing
+from napari_dmoe.training.data import EvalItems, TrainItems, class_names, group_counts, make_dataset, vocabulary
+from napari_dmoe.training.distributed import DistInfo
+from napari_dmoe.training.losses import build_loss
+from napari_dmoe.training.pretrained import load_base_model, load_pretrained_vit, set_trainable
+from napari_dmoe.training.routers import fallback_table, router_counts
 
 
 @dataclass

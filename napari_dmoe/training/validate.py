@@ -17,7 +17,7 @@ from monai.metrics import compute_dice, compute_iou
 from monai.networks.utils import one_hot
 from torch.utils.data import DataLoader, Dataset
 
-from napari_dmoe.fairness import PerImage, fairness_report
+from napari_dmoe.evaluation.fairness import PerImage, fairness_report
 from napari_dmoe.model.spec import ModelSpec
 
 
@@ -75,7 +75,7 @@ def _volumes(network: torch.nn.Module, items: Dataset, spec: ModelSpec, device: 
 
     The engine picks the router from the values as ``spec.router_index`` does, which for the training spec is
     the combination index ``to_router`` maps (dMoE) or router 0 (one router or none)."""
-    from napari_dmoe.inference import InferenceError, segment
+    from napari_dmoe.inference.engine import InferenceError, segment
 
     model = _Model(spec, network)
     records: list[PerImage] = []

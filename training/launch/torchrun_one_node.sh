@@ -6,4 +6,4 @@ set -euo pipefail
 CONFIG=${1:?usage: $0 CONFIG [NPROC] [dmoe train options...]}
 NPROC=${2:-$(python -c "import torch; print(max(1, torch.cuda.device_count()))")}
 shift $(( $# >= 2 ? 2 : 1 ))
-exec torchrun --standalone --nproc_per_node "$NPROC" -m napari_dmoe.cli train "$CONFIG" --events "runs/$(basename "$CONFIG" .yaml).events.jsonl" "$@"
+exec torchrun --standalone --nproc_per_node "$NPROC" -m napari_dmoe.cli.main train "$CONFIG" --events "runs/$(basename "$CONFIG" .yaml).events.jsonl" "$@"

@@ -1,0 +1,119 @@
+"""``dmoe info MODEL``: print what a model file holds (its spec), read from the header only."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from typing import Any
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("info", help="show a model's architecture, vocabulary, classes and provenance",
+                              description="Print the spec of a napari-dmoe model file (.safetensors).")
+    p.add_argument("model", metavar="MODEL", help="model file (.safetensors)")
+    p.add_argument("--json", action="store_true", help="print the spec as JSON (machine-readable)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from napari_dmoe.io.checkpoint import read_spec, tensor_shapes
+
+    spec = read_spec(args.model)
+    if args.json:
+        print(json.dumps(spec.to_dict(), indent=2))
+        return 0
+    n_params = sum(math.prod(s) for s in tensor_shapes(args.model).values())
+    print(format_spec(spec, title=str(args.model), n_params=n_params))
+    return 0
+
+
+def format_spec(spec: Any, title: str = "", n_params: int | None = None) -> str:
+    """Human-readable summary of a ModelSpec, one fact a line."""
+    per = "attribute value" if len(spec.attributes) == 1 else "combination of attribute values"
+    routing = {"dmoe": f"dMoE (one router per {per})", "moe": "plain MoE (one router)",
+               "none": "no MoE (baseline)"}[spec.routing]
+    lines = [title] if title else []
+    lines += [
+        f"  architecture : {spec.arch} ({spec.spatial_dims}D) {_kv(spec.arch_kwargs)}".rstrip(),
+        f"  routing      : {routing}",
+    ]
+    if spec.routing != "none":
+        lines.append(f"  experts      : {spec.n_experts} (top-{spec.top_k}), {spec.n_routers} router(s)")
+    for attr in spec.attributes:
+        lines.append(f"  attribute    : {attr.name} = {', '.join(attr.values)}")
+    lines += [
+        f"  classes      : {', '.join(f'{i} {c}' for i, c in enumerate(spec.class_names))}",
+        f"  input        : {spec.in_channels} channel(s), size {' x '.join(map(str, spec.input_size))}",
+        f"  normalisation: {_kv(spec.normalization)}",
+        f"  spacing      : {' x '.join(map(str, spec.spacing)) if spec.spacing else 'not set'}",
+    ]
+    if n_params is not None:
+        lines.append(f"  parameters   : {n_params:,}")
+    lines += _block("provenance   : ", _provenance(spec.provenance) or ["none recorded"])
+    lines += _block("validation   : ", _metrics(spec.metrics) or ["not evaluated"])
+    test = spec.metrics.get("test")
+    if isinstance(test, dict):
+        lines += _block(f"{'test (n=' + str(test.get('n', '?')) + ')':<13}: ", _test(test))
+    if spec.provenance or spec.metrics:
+        lines.append("  (everything recorded: dmoe info MODEL --json)")
+    return "\n".join(lines)
+
+
+# Provenance keys shown as one line each, in this order; the rest (config, router tables...) only with --json.
+_SHOWN = ("method", "source", "file", "command", "seed", "step", "git_commit", "world_size", "loss",
+          "benchmark_command")
+
+
+def _provenance(prov: dict) -> list[str]:
+    out = [f"{k}={prov[k]}" for k in _SHOWN if k in prov and not isinstance(prov[k], (dict, list))]
+    for split, info in (prov.get("data") or {}).items():
+        if isinstance(info, dict) and "n" in info:
+            groups = ", ".join(f"{g} {n}" for g, n in (info.get("groups") or {}).items())
+            out.append(f"{split} cases: {info['n']}" + (f" ({groups})" if groups else ""))
+    tune = prov.get("finetune")
+    if isinstance(tune, dict):
+        out.append(f"fine-tuned from {tune.get('base_model', '?')}")
+    return out
+
+
+def _metrics(metrics: dict) -> list[str]:
+    """The validation summary of the saved step: overall line, then one line per class with its groups."""
+    head = ", ".join(f"{k}={_num(metrics[k])}" for k in ("split", "step", "n", "dice", "es_dice") if k in metrics)
+    out = [head] if head else []
+    for name, row in (metrics.get("classes") or {}).items():
+        if isinstance(row, dict):
+            groups = ", ".join(f"{g} {_num(v)}" for g, v in (row.get("groups") or {}).items())
+            out.append(f"{name}: Dice {_num(row.get('dice'))}, ES-Dice {_num(row.get('es_dice'))}"
+                       + (f"; groups {groups}" if groups else ""))
+    other = [k for k in metrics if k not in ("split", "step", "n", "dice", "es_dice", "classes", "groups", "test")]
+    out += [f"{k}={_num(metrics[k]) if not isinstance(metrics[k], (dict, list)) else json.dumps(metrics[k])}"
+            for k in other]
+    return out
+
+
+def _test(test: dict) -> list[str]:
+    """Held-out test results with bootstrap CIs, per class: overall, ES-Dice, worst group, every group."""
+    out = []
+    for name, row in (test.get("classes") or {}).items():
+        out.append(f"{name}: Dice {_num(row.get('dice'))} {_ci(row.get('dice_ci'))}, ES-Dice "
+                   f"{_num(row.get('es_dice'))} {_ci(row.get('es_dice_ci'))}, worst group {row.get('worst_group')} "
+                   f"{_num(row.get('worst_group_dice'))}")
+        groups = row.get("groups") or {}
+        out.append("  " + ", ".join(f"{g} {_num(v.get('dice'))} (n={v.get('n')})" for g, v in groups.items()))
+    return out
+
+
+def _block(label: str, rows: list[str]) -> list[str]:
+    return [f"  {label}{rows[0]}"] + [f"  {' ' * len(label)}{r}" for r in rows[1:]]
+
+
+def _num(v: Any) -> str:
+    return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def _ci(ci: Any) -> str:
+    return f"[{ci[0]:.3f}, {ci[1]:.3f}]" if isinstance(ci, (list, tuple)) and len(ci) == 2 else "(no CI)"
+
+
+def _kv(d: dict) -> str:
+    return ", ".join(f"{k}={json.dumps(v) if isinstance(v, (dict, list)) else v}" for k, v in d.items())

@@ -1,0 +1,58 @@
+"""The ``dmoe`` console script: argparse front end; the subcommands live in ``napari_dmoe.cli``."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import traceback
+from typing import Sequence
+
+from napari_dmoe import __version__
+from napari_dmoe.cli import COMMANDS
+
+# User-facing failures: bad files, bad arguments, bad configs. Anything else is a bug and keeps its traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dmoe",
+        description="Distribution-aware Mixture of Experts (dMoE) segmentation: fair 2D/3D medical segmentation "
+        "conditioned on patient attributes.",
+    )
+    parser.add_argument("--version", action="version", version=f"dmoe (napari-dmoe) {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        importlib.import_module(f"napari_dmoe.cli.{name}").add_parser(subparsers)
+    for sub in subparsers.choices.values():
+        # also accept --debug after the command; SUPPRESS keeps the top-level value when it is absent
+        sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``dmoe`` with ``argv`` (default: the process arguments); return the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # argparse exits on --help, --version and usage errors
+        return exit_.code if isinstance(exit_.code, int) else 2
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print(f"dmoe {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except USER_ERRORS as err:
+        if args.debug:
+            traceback.print_exc()
+        message = " ".join(str(err).split()) or type(err).__name__  # one line, whatever the message holds
+        print(f"dmoe {args.command}: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,198 @@
+"""``dmoe segment``: segment one image, or a folder of images with a CSV of attributes, writing labels in the
+source geometry (NIfTI keeps the file's affine; 2D images give PNG/TIFF) and optionally the routing maps."""
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from pathlib import Path
+from typing import Any
+
+IMAGE_SUFFIXES = (".nii", ".nii.gz", ".dcm", ".png", ".jpg", ".jpeg", ".tif", ".tiff")
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "segment", help="segment an image (or a folder of images with a CSV of attributes)",
+        description="Segment INPUT with MODEL under a patient attribute and write the label map in the source "
+        "geometry. INPUT is a NIfTI/DICOM/PNG/JPG/TIFF file or a DICOM series folder; with --csv it is a folder "
+        "of images and OUT a folder.",
+    )
+    p.add_argument("model", help="a napari-dmoe model file (.safetensors)")
+    p.add_argument("input", help="image file, DICOM folder, or (with --csv) a folder of images")
+    p.add_argument("--attribute", "-a", action="append", default=[], metavar="VALUE|NAME=VALUE",
+                   help="patient attribute, e.g. -a Black or -a race=Black (repeat for several attributes); "
+                   "'unknown' or leaving it out averages over all routers")
+    p.add_argument("--out", "-o", required=True,
+                   help="output labels file (.nii.gz, .nii, .png, .tif, or .dcm for DICOM SEG on a DICOM input), "
+                   "or folder")
+    p.add_argument("--csv", help="batch: CSV with a column 'image' (file name in INPUT) and one column per attribute")
+    p.add_argument("--dicom-seg", action="store_true",
+                   help="batch: write the masks of DICOM inputs (series folders, .dcm files) as DICOM SEG "
+                        "(<name>_labels.dcm) instead of NIfTI")
+    p.add_argument("--routing-out", help="folder for routing maps (mean gate weight per expert, dominant expert)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
+    p.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap (default: %(default)s)")
+    p.add_argument("--window-batch", type=int, default=4, help="windows per forward pass (default: %(default)s)")
+    p.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
+    p.add_argument("--channels-last", action="store_true",
+                   help="channels-last memory layout (for GPUs; see BENCHMARKS.md for when it pays)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the network once for the whole batch (the first image takes longer; "
+                        "falls back to the plain network with a warning where it fails)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress output")
+    p.set_defaults(func=run)
+
+
+def parse_attribute(values: list[str], spec: Any) -> Any:
+    """-a arguments -> what segment() takes: None (unknown), a value, or a dict name -> value."""
+    if not values or values == ["unknown"]:
+        return None
+    pairs = [v.split("=", 1) for v in values]
+    if all(len(p) == 1 for p in pairs) and len(values) == 1:
+        return values[0]
+    if any(len(p) == 1 for p in pairs):
+        raise ValueError("with several attributes, give each as NAME=VALUE (e.g. -a race=Black -a age=60-79)")
+    names = [a.name for a in spec.attributes]
+    out = {}
+    for name, value in pairs:
+        if name not in names:
+            raise ValueError(f"the model has no attribute {name!r}; its attributes are {names}")
+        out[name] = value
+    return out
+
+
+def _default_suffix(volume: Any) -> str:
+    return ".nii.gz" if volume.meta.get("format") in ("nifti", "dicom") or len(volume.spacing) == 3 else ".png"
+
+
+def segment_file(model: Any, src: Path, dest: Path, attribute: Any, args: argparse.Namespace,
+                 routing_dir: Path | None = None) -> Any:
+    """Segment one file and write its labels (and routing maps); return the Segmentation."""
+    from napari_dmoe.io.images import read_image, write_labels
+    from napari_dmoe.inference.engine import iter_segment
+
+    volume = read_image(src)
+    if str(dest).lower().endswith(".dcm"):  # refuse before the inference, not after it
+        from napari_dmoe.io.dicom_seg import require_dicom_source
+
+        require_dicom_source(volume, dest)
+    gen = iter_segment(model, volume.array, attribute, spacing=volume.spacing if volume.meta.get("spacing_known",
+                       True) else None, device=args.device, overlap=args.overlap, sw_batch_size=args.window_batch,
+                       amp=not args.no_amp, channels_last=args.channels_last, compile=args.compile, rgb=volume.rgb,
+                       routing="mean" if routing_dir else False)
+    while True:
+        try:
+            step = next(gen)
+        except StopIteration as stop:
+            result = stop.value
+            break
+        if not args.quiet and step.total:
+            print(f"\r  {src.name}: {step.stage} {step.done}/{step.total}", end="", file=sys.stderr, flush=True)
+    if not args.quiet:
+        print(file=sys.stderr)
+    write_labels(dest, result.labels, like=volume, class_names=model.spec.class_names,
+                 algorithm=_algorithm(model, result) if str(dest).lower().endswith(".dcm") else None)
+    if routing_dir is not None and result.routing:
+        write_routing(routing_dir, src, result, volume)
+    for note in [*volume.meta.get("warnings", []), *result.conversions, *result.warnings]:
+        print(f"  note: {src.name}: {note}", file=sys.stderr)
+    return result
+
+
+def _algorithm(model: Any, result: Any) -> Any:
+    """What DICOM SEG records about the model: its file name and the attribute used."""
+    from napari_dmoe.io.dicom_seg import SegAlgorithm
+
+    attr = result.attribute if isinstance(result.attribute, str) else ", ".join(
+        f"{k}={v}" for k, v in result.attribute.items())
+    return SegAlgorithm(model=Path(str(getattr(model, "path", "") or "")).name, attribute=attr)
+
+
+def write_routing(folder: Path, src: Path, result: Any, volume: Any) -> None:
+    """Dominant expert and each expert's mean gate weight (uint8, 255 = 1) in the source geometry."""
+    import numpy as np
+
+    from napari_dmoe.io.images import suffix_of, write_labels
+
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = src.name[: -len(suffix_of(src))] if suffix_of(src) else src.name
+    suffix = _default_suffix(volume)
+    write_labels(folder / f"{stem}_dominant_expert{suffix}", result.dominant_expert, like=volume)
+    mean = result.routing["mean"]
+    # gate weights in [0, 1] -> uint8 (255 = weight 1) per expert, written like labels so NIfTI keeps the
+    # source geometry; 1/255 resolution is plenty for a heatmap
+    for e in range(mean.shape[0]):
+        weights = np.round(mean[e].astype(np.float32) * 255).astype(np.uint8)
+        write_labels(folder / f"{stem}_expert{e}{suffix}", weights, like=volume)
+
+
+def run(args: argparse.Namespace) -> int:
+    from napari_dmoe.io.checkpoint import load_model
+
+    model = load_model(args.model)
+    src, out = Path(args.input), Path(args.out)
+    if not src.exists():
+        raise FileNotFoundError(f"input {src} does not exist")
+    routing_dir = Path(args.routing_out) if args.routing_out else None
+    if args.csv is None:
+        attribute = parse_attribute(args.attribute, model.spec)
+        result = segment_file(model, src, out, attribute, args, routing_dir)
+        print(f"{src} -> {out} ({_describe(result)})")
+        return 0
+    if not src.is_dir():
+        raise ValueError(f"with --csv, INPUT must be a folder of images; {src} is not a folder")
+    rows = read_batch_csv(Path(args.csv), model.spec)
+    out.mkdir(parents=True, exist_ok=True)
+    failures = 0
+    for name, attribute in rows:
+        path = src / name
+        try:
+            from napari_dmoe.io.images import suffix_of
+
+            suffix = suffix_of(path)
+            stem = path.name[: -len(suffix)] if suffix else path.name
+            dicom = suffix in (".dcm", "")  # a .dcm file or a series folder
+            ext = ".dcm" if dicom and args.dicom_seg else ".nii.gz" if dicom or suffix in (".nii", ".nii.gz") else ".png"
+            dest = out / f"{stem}_labels{ext}"
+            result = segment_file(model, path, dest, attribute, args, routing_dir)
+            print(f"{path} -> {dest} ({_describe(result)})")
+        except (ValueError, OSError) as err:  # one bad case must not stop the batch; it is reported and counted
+            failures += 1
+            print(f"dmoe segment: error: {name}: {' '.join(str(err).split())}", file=sys.stderr)
+    print(f"{len(rows) - failures} of {len(rows)} images segmented into {out}")
+    return 0 if failures == 0 else 1
+
+
+def read_batch_csv(path: Path, spec: Any) -> list[tuple[str, Any]]:
+    """Rows of (image file name, attribute) from a CSV with an 'image' column and one column per attribute."""
+    if not path.is_file():
+        raise FileNotFoundError(f"CSV {path} does not exist")
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        columns = reader.fieldnames or []
+        if "image" not in columns:
+            raise ValueError(f"{path}: needs a column 'image'; it has {columns}")
+        names = [a.name for a in spec.attributes]
+        missing = [n for n in names if n not in columns]
+        if missing:
+            raise ValueError(f"{path}: no column for attribute(s) {missing} (columns: {columns})")
+        rows = []
+        for line, row in enumerate(reader, start=2):
+            # an empty cell is an unknown value; the engine averages over the routers that fit the known ones
+            values = {n: (row[n] or "").strip() or "unknown" for n in names}
+            known = {n: v for n, v in values.items() if v.lower() != "unknown"}
+            for attr in spec.attributes:  # fail early, naming the vocabulary, before hours of inference
+                if attr.name in known and known[attr.name] not in attr.values:
+                    raise ValueError(f"{path}, line {line}: {attr.name}={known[attr.name]!r} is not in the model's "
+                                     f"vocabulary {attr.values}; leave the cell empty or write 'unknown'")
+            rows.append((row["image"].strip(), values if known else None))
+    if not rows:
+        raise ValueError(f"{path}: no rows")
+    return rows
+
+
+def _describe(result: Any) -> str:
+    attr = result.attribute if isinstance(result.attribute, str) else ", ".join(
+        f"{k}={v}" for k, v in result.attribute.items())
+    return f"{attr}; {result.device}; {sum(result.timings.values()):.2f} s"

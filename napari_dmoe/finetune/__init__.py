@@ -1,0 +1,1 @@
+"""Fine-tune from corrected cases: export pairs, run `dmoe train` in a subprocess, compare."""

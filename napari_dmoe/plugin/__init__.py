@@ -1,0 +1,1 @@
+"""The napari plugin: reader, writer, samples and dock widgets. The only package that imports Qt/napari."""

@@ -1,0 +1,227 @@
+"""Small Qt building blocks of the segment widget: model, device, attributes and advanced options.
+
+Each block owns its widgets and exposes plain values; the segment widget wires them together. torch and the
+core are imported only when a model is picked or the device list is filled.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+from qtpy.QtCore import Signal
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QDoubleSpinBox,
+    QFileDialog,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QPushButton,
+    QSpinBox,
+    QWidget,
+)
+from superqt import QCollapsible
+
+UNKNOWN = "unknown"
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+class OptionError(ValueError):
+    """A value typed into the widget cannot be used; the message says what to type instead."""
+
+
+class ModelPicker(QWidget):
+    """Bundled demo models and recent files in a dropdown, plus "Browse..." for any model file."""
+
+    changed = Signal(str)  # path of the chosen model ("" when none)
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.combo = QComboBox()
+        self.combo.setToolTip("Demo models shipped with napari-dmoe and models you opened recently")
+        self.browse = QPushButton("Browse...")
+        layout = QHBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.addWidget(self.combo, 1)
+        layout.addWidget(self.browse)
+        self.browse.clicked.connect(self._browse)
+        self.combo.currentIndexChanged.connect(lambda _: self.changed.emit(self.path()))
+        self.refresh()
+
+    def path(self) -> str:
+        return self.combo.currentData() or ""
+
+    def refresh(self, select: str | None = None) -> None:
+        from napari_dmoe.io.model_registry import list_models
+
+        self.combo.blockSignals(True)
+        self.combo.clear()
+        for entry in list_models():
+            self.combo.addItem(entry.label, str(entry.path))
+            self.combo.setItemData(self.combo.count() - 1, str(entry.path), 3)  # 3 = ToolTipRole
+        if select is not None and str(select) not in [self.combo.itemData(i) for i in range(self.combo.count())]:
+            self.combo.addItem(f"file: {Path(select).stem}", str(select))  # e.g. a file not kept in recent
+        if self.combo.count() == 0:
+            self.combo.addItem("(no model: use Browse...)", "")
+        if select is not None:
+            self.combo.setCurrentIndex(max(self.combo.findData(str(select)), 0))
+        self.combo.blockSignals(False)
+        self.changed.emit(self.path())
+
+    def set_path(self, path: str | Path) -> None:
+        """Select ``path`` (remembered in the recent list when it is a readable file)."""
+        from napari_dmoe.io.model_registry import RegistryError, add_recent
+
+        try:
+            add_recent(path)
+        except RegistryError:
+            pass  # still selected below, so the user gets the loader's precise error about the file
+        self.refresh(select=str(Path(path).expanduser().resolve()))
+
+    def _browse(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Open a napari-dmoe model", "", "dMoE models (*.safetensors)")
+        if path:
+            self.set_path(path)
+
+
+class DevicePicker(QWidget):
+    """auto / cpu / cuda / mps; devices this machine cannot use are greyed out and the reason is shown."""
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        from napari_dmoe.devices import cuda_problem, mps_problem
+
+        self.combo = QComboBox()
+        self.reason = QLabel()
+        self.reason.setWordWrap(True)
+        problems = {"auto": None, "cpu": None, "cuda": cuda_problem(), "mps": mps_problem()}
+        for name in DEVICES:
+            self.combo.addItem(name if problems[name] is None else f"{name} (unavailable)", name)
+            item = self.combo.model().item(self.combo.count() - 1)
+            if problems[name]:
+                item.setEnabled(False)
+                item.setToolTip(problems[name])
+        self.problems = problems
+        layout = QFormLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.addRow(self.combo)
+        layout.addRow(self.reason)
+        self.combo.currentIndexChanged.connect(self._explain)
+        self._explain()
+
+    def device(self) -> str:
+        return self.combo.currentData()
+
+    def _explain(self) -> None:
+        gpu = [f"{n}: {p}" for n, p in self.problems.items() if p]
+        text = "GPU unavailable: " + "; ".join(gpu) if len(gpu) == 2 else ""
+        self.reason.setText(text)
+        self.reason.setVisible(bool(text))
+
+
+class AttributeForm(QWidget):
+    """One dropdown per attribute the model is conditioned on: its vocabulary plus "unknown"."""
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.form = QFormLayout(self)
+        self.form.setContentsMargins(0, 0, 0, 0)
+        self.combos: dict[str, QComboBox] = {}
+
+    def set_spec(self, spec: Any | None, preselect: Mapping[str, str] | None = None) -> None:
+        while self.form.rowCount():
+            self.form.removeRow(0)
+        self.combos = {}
+        if spec is None:
+            return
+        used = spec.routing == "dmoe"
+        for attr in spec.attributes:
+            combo = QComboBox()
+            combo.addItems([*attr.values, UNKNOWN])
+            value = (preselect or {}).get(attr.name)
+            combo.setCurrentIndex(attr.values.index(value) if value in attr.values else len(attr.values))
+            combo.setEnabled(used)
+            combo.setToolTip("Patient attribute: picks the router of the experts ('unknown' averages all routers)"
+                             if used else f"this model ({spec.routing}) does not use the attribute")
+            self.form.addRow(attr.name, combo)
+            self.combos[attr.name] = combo
+
+    def values(self) -> dict[str, str]:
+        return {name: combo.currentText() for name, combo in self.combos.items()}
+
+    def set_value(self, name: str, value: str) -> None:
+        combo = self.combos[name]
+        index = combo.findText(value)
+        if index < 0:
+            raise OptionError(f"{name}={value!r} is not in this model's vocabulary")
+        combo.setCurrentIndex(index)
+
+
+def routing_positions(spec: Any) -> list[str]:
+    """Names of the dMoE positions of a model (as the engine reports them), without running it."""
+    if spec.routing == "none":
+        return []
+    if spec.arch == "transunet2d":
+        return [f"block{i}" for i in range(int(spec.arch_kwargs.get("depth", 12)))]
+    return [f"stage{i}" for i in range(5)]
+
+
+class AdvancedOptions(QCollapsible):
+    """Window size, overlap, window batch, AMP, routing maps and which routing position to show."""
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__("Advanced", parent)
+        body = QWidget()
+        form = QFormLayout(body)
+        self.roi = QLineEdit()
+        self.roi.setPlaceholderText("model default")
+        self.roi.setToolTip("Sliding-window size in pixels/voxels, e.g. 96,96,96 (3D) or 224,224 (2D)")
+        self.overlap = QDoubleSpinBox()
+        self.overlap.setRange(0.0, 0.9)
+        self.overlap.setSingleStep(0.05)
+        self.overlap.setValue(0.25)
+        self.batch = QSpinBox()
+        self.batch.setRange(1, 64)
+        self.batch.setValue(4)
+        self.batch.setToolTip("Windows per forward pass; halved automatically on GPU out-of-memory")
+        self.amp = QCheckBox("mixed precision on CUDA")
+        self.amp.setChecked(True)
+        self.maps = QCheckBox("compute expert heatmaps")
+        self.maps.setChecked(True)
+        self.position = QComboBox()
+        self.position.setToolTip("Which dMoE position the heatmaps and dominant expert show")
+        self.set_positions([])
+        form.addRow("window size", self.roi)
+        form.addRow("overlap", self.overlap)
+        form.addRow("window batch", self.batch)
+        form.addRow(self.amp)
+        form.addRow(self.maps)
+        form.addRow("routing position", self.position)
+        self.addWidget(body)
+
+    def set_positions(self, positions: list[str]) -> None:
+        current = self.position.currentText()
+        self.position.clear()
+        self.position.addItems(["mean", *positions])
+        self.position.setCurrentIndex(max(self.position.findText(current), 0))
+
+    def roi_size(self, ndim: int) -> list[int] | None:
+        text = self.roi.text().strip()
+        if not text:
+            return None
+        try:
+            sizes = [int(v) for v in text.replace("x", ",").split(",") if v.strip()]
+        except ValueError:
+            sizes = []
+        if len(sizes) != ndim or min(sizes, default=0) < 1:
+            raise OptionError(f"window size {text!r}: give {ndim} positive integers separated by commas "
+                              f"(e.g. {','.join(['96'] * ndim)}), or leave it empty for the model default")
+        return sizes
+
+    def options(self, spatial_dims: int) -> dict[str, Any]:
+        """Keywords for the inference engine."""
+        return {"roi_size": self.roi_size(spatial_dims), "overlap": float(self.overlap.value()),
+                "sw_batch_size": int(self.batch.value()), "amp": self.amp.isChecked(),
+                "routing": self.maps.isChecked()}

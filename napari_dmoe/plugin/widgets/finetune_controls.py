@@ -1,0 +1,208 @@
+"""Qt building blocks of the fine-tune widget: the pairs table, the settings form, the before/after table.
+
+Each block exposes plain values; ``finetune_widget.py`` wires them. torch is never imported here. The live curves
+and the stall meter live in ``finetune_monitor.py`` (re-exported here, where the bench script imports them).
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from qtpy.QtWidgets import (
+    QAbstractItemView,
+    QCheckBox,
+    QComboBox,
+    QDoubleSpinBox,
+    QFormLayout,
+    QLineEdit,
+    QSpinBox,
+    QTableWidget,
+    QTableWidgetItem,
+    QWidget,
+)
+
+from napari_dmoe.plugin.widgets.finetune_monitor import CurvePlot, StallMeter
+from napari_dmoe.finetune.prepare import FinetuneError, FinetuneSettings
+
+__all__ = ["PairTable", "SettingsForm", "CompareTable", "CurvePlot", "StallMeter", "TRAINABLE"]
+
+TRAINABLE = {"all weights": "all", "only routers and experts": "routers_experts"}
+
+
+class PairTable(QTableWidget):
+    """Rows of (image layer, labels layer, one value per attribute, validation flag)."""
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(0, 3, parent)
+        self.attributes: list[Any] = []  # spec.attributes of the base model
+        self.image_names: list[str] = []
+        self.labels_names: list[str] = []
+        self.setSelectionBehavior(QAbstractItemView.SelectRows)
+        self._set_headers()
+
+    def _set_headers(self) -> None:
+        names = ["image", "labels", *[a.name for a in self.attributes], "validation"]
+        self.setColumnCount(len(names))
+        self.setHorizontalHeaderLabels(names)
+
+    def set_attributes(self, attributes: Sequence[Any]) -> None:
+        """New vocabulary (another base model): keep the layer choices, reset attribute cells."""
+        rows = [(self.cellWidget(r, 0).currentText(), self.cellWidget(r, 1).currentText(),
+                 self.validation_flag(r)) for r in range(self.rowCount())]
+        old = [self.row_attributes(r) for r in range(self.rowCount())]
+        self.attributes = list(attributes)
+        self.setRowCount(0)
+        self._set_headers()
+        for (image, labels, val), attrs in zip(rows, old):
+            self.add_row(image, labels, attrs, val)
+
+    def set_layer_names(self, images: Sequence[str], labels: Sequence[str]) -> None:
+        self.image_names, self.labels_names = list(images), list(labels)
+        for r in range(self.rowCount()):
+            for col, names in ((0, self.image_names), (1, self.labels_names)):
+                combo: QComboBox = self.cellWidget(r, col)
+                current = combo.currentText()
+                combo.blockSignals(True)
+                combo.clear()
+                combo.addItems(names)
+                combo.setCurrentIndex(max(combo.findText(current), 0))
+                combo.blockSignals(False)
+
+    def add_row(self, image: str | None = None, labels: str | None = None,
+                attributes: dict[str, str] | None = None, validation: bool = False) -> int:
+        row = self.rowCount()
+        self.insertRow(row)
+        for col, (names, value) in enumerate(((self.image_names, image), (self.labels_names, labels))):
+            combo = QComboBox()
+            combo.addItems(names)
+            if value is not None:
+                combo.setCurrentIndex(max(combo.findText(value), 0))
+            self.setCellWidget(row, col, combo)
+        for i, attr in enumerate(self.attributes):
+            combo = QComboBox()
+            combo.addItems(list(attr.values))
+            value = (attributes or {}).get(attr.name)
+            if value in attr.values:
+                combo.setCurrentIndex(attr.values.index(value))
+            self.setCellWidget(row, 2 + i, combo)
+        check = QCheckBox()
+        check.setChecked(validation)
+        check.setToolTip("Hold this pair back for validation (when none is ticked, 20 % are chosen at random)")
+        self.setCellWidget(row, 2 + len(self.attributes), check)
+        return row
+
+    def remove_selected(self) -> None:
+        for row in sorted({i.row() for i in self.selectedIndexes()}, reverse=True):
+            self.removeRow(row)
+
+    def row_attributes(self, row: int) -> dict[str, str]:
+        return {a.name: self.cellWidget(row, 2 + i).currentText() for i, a in enumerate(self.attributes)}
+
+    def set_row_attribute(self, row: int, name: str, value: str) -> None:
+        i = [a.name for a in self.attributes].index(name)
+        combo: QComboBox = self.cellWidget(row, 2 + i)
+        if combo.findText(value) < 0:
+            raise FinetuneError(f"{name}={value!r} is not in the base model's vocabulary")
+        combo.setCurrentIndex(combo.findText(value))
+
+    def validation_flag(self, row: int) -> bool:
+        return self.cellWidget(row, self.columnCount() - 1).isChecked()
+
+    def set_validation(self, row: int, value: bool) -> None:
+        self.cellWidget(row, self.columnCount() - 1).setChecked(value)
+
+    def rows(self) -> list[tuple[str, str, dict[str, str], bool]]:
+        """(image layer name, labels layer name, attributes, validation) per row."""
+        return [(self.cellWidget(r, 0).currentText(), self.cellWidget(r, 1).currentText(), self.row_attributes(r),
+                 self.validation_flag(r)) for r in range(self.rowCount())]
+
+
+class SettingsForm(QWidget):
+    """Steps, learning rate, batch, patch size, what to train, mixed precision, validation fraction."""
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.steps = QSpinBox()
+        self.steps.setRange(1, 1_000_000)
+        self.lr = QDoubleSpinBox()
+        self.lr.setDecimals(5)
+        self.lr.setRange(1e-5, 1.0)
+        self.lr.setSingleStep(0.0005)
+        self.batch = QSpinBox()
+        self.batch.setRange(1, 256)
+        self.patch = QLineEdit()
+        self.patch.setToolTip("Training patch size (3D models); 2D models train at their input size")
+        self.trainable = QComboBox()
+        self.trainable.addItems(list(TRAINABLE))
+        self.trainable.setToolTip("Routers and experts only: few weights change, so few cases suffice and the "
+                                  "rest of the network keeps what it learned")
+        self.amp = QCheckBox("mixed precision (CUDA only)")
+        self.val_fraction = QDoubleSpinBox()
+        self.val_fraction.setRange(0.05, 0.9)
+        self.val_fraction.setSingleStep(0.05)
+        self.val_fraction.setValue(0.2)
+        self.val_fraction.setToolTip("Share of pairs held back for validation when no row is ticked (at least 1)")
+        form = QFormLayout(self)
+        form.setContentsMargins(0, 0, 0, 0)
+        form.addRow("steps", self.steps)
+        form.addRow("learning rate", self.lr)
+        form.addRow("batch", self.batch)
+        form.addRow("patch size", self.patch)
+        form.addRow("train", self.trainable)
+        form.addRow(self.amp)
+        form.addRow("validation share", self.val_fraction)
+        self.apply(FinetuneSettings())
+
+    def apply(self, settings: FinetuneSettings) -> None:
+        self.steps.setValue(settings.steps)
+        self.lr.setValue(settings.lr)
+        self.batch.setValue(settings.batch_size)
+        self.amp.setChecked(settings.amp)
+        if settings.patch_size:
+            self.patch.setText(",".join(str(s) for s in settings.patch_size))
+
+    def set_spec(self, spec: Any | None) -> None:
+        """Patch size follows the base model: fixed for 2D (the TransUNet's input size), editable for 3D."""
+        if spec is None:
+            return
+        self.patch.setText(",".join(str(s) for s in spec.input_size))
+        self.patch.setEnabled(spec.spatial_dims == 3)
+        routed = spec.routing != "none"
+        item = self.trainable.model().item(1)
+        item.setEnabled(routed)
+        if not routed:
+            self.trainable.setCurrentIndex(0)
+
+    def settings(self, device: str, spatial_dims: int) -> FinetuneSettings:
+        text = self.patch.text().strip()
+        try:
+            patch = [int(v) for v in text.replace("x", ",").split(",") if v.strip()] if text else None
+        except ValueError:
+            patch = []
+        if patch is not None and (len(patch) != spatial_dims or min(patch) < 1):
+            raise FinetuneError(f"patch size {text!r}: give {spatial_dims} positive integers separated by commas")
+        return FinetuneSettings(steps=self.steps.value(), lr=float(self.lr.value()), batch_size=self.batch.value(),
+                                patch_size=patch, device=device, trainable=TRAINABLE[self.trainable.currentText()],
+                                amp=self.amp.isChecked() and device.startswith(("cuda", "auto")))
+
+
+class CompareTable(QTableWidget):
+    """Per-group validation Dice before and after the fine-tune, side by side."""
+
+    COLUMNS = ("group", "before", "after", "change")
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(0, len(self.COLUMNS), parent)
+        self.setHorizontalHeaderLabels(self.COLUMNS)
+        self.setEditTriggers(QAbstractItemView.NoEditTriggers)
+
+    def show_rows(self, rows: Sequence[tuple[str, float, float, float]]) -> None:
+        self.setRowCount(0)
+        for group, before, after, change in rows:
+            r = self.rowCount()
+            self.insertRow(r)
+            texts = (group, f"{before:.3f}", f"{after:.3f}", f"{change:+.3f}")
+            for c, text in enumerate(texts):
+                self.setItem(r, c, QTableWidgetItem(text))
+
+    def values(self) -> list[list[str]]:
+        return [[self.item(r, c).text() for c in range(self.columnCount())] for r in range(self.rowCount())]

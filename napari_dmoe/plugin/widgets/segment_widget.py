@@ -1,0 +1,374 @@
+"""The Segment dock widget: pick a model, an image and the patient attribute, press Segment.
+
+GUI (controls.py) / jobs (jobs.py, no Qt) / layers (results.py, no Qt). Inference runs in a napari generator
+worker off the GUI thread; its ``Step`` yields drive a napari progress bar and ``worker.quit()`` cancels
+between two window batches. The target image is captured at launch, so results land on it even if the
+user selects another layer meanwhile. Re-running with the same image and attribute replaces the earlier
+result layers (names are deterministic), so the layer list does not pile up; a mask the user edited is never
+replaced: it is kept as "<name> (edited)" and the new result added beside it.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from napari.layers import Image
+from napari.qt.threading import create_worker
+from napari.utils import progress
+from napari.utils.notifications import show_error, show_info, show_warning
+from qtpy.QtCore import Qt
+from qtpy.QtWidgets import (
+    QAbstractItemView,
+    QComboBox,
+    QFileDialog,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QPushButton,
+    QTableWidget,
+    QTableWidgetItem,
+    QVBoxLayout,
+    QWidget,
+)
+from superqt import QCollapsible
+
+from napari_dmoe.plugin.widgets.controls import (
+    UNKNOWN,
+    AdvancedOptions,
+    AttributeForm,
+    DevicePicker,
+    ModelPicker,
+    OptionError,
+    routing_positions,
+)
+from napari_dmoe.plugin.widgets.jobs import JobResult, ModelCache, SegmentRequest, Step, advance, run_sweep
+from napari_dmoe.plugin.widgets.placement import label_expert_axis, replace_layers
+from napari_dmoe.plugin.widgets.results import RESULT_KEY, SourceInfo, is_result, result_layers
+from napari_dmoe.io.images import layer_spacing
+
+if TYPE_CHECKING:
+    import napari
+
+RUN, CANCEL, CANCELLING = "Segment", "Cancel", "Cancelling..."
+SWEEP_COLUMNS = ("A", "B", "Dice", "changed px", "changed %")
+
+
+class SegmentWidget(QWidget):
+    """Dock widget: model, image, attribute(s), device, advanced options, Segment / Cancel, attribute sweep."""
+
+    def __init__(self, napari_viewer: "napari.viewer.Viewer") -> None:
+        super().__init__()
+        # napari hands plugins a proxy that warns on private access; we only use public API but need identity
+        # comparisons of layers, which the proxy's fresh wrappers would break
+        self.viewer = getattr(napari_viewer, "__wrapped__", napari_viewer)
+        self.spec: Any = None
+        self.worker: Any = None
+        self._job: Any = None
+        self._pbar: progress | None = None
+        self._cache = ModelCache()
+        self._build()
+        self.viewer.layers.events.inserted.connect(self._refresh_images)
+        self.viewer.layers.events.removed.connect(self._refresh_images)
+        self._refresh_images()
+        self._on_model_changed(self.models.path())
+
+    # -- layout --------------------------------------------------------------------------------------------
+    def _build(self) -> None:
+        self.models = ModelPicker()
+        self.model_info = QLabel()
+        self.model_info.setWordWrap(True)
+        self.images = QComboBox()
+        self.attributes = AttributeForm()
+        self.devices = DevicePicker()
+        self.advanced = AdvancedOptions()
+        self.run_button = QPushButton(RUN)
+        self.sweep_button = QPushButton("Sweep all values")
+        self.sweep_button.setToolTip("Segment the image under every value of the attribute and compare the masks")
+        self.sweep_attribute = QComboBox()
+        self.status = QLabel()
+        self.status.setWordWrap(True)
+        self.save_button = QPushButton("Save mask...")
+        self.save_button.setToolTip("Save the selected mask (or the last one made): DICOM SEG for a DICOM series, "
+                                    "NIfTI in the source geometry for NIfTI, PNG for a 2D image")
+        self.sweep_table = QTableWidget(0, len(SWEEP_COLUMNS))
+        self.sweep_table.setHorizontalHeaderLabels(SWEEP_COLUMNS)
+        self.sweep_table.setEditTriggers(QAbstractItemView.NoEditTriggers)
+        self.sweep_table.setSortingEnabled(True)
+
+        form = QFormLayout()
+        form.addRow("model", self.models)
+        form.addRow(self.model_info)
+        form.addRow("image", self.images)
+        form.addRow(self.attributes)
+        form.addRow("device", self.devices)
+        sweep = QCollapsible("Attribute sweep")
+        body = QWidget()
+        sweep_layout = QVBoxLayout(body)
+        row = QHBoxLayout()
+        row.addWidget(QLabel("over"))
+        row.addWidget(self.sweep_attribute, 1)
+        row.addWidget(self.sweep_button)
+        sweep_layout.addLayout(row)
+        sweep_layout.addWidget(self.sweep_table)
+        sweep.addWidget(body)
+        sweep.expand(animate=False)
+        layout = QVBoxLayout(self)
+        layout.addLayout(form)
+        layout.addWidget(self.advanced)
+        layout.addWidget(self.run_button)
+        layout.addWidget(self.status)
+        layout.addWidget(self.save_button)
+        layout.addWidget(sweep)
+        layout.addStretch(1)
+
+        self.models.changed.connect(self._on_model_changed)
+        self.images.currentIndexChanged.connect(self._on_image_changed)
+        self.run_button.clicked.connect(self._on_run_clicked)
+        self.sweep_button.clicked.connect(self.sweep)
+        self.save_button.clicked.connect(lambda: self.save_mask())
+
+    # -- model and image -----------------------------------------------------------------------------------
+    def _on_model_changed(self, path: str) -> None:
+        self.spec = None
+        if path:
+            from napari_dmoe.io.checkpoint import read_spec
+
+            try:
+                self.spec = read_spec(path)  # header only: fast, and bad files are reported right away
+            except ValueError as err:
+                show_error(f"Cannot use this model: {err}")
+                self.status.setText(f"Model not usable: {err}")
+        spec = self.spec
+        self.attributes.set_spec(spec, self._layer_attributes())
+        self.advanced.set_positions(routing_positions(spec) if spec else [])
+        self.sweep_attribute.clear()
+        if spec is not None:
+            self.sweep_attribute.addItems([a.name for a in spec.attributes])
+            classes = ", ".join(spec.class_names[1:])
+            self.model_info.setText(f"{spec.arch}, {spec.routing} with {spec.n_experts} experts; classes: {classes}")
+            self.status.setText("")
+        else:
+            self.model_info.setText("")
+        self._set_running(False)
+
+    def _image_layers(self) -> list[Image]:
+        return [layer for layer in self.viewer.layers if isinstance(layer, Image) and not is_result(layer.metadata)]
+
+    def _refresh_images(self, event: Any = None) -> None:
+        current = self.images.currentText()
+        names = [layer.name for layer in self._image_layers()]
+        self.images.blockSignals(True)
+        self.images.clear()
+        self.images.addItems(names)
+        inserted = getattr(event, "value", None) if event is not None and event.type == "inserted" else None
+        if isinstance(inserted, Image) and inserted.name in names:
+            current = inserted.name  # a newly opened image is what the user wants to segment next
+        self.images.setCurrentIndex(max(self.images.findText(current), 0))
+        self.images.blockSignals(False)
+        self._on_image_changed()
+
+    def _on_image_changed(self, *_: Any) -> None:
+        attrs = self._layer_attributes()
+        self._match_model(attrs)
+        for name, value in attrs.items():
+            if name in self.attributes.combos and self.attributes.combos[name].findText(str(value)) >= 0:
+                self.attributes.set_value(name, str(value))
+        self._set_running(self.worker is not None)
+
+    def _match_model(self, attrs: dict[str, str]) -> None:
+        """If the image names attributes the chosen model lacks (e.g. a prostate sample with a fundus model),
+        switch to a bundled model conditioned on exactly those attributes, and say so."""
+        names = set(attrs)
+        if not names or (self.spec is not None and names == {a.name for a in self.spec.attributes}):
+            return
+        from napari_dmoe.io.checkpoint import read_spec
+        from napari_dmoe.io.model_registry import bundled_models
+
+        for entry in bundled_models():
+            try:
+                spec = read_spec(entry.path)
+            except ValueError:
+                continue
+            if {a.name for a in spec.attributes} == names:
+                self.models.refresh(select=str(entry.path))  # bundled: not added to the recent list
+                self.status.setText(f"Picked the demo model {entry.name} for this image ({', '.join(sorted(names))}).")
+                return
+
+    def _layer_attributes(self) -> dict[str, str]:
+        """Attribute values stored with the image (our sample data and readers put them in the metadata)."""
+        layer = self.selected_image()
+        meta = layer.metadata.get("dmoe_attributes") if layer is not None else None
+        return {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
+
+    def selected_image(self) -> Image | None:
+        name = self.images.currentText()
+        return self.viewer.layers[name] if name in self.viewer.layers else None
+
+    # -- run / cancel --------------------------------------------------------------------------------------
+    def _on_run_clicked(self) -> None:
+        if self.worker is None:
+            self.segment()
+        else:
+            self.cancel()
+
+    def segment(self) -> Any:
+        """Start segmenting the selected image under the chosen attribute; returns the worker (or None)."""
+        return self._launch([self.attributes.values()], sweep=False)
+
+    def sweep(self) -> Any:
+        """Segment under every value of the sweep attribute (others as chosen); returns the worker."""
+        if self.spec is None:
+            return self._launch([], sweep=True)
+        name = self.sweep_attribute.currentText() or self.spec.attributes[0].name
+        values = next(a.values for a in self.spec.attributes if a.name == name)
+        base = self.attributes.values()
+        return self._launch([{**base, name: v} for v in values], sweep=True)
+
+    def cancel(self) -> None:
+        if self.worker is not None:
+            self.worker.quit()  # checked by the worker between two yields, i.e. between window batches
+            self.run_button.setText(CANCELLING)
+            self.run_button.setEnabled(False)
+
+    def _launch(self, attributes: list[dict[str, str]], sweep: bool) -> Any:
+        if self.worker is not None:
+            show_info("A segmentation is already running; cancel it first.")
+            return None
+        layer = self.selected_image()
+        problem = ("pick a model first (demo list or Browse...)" if self.spec is None
+                   else "open or select an image layer first" if layer is None else None)
+        if problem:
+            show_error(f"Cannot segment: {problem}")
+            return None
+        try:
+            options = self.advanced.options(self.spec.spatial_dims)
+        except OptionError as err:
+            show_error(str(err))
+            return None
+        options.update(device=self.devices.device(), rgb=bool(layer.rgb))
+        spacing = layer_spacing(layer.scale, layer.metadata)
+        if not layer.rgb and spacing is not None:
+            options["spacing"] = spacing
+        request = SegmentRequest(self.models.path(), layer.data, attributes[0] if attributes else {}, options)
+        launch = {"layer": layer, "position": self.advanced.position.currentText(), "sweep": sweep,
+                  "maps": options["routing"],
+                  "source": SourceInfo(layer.name, tuple(layer.scale), tuple(layer.translate), dict(layer.metadata),
+                                       bool(layer.rgb))}
+        self._job = launch
+        worker = create_worker(run_sweep, request, self._cache, attributes, _start_thread=False)
+        worker.yielded.connect(self._on_step)
+        worker.returned.connect(lambda result, launch=launch: self._on_result(result, launch))
+        worker.aborted.connect(lambda: self.status.setText("Cancelled."))
+        worker.finished.connect(self._on_finished)
+        self.worker = worker
+        self._pbar = progress(total=0, desc=f"dMoE: {layer.name}")
+        self.status.setText(f"Segmenting {layer.name}...")
+        self._set_running(True)
+        worker.start()
+        return worker
+
+    def _set_running(self, running: bool) -> None:
+        ready = self.spec is not None and self.images.count() > 0
+        self.run_button.setText(CANCEL if running else RUN)
+        self.run_button.setEnabled(running or ready)
+        self.sweep_button.setEnabled(not running and ready and self.spec.routing == "dmoe")
+
+    def _on_step(self, step: Step) -> None:
+        advance(self._pbar, step)  # local read: progress events can run queued signals, even 'finished'
+
+    def _on_finished(self) -> None:
+        if self._pbar is not None:
+            self._pbar.close()
+        self._pbar = None
+        self.worker = None
+        self._job = None
+        self._set_running(False)
+
+    # -- results -------------------------------------------------------------------------------------------
+    def _on_result(self, result: JobResult, launch: dict[str, Any]) -> None:
+        source: SourceInfo = launch["source"]
+        if result.error:
+            show_error(f"Segmentation of '{source.name}' failed: {result.error}")
+            self.status.setText(f"Failed: {result.error}")
+            return
+        if not any(layer is launch["layer"] for layer in self.viewer.layers):
+            show_warning(f"The image '{source.name}' was removed while it was being segmented; "
+                         "the results were discarded.")
+            self.status.setText("Image removed during the run: results discarded.")
+            return
+        warnings: list[str] = []
+        kept: list[tuple[str, str]] = []
+        for tag, seg in result.segmentations.items():
+            layers = result_layers(seg, result.model.spec, str(result.model.path), source, result.requests[tag],
+                                   position=launch["position"], maps=launch["maps"] and not launch["sweep"])
+            kept += replace_layers(self.viewer, layers)
+            warnings += [w for w in layers[0][1]["metadata"][RESULT_KEY]["warnings"] if w not in warnings]
+        if any(kind == "image" for _, _, kind in layers):  # the heatmaps add a leading expert axis
+            label_expert_axis(self.viewer, len(source.scale))
+        text = _summary(result, warnings)
+        if kept:
+            text += "; kept your edited " + ", ".join(f"'{old}' as '{new}'" for old, new in kept)
+            show_info("Your edits were kept: " + "; ".join(f"'{old}' is now '{new}'" for old, new in kept)
+                      + "; the new result has the usual name.")
+        self.status.setText(text)
+        for w in warnings:
+            show_warning(w)
+        if launch["sweep"]:
+            self.show_sweep(result)
+
+    def save_mask(self, path: str | Path | None = None) -> Path | None:
+        """Save the selected result mask (else the newest one) to ``path``, asked with a dialog when None, in the
+        source's own format by default; returns the path written, or None when cancelled or refused."""
+        from napari_dmoe.plugin.widgets import save_mask as sm
+
+        selected = self.viewer.layers.selection.active
+        masks = [layer for layer in self.viewer.layers if sm.is_mask(layer)]
+        layer = selected if selected is not None and sm.is_mask(selected) else (masks[-1] if masks else None)
+        if layer is None:
+            show_error("No mask to save: segment an image first")
+            return None
+        if path is None:
+            default = sm.default_path(layer)
+            filters = ";;".join([sm.FILTERS[sm.default_suffix(layer)],
+                                 *(f for s, f in sm.FILTERS.items() if s != sm.default_suffix(layer))])
+            path, _ = QFileDialog.getSaveFileName(self, f"Save {layer.name}", str(default), filters)
+            if not path:
+                return None
+        try:
+            written = sm.save(layer, path)
+        except (ValueError, OSError) as err:  # ImageWriteError is a ValueError: bad format for this source
+            show_error(f"Mask not saved: {err}")
+            return None
+        self.status.setText(f"Saved '{layer.name}' to {written}")
+        show_info(f"Saved '{layer.name}' to {written}")
+        return written
+
+    def show_sweep(self, result: JobResult) -> None:
+        """Fill the sweep table with pairwise Dice and changed pixels between the masks."""
+        from napari_dmoe.inference.sweep import pairwise_agreement
+
+        masks = {tag: seg.labels for tag, seg in result.segmentations.items()}
+        table = pairwise_agreement(masks, n_classes=result.model.spec.n_classes)
+        self.sweep_table.setSortingEnabled(False)
+        self.sweep_table.setRowCount(0)
+        for a, b, dice, changed, percent in table.pairs():
+            row = self.sweep_table.rowCount()
+            self.sweep_table.insertRow(row)
+            for col, value in enumerate((a, b, dice, changed, percent)):
+                item = QTableWidgetItem()
+                # numbers as numbers (not text) so that sorting a column sorts by value
+                item.setData(Qt.DisplayRole, round(value, 3) if isinstance(value, float) else value)
+                self.sweep_table.setItem(row, col, item)
+        self.sweep_table.setSortingEnabled(True)
+        self.last_sweep = table
+
+
+def _summary(result: JobResult, warnings: list[str]) -> str:
+    seg = next(iter(result.segmentations.values()))
+    seconds = sum(seg.timings.values())
+    used = seg.attribute if isinstance(seg.attribute, str) else ", ".join(f"{k}={v}" for k, v in seg.attribute.items())
+    n = len(result.segmentations)
+    text = f"Done on {seg.device} in {seconds:.2f} s" + (f" per value ({n} values)" if n > 1 else f"; attribute {used}")
+    if UNKNOWN in used:
+        text += " (outputs of all routers averaged)"
+    return text + (f"; {len(warnings)} warning(s)" if warnings else "")

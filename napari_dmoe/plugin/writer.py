@@ -1,0 +1,52 @@
+"""npe2 writer: a labels layer -> NIfTI (.nii/.nii.gz, in the source image's geometry), 2D PNG/TIFF, or DICOM SEG.
+
+Geometry comes from the layer metadata our reader stored (copy the image layer's metadata onto labels you
+make from it); without it, from the layer's scale and translate. DICOM SEG (.dcm) needs that metadata from a
+DICOM source (it lists the source files); a mask made by the segment widget also names its classes and model.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def write_labels_layer(path: str, data: Any, attributes: dict[str, Any]) -> list[str]:
+    from napari_dmoe.io.images import Volume, write_labels
+
+    labels = np.asarray(data)
+    meta = dict(attributes.get("metadata") or {})
+    ndim = labels.ndim
+    if "nifti_affine" in meta or meta.get("affine") is not None:
+        spacing = tuple(meta.get("spacing") or (1.0,) * ndim)
+        origin = tuple(meta.get("origin") or (0.0,) * ndim)
+        affine = np.asarray(meta["affine"]) if meta.get("affine") is not None else None
+    else:
+        spacing = tuple(float(s) for s in attributes.get("scale", (1.0,) * ndim))
+        origin = tuple(float(t) for t in attributes.get("translate", (0.0,) * ndim))
+        affine = None
+    like = Volume(array=np.broadcast_to(np.zeros((), labels.dtype), labels.shape), spacing=spacing[-ndim:],
+                  origin=origin[-ndim:], affine=affine, meta=meta)
+    class_names, algorithm = _seg_info(meta, labels) if path.lower().endswith(".dcm") else ((), None)
+    return [str(write_labels(path, labels, like=like, class_names=class_names, algorithm=algorithm))]
+
+
+def _seg_info(meta: dict[str, Any], labels: np.ndarray) -> tuple[list[str], Any]:
+    """Class names and algorithm for DICOM SEG from the provenance the segment widget stores on a mask.
+
+    The SEG says how the mask came to be: the model's mask as it was made (AUTOMATIC), a model mask the user
+    edited since (SEMIAUTOMATIC: its data no longer match the digest stored at creation), or labels a person drew
+    (MANUAL)."""
+    from napari_dmoe.plugin.widgets.results import is_edited
+    from napari_dmoe.io.dicom_seg import SegAlgorithm
+
+    prov = meta.get("dmoe") if isinstance(meta.get("dmoe"), dict) else {}
+    if prov.get("kind") != "mask":  # hand-drawn labels (or expert maps): no class names or model to give
+        return [], SegAlgorithm(kind="manual")
+    used = prov.get("attribute_used")
+    attribute = ", ".join(f"{k}={v}" for k, v in used.items()) if isinstance(used, dict) else str(used or "")
+    model = Path(str(prov.get("model") or "")).name
+    kind = "semiautomatic" if is_edited(meta, labels) else "automatic"
+    return (list((prov.get("spec") or {}).get("class_names") or []),
+            SegAlgorithm(model=model, attribute=attribute, kind=kind))
