@@ -8,12 +8,14 @@ from __future__ import annotations
 
 from napari_dmoe.synthetic.common import SyntheticDataError, allocate, rng_for
 from napari_dmoe.synthetic.fundus import GROUP_LOOK, RACE_FREQUENCIES, RACES, FundusSample, make_fundus, write_fairseg
+from napari_dmoe.synthetic.fundus import SITES as FUNDUS_SITES
 from napari_dmoe.synthetic.prostate import STAGE_FREQUENCIES, STAGES, ProstateCase, make_prostate, write_prostate
+from napari_dmoe.synthetic.prostate import SITES as PROSTATE_SITES
 from napari_dmoe.synthetic.skin import AGE_FREQUENCIES, AGE_GROUPS, SkinSample, make_skin, write_ham10000
 
 __all__ = [
     "SyntheticDataError", "allocate", "rng_for",
-    "RACES", "RACE_FREQUENCIES", "GROUP_LOOK", "FundusSample", "make_fundus", "write_fairseg",
+    "RACES", "RACE_FREQUENCIES", "GROUP_LOOK", "FUNDUS_SITES", "FundusSample", "make_fundus", "write_fairseg",
     "AGE_GROUPS", "AGE_FREQUENCIES", "SkinSample", "make_skin", "write_ham10000",
-    "STAGES", "STAGE_FREQUENCIES", "ProstateCase", "make_prostate", "write_prostate",
+    "STAGES", "STAGE_FREQUENCIES", "PROSTATE_SITES", "ProstateCase", "make_prostate", "write_prostate",
 ]

@@ -32,6 +32,22 @@ GROUP_LOOK = {
     "Black": dict(brightness=0.49, contrast=0.95, disc_scale=1.03, cdr=0.40 / 0.70, pallor=0.70, ppa=0.15),
 }
 
+# Acquisition sites (scanner + clinic). "a" is the generator the demo models were trained on; its neutral values
+# (gain 1, shift 0, blur 0) keep its output bit-identical. "b" is another clinic: a darker, lower-contrast, noisier,
+# slightly blurred camera with a wider field of view (smaller disc and vessels), and a population where the rare
+# groups are more common. The labelling convention per group is the same at both sites: B is a domain shift only.
+SITES = {
+    "a": dict(contrast=1.0, brightness_shift=0.0, noise=0.015, blur=0.0, fov=1.0, frequencies=RACE_FREQUENCIES),
+    "b": dict(contrast=0.75, brightness_shift=-0.06, noise=0.035, blur=0.8, fov=0.85,
+              frequencies={"White": 0.55, "Asian": 0.20, "Black": 0.25}),
+}
+
+
+def _site(site: str) -> dict:
+    if site not in SITES:
+        raise SyntheticDataError(f"site {site!r} is not one of {list(SITES)}")
+    return SITES[site]
+
 
 @dataclass
 class FundusSample:
@@ -48,9 +64,9 @@ class FundusSample:
         return (-self.mask).astype(np.uint8)
 
 
-def _draw_vessels(rng: np.random.Generator, size: int, origin: tuple[float, float]) -> np.ndarray:
+def _draw_vessels(rng: np.random.Generator, size: int, origin: tuple[float, float], fov: float = 1.0) -> np.ndarray:
     """Vessel map in [0, 1]: curved trees leaving the disc, thick arcades up and down, thin ones sideways."""
-    scale = size / 224.0
+    scale = size / 224.0 * fov
     width_maps = {1.0: np.zeros((size, size), np.float32), 1.8: np.zeros((size, size), np.float32)}
     # four arcades curving around the macula (temporal side, +x) and a few thin nasal vessels
     starts = [(-1.25, 1.8, -1), (1.25, 1.8, 1), (-1.7, 1.0, -1), (1.7, 1.0, 1)]
@@ -78,27 +94,30 @@ def _draw_vessels(rng: np.random.Generator, size: int, origin: tuple[float, floa
     return vessels
 
 
-def make_fundus(seed: int, race: str | None = None, size: int = 224, index: int = 0) -> FundusSample:
-    """One deterministic fundus-like sample; ``race`` None draws it from RACE_FREQUENCIES."""
+def make_fundus(seed: int, race: str | None = None, size: int = 224, index: int = 0, site: str = "a") -> FundusSample:
+    """One deterministic fundus-like sample from acquisition ``site`` (see SITES); ``race`` None draws it from the
+    site's group frequencies."""
     if size < 32:
         raise SyntheticDataError(f"fundus size {size} is too small; use at least 32 pixels")
-    rng = rng_for(seed, 1, index)
+    acq = _site(site)
+    rng = rng_for(seed, 1, index) if site == "a" else rng_for(seed, 1, index, 1 + list(SITES).index(site))
     if race is None:
-        race = str(rng.choice(list(RACE_FREQUENCIES), p=list(RACE_FREQUENCIES.values())))
+        freqs = acq["frequencies"]
+        race = str(rng.choice(list(freqs), p=list(freqs.values())))
     if race not in GROUP_LOOK:
         raise SyntheticDataError(f"race {race!r} is not one of {list(RACES)}")
     look = GROUP_LOOK[race]
     shape = (size, size)
 
     # retina: smooth illumination, choroidal texture, fine noise; group sets mean level and contrast
-    brightness = float(np.clip(rng.normal(look["brightness"], 0.06), 0.2, 0.8))
-    contrast = look["contrast"] * rng.uniform(0.9, 1.1)
+    brightness = float(np.clip(rng.normal(look["brightness"], 0.06) + acq["brightness_shift"], 0.2, 0.8))
+    contrast = look["contrast"] * rng.uniform(0.9, 1.1) * acq["contrast"]
     vignette = ellipse_field(shape, (size / 2 + rng.normal(0, size * 0.05), size / 2), (size * 0.8, size * 0.8))
     image = brightness * (1.0 - 0.25 * vignette**2) + 0.035 * contrast * smooth_noise(rng, shape, size / 25)
 
     # optic disc (vertically oval), cup inside, offset slightly temporal
     centre = (size * rng.uniform(0.42, 0.58), size * rng.uniform(0.42, 0.58))
-    r_disc = size * 0.11 * look["disc_scale"] * rng.normal(1.0, 0.08)
+    r_disc = size * 0.11 * look["disc_scale"] * rng.normal(1.0, 0.08) * acq["fov"]  # wider view: smaller disc
     radii = (r_disc * rng.uniform(1.0, 1.15), r_disc)
     angle = rng.normal(0, 0.15)
     cdr = float(np.clip(rng.normal(look["cdr"], 0.08), 0.2, 0.8))
@@ -118,8 +137,10 @@ def make_fundus(seed: int, race: str | None = None, size: int = 224, index: int 
         side = np.clip(np.cos(bearing), 0, 1)  # +x is the temporal side (towards the macula)
         image = image + 0.12 * contrast * ring * side**2
 
-    image = image - 0.13 * contrast * _draw_vessels(rng, size, centre)
-    image = image + rng.normal(0, 0.015, shape)
+    image = image - 0.13 * contrast * _draw_vessels(rng, size, centre, acq["fov"])
+    if acq["blur"]:  # softer optics
+        image = ndimage.gaussian_filter(image, acq["blur"])
+    image = image + rng.normal(0, acq["noise"], shape)
     image_u8 = np.clip(image * 255.0, 0, 255).astype(np.uint8)
 
     mask = np.zeros(shape, np.int8)
@@ -148,9 +169,12 @@ def write_fairseg(
     seed: int = 0,
     size: int = 224,
     frequencies: Mapping[str, float] | None = None,
+    site: str = "a",
 ) -> Path:
-    """Write a FairSeg-format dataset: ``data_000001.npz``... plus ``train.txt`` and ``test.txt`` name lists."""
-    freqs = check_frequencies(frequencies or RACE_FREQUENCIES, RACES)
+    """Write a FairSeg-format dataset: ``data_000001.npz``... plus ``train.txt`` and ``test.txt`` name lists.
+
+    ``site`` picks the acquisition site (SITES); ``frequencies`` defaults to that site's group shares."""
+    freqs = check_frequencies(frequencies or _site(site)["frequencies"], RACES)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rng = rng_for(seed, 101)  # split allocation, separate from the samples
@@ -158,7 +182,7 @@ def write_fairseg(
     races = allocate(n_train, freqs, rng) + allocate(n_test, freqs, rng)
     names = []
     for i, race in enumerate(races):
-        sample = make_fundus(seed, race=race, size=size, index=i)
+        sample = make_fundus(seed, race=race, size=size, index=i, site=site)
         name = f"data_{i + 1:06d}.npz"
         fields = {k: np.array(v) for k, v in sample.attributes.items()}
         np.savez_compressed(out / name, slo_fundus=sample.image, disc_cup_mask=sample.mask, **fields)

@@ -26,6 +26,20 @@ STAGES = ("T1", "T2", "T3", "T4")
 STAGE_FREQUENCIES = {"T1": 0.10, "T2": 0.40, "T3": 0.40, "T4": 0.10}
 HU = dict(air=-1000, fat=-95, muscle=50, prostate=42, vesicle=32, urine=8, wall=40, gas=-700, bone=700,
           marrow=250)
+# Acquisition sites (scanner + clinic). "a" is the generator the demo models were trained on (neutral values keep
+# it bit-identical); "b" is another CT: a HU calibration offset, noisier and softer reconstruction, looser patient
+# set-up, and a referral population with more advanced stages. Same contouring guideline at both sites.
+SITES = {
+    "a": dict(hu_offset=0.0, noise=22.0, blur=0.8, setup=4.0, frequencies=STAGE_FREQUENCIES),
+    "b": dict(hu_offset=18.0, noise=40.0, blur=1.3, setup=8.0,
+              frequencies={"T1": 0.05, "T2": 0.25, "T3": 0.40, "T4": 0.30}),
+}
+
+
+def _site(site: str) -> dict:
+    if site not in SITES:
+        raise SyntheticDataError(f"site {site!r} is not one of {list(SITES)}")
+    return SITES[site]
 
 
 @dataclass
@@ -68,23 +82,25 @@ def _within(mask: np.ndarray, mm: float, spacing: Sequence[float]) -> np.ndarray
 
 
 def make_prostate(seed: int, stage: str | None = None, shape: Sequence[int] = (96, 96, 32),
-                  spacing: Sequence[float] = (2.0, 2.0, 3.0), index: int = 0) -> ProstateCase:
-    """One deterministic pelvis-like CT with its stage-dependent CTV; ``stage`` None draws it."""
+                  spacing: Sequence[float] = (2.0, 2.0, 3.0), index: int = 0, site: str = "a") -> ProstateCase:
+    """One deterministic pelvis-like CT from acquisition ``site`` (SITES) with its stage-dependent CTV; ``stage``
+    None draws it from the site's stage shares."""
     shape, spacing = tuple(int(s) for s in shape), tuple(float(s) for s in spacing)
     if len(shape) != 3 or min(shape) < 8:
         raise SyntheticDataError(f"volume shape {shape} must have three sizes of at least 8 voxels")
     if len(spacing) != 3 or min(spacing) <= 0:
         raise SyntheticDataError(f"spacing {spacing} must be three positive sizes in mm")
-    rng = rng_for(seed, 3, index)
+    acq = _site(site)
+    rng = rng_for(seed, 3, index) if site == "a" else rng_for(seed, 3, index, 1 + list(SITES).index(site))
     if stage is None:
-        stage = str(rng.choice(list(STAGE_FREQUENCIES), p=list(STAGE_FREQUENCIES.values())))
+        stage = str(rng.choice(list(acq["frequencies"]), p=list(acq["frequencies"].values())))
     if stage not in STAGES:
         raise SyntheticDataError(f"stage {stage!r} is not one of {list(STAGES)}")
     origin = -(np.array(shape) - 1) / 2 * np.array(spacing)
     axes = [o + np.arange(n, dtype=np.float32) * s for o, n, s in zip(origin, shape, spacing)]
     grid = np.meshgrid(*axes, indexing="ij", sparse=True)
     x, y, z = grid
-    shift = rng.normal(0, 4, 3)  # patient set-up varies a little
+    shift = rng.normal(0, acq["setup"], 3)  # patient set-up varies a little
     size = lambda: rng.normal(1.0, 0.1)  # noqa: E731 - per-organ size factor
 
     # body: skin ellipse with subcutaneous fat, muscle inside, pelvic fat around the organs
@@ -145,8 +161,9 @@ def make_prostate(seed: int, stage: str | None = None, shape: Sequence[int] = (9
     ctv &= np.broadcast_to(body, shape)
 
     # partial volume blur, then correlated CT noise
-    hu = ndimage.gaussian_filter(hu, sigma=[0.8 / s * min(spacing) for s in spacing])
-    hu += ndimage.gaussian_filter(rng.normal(0, 22, shape).astype(np.float32), 0.6)
+    hu = ndimage.gaussian_filter(hu, sigma=[acq["blur"] / s * min(spacing) for s in spacing])
+    hu += ndimage.gaussian_filter(rng.normal(0, acq["noise"], shape).astype(np.float32), 0.6)
+    hu += acq["hu_offset"]  # scanner calibration
     image = np.clip(np.round(hu), -1024, 3071).astype(np.int16)
     affine = np.diag([*spacing, 1.0])
     affine[:3, 3] = origin
@@ -156,19 +173,21 @@ def make_prostate(seed: int, stage: str | None = None, shape: Sequence[int] = (9
 
 
 def write_prostate(out: str | Path, n: int = 60, seed: int = 0, shape: Sequence[int] = (96, 96, 32),
-                   spacing: Sequence[float] = (2.0, 2.0, 3.0), frequencies: Mapping[str, float] | None = None
-                   ) -> Path:
-    """Write ``images/<case>.nii.gz``, ``labels/<case>.nii.gz`` and ``attributes.csv`` (case_id, stage)."""
+                   spacing: Sequence[float] = (2.0, 2.0, 3.0), frequencies: Mapping[str, float] | None = None,
+                   site: str = "a") -> Path:
+    """Write ``images/<case>.nii.gz``, ``labels/<case>.nii.gz`` and ``attributes.csv`` (case_id, stage).
+
+    ``site`` picks the acquisition site (SITES); ``frequencies`` defaults to that site's stage shares."""
     import nibabel as nib  # nibabel writes the NIfTI header (affine, units) the way every tool reads it
 
-    freqs = check_frequencies(frequencies or STAGE_FREQUENCIES, STAGES)
+    freqs = check_frequencies(frequencies or _site(site)["frequencies"], STAGES)
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "labels").mkdir(parents=True, exist_ok=True)
     stages = allocate(n, freqs, rng_for(seed, 103))
     rows = []
     for i, stage in enumerate(stages):
-        case = make_prostate(seed, stage, shape, spacing, index=i)
+        case = make_prostate(seed, stage, shape, spacing, index=i, site=site)
         case_id = f"case_{i:04d}"
         for folder, data in (("images", case.image), ("labels", case.label)):
             img = nib.Nifti1Image(data, case.affine)
