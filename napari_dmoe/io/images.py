@@ -251,20 +251,22 @@ def write_labels(path: str | Path, labels: np.ndarray, like: Volume | None = Non
 
         require_dicom_source(like, path)
         return write_dicom_seg(path, labels, like, class_names=class_names, algorithm=algorithm)
+    from napari_dmoe.io.files import atomic_write  # a killed batch never leaves a half mask under its name
+
     if suffix in NIFTI_SUFFIXES:
-        _write_nifti(path, labels, like)
+        atomic_write(path, lambda tmp: _write_nifti(tmp, labels, like, gz=suffix == ".nii.gz"))
     elif suffix == ".png":
         if labels.ndim != 2:
             raise ImageWriteError(f"PNG holds 2D labels only, got shape {labels.shape}; use .nii.gz or .tif")
         import imageio.v3 as iio
 
-        iio.imwrite(path, labels)
+        atomic_write(path, lambda tmp: iio.imwrite(tmp, labels, extension=".png"))
     elif suffix in TIFF_SUFFIXES:
         if labels.ndim not in (2, 3):
             raise ImageWriteError(f"TIFF labels must be 2D or 3D, got shape {labels.shape}")
         import tifffile
 
-        tifffile.imwrite(path, labels)
+        atomic_write(path, lambda tmp: tifffile.imwrite(tmp, labels))
     else:
         raise ImageWriteError(f"{path}: cannot write labels as {suffix or '(no suffix)'!r}; use .nii.gz, .png, .tif "
                               f"or .dcm (DICOM SEG, for DICOM sources)")
@@ -292,7 +294,9 @@ def write_volume(path: str | os.PathLike, array: np.ndarray, spacing: Sequence[f
     path = Path(path)
     like = Volume(array=array, spacing=tuple(spacing), origin=tuple(origin or (0.0,) * len(spacing)), affine=None,
                   meta={})
-    _write_nifti(path, np.asarray(array), like)
+    from napari_dmoe.io.files import atomic_write
+
+    atomic_write(path, lambda tmp: _write_nifti(tmp, np.asarray(array), like, gz=suffix_of(path) == ".nii.gz"))
     return path
 
 
@@ -302,7 +306,7 @@ def _pad3(values: Any, fill: float) -> tuple[float, float, float]:
     return ((fill,) * (3 - len(values)) + values)[-3:]  # type: ignore[return-value]
 
 
-def _write_nifti(path: Path, labels: np.ndarray, like: Volume | None) -> None:
+def _write_nifti(path: Path, labels: np.ndarray, like: Volume | None, gz: bool) -> None:
     import nibabel as nib
     from nibabel.orientations import apply_orientation, axcodes2ornt, ornt_transform
 
@@ -342,4 +346,9 @@ def _write_nifti(path: Path, labels: np.ndarray, like: Volume | None) -> None:
     img.header.set_qform(affine, code=1)
     img.header.set_sform(affine, code=1)
     img.header.set_xyzt_units("mm")
-    nib.save(img, str(path))
+    data = img.to_bytes()  # the bytes, not nib.save: the temporary name has no .nii.gz for nibabel to go by
+    if gz:
+        import gzip
+
+        data = gzip.compress(data, compresslevel=1, mtime=0)  # nibabel's own level: fast
+    path.write_bytes(data)
