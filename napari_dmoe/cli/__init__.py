@@ -11,5 +11,6 @@ COMMANDS: list[str] = [
     "import_official",
     "demo",
     "segment",
+    "serve",
     "train", "evaluate", "compare",
 ]

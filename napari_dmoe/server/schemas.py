@@ -1,0 +1,84 @@
+"""Request and reply models: pydantic validates the JSON header of a /segment request (and FastAPI lists the
+replies in the OpenAPI page at /docs); the arrays themselves travel as raw bytes (napari_dmoe.client)."""
+from __future__ import annotations
+
+import math
+from typing import Any, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class ArrayInfo(BaseModel):
+    name: str
+    dtype: str
+    shape: list[int]
+
+
+class SegmentHeader(BaseModel):
+    """The JSON header of a /segment request."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="model id from /models")
+    attribute: Union[str, dict[str, str], None] = Field(
+        None, description="a value, {name: value}, or null / 'unknown' to average over the routers")
+    spacing: Optional[list[float]] = Field(None, description="mm per spatial axis, (z, y, x) order; null: unknown")
+    origin: Optional[list[float]] = Field(None, description="first voxel position per axis (echoed back)")
+    direction: Optional[list[list[float]]] = Field(
+        None, description="row a: array axis a in (S, P, L); null: axis-aligned LPS (napari-dmoe's view)")
+    routing: bool = Field(False, description="also return the mean routing map and the dominant expert")
+    rgb: Optional[bool] = Field(None, description="last axis is colour; null: guessed like dmoe segment")
+    arrays: list[ArrayInfo]
+
+    @field_validator("spacing")
+    @classmethod
+    def _positive(cls, value: Optional[list[float]]) -> Optional[list[float]]:
+        if value is not None and (len(value) not in (2, 3) or not all(math.isfinite(s) and s > 0 for s in value)):
+            raise ValueError("spacing needs 2 or 3 positive finite numbers (mm per axis, z y x)")
+        return value
+
+    @field_validator("direction")
+    @classmethod
+    def _square(cls, value: Optional[list[list[float]]]) -> Optional[list[list[float]]]:
+        if value is None:
+            return value
+        n = len(value)
+        if n not in (2, 3) or any(len(row) != n for row in value):
+            raise ValueError("direction must be a 2x2 or 3x3 matrix (one row per spatial axis)")
+        if not all(math.isfinite(v) for row in value for v in row):
+            raise ValueError("direction holds a non-finite number")
+        import numpy as np
+
+        if abs(np.linalg.det(np.asarray(value))) < 1e-3:
+            raise ValueError("direction matrix is degenerate (two axes point the same way)")
+        return value
+
+    @model_validator(mode="after")
+    def _one_image(self) -> "SegmentHeader":
+        if [a.name for a in self.arrays] != ["image"]:
+            raise ValueError("a /segment request carries exactly one array, named 'image'")
+        image = self.arrays[0]
+        for name, value in (("spacing", self.spacing), ("direction", self.direction)):
+            if value is not None and not len(image.shape) - 1 <= len(value) <= len(image.shape):
+                raise ValueError(f"{name} has {len(value)} axes but the image has shape {image.shape}")
+        if self.spacing is not None and self.direction is not None and len(self.spacing) != len(self.direction):
+            raise ValueError("spacing and direction must have one entry per spatial axis each")
+        return self
+
+
+class ErrorReply(BaseModel):
+    error: str = Field(description="one line saying what is wrong and what to do")
+    status: int
+
+
+class ModelsReply(BaseModel):
+    models: list[dict[str, Any]]
+
+
+class HealthReply(BaseModel):
+    status: str
+    version: str
+    device: str
+    device_reason: str
+    models: list[str]
+    queued: int

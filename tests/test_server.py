@@ -1,0 +1,218 @@
+"""`dmoe serve` end to end: the real server in a subprocess on a free localhost port, driven by the client.
+
+One server (with a token and small limits) serves a tiny 2D and a tiny 3D model for the whole module; start-up
+imports torch and MONAI, which takes a while on CI's 2 cores.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import nibabel as nib
+import numpy as np
+import pytest
+from PIL import Image
+
+from napari_dmoe.client import Client, ClientError, ServerError, encode, geometry_from_ijk_to_ras, \
+    ijk_to_ras_from_geometry
+from napari_dmoe.cli.main import main
+from napari_dmoe.io.images import read_image
+
+pytestmark = pytest.mark.slow
+TOKEN = "s3cret-token"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    import torch
+
+    from inference_models import make_model
+    from napari_dmoe.io.checkpoint import save_model
+    from napari_dmoe.model import build_network, make_spec
+
+    folder = tmp_path_factory.mktemp("models")
+    make_model(folder / "m2.safetensors")  # decisive: all three classes appear, masks depend on the attribute
+    torch.manual_seed(0)
+    spec3 = make_spec("resunet3d-tiny", "stage", ["T1", "T2", "T3", "T4"], ["background", "CTV"],
+                      input_size=[64, 64, 64])
+    save_model(folder / "m3.safetensors", build_network(spec3), spec3)
+    return folder / "m2.safetensors", folder / "m3.safetensors"
+
+
+@pytest.fixture(scope="module")
+def server(models, tmp_path_factory):
+    port = free_port()
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    env = {**os.environ, "DMOE_SERVE_TOKEN": TOKEN, "OMP_NUM_THREADS": "1"}
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "napari_dmoe.cli.main", "serve", *map(str, models),
+                                 "--port", str(port), "--device", "cpu", "--max-request-mb", "2",
+                                 "--max-voxels", "300000", "--log-level", "warning"],
+                                stdout=out, stderr=subprocess.STDOUT, env=env)
+    client = Client(f"http://127.0.0.1:{port}", TOKEN, timeout=120)
+    try:
+        for _ in range(240):
+            if proc.poll() is not None:
+                pytest.fail(f"dmoe serve exited: {log.read_text()}")
+            try:
+                client.health()
+                break
+            except ClientError:
+                time.sleep(0.5)
+        else:
+            pytest.fail(f"dmoe serve did not answer in 120 s: {log.read_text()}")
+        yield client
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        assert "Traceback" not in log.read_text()  # no request made the server crash or print a traceback
+
+
+def test_models_list_vocabularies_and_classes(server):
+    listed = {m["id"]: m for m in server.list_models()}
+    assert set(listed) == {"m2", "m3"}
+    assert listed["m2"]["attributes"] == [{"name": "race", "values": ["Asian", "Black", "White"]}]
+    assert listed["m3"]["class_names"] == ["background", "CTV"] and listed["m3"]["spatial_dims"] == 3
+    assert "trained_on" in listed["m3"] and listed["m3"]["spec"]["arch"] == "resunet3d"
+    assert server.health()["device"] == "cpu"
+
+
+def test_2d_equals_dmoe_segment(server, models, tmp_path):
+    src = tmp_path / "fundus.png"
+    yy, xx = np.mgrid[:70, :90]
+    Image.fromarray(((np.sin(xx / 5) + np.cos(yy / 7) + 2) * 60).astype("uint8")).save(src)
+    for race in ("Black", "White"):
+        out = tmp_path / f"mask_{race}.png"
+        assert main(["segment", str(models[0]), str(src), "-a", race, "-o", str(out), "-q"]) == 0
+        volume = read_image(src)
+        got = server.segment("m2", volume.array, attribute=race, rgb=volume.rgb)  # PNG: spacing unknown, as the CLI
+        np.testing.assert_array_equal(got.labels, np.asarray(Image.open(out)))
+        assert got.attribute == {"race": race} and got.class_names == ["background", "rim", "cup"]
+    assert len(np.unique(got.labels)) == 3
+
+
+def _nifti(tmp_path):
+    affine = np.array([[0, 0, -3.0, 10], [-1.2, 0, 0, 5], [0, 1.5, 0, -7], [0, 0, 0, 1]])  # permuted, flipped axes
+    src = tmp_path / "vol.nii.gz"
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).random((40, 30, 12)).astype("float32"), affine), src)
+    return src, affine
+
+
+def test_3d_equals_dmoe_segment_in_napari_and_slicer_geometry(server, models, tmp_path):
+    src, affine = _nifti(tmp_path)
+    out = tmp_path / "labels.nii.gz"
+    assert main(["segment", str(models[1]), str(src), "-a", "T3", "-o", str(out), "-q"]) == 0
+    cli = np.asarray(nib.load(out).dataobj)  # file voxel order (x, y, z)
+
+    # napari: our reader's axis-aligned LPS view, as dmoe segment sees the file
+    volume = read_image(src)
+    got = server.segment("m3", volume.array, spacing=volume.spacing, origin=volume.origin, attribute="T3",
+                         routing=True)
+    np.testing.assert_array_equal(got.labels, read_image(out).array)
+    assert got.origin == list(volume.origin) and got.spacing == list(volume.spacing)
+    mean = got.routing["mean"].astype(np.float32)
+    assert mean.shape == (8, *volume.array.shape) and np.abs(mean.sum(0) - 1).max() < 1e-2
+    assert got.dominant_expert.shape == volume.array.shape
+
+    # 3D Slicer: the file's own voxel order (k, j, i) with its IJK-to-RAS matrix; the server reorients and back
+    spacing, origin, direction = geometry_from_ijk_to_ras(affine)
+    np.testing.assert_allclose(ijk_to_ras_from_geometry(spacing, origin, direction), affine, atol=1e-9)
+    raw = np.asarray(nib.load(src).dataobj).transpose(2, 1, 0)
+    slicer = server.segment("m3", raw, spacing=spacing, origin=origin, direction=direction, attribute="T3",
+                            routing=True)
+    np.testing.assert_array_equal(slicer.labels, cli.transpose(2, 1, 0))
+    back = tmp_path / "dominant.nii.gz"  # the Slicer-grid map, put in the napari view, is the napari-grid map
+    nib.save(nib.Nifti1Image(slicer.dominant_expert.transpose(2, 1, 0), affine), back)
+    np.testing.assert_array_equal(read_image(back).array, got.dominant_expert)
+    assert slicer.routing["mean"].shape == (8, *raw.shape)
+
+
+def _post(url: str, body: bytes, token: str | None = TOKEN) -> tuple[int, dict]:
+    headers = {"Content-Type": "application/x-dmoe", **({"Authorization": f"Bearer {token}"} if token else {})}
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, body, headers), timeout=60) as reply:
+            return reply.status, {}
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def test_token_required(server):
+    for token in (None, "wrong"):
+        with pytest.raises(ServerError) as err:
+            Client(server.url, token).list_models()
+        assert err.value.status == 401 and "Authorization: Bearer" in err.value.server_message
+    code, reply = _post(server.url + "/segment", b"whatever", token="wrong")
+    assert code == 401 and reply["status"] == 401
+    assert Client(server.url, None).health()["status"] == "ok"  # health says nothing private
+
+
+def test_non_local_bind_needs_a_token(models):
+    env = {k: v for k, v in os.environ.items() if k != "DMOE_SERVE_TOKEN"}
+    result = subprocess.run([sys.executable, "-m", "napari_dmoe.cli.main", "serve", str(models[0]), "--host",
+                             "0.0.0.0", "--port", str(free_port())], capture_output=True, text=True, env=env,
+                            timeout=120)
+    assert result.returncode == 2 and "give a token" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_oversized_and_malformed_requests_get_clean_json(server):
+    url = server.url + "/segment"
+    image = np.zeros((3 * 2**20 // 4,), np.float32)  # 3 MB > the 2 MB limit
+    code, reply = _post(url, encode({"model": "m2"}, {"image": image}))
+    assert code == 413 and "--max-request-mb" in reply["error"]
+    with pytest.raises(ServerError) as err:  # 400k voxels of uint8: a small body, a volume over the limit
+        server.segment("m3", np.zeros((100, 80, 50), np.uint8))
+    assert err.value.status == 413 and "--max-voxels" in err.value.server_message
+    cases = [
+        (b"not a dmoe message", 400, "b'DMOE'"),
+        (b"DMOE" + (5).to_bytes(4, "little") + b"{oops", 400, "not valid JSON"),
+        (encode({"model": "m2", "spacing": [1, -1]}, {"image": np.zeros((8, 8), np.float32)}), 422, "spacing"),
+        (encode({"model": "m2", "colour": 1}, {"image": np.zeros((8, 8), np.float32)}), 422, "colour"),
+        (encode({"model": "m2"}, {"image": np.zeros((8, 8), np.float32)})[:-4], 400, "too short"),
+        (encode({"model": "m3", "direction": [[1, 0, 0], [1, 0, 0], [0, 0, 1]]},
+                {"image": np.zeros((8, 8, 8), np.float32)}), 422, "degenerate"),
+        (encode({"model": "m2", "attribute": "Martian"}, {"image": np.zeros((8, 8), np.float32)}), 422, "Martian"),
+        (encode({"model": "m3"}, {"image": np.zeros((4, 5), np.float32)}), 422, "3D"),
+        (encode({"model": "nope"}, {"image": np.zeros((8, 8), np.float32)}), 404, "no model 'nope'"),
+    ]
+    for body, status, words in cases:
+        code, reply = _post(url, body)
+        assert (code, reply["status"]) == (status, status), (body[:40], reply)
+        assert words in reply["error"] and "Traceback" not in reply["error"], reply
+    code, reply = _post(server.url + "/nowhere", b"")
+    assert code in (404, 405) and "error" in reply
+
+
+def test_ten_concurrent_requests_are_all_answered(server):
+    yy, xx = np.mgrid[:64, :64]
+    images = [(np.sin(xx / (3 + i)) + np.cos(yy / 7)).astype(np.float32) for i in range(10)]
+    races = ["Asian", "Black", "White"]
+    results: dict[int, np.ndarray] = {}
+    errors: list[Exception] = []
+
+    def run(i: int) -> None:
+        try:
+            results[i] = server.segment("m2", images[i], attribute=races[i % 3]).labels
+        except Exception as err:  # noqa: BLE001 - collected and reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(10)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors and sorted(results) == list(range(10))
+    for i in (0, 7):  # each answer is the one for its own request, as a lone request gets it
+        np.testing.assert_array_equal(results[i], server.segment("m2", images[i], attribute=races[i % 3]).labels)
