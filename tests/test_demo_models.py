@@ -20,7 +20,7 @@ import pytest
 
 from napari_dmoe.io.checkpoint import load_model, read_spec
 from napari_dmoe.cli.demo_pictures import MODELS_DIR, demo_cases
-from napari_dmoe.evaluation.fairness import image_metrics
+from napari_dmoe.evaluation.metrics import image_metrics
 from napari_dmoe.inference.engine import segment
 
 ROOT = Path(__file__).resolve().parents[1]

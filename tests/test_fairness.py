@@ -8,21 +8,17 @@ import math
 import numpy as np
 import pytest
 
-from napari_dmoe.evaluation.fairness import (
+from napari_dmoe.evaluation.metrics import (
     FairnessError,
     PerImage,
-    bootstrap_ci,
-    compare_reports,
     equity_scaled,
     evaluate_image,
-    fairness_report,
     group_means,
     image_metrics,
     metric_values,
-    plot_expert_usage,
-    plot_violins,
-    write_report,
 )
+from napari_dmoe.evaluation.plots import plot_expert_usage, plot_violins
+from napari_dmoe.evaluation.report import bootstrap_ci, compare_reports, fairness_report, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -23,7 +23,8 @@ from napari_dmoe.finetune.prepare import (
     split_validation,
     write_config,
 )
-from napari_dmoe.finetune.run import EventReader, RunState, TrainingProcess, train_command
+from napari_dmoe.finetune.events import EventReader, RunState
+from napari_dmoe.finetune.process import TrainingProcess, train_command
 from napari_dmoe.model import make_spec
 
 

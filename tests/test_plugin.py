@@ -35,7 +35,7 @@ def test_core_imports_without_qt_or_napari():
         "import sys\n"
         "import napari_dmoe, napari_dmoe.model.spec\n"
         "import importlib\n"
-        "for m in ['napari_dmoe.model', 'napari_dmoe.io.checkpoint', 'napari_dmoe.inference.engine', 'napari_dmoe.evaluation.fairness',\n"
+        "for m in ['napari_dmoe.model', 'napari_dmoe.io.checkpoint', 'napari_dmoe.inference.engine', 'napari_dmoe.evaluation.metrics', 'napari_dmoe.evaluation.report',\n"
         "          'napari_dmoe.datasets', 'napari_dmoe.training', 'napari_dmoe.cli.main']:\n"
         "    importlib.import_module(m)\n"
         "bad = sorted(k for k in sys.modules if k.split('.')[0] in {'PyQt5', 'PySide2', 'PySide6', 'PyQt6', 'qtpy', 'napari'})\n"

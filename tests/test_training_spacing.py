@@ -156,9 +156,9 @@ class _Threshold(torch.nn.Module):
 
 def test_validation_segments_like_evaluate(tmp_path):
     """Validation items stay on the file's grid; their Dice is the one ``dmoe evaluate`` computes."""
+    from napari_dmoe.evaluation.cases import dataset_cases, evaluate_cases
+    from napari_dmoe.evaluation.metrics import mean_dice
     from napari_dmoe.io.images import read_image
-    from napari_dmoe.evaluation.fairness import image_metrics
-    from napari_dmoe.inference.engine import segment
     from napari_dmoe.training.data import EvalItems
     from napari_dmoe.training.validate import _Model, validate
 
@@ -174,14 +174,10 @@ def test_validation_segments_like_evaluate(tmp_path):
     network = _Threshold(float(volume.mean()), float(volume.std()))
     metrics = validate(network, items, spec, torch.device("cpu"), lambda g: g)
     assert metrics["n"] == 2
-    expected = []
-    for rec in ds.records:  # what commands/evaluate.py does for each case
-        vol = read_image(rec.image)
-        seg = segment(_Model(spec, network), vol.array, dict(zip(["stage"], rec.values)), spacing=vol.spacing,
-                      device="cpu", routing=False)
-        per_class = image_metrics(seg.labels, read_image(rec.mask).array, 3, class_names=spec.class_names)
-        expected.append(np.mean([m["dice"] for m in per_class.values()]))
-    assert metrics["dice"] == pytest.approx(float(np.mean(expected)), abs=1e-6)
+    # what `dmoe evaluate` does: every case of the dataset on the file's grid through the one evaluation loop
+    expected = evaluate_cases(_Model(spec, network), dataset_cases(ds), device="cpu", routing=False)
+    assert [r.id for r in expected.records] == [r.id for r in ds.records]
+    assert metrics["dice"] == pytest.approx(float(np.mean([mean_dice(r) for r in expected.records])), abs=1e-6)
     assert metrics["dice"] > 0.8  # resampled to 3 mm and back without shifting the structures
 
 

@@ -13,4 +13,5 @@ COMMANDS: list[str] = [
     "segment",
     "serve",
     "train", "evaluate", "compare",
+    "finetune_compare",
 ]

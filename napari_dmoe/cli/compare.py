@@ -15,7 +15,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from napari_dmoe.evaluation.fairness import compare_reports
+    from napari_dmoe.evaluation.report import compare_reports
 
     paths = [Path(p) / "report.json" if Path(p).is_dir() else Path(p) for p in args.reports]
     table = compare_reports(paths)

@@ -121,7 +121,7 @@ def draw_routing(routing: dict[str, np.ndarray], dominant: np.ndarray, title: st
 
 def run_demo(out_dir: str | Path, device: str = "auto", say: Callable[[str], None] = print) -> list[Path]:
     """Segment every demo case, write overlay and routing PNGs into ``out_dir``, return the files written."""
-    from napari_dmoe.evaluation.fairness import image_metrics
+    from napari_dmoe.evaluation.metrics import image_metrics
     from napari_dmoe.inference.engine import segment
 
     out = Path(out_dir)

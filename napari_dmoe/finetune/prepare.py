@@ -5,7 +5,7 @@ the training engine reads (``data.format: folder`` with a ``split`` column that 
 3D pairs go as NIfTI with the image layer's scale as voxel size, so the engine resamples them to the model's
 spacing exactly as the Segment widget does with that layer,
 writes a config that fine-tunes from the chosen base model, and runs ``dmoe train`` in a subprocess
-(``finetune_run.py``). Nothing here imports Qt, napari or torch at module level.
+(``finetune/process.py``). Nothing here imports Qt, napari or torch at module level.
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 The fine-tune widget (``finetune_widget.py``) owns one ``FinetuneSession``. The session knows nothing of the
 widget's layout: it reports through Qt signals, which the widget wires to its labels, buttons, curve plot and
-before/after table. ``dmoe train`` runs in a subprocess (``finetune_run.TrainingProcess``) polled by a QTimer
+before/after table. ``dmoe train`` runs in a subprocess (``finetune.process.TrainingProcess``) polled by a QTimer
 every 200 ms, so the GUI thread only reads a small events file. Afterwards a second subprocess compares the base
 and the new model on the held-back pairs and saves the new model with its provenance; it is then registered in
 the recent-model list the Segment widget reads.
@@ -77,7 +77,7 @@ class FinetuneSession(QObject):
         Raises FinetuneError (bad input), other ValueErrors (e.g. an image that cannot be written) or OSError;
         nothing is running then."""
         from napari_dmoe.finetune.prepare import append_csv_rows, build_config, export_pairs, write_config
-        from napari_dmoe.finetune.run import TRAIN_EVENTS, TrainingProcess, train_command
+        from napari_dmoe.finetune.process import TRAIN_EVENTS, TrainingProcess, train_command
 
         if self.process is not None:
             raise FinetuneError("a fine-tune is already running; cancel it first")
@@ -187,7 +187,7 @@ class FinetuneSession(QObject):
         self._start_compare(self.last_checkpoint)
 
     def _start_compare(self, trained: Path) -> None:
-        from napari_dmoe.finetune.run import compare_process
+        from napari_dmoe.finetune.process import compare_process
 
         process, _ = compare_process(self.run_dir, self.base, trained, self._launch["csv"], self._launch["device"])
         try:
@@ -199,7 +199,7 @@ class FinetuneSession(QObject):
         self.status.emit("Training done; comparing the base and the new model on the validation pairs...")
 
     def _compare_ended(self, process: Any) -> None:
-        from napari_dmoe.finetune.run import COMPARE_JSON
+        from napari_dmoe.finetune.process import COMPARE_JSON
         from napari_dmoe.io.model_registry import RegistryError, add_recent
 
         result_path = self.run_dir / COMPARE_JSON

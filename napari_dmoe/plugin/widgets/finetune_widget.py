@@ -3,7 +3,7 @@
 Three layers, as in napari-nninteractive: this file is the GUI (layout, the pairs taken from layers, signal
 wiring); ``finetune_controls.py`` / ``finetune_monitor.py`` hold the sub-widgets; ``finetune_session.py`` runs the
 fine-tune (export, ``dmoe train`` in a subprocess polled by a timer, comparison, cancel) and reports through
-signals. The engine side is Qt-free: ``napari_dmoe.finetune.prepare`` (export, config) and ``napari_dmoe.finetune.run``.
+signals. The engine side is Qt-free: ``napari_dmoe.finetune.prepare`` (export, config) and ``napari_dmoe.finetune.process``.
 """
 from __future__ import annotations
 
