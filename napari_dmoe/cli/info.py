@@ -73,7 +73,23 @@ def _provenance(prov: dict) -> list[str]:
     tune = prov.get("finetune")
     if isinstance(tune, dict):
         out.append(f"fine-tuned from {tune.get('base_model', '?')}")
+    out += _adaptation(prov.get("adaptation"))
     return out
+
+
+def _adaptation(record: Any) -> list[str]:
+    """Which groups a fine-tune adapted and how (``training/local.py`` writes the record)."""
+    if not isinstance(record, dict):
+        return []
+    groups = ", ".join(map(str, record.get("groups") or [])) or "?"
+    mode = record.get("mode", "?")
+    if mode == "group_local":
+        how = f"group_local: their routers + {record.get('local_experts_per_layer', '?')} local expert(s) per dMoE layer"
+        others = ", ".join(map(str, record.get("unchanged_groups") or [])) or "none"
+        return [f"adapted: {groups} ({how})", f"  other groups bitwise unchanged: {others}"]
+    what = {"all": "all weights", "routers_experts": "every router and the shared experts"}.get(mode, mode)
+    return [f"adapted: {groups} ({mode}: {what}; norm layers {record.get('norm_layers', '?')})",
+            "  other groups: may have changed (shared weights were trained)"]
 
 
 def _metrics(metrics: dict) -> list[str]:

@@ -40,7 +40,7 @@ def build_network(spec: ModelSpec) -> nn.Module:
         raise SpecError(f"arch={spec.arch!r}: expected one of {sorted(classes)}")
     kwargs = dict(spec.arch_kwargs)
     try:
-        return classes[spec.arch](
+        built = classes[spec.arch](
             in_channels=spec.in_channels, n_classes=spec.n_classes, n_routers=spec.n_routers,
             n_experts=spec.n_experts, top_k=spec.top_k, **kwargs,
         )
@@ -48,6 +48,12 @@ def build_network(spec: ModelSpec) -> nn.Module:
         raise SpecError(f"arch_kwargs {sorted(kwargs)} do not fit {spec.arch}: {err}") from None
     except ValueError as err:  # inconsistent sizes
         raise SpecError(f"arch_kwargs for {spec.arch} are inconsistent: {err}") from None
+    from napari_dmoe.model.moe import apply_local_experts
+
+    try:
+        return apply_local_experts(built, spec.local_experts)  # group-local fine-tunes (None: none)
+    except ValueError as err:
+        raise SpecError(f"local_experts: {err}") from None
 
 
 def make_spec(

@@ -78,18 +78,21 @@ class Experts(nn.ModuleList):
     def __init__(self, dim: int, n_experts: int = 8, dropout: float = 0.1, mlp_ratio: int = 4) -> None:
         super().__init__([Expert(dim, mlp_ratio * dim, dropout) for _ in range(n_experts)])
 
-    def dispatch(self, x: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
-        """``x [T, C]``, chosen experts ``indices [T, k]`` and their ``weights [T, k]`` -> ``[T, C]``."""
+    def dispatch(self, x: Tensor, indices: Tensor, weights: Tensor, extra: Sequence[nn.Module] = ()) -> Tensor:
+        """``x [T, C]``, chosen experts ``indices [T, k]`` and their ``weights [T, k]`` -> ``[T, C]``.
+
+        ``extra``: more experts after these (a layer's local experts), indices ``len(self)...``."""
+        experts = [*self, *extra]
         k = indices.shape[1]
         slot_expert = indices.reshape(-1)
         order = torch.argsort(slot_expert, stable=True)
         # One host sync for all experts (the official code syncs once per expert with `mask.any()`).
-        counts = torch.bincount(slot_expert, minlength=len(self)).tolist()
+        counts = torch.bincount(slot_expert, minlength=len(experts)).tolist()
         slot_token = order // k
         slot_weight = weights.reshape(-1, 1)[order]
         out: Tensor | None = None
         start = 0
-        for expert, count in zip(self, counts):
+        for expert, count in zip(experts, counts):
             # Chunks keep the temporaries small so the allocator reuses them: fresh multi-MB buffers cost page
             # faults that dominate at voxel-token sizes with few channels.
             for lo in range(start, start + count, DISPATCH_CHUNK):
@@ -124,8 +127,14 @@ class DMoE(nn.Module):
         if not 1 <= top_k <= n_experts:
             raise ValueError(f"top_k={top_k} must be between 1 and n_experts={n_experts}")
         self.dim, self.n_experts, self.top_k, self.noisy_eval = dim, n_experts, top_k, noisy_eval
+        self.dropout = dropout
         self.routers = nn.ModuleList([NoisyTopKRouter(dim, n_experts, top_k) for _ in range(n_attr)])
         self.experts = Experts(dim, n_experts, dropout)
+        # Local experts (group-local fine-tuning): slot i is router local_table[i][0]'s private copy of shared
+        # expert local_table[i][1]. Only that router's choice of that expert is redirected to it, so every other
+        # router computes exactly what it did before. Absent (None) in ordinary models: old files load unchanged.
+        self.local_table: list[tuple[int, int]] = []
+        self.local_experts: Experts | None = None
         self.aux_loss_enabled = False
         self.aux_losses: list[Tensor] = []
         self._routing_sink: list[RoutingRecord] | None = None
@@ -176,12 +185,53 @@ class DMoE(nn.Module):
         gate_logits, noise_logits = self.router_logits(x, attr)
         noisy = self.training or self.noisy_eval
         indices, weights = top_k_gates(gate_logits, noise_logits if noisy else None, self.top_k)
-        out = self.experts.dispatch(x.reshape(b * n, c), indices.reshape(b * n, -1), weights.reshape(b * n, -1))
+        chosen, extra = indices, ()
+        if self.local_experts is not None:  # the adapted routers' picks of a copied expert go to their copy
+            if self._local_remap.device != attr.device:
+                self._local_remap = self._local_remap.to(attr.device)
+            chosen = self._local_remap[attr].unsqueeze(1).expand(b, n, -1).gather(-1, indices)
+            extra = self.local_experts
+        out = self.experts.dispatch(x.reshape(b * n, c), chosen.reshape(b * n, -1), weights.reshape(b * n, -1),
+                                    extra)
         if self._routing_sink is not None:
             self._record(indices, weights, position, grid)
         if self.aux_loss_enabled:
             self.aux_losses.append(self._balance_loss(gate_logits, indices))
         return out.view(b, n, c)
+
+    def add_local_experts(self, pairs: Sequence[tuple[int, int]], copy: bool = True) -> None:
+        """Give router ``r`` a private copy of shared expert ``e`` for each ``(r, e)`` in ``pairs`` (appended
+        after the existing ones). ``copy`` starts each from the shared expert's weights (a fine-tune starts
+        from the base model's outputs exactly); without it the weights are fresh (a model file fills them)."""
+        pairs = [(int(r), int(e)) for r, e in pairs]
+        for r, e in pairs:
+            if not (0 <= r < self.n_attr and 0 <= e < self.n_experts):
+                raise ValueError(f"local expert (router {r}, expert {e}) is out of range: this layer has "
+                                 f"{self.n_attr} router(s) and {self.n_experts} experts")
+            if (r, e) in self.local_table or pairs.count((r, e)) > 1:
+                raise ValueError(f"router {r} already has a local copy of expert {e}")
+        if not pairs:
+            return
+        if self.local_experts is None:
+            self.local_experts = Experts(self.dim, 0, self.dropout)
+        device = self.experts[0].fc1.weight.device
+        for r, e in pairs:
+            expert = Expert(self.dim, self.experts[e].fc1.out_features, self.dropout).to(device).train(self.training)
+            if copy:
+                expert.load_state_dict(self.experts[e].state_dict())
+            self.local_experts.append(expert)
+        self.local_table += pairs
+        remap = torch.arange(self.n_experts).repeat(self.n_attr, 1)
+        for slot, (r, e) in enumerate(self.local_table):
+            remap[r, e] = self.n_experts + slot
+        # derived from local_table (the spec): a plain attribute, neither saved nor counted as a buffer
+        self._local_remap = remap
+
+    def local_parameters(self, routers: Sequence[int]) -> Iterator[nn.Parameter]:
+        """Parameters of the local experts that belong to ``routers``."""
+        for (r, _), expert in zip(self.local_table, self.local_experts or ()):
+            if r in routers:
+                yield from expert.parameters()
 
     def dense_gates(self, indices: Tensor, weights: Tensor) -> Tensor:
         """Top-k (indices, weights) -> dense ``[..., E]`` gate weights (zeros for unchosen experts)."""
@@ -215,3 +265,27 @@ def capture_routing(network: nn.Module) -> Iterator[list[RoutingRecord]]:
     finally:
         for m, sink in zip(layers, previous):
             m._routing_sink = sink
+
+
+def dmoe_layers(network: nn.Module) -> list[DMoE]:
+    """The network's dMoE layers, each once (a shared layer counts once), in registration order."""
+    return [m for m in network.modules() if isinstance(m, DMoE)]
+
+
+def local_expert_table(network: nn.Module) -> list[list[list[int]]] | None:
+    """Per dMoE layer, the ``[router, shared expert]`` pairs that have a local copy; None when there are none
+    (what ``ModelSpec.local_experts`` records)."""
+    tables = [[list(p) for p in m.local_table] for m in dmoe_layers(network)]
+    return tables if any(tables) else None
+
+
+def apply_local_experts(network: nn.Module, tables: Sequence[Sequence[Sequence[int]]] | None) -> nn.Module:
+    """Add the local experts a model file records (fresh weights, filled by loading); returns ``network``."""
+    if not tables:
+        return network
+    layers = dmoe_layers(network)
+    if len(tables) != len(layers):
+        raise ValueError(f"local_experts lists {len(tables)} dMoE layer(s), the network has {len(layers)}")
+    for layer, pairs in zip(layers, tables):
+        layer.add_local_experts([tuple(p) for p in pairs], copy=False)
+    return network

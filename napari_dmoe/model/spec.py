@@ -49,6 +49,9 @@ class ModelSpec:
     spacing: list[float] | None = None
     provenance: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
+    # group-local fine-tune: per dMoE layer, [router, shared expert] pairs that have a private copy (model/moe.py
+    # DMoE.add_local_experts); None in ordinary models and in files written before it existed
+    local_experts: list[list[list[int]]] | None = None
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
@@ -129,11 +132,24 @@ class ModelSpec:
             raise SpecError(f"input_size {self.input_size} must have {self.spatial_dims} entries for {self.arch}")
         if self.spacing is not None and len(self.spacing) != self.spatial_dims:
             raise SpecError(f"spacing {self.spacing} must have {self.spatial_dims} entries for {self.arch}")
+        self._validate_local_experts()
         kind = self.normalization.get("kind")
         if kind not in NORMALIZATIONS:
             raise SpecError(f"normalization kind {kind!r}: expected one of {list(NORMALIZATIONS)}")
         if kind == "window" and not {"low", "high"} <= set(self.normalization):
             raise SpecError("normalization kind 'window' needs 'low' and 'high'")
+
+    def _validate_local_experts(self) -> None:
+        if self.local_experts is None:
+            return
+        ok = self.routing == "dmoe" and isinstance(self.local_experts, list) and all(
+            isinstance(layer, list) and all(
+                isinstance(p, (list, tuple)) and len(p) == 2 and all(isinstance(v, int) for v in p)
+                and 0 <= p[0] < self.n_routers and 0 <= p[1] < self.n_experts for p in layer)
+            for layer in self.local_experts)
+        if not ok:
+            raise SpecError(f"local_experts {self.local_experts!r}: expected, for a dMoE model, one list per dMoE "
+                            f"layer of [router < {self.n_routers}, expert < {self.n_experts}] pairs")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -59,7 +59,10 @@ SCHEMA: dict[str, Any] = {
     "method": Field("str", "dmoe", choices=tuple(METHODS), optional=False),
     "febs_gamma": Field("number", 1.0, optional=False),
     "aux_loss": Field("number", 0.0, optional=False),  # load-balancing weight; the paper trains without
-    "trainable": Field("str", "all", choices=("all", "routers_experts"), optional=False),
+    # all | routers_experts | group_local (training/local.py: only adapt_groups change, every other group bitwise)
+    "trainable": Field("str", "all", choices=("all", "routers_experts", "group_local"), optional=False),
+    "adapt_groups": Field("list"),  # group_local: groups ("Black", "Black/Female") to adapt; None: those trained on
+    "local_experts": Field("int", 1, optional=False),  # group_local: private expert copies per router and dMoE layer
     "fallback_min_cases": Field("int", 5, optional=False),  # intersectional routers with fewer cases fall back
     "data": {
         "format": Field("str", REQUIRED, choices=FORMATS),

@@ -30,6 +30,7 @@ from napari_dmoe.training import distributed as dist_utils
 from napari_dmoe.training import resume as resume_state
 from napari_dmoe.training.config import resolve_recipe
 from napari_dmoe.training.events import EventWriter, ProgressBar
+from napari_dmoe.training.local import set_train_mode
 from napari_dmoe.training.setup import RunParts, build_run
 from napari_dmoe.training.validate import validate
 
@@ -180,7 +181,7 @@ def _train(config: Mapping[str, Any], info: dist_utils.DistInfo, writer: EventWr
     bar = ProgressBar(total, step, enabled=info.is_main and not quiet)
     started, done_at_start, avg_step = time.perf_counter(), step, None
     best_path, last_path = out / "best.safetensors", out / "last.safetensors"
-    network.train()
+    set_train_mode(network, config["trainable"])  # norm layers stay in eval when their weights are frozen
     try:
         while step < total:
             epoch, offset = divmod(step, steps_per_epoch)
@@ -257,7 +258,7 @@ def _validate_and_save(run, network, info, writer, bar, step, epoch, best, best_
     if info.is_main and run.val_items is not None and len(run.val_items):
         metrics = validate(network, run.val_items, run.spec, info.device, run.to_router,
                            overlap=recipe["sw_overlap"], amp=bool(recipe["amp"]))
-        network.train()
+        set_train_mode(network, run.identity["trainable"])
         es = metrics["es_dice"]
         writer.emit("val", step=step, epoch=epoch, **metrics)
         bar.write(f"step {step}: val ES-Dice {es:.4f}, Dice {metrics['dice']:.4f}")

@@ -17,6 +17,8 @@ from napari_dmoe.model.spec import ModelSpec, SpecError
 from napari_dmoe.training.config import ConfigError, method_routing
 from napari_dmoe.training.data import EvalItems, TrainItems, class_names, group_counts, make_dataset, vocabulary
 from napari_dmoe.training.distributed import DistInfo
+from napari_dmoe.training.local import (adapted_routers, describe_adaptation, inherit_local_experts,
+                                       prepare_group_local)
 from napari_dmoe.training.losses import build_loss
 from napari_dmoe.training.pretrained import load_base_model, load_pretrained_vit, set_trainable
 from napari_dmoe.training.routers import fallback_table, router_counts
@@ -96,16 +98,22 @@ def build_run(config: Mapping[str, Any], info: DistInfo, command: str | None = N
     reports = {"train": check_dataset(train_ds), "val": check_dataset(val_ds) if len(val_ds) else None}
     in_channels = config["data"]["in_channels"] or int(train_ds[0]["image"].shape[0])
     spec = _spec(config, in_channels)
+    inherit_local_experts(spec, config["model"]["base_model"])
     network = build_network(spec)
     init: dict[str, Any] = {}
     if config["model"]["init_from"]:
         init.update(load_pretrained_vit(network, config["model"]["init_from"]))
     if config["model"]["base_model"]:
         init.update(load_base_model(network, config["model"]["base_model"]))
-    init["trainable_parameters"] = set_trainable(network, config["trainable"])
-
     summary = {"train": _summary(train_ds, reports["train"]), "val": _summary(val_ds, reports["val"]),
                "warnings": [w for r in reports.values() if r for w in r.warnings]}
+    train_items = TrainItems(train_ds, spec, config["augment"], int(config["seed"]), crop=spec.spatial_dims == 3)
+    local = None
+    if config["trainable"] == "group_local":
+        routers = adapted_routers(spec, config["adapt_groups"], summary["train"]["groups"])
+        local = prepare_group_local(network, spec, routers, train_items, config["local_experts"])
+    init["trainable_parameters"] = (local["trainable_parameters"] if local
+                                    else set_trainable(network, config["trainable"]))
     counts = router_counts(spec, summary["train"]["groups"])
     _, loss_name = method_routing(config["method"])
     routing = spec.routing
@@ -115,7 +123,10 @@ def build_run(config: Mapping[str, Any], info: DistInfo, command: str | None = N
         "router_counts": counts, "router_fallback": fallback_table(spec, counts, config["fallback_min_cases"]),
         "init": init, "loss": loss_name,
     }
-    identity = json.loads(json.dumps({k: config[k] for k in ("data", "model", "method", "seed", "trainable")}))
+    if config["model"]["base_model"] or local:  # a fine-tune: which groups it adapted, and how
+        provenance["adaptation"] = describe_adaptation(config, spec, local)
+    identity = json.loads(json.dumps({k: config[k] for k in ("data", "model", "method", "seed", "trainable",
+                                                              "adapt_groups", "local_experts")}))
 
     def to_router(groups: torch.Tensor) -> torch.Tensor:
         # Combination index == router index for dMoE (same mixed radix); one router (or none) otherwise.
@@ -123,7 +134,7 @@ def build_run(config: Mapping[str, Any], info: DistInfo, command: str | None = N
 
     return RunParts(
         spec=spec, network=network,
-        train_items=TrainItems(train_ds, spec, config["augment"], int(config["seed"]), crop=spec.spatial_dims == 3),
+        train_items=train_items,
         val_items=EvalItems(val_ds, spec) if len(val_ds) else None,
         loss=build_loss(loss_name, spec.n_classes, gamma=config["febs_gamma"]).to(info.device),
         to_router=to_router, data_summary=summary, identity=identity, provenance=provenance,
