@@ -11,15 +11,21 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                               "report.json files (from dmoe evaluate) as one Markdown table.")
     p.add_argument("reports", nargs="+", metavar="REPORT", help="report.json files, or folders holding one")
     p.add_argument("--out", default=None, metavar="FILE", help="also write the table to FILE")
+    p.add_argument("--overwrite", action="store_true", help="replace FILE when it exists")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from napari_dmoe.evaluation.report import compare_reports
 
+    from napari_dmoe.io.files import atomic_write_text
+    from napari_dmoe.io.outputs import check_single
+
     paths = [Path(p) / "report.json" if Path(p).is_dir() else Path(p) for p in args.reports]
+    if args.out:  # before any work: the table must never replace one of the reports it reads
+        check_single([Path(args.out)], paths, args.overwrite)
     table = compare_reports(paths)
     print(table)
     if args.out:
-        Path(args.out).write_text(table + "\n")
+        atomic_write_text(args.out, table + "\n")
     return 0

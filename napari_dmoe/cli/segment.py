@@ -1,3 +1,48 @@
+def plan_batch_outputs(rows: list[tuple[str, Any]], src: Path, out: Path, dicom_seg: bool, inputs: list[Path],
+                       overwrite: bool) -> list[Any]:
+    """Each CSV row's labels file in ``out`` (``<stem>_labels.<ext>``), checked by ``io.outputs.plan_batch``:
+    two rows whose images share a stem are refused before any work, finished cases are skipped."""
+    from napari_dmoe.io.images import suffix_of
+    from napari_dmoe.io.outputs import PlannedCase, plan_batch
+
+    cases = []
+    for row, (name, _) in enumerate(rows, start=1):
+        path = src / name
+        suffix, stem = suffix_of(path), _stem(path)
+        dicom = suffix in (".dcm", "")  # a .dcm file or a series folder
+        ext = ".dcm" if dicom and dicom_seg else ".nii.gz" if dicom or suffix in (".nii", ".nii.gz") else ".png"
+        cases.append(PlannedCase(where=f"CSV row {row}", source=path, outputs=[out / f"{stem}_labels{ext}"],
+                                 key=stem))
+    return plan_batch(cases, inputs, overwrite)
+    cases = plan_batch_outputs(rows, src, out, args.dicom_seg, inputs, overwrite)
+    inputs = [Path(args.model), src] + ([Path(args.csv)] if args.csv else [])
+    overwrite = getattr(args, "overwrite", False)
+    if args.csv is None:  # checked before the model loads: a refusal costs nothing
+        check_single([out, *_routing_files(routing_dir, src)], inputs, overwrite)
+    model = load_model(args.model)
+    from napari_dmoe.io.outputs import check_single
+def _stem(path: Path) -> str:
+    from napari_dmoe.io.images import suffix_of
+
+    suffix = suffix_of(path)
+    return path.name[: -len(suffix)] if suffix else path.name
+
+
+def _routing_files(routing_dir: Path | None, src: Path) -> list[Path]:
+    """Routing maps of ``src`` already in ``routing_dir`` (their suffix depends on the image, so by pattern)."""
+    if routing_dir is None or not routing_dir.is_dir():
+        return []
+    stem = _stem(src)
+    return sorted({*routing_dir.glob(f"{stem}_dominant_expert.*"), *routing_dir.glob(f"{stem}_expert[0-9]*.*")})
+
+
+    if routing_dir is not None and result.routing:  # before the labels: their presence marks a finished case
+        write_routing(routing_dir, src, result, volume)
+        if name in out and out[name] != value:  # the last one silently winning would route the wrong patient
+            raise ValueError(f"conflicting values for attribute {name!r}: {out[name]!r} and {value!r}; give it once")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace existing outputs (without it a single image refuses and a batch skips the cases "
+                        "whose labels exist, so a stopped batch continues)")
 """``dmoe segment``: segment one image, or a folder of images with a CSV of attributes, writing labels in the
 source geometry (NIfTI keeps the file's affine; 2D images give PNG/TIFF) and optionally the routing maps."""
 from __future__ import annotations
@@ -54,7 +99,7 @@ def parse_attribute(values: list[str], spec: Any) -> Any:
     if any(len(p) == 1 for p in pairs):
         raise ValueError("with several attributes, give each as NAME=VALUE (e.g. -a race=Black -a age=60-79)")
     names = [a.name for a in spec.attributes]
-    out = {}
+    out: dict[str, str] = {}
     for name, value in pairs:
         if name not in names:
             raise ValueError(f"the model has no attribute {name!r}; its attributes are {names}")
@@ -93,8 +138,6 @@ def segment_file(model: Any, src: Path, dest: Path, attribute: Any, args: argpar
         print(file=sys.stderr)
     write_labels(dest, result.labels, like=volume, class_names=model.spec.class_names,
                  algorithm=_algorithm(model, result) if str(dest).lower().endswith(".dcm") else None)
-    if routing_dir is not None and result.routing:
-        write_routing(routing_dir, src, result, volume)
     for note in [*volume.meta.get("warnings", []), *result.conversions, *result.warnings]:
         print(f"  note: {src.name}: {note}", file=sys.stderr)
     return result
@@ -116,7 +159,7 @@ def write_routing(folder: Path, src: Path, result: Any, volume: Any) -> None:
     from napari_dmoe.io.images import suffix_of, write_labels
 
     folder.mkdir(parents=True, exist_ok=True)
-    stem = src.name[: -len(suffix_of(src))] if suffix_of(src) else src.name
+    stem = _stem(src)
     suffix = _default_suffix(volume)
     write_labels(folder / f"{stem}_dominant_expert{suffix}", result.dominant_expert, like=volume)
     mean = result.routing["mean"]
@@ -130,7 +173,6 @@ def write_routing(folder: Path, src: Path, result: Any, volume: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from napari_dmoe.io.checkpoint import load_model
 
-    model = load_model(args.model)
     src, out = Path(args.input), Path(args.out)
     if not src.exists():
         raise FileNotFoundError(f"input {src} does not exist")
@@ -144,23 +186,21 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"with --csv, INPUT must be a folder of images; {src} is not a folder")
     rows = read_batch_csv(Path(args.csv), model.spec)
     out.mkdir(parents=True, exist_ok=True)
-    failures = 0
-    for name, attribute in rows:
-        path = src / name
+    failures = skipped = 0
+    for case, (name, attribute) in zip(cases, rows):
+        if case.skip:
+            skipped += 1
+            print(f"  note: {name}: {case.notes[-1]}", file=sys.stderr)
+            continue
         try:
-            from napari_dmoe.io.images import suffix_of
-
-            suffix = suffix_of(path)
-            stem = path.name[: -len(suffix)] if suffix else path.name
-            dicom = suffix in (".dcm", "")  # a .dcm file or a series folder
-            ext = ".dcm" if dicom and args.dicom_seg else ".nii.gz" if dicom or suffix in (".nii", ".nii.gz") else ".png"
-            dest = out / f"{stem}_labels{ext}"
-            result = segment_file(model, path, dest, attribute, args, routing_dir)
-            print(f"{path} -> {dest} ({_describe(result)})")
+            result = segment_file(model, case.source, case.marker, attribute, args, routing_dir)
+            print(f"{case.source} -> {case.marker} ({_describe(result)})")
         except (ValueError, OSError) as err:  # one bad case must not stop the batch; it is reported and counted
             failures += 1
             print(f"dmoe segment: error: {name}: {' '.join(str(err).split())}", file=sys.stderr)
-    print(f"{len(rows) - failures} of {len(rows)} images segmented into {out}")
+    done = len(rows) - failures - skipped
+    more = f" ({skipped} skipped: their labels exist; --overwrite redoes them)" if skipped else ""
+    print(f"{done} of {len(rows)} images segmented into {out}{more}")
     return 0 if failures == 0 else 1
 
 

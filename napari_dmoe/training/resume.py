@@ -7,6 +7,7 @@ both carry the step, so a kill between the two writes is detected instead of sil
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 from typing import Any
@@ -64,8 +65,22 @@ def save_state(folder: Path, network: torch.nn.Module, optimizer: torch.optim.Op
                 "python": [py_state[0], list(py_state[1]), py_state[2]]},
     }
     step = str(scalars["step"])
-    atomic_write(folder / TENSORS, lambda p: save_file(tensors, str(p), metadata={"step": step}))
-    atomic_write(folder / SCALARS, lambda p: p.write_text(json.dumps(meta)))
+    # Two files, each atomic; a failure between them (a full disk) must not leave a mismatched pair: the old
+    # tensors are kept under a hard link (no extra space) and put back when the scalars cannot be written.
+    tensor_path, backup = folder / TENSORS, folder / f".{TENSORS}.previous"
+    backup.unlink(missing_ok=True)
+    had = tensor_path.is_file()
+    if had:
+        os.link(tensor_path, backup)
+    try:
+        atomic_write(tensor_path, lambda p: save_file(tensors, str(p), metadata={"step": step}))
+        atomic_write(folder / SCALARS, lambda p: p.write_text(json.dumps(meta)))
+    except BaseException:
+        if had:
+            os.replace(backup, tensor_path)
+        raise
+    finally:
+        backup.unlink(missing_ok=True)
 
 
 def load_state(folder: Path, network: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
