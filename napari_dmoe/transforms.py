@@ -1,13 +1,16 @@
-"""Intensity and channel preprocessing shared by inference and training.
+"""Intensity, channel and geometry preprocessing shared by inference and training.
 
-Every function takes a numpy array and returns a new float32 array; none of them changes its input.
-Functions that alter the data in a way the user should know about also return human-readable notes.
+Every function returns a new array; none of them changes its input. Functions that alter the data in a way the
+user should know about also return human-readable notes. Resampling is here once (``resampled_shape``,
+``resize``, ``resize_labels``) so training sees the grid and interpolation inference uses.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from monai.transforms import NormalizeIntensity, ScaleIntensityRange
 
 # Luminance weights (ITU-R BT.709, the ones skimage.color.rgb2gray uses). Applied by hand because rgb2gray
@@ -117,3 +120,39 @@ def to_channels(image: np.ndarray, in_channels: int, rgb: bool = False) -> tuple
         return grey, notes
     notes.append(f"grey -> {in_channels} channels (the grey image repeated) for a {in_channels}-channel model")
     return np.repeat(grey, in_channels, axis=0), notes
+
+
+# -- geometry ------------------------------------------------------------------------------------------------
+def resampled_shape(shape: Sequence[int], spacing: Sequence[float], target: Sequence[float]) -> tuple[int, ...]:
+    """Grid size at the ``target`` voxel size: ``round(n * s / t)``, at least 1 per axis (training and inference
+    both resample to this grid)."""
+    return tuple(max(1, round(n * s / t)) for n, s, t in zip(shape, spacing, target))
+
+
+def resize(x: torch.Tensor, size: Sequence[int], antialias: bool = False) -> torch.Tensor:
+    """Linear resize of ``[N, C, *spatial]`` to ``size`` (bilinear in 2D, trilinear in 3D); no-op if equal."""
+    size = tuple(int(s) for s in size)
+    if tuple(x.shape[2:]) == size:
+        return x
+    mode = "bilinear" if len(size) == 2 else "trilinear"
+    # torch supports antialiasing only for 2D bilinear; it matters when shrinking photos
+    antialias = antialias and len(size) == 2 and any(s < t for s, t in zip(size, x.shape[2:]))
+    return F.interpolate(x, size=size, mode=mode, align_corners=False, antialias=antialias)
+
+
+def resize_image(image: np.ndarray, size: Sequence[int]) -> np.ndarray:
+    """``[C, *spatial]`` float image -> ``size``, linearly (antialiased when shrinking a 2D image), exactly as
+    the inference engine brings an image to its work grid."""
+    if tuple(image.shape[1:]) == tuple(int(s) for s in size):
+        return image
+    x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None]
+    return resize(x, size, antialias=True)[0].numpy()
+
+
+def resize_labels(labels: np.ndarray, size: Sequence[int]) -> np.ndarray:
+    """Integer label map ``[*spatial]`` -> ``size``: the label whose voxel centre is nearest, on the same
+    ``align_corners=False`` grid as ``resize_image``."""
+    if tuple(labels.shape) == tuple(int(s) for s in size):
+        return labels
+    lab = torch.from_numpy(np.ascontiguousarray(labels, dtype=np.float32))[None, None]
+    return F.interpolate(lab, size=tuple(int(s) for s in size), mode="nearest-exact")[0, 0].numpy().astype(np.int64)

@@ -5,8 +5,6 @@ import argparse
 import math
 from pathlib import Path
 
-ARCHES = ("transunet2d", "resunet3d")
-
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -16,7 +14,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "official file, so give them in the order the model was trained with.",
     )
     p.add_argument("src", metavar="SRC", help="official checkpoint (.pth)")
-    p.add_argument("--arch", required=True, choices=ARCHES, help="network of the checkpoint")
+    # the importer refuses networks it has no official layout for (model/official.py ARCHES) and names them
+    p.add_argument("--arch", required=True,
+                   help="network of the checkpoint, e.g. transunet2d (an unknown name lists the ones read)")
     p.add_argument("--attribute-name", required=True, help="patient attribute the routers follow, e.g. race")
     p.add_argument("--attribute-values", required=True, type=_csv,
                    help="comma-separated vocabulary in router order, e.g. Asian,Black,White")

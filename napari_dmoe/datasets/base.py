@@ -6,8 +6,8 @@ them into tensors); intensities are raw (normalisation is `transforms.normalize`
 
 Geometry: with a target ``spacing`` (a 3D model's ``spec.spacing``, z, y, x in mm), a volume whose file gives
 its voxel size (NIfTI, DICOM) is resampled to that spacing by `resample_pair`: image linear, label nearest, on
-the grid inference works on (``inference_prep.make_plan``: ``round(n * s / t)`` voxels per axis, resized with
-``routing_maps.resize``), so training sees voxels of the size the model is later run at. Volumes without a
+the grid inference works on (``transforms.resampled_shape`` and ``transforms.resize``, shared with the inference
+engine), so training sees voxels of the size the model is later run at. Volumes without a
 known voxel size (TIFF, PNG) are used on their own grid and counted by `check_dataset`. ``size`` (optional)
 then resizes to a fixed size.
 """
@@ -23,6 +23,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from napari_dmoe.model.spec import Attribute
+from napari_dmoe.transforms import resampled_shape, resize_image, resize_labels
 
 AGE_BINS = ("0-19", "20-39", "40-59", "60-79", "80+")
 MISSING = {"", "nan", "none", "na", "n/a", "-1"}
@@ -238,54 +239,26 @@ class SegmentationDataset(Dataset):
 
 
 def resize_pair(image: np.ndarray, label: np.ndarray, size: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-    """Resize image (bi/trilinear) and label (nearest) to `size` with MONAI."""
-    from monai.transforms import Resize
-
-    if tuple(image.shape[1:]) == tuple(size):
-        return image, label
-    linear = "bilinear" if len(size) == 2 else "trilinear"
-    image = np.asarray(Resize(size, mode=linear, anti_aliasing=False)(image), dtype=np.float32)
-    label = np.asarray(Resize(size, mode="nearest")(label[None].astype(np.float32)))[0]
-    return image, label.round().astype(np.int64)
-
-
-def resampled_shape(shape: Sequence[int], spacing: Sequence[float], target: Sequence[float]) -> tuple[int, ...]:
-    """Grid size at the ``target`` voxel size: ``round(n * s / t)``, at least 1 (``inference_prep.make_plan``'s
-    rule for the work grid, so training and inference resample to the same grid)."""
-    return tuple(max(1, round(n * s / t)) for n, s, t in zip(shape, spacing, target))
+    """Image (linear) and label (nearest) to ``size``, with the resize the inference engine uses."""
+    return resize_image(image, size), resize_labels(label, size)
 
 
 def resample_image(image: np.ndarray, spacing: Sequence[float], target: Sequence[float]) -> np.ndarray:
     """``[C, *spatial]`` float image -> the ``target`` voxel size, linearly, exactly as inference resamples."""
-    import torch
-
-    from napari_dmoe.inference.routing import resize  # the resize the inference engine uses (align_corners=False)
-
-    shape = resampled_shape(image.shape[1:], spacing, target)
-    if shape == tuple(image.shape[1:]):
-        return image
-    x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None]
-    return resize(x, shape, antialias=True)[0].numpy()
+    return resize_image(image, resampled_shape(image.shape[1:], spacing, target))
 
 
 def resample_pair(image: np.ndarray, label: np.ndarray, spacing: Sequence[float], target: Sequence[float],
                   source: str = "image") -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
     """Image (linear) and label (nearest) from voxel size ``spacing`` to ``target`` (mm per axis); also returns
     the voxel size reached (``target`` up to the rounding of the grid size)."""
-    import torch
-    import torch.nn.functional as F
-
     if len(spacing) != len(target) or len(target) != image.ndim - 1:
         raise DatasetError(f"{source}: image of spatial shape {image.shape[1:]} with voxel size {tuple(spacing)} "
                            f"cannot be resampled to {tuple(target)} mm; give volumes with one voxel size per axis")
     shape = resampled_shape(image.shape[1:], spacing, target)
     reached = tuple(float(s) * n / m for s, n, m in zip(spacing, image.shape[1:], shape))
-    if shape == tuple(image.shape[1:]):
-        return image, label, reached
-    # nearest-exact: the voxel whose centre is closest, on the same align_corners=False grid as the image
-    lab = torch.from_numpy(np.ascontiguousarray(label, dtype=np.float32))[None, None]
-    label = F.interpolate(lab, size=shape, mode="nearest-exact")[0, 0].numpy().astype(np.int64)
-    return resample_image(image, spacing, target), label, reached
+    image, label = resize_pair(image, label, shape)
+    return image, label, reached
 
 
 def check_dataset(ds: SegmentationDataset, raise_on_error: bool = True) -> DatasetReport:

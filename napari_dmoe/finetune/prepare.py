@@ -275,16 +275,6 @@ def append_csv_rows(csv_path: str | os.PathLike, extra: str | os.PathLike | None
 
 
 # -- config -----------------------------------------------------------------------------------------------
-def preset_for(spec: Any) -> str:
-    """The named preset whose sizes match the spec (the engine's config needs one), else ``<arch>-small``."""
-    from napari_dmoe.model import PRESETS
-
-    for name, kwargs in PRESETS.items():
-        if name.startswith(spec.arch) and all(spec.arch_kwargs.get(k) == v for k, v in kwargs.items()):
-            return name
-    return f"{spec.arch}-small"
-
-
 def build_config(base_model: str | os.PathLike, spec: Any, export: ExportSummary, output_dir: str | os.PathLike,
                  settings: FinetuneSettings, name: str = "finetune", n_train: int | None = None) -> dict[str, Any]:
     """A ``dmoe train`` config that fine-tunes ``base_model`` on the exported pairs (engine schema,
@@ -299,9 +289,9 @@ def build_config(base_model: str | os.PathLike, spec: Any, export: ExportSummary
     val_every = settings.val_every or max(1, settings.steps // 5)
     # the engine rebuilds the network from preset + overrides: carry every size that differs from the preset
     # so each base tensor fits (its loader silently skips tensors that do not)
-    preset = preset_for(spec)
-    from napari_dmoe.model import PRESETS
+    from napari_dmoe.model.registry import PRESETS, preset_for
 
+    preset = preset_for(spec)
     overrides: dict[str, Any] = {k: v for k, v in spec.arch_kwargs.items() if PRESETS[preset].get(k) != v}
     if spec.spatial_dims == 3:  # 3D trains on random patches of the spec's input size
         overrides["input_size"] = list(settings.patch_size or spec.input_size)

@@ -42,7 +42,8 @@ from napari_dmoe.inference.plan import (
 )
 from napari_dmoe.inference.runner import Runner
 from napari_dmoe.inference.volume import iter_volume
-from napari_dmoe.inference.routing import RoutingAccumulator, importance, resize
+from napari_dmoe.inference.routing import RoutingAccumulator, importance
+from napari_dmoe.transforms import resize
 from napari_dmoe.inference.volume_input import VolumeInput
 
 __all__ = ["InferenceError", "Progress", "Segmentation", "iter_segment", "segment"]

@@ -8,13 +8,11 @@ from typing import Any, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
-from napari_dmoe.model.resunet3d import DIVISOR, MIN_SIZE
+from napari_dmoe.model.registry import input_rule
 from napari_dmoe.model.spec import ModelSpec, SpecError
-from napari_dmoe.transforms import TransformError, normalize, sanitize, to_channels
+from napari_dmoe.transforms import TransformError, for_bit_depth, normalize, resampled_shape, sanitize, to_channels
 
 MIN_PIXELS = 8  # smaller images carry too little context for any of the networks
-# the 3D UNet's own limits: sizes divisible by 2**stages, at least two voxels per axis at the bottom stage
-UNET3D_MULTIPLE, UNET3D_MIN = DIVISOR, MIN_SIZE
 ALIGN = 4  # window offsets are multiples of this so routing maps can be kept at 1/4 resolution
 UNKNOWN = "unknown"
 
@@ -173,9 +171,11 @@ def prepare_image(
         notes.append(f"2D model on a volume: segmented slice by slice ({stack.shape[0]} slices)")
         if spacing is not None:
             spacing = spacing[1:]
+    normalization, more = for_bit_depth(spec.normalization, image.dtype)  # a 16-bit PNG is not 8-bit
+    notes += more
     try:
         for z in range(stack.shape[0]):
-            stack[z] = normalize(stack[z], spec.normalization)
+            stack[z] = normalize(stack[z], normalization)
     except TransformError as err:
         raise InferenceError(str(err)) from None
     return stack, spacing, squeeze, notes, warns
@@ -204,37 +204,43 @@ def make_plan(
     mode2d: str = "auto",
     squeeze: bool = True,
 ) -> Plan:
-    """Where each window goes: see the geometry rules in ``inference``'s module docstring."""
+    """Where each window goes: see the geometry rules in ``inference.engine``'s module docstring. The window
+    sizes follow the network's input rule (fixed size, or multiples of a divisor)."""
     image = tuple(int(s) for s in image)
     size = tuple(int(s) for s in spec.input_size)
-    resampled = image
-    if spacing is not None and spec.spacing is not None:
-        resampled = tuple(max(1, round(n * s / t)) for n, s, t in zip(image, spacing, spec.spacing))
-    if spec.spatial_dims == 2:
-        if mode2d not in ("auto", "resize", "sliding"):
-            raise InferenceError(f"mode2d={mode2d!r}: expected 'auto', 'resize' or 'sliding'")
-        if roi_size is not None and tuple(roi_size) != size:
-            raise InferenceError(
-                f"roi_size {tuple(roi_size)}: a 2D model sees windows of exactly its input_size {size} "
-                "(fixed position embeddings)"
-            )
-        mode = mode2d
-        if mode == "auto":
-            much_larger = any(r > 2 * s for r, s in zip(resampled, size))
-            mode = "sliding" if spec.spacing is not None and much_larger else "resize"
-        align = ALIGN if all(s % ALIGN == 0 for s in size) else 1
-        if mode == "resize":
-            return Plan(image, size, size, size, [(0, 0)], align, squeeze, mode)
-        padded = tuple(max(s, _ceil_to(r, align)) for r, s in zip(resampled, size))
-        return Plan(image, resampled, padded, size, _grid(padded, size, overlap, align), align, squeeze, mode)
+    resampled = image if spacing is None or spec.spacing is None else resampled_shape(image, spacing, spec.spacing)
+    mode = _mode(spec, resampled, mode2d)
+    rule = input_rule(spec.arch, spec.arch_kwargs)
     roi = tuple(int(r) for r in (roi_size if roi_size is not None else size))
-    if len(roi) != 3 or any(r < UNET3D_MIN or r % UNET3D_MULTIPLE for r in roi):
-        raise InferenceError(
-            f"roi_size {roi} must be three multiples of {UNET3D_MULTIPLE}, each at least {UNET3D_MIN}"
-        )
-    padded = tuple(max(UNET3D_MIN, _ceil_to(r, UNET3D_MULTIPLE)) for r in resampled)
-    roi = tuple(min(r, p) for r, p in zip(roi, padded))  # no need to scan more than the volume
-    return Plan(image, resampled, padded, roi, _grid(padded, roi, overlap, ALIGN), ALIGN, squeeze, "volume")
+    problem = rule.problem(roi) if len(roi) == len(size) else f"must give {len(size)} sizes"
+    if problem:
+        fixed = " (fixed position embeddings)" if rule.fixed else ""
+        raise InferenceError(f"roi_size {roi}: the windows of this {spec.arch} model {problem}{fixed}")
+    if mode == "resize":
+        if roi != size:
+            raise InferenceError(f"roi_size {roi}: the whole image is resized to the input size {size} "
+                                 "(mode2d='sliding' scans windows instead)")
+        align = ALIGN if all(s % ALIGN == 0 for s in size) else 1
+        return Plan(image, size, size, size, [(0,) * len(size)], align, squeeze, mode)
+    align = ALIGN if all(r % ALIGN == 0 for r in roi) else 1
+    if rule.fixed:  # windows of exactly the input size; the image is padded to at least one window
+        padded = tuple(max(r, _ceil_to(n, align)) for n, r in zip(resampled, roi))
+    else:  # padded to sizes the network takes; no need to scan more than the volume
+        padded = tuple(rule.fit(_ceil_to(n, align)) for n in resampled)
+        roi = tuple(min(r, p) for r, p in zip(roi, padded))
+    return Plan(image, resampled, padded, roi, _grid(padded, roi, overlap, align), align, squeeze, mode)
+
+
+def _mode(spec: ModelSpec, resampled: tuple[int, ...], mode2d: str) -> str:
+    """2D: "resize" (the whole image to input_size, FairSeg style) or "sliding"; 3D: always "volume"."""
+    if spec.spatial_dims != 2:
+        return "volume"
+    if mode2d not in ("auto", "resize", "sliding"):
+        raise InferenceError(f"mode2d={mode2d!r}: expected 'auto', 'resize' or 'sliding'")
+    if mode2d != "auto":
+        return mode2d
+    much_larger = any(r > 2 * s for r, s in zip(resampled, spec.input_size))
+    return "sliding" if spec.spacing is not None and much_larger else "resize"
 
 
 def _grid(padded: Sequence[int], roi: Sequence[int], overlap: float, align: int) -> list[tuple[int, ...]]:

@@ -14,19 +14,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from monai.data.utils import compute_importance_map
 
-
-def resize(x: torch.Tensor, size: Sequence[int], antialias: bool = False) -> torch.Tensor:
-    """Linear resize of ``[N, C, *spatial]`` to ``size`` (bilinear in 2D, trilinear in 3D); no-op if equal."""
-    size = tuple(int(s) for s in size)
-    if tuple(x.shape[2:]) == size:
-        return x
-    mode = "bilinear" if len(size) == 2 else "trilinear"
-    # torch supports antialiasing only for 2D bilinear; it matters when shrinking photos
-    antialias = antialias and len(size) == 2 and any(s < t for s, t in zip(size, x.shape[2:]))
-    return F.interpolate(x, size=size, mode=mode, align_corners=False, antialias=antialias)
+from napari_dmoe.transforms import resize
 
 
 def importance(roi: Sequence[int], blend: str) -> torch.Tensor:

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from napari_dmoe.inference.plan import Plan, Progress
-from napari_dmoe.inference.routing import LinearStream, RoutingAccumulator, importance, resize, shift_planes
+from napari_dmoe.inference.routing import LinearStream, RoutingAccumulator, importance, shift_planes
+from napari_dmoe.transforms import resize
 from napari_dmoe.inference.volume_input import VolumeInput
 
 VolumeResult = tuple[np.ndarray, np.ndarray, dict[str, np.ndarray], "np.ndarray | None"]

@@ -14,10 +14,8 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from napari_dmoe.model import build_network
+from napari_dmoe.model import build_network, registry
 from napari_dmoe.model.spec import Attribute, ModelSpec
-
-ARCHES = ("transunet2d", "resunet3d")
 
 # Official key pattern -> ours. Applied in order to every key.
 _RENAMES = [
@@ -71,10 +69,19 @@ def _sizes_2d(sd: Mapping[str, Tensor], heads: int | None) -> tuple[dict[str, An
     return kwargs, n_classes, patch.shape[1]
 
 
-def _sizes_3d(sd: Mapping[str, Tensor]) -> tuple[dict[str, Any], int, int]:
+def _sizes_3d(sd: Mapping[str, Tensor], heads: int | None = None) -> tuple[dict[str, Any], int, int]:
     first = _need(sd, "encoder1.layer.conv1.conv.weight", "resunet3d")
     n_classes = _need(sd, "out.transp_conv.conv.weight", "resunet3d").shape[1]  # transposed conv: [in, out, ...]
     return dict(feature_size=first.shape[0]), n_classes, first.shape[1]
+
+
+# The official checkpoint layouts we read, per network: sizes from shapes, where the MoE keys start, and the
+# normalisation of the official pipeline (2D FairSeg: raw 0..255 intensities).
+_LAYOUTS = {
+    "transunet2d": (_sizes_2d, r"^transformer\.encoder\.sparseMoE\.", {"kind": "scale", "factor": 1.0}),
+    "resunet3d": (_sizes_3d, r"^sparseMoE\.0\.", {"kind": "zscore"}),
+}
+ARCHES = tuple(_LAYOUTS)
 
 
 def convert_official_state_dict(
@@ -91,12 +98,8 @@ def convert_official_state_dict(
     bad = [k for k, v in sd.items() if not isinstance(v, Tensor)]
     if bad:
         raise OfficialImportError(f"entries {bad[:3]} are not tensors: expected a state dict of tensors")
-    if arch == "transunet2d":
-        arch_kwargs, n_classes, in_channels = _sizes_2d(sd, heads)
-        moe = r"^transformer\.encoder\.sparseMoE\."
-    else:
-        arch_kwargs, n_classes, in_channels = _sizes_3d(sd)
-        moe = r"^sparseMoE\.0\."
+    sizes, moe, _ = _LAYOUTS[arch]
+    arch_kwargs, n_classes, in_channels = sizes(sd, heads)
     keys = list(sd)
     n_routers = _count(keys, moe + r"router\.(\d+)\.")
     n_experts = _count(keys, moe + r"experts\.(\d+)\.")
@@ -158,14 +161,11 @@ def import_official(
             f"{path.name} predicts {n_classes} classes but {len(class_names)} class names were given "
             f"({list(class_names)}): give one name per output channel, background first"
         )
-    if arch == "transunet2d":
-        size = list(input_size or [arch_kwargs["img_size"]] * 2)
-        channels = in_channels or embed_channels
-        normalization = {"kind": "scale", "factor": 1.0}  # official FairSeg pipeline: raw 0..255 intensities
-    else:
-        size = list(input_size or [96, 96, 96])
-        channels = embed_channels
-        normalization = {"kind": "zscore"}
+    # the network's fixed size, else the size of its paper preset (the official default)
+    rule = registry.input_rule(arch, arch_kwargs)
+    size = list(input_size or rule.fixed or registry.find_preset(f"{arch}-paper")[1].input_size)
+    channels = in_channels or embed_channels
+    normalization = _LAYOUTS[arch][2]
     spec = ModelSpec(
         arch=arch, class_names=list(class_names),
         attributes=[Attribute(attribute_name, list(attribute_values) or ["all"])],

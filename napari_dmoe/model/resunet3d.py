@@ -10,18 +10,17 @@ from monai.networks.blocks.dynunet_block import get_conv_layer
 from torch import Tensor, nn
 
 from napari_dmoe.model.moe import DMoE
+from napari_dmoe.model.registry import InputRule, Preset
 from napari_dmoe.model.transunet import InputShapeError, default_attr
 
 N_STAGES = 5
-DIVISOR = 2**N_STAGES  # every stage halves the grid
-MIN_SIZE = 2 * DIVISOR  # instance norm needs more than one voxel at the bottom stage
+# every stage halves the grid; instance norm needs more than one voxel at the bottom stage
+RULE = InputRule(divisor=2**N_STAGES, min_size=2 ** (N_STAGES + 1))
 
 
 def nearest_valid_sizes(size: int) -> tuple[int, int]:
     """The valid sizes (multiples of 32, at least 64) just below and above ``size``."""
-    lower = max(MIN_SIZE, size // DIVISOR * DIVISOR)
-    upper = max(MIN_SIZE, (size // DIVISOR + 1) * DIVISOR)
-    return lower, upper
+    return RULE.nearest(size)
 
 
 class OutUpBlock(nn.Module):
@@ -41,6 +40,21 @@ class ResUNet3D(nn.Module):
 
     Spatial sizes must be multiples of 32 and at least 64 (instance norm needs 2 voxels at the bottom stage).
     """
+
+    spatial_dims = 3
+    presets = {
+        "paper": Preset(dict(feature_size=24), input_size=(96, 96, 96)),
+        "small": Preset(dict(feature_size=8), input_size=(96, 96, 64)),
+        "tiny": Preset(dict(feature_size=4), input_size=(64, 64, 64)),
+    }
+
+    @classmethod
+    def input_rule(cls, arch_kwargs: dict) -> InputRule:
+        return RULE
+
+    @classmethod
+    def routing_positions(cls, arch_kwargs: dict) -> list[str]:
+        return [f"stage{i}" for i in range(N_STAGES)]
 
     def __init__(
         self,
@@ -85,11 +99,11 @@ class ResUNet3D(nn.Module):
             raise InputShapeError(
                 f"ResUNet3D expects volumes [B, {self.in_channels}, D, H, W], got shape {tuple(x.shape)}"
             )
-        bad = [s for s in x.shape[2:] if s % DIVISOR or s < MIN_SIZE]
+        bad = [s for s in x.shape[2:] if RULE.problem([s])]
         if bad:
             hints = ", ".join(f"{s} -> {nearest_valid_sizes(s)[0]} or {nearest_valid_sizes(s)[1]}" for s in bad)
             raise InputShapeError(
-                f"ResUNet3D needs every spatial size divisible by {DIVISOR} and at least {MIN_SIZE}, "
+                f"ResUNet3D needs every spatial size divisible by {RULE.divisor} and at least {RULE.min_size}, "
                 f"got {tuple(x.shape[2:])} "
                 f"(nearest valid sizes: {hints}); pad or crop the volume, or use a sliding window"
             )

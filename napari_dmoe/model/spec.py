@@ -10,7 +10,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping, Sequence
 
 FORMAT_VERSION = 1
-ARCHES = ("transunet2d", "resunet3d")
 ROUTINGS = ("dmoe", "moe", "none")
 NORMALIZATIONS = ("zscore", "minmax", "window", "scale")
 
@@ -61,7 +60,9 @@ class ModelSpec:
     # -- derived -------------------------------------------------------------------------------------------
     @property
     def spatial_dims(self) -> int:
-        return 2 if self.arch == "transunet2d" else 3
+        from napari_dmoe.model.registry import network_class  # the network says (registry imports this module)
+
+        return int(network_class(self.arch).spatial_dims)
 
     @property
     def n_classes(self) -> int:
@@ -115,8 +116,10 @@ class ModelSpec:
                 f"spec format version {self.format_version} is not supported (this napari-dmoe reads version "
                 f"{FORMAT_VERSION}); upgrade napari-dmoe or re-export the model"
             )
-        if self.arch not in ARCHES:
-            raise SpecError(f"arch={self.arch!r}: expected one of {list(ARCHES)}")
+        from napari_dmoe.model.registry import arches
+
+        if self.arch not in arches():
+            raise SpecError(f"arch={self.arch!r}: expected one of {list(arches())}")
         if self.routing not in ROUTINGS:
             raise SpecError(f"routing={self.routing!r}: expected one of {list(ROUTINGS)}")
         if len(self.class_names) < 2:

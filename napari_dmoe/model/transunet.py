@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from napari_dmoe.model.moe import DMoE
+from napari_dmoe.model.registry import InputRule, Preset
 
 
 class InputShapeError(ValueError):
@@ -165,6 +166,27 @@ class DecoderCup(nn.Module):
 
 class TransUNet(nn.Module):
     """``forward(x [B, C, H, W], attr [B]) -> logits [B, n_classes, H, W]`` with H = W = img_size."""
+
+    spatial_dims = 2
+    # "paper" = the released models; "small" runs on a laptop CPU; "tiny" is for tests
+    presets = {
+        "paper": Preset(dict(img_size=224, patch_size=16, hidden=768, depth=12, heads=12, mlp_dim=3072,
+                             head_channels=512, decoder_channels=[256, 128, 64, 16])),
+        "small": Preset(dict(img_size=128, patch_size=16, hidden=192, depth=4, heads=3, mlp_dim=768,
+                             head_channels=128, decoder_channels=[64, 32, 16, 16])),
+        "tiny": Preset(dict(img_size=64, patch_size=16, hidden=32, depth=2, heads=2, mlp_dim=64,
+                            head_channels=16, decoder_channels=[16, 8, 8, 8])),
+    }
+
+    @classmethod
+    def input_rule(cls, arch_kwargs: dict) -> InputRule:
+        """Exactly img_size x img_size: the position embeddings are learned for one token grid."""
+        size = int(arch_kwargs.get("img_size", 224))
+        return InputRule(fixed=(size, size))
+
+    @classmethod
+    def routing_positions(cls, arch_kwargs: dict) -> list[str]:
+        return [f"block{i}" for i in range(int(arch_kwargs.get("depth", 12)))]
 
     def __init__(
         self,

@@ -39,12 +39,12 @@ from napari_dmoe.plugin.widgets.controls import (
     DevicePicker,
     ModelPicker,
     OptionError,
-    routing_positions,
 )
 from napari_dmoe.plugin.widgets.jobs import JobResult, ModelCache, SegmentRequest, Step, advance, run_sweep
 from napari_dmoe.plugin.widgets.placement import label_expert_axis, replace_layers
 from napari_dmoe.plugin.widgets.results import RESULT_KEY, SourceInfo, is_result, result_layers
 from napari_dmoe.io.images import layer_spacing
+from napari_dmoe.model.registry import routing_positions
 
 if TYPE_CHECKING:
     import napari
