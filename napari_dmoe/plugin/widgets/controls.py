@@ -24,8 +24,6 @@ from qtpy.QtWidgets import (
 )
 from superqt import QCollapsible
 
-from napari_dmoe.inference.patient import FROM_DICOM, FROM_SAMPLE, FROM_USER, NOT_KNOWN  # light: no torch
-
 UNKNOWN = "unknown"
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
@@ -89,30 +87,22 @@ class ModelPicker(QWidget):
 
 
 class DevicePicker(QWidget):
-    """auto / cpu / cuda / mps, with cuda:0, cuda:1, ... when there are several GPUs. Devices this machine cannot
-    use are greyed out (the reason in their tooltip) and one plain sentence says when there is no GPU at all."""
-
-    NO_GPU = "No GPU found: segmentation runs on the CPU, which is slower."
+    """auto / cpu / cuda / mps; devices this machine cannot use are greyed out and the reason is shown."""
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
-        import torch
-
         from napari_dmoe.devices import cuda_problem, mps_problem
 
         self.combo = QComboBox()
         self.reason = QLabel()
         self.reason.setWordWrap(True)
         problems = {"auto": None, "cpu": None, "cuda": cuda_problem(), "mps": mps_problem()}
-        n_gpus = torch.cuda.device_count() if problems["cuda"] is None else 0
-        cuda = [f"cuda:{i}" for i in range(n_gpus)] if n_gpus > 1 else ["cuda"]
-        for name in ("auto", "cpu", *cuda, "mps"):
-            problem = problems[name.split(":")[0]]
-            self.combo.addItem(name if problem is None else f"{name} (unavailable)", name)
-            if problem:
-                item = self.combo.model().item(self.combo.count() - 1)
+        for name in DEVICES:
+            self.combo.addItem(name if problems[name] is None else f"{name} (unavailable)", name)
+            item = self.combo.model().item(self.combo.count() - 1)
+            if problems[name]:
                 item.setEnabled(False)
-                item.setToolTip(problem)
+                item.setToolTip(problems[name])
         self.problems = problems
         layout = QFormLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
@@ -124,91 +114,49 @@ class DevicePicker(QWidget):
     def device(self) -> str:
         return self.combo.currentData()
 
-    def set_device(self, name: str) -> None:
-        """Select ``name`` when this machine can use it (a saved "cuda:1" on a one-GPU machine is ignored)."""
-        index = self.combo.findData(name)
-        if index >= 0 and self.combo.model().item(index).isEnabled():
-            self.combo.setCurrentIndex(index)
-
     def _explain(self) -> None:
-        no_gpu = bool(self.problems["cuda"] and self.problems["mps"])
-        self.reason.setText(self.NO_GPU if no_gpu else "")
-        self.reason.setToolTip("; ".join(f"{n}: {p}" for n, p in self.problems.items() if p))
-        self.reason.setVisible(no_gpu)
+        gpu = [f"{n}: {p}" for n, p in self.problems.items() if p]
+        text = "GPU unavailable: " + "; ".join(gpu) if len(gpu) == 2 else ""
+        self.reason.setText(text)
+        self.reason.setVisible(bool(text))
 
 
 class AttributeForm(QWidget):
-    """One dropdown per attribute the model is conditioned on (its vocabulary plus "unknown"), and beside it where
-    the value came from: the sample, the DICOM header, the user, or nobody ("not known")."""
-
-    changed = Signal()
+    """One dropdown per attribute the model is conditioned on: its vocabulary plus "unknown"."""
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.form = QFormLayout(self)
         self.form.setContentsMargins(0, 0, 0, 0)
         self.combos: dict[str, QComboBox] = {}
-        self.sources: dict[str, QLabel] = {}
 
-    def set_spec(self, spec: Any | None, found: Mapping[str, Any] | None = None) -> None:
-        """Rows for ``spec``'s attributes; ``found``: name -> (value, source) the image gives (or name -> value)."""
+    def set_spec(self, spec: Any | None, preselect: Mapping[str, str] | None = None) -> None:
         while self.form.rowCount():
             self.form.removeRow(0)
-        self.combos, self.sources = {}, {}
+        self.combos = {}
         if spec is None:
             return
         used = spec.routing == "dmoe"
         for attr in spec.attributes:
             combo = QComboBox()
             combo.addItems([*attr.values, UNKNOWN])
+            value = (preselect or {}).get(attr.name)
+            combo.setCurrentIndex(attr.values.index(value) if value in attr.values else len(attr.values))
             combo.setEnabled(used)
             combo.setToolTip("Patient attribute: picks the router of the experts ('unknown' averages all routers)"
                              if used else f"this model ({spec.routing}) does not use the attribute")
-            source = QLabel()
-            row = QHBoxLayout()
-            row.addWidget(combo, 1)
-            row.addWidget(source)
-            self.form.addRow(attr.name, row)
-            self.combos[attr.name], self.sources[attr.name] = combo, source
-            combo.activated.connect(lambda _, name=attr.name: self._set_source(name, FROM_USER))
-        self.apply(found or {})
-
-    def apply(self, found: Mapping[str, Any]) -> None:
-        """Show the image's values (name -> (value, source)); every other attribute goes back to "unknown", so a
-        value chosen for the previous image is never carried over to this one."""
-        for name, combo in self.combos.items():
-            value, source = found.get(name, (UNKNOWN, NOT_KNOWN))
-            if isinstance(found.get(name), str):
-                value, source = found[name], FROM_SAMPLE
-            index = combo.findText(str(value))
-            combo.setCurrentIndex(index if index >= 0 else combo.count() - 1)
-            self._set_source(name, source if index >= 0 else NOT_KNOWN)
-
-    def _set_source(self, name: str, source: str) -> None:
-        label = self.sources[name]
-        unknown = self.combos[name].currentText() == UNKNOWN
-        text = "not known: choose" if unknown and source != FROM_USER else source
-        label.setText(text)
-        label.setProperty("source", source)
-        label.setStyleSheet("color: #f0a030; font-weight: bold;" if unknown else "color: palette(mid);")
-        label.setToolTip({FROM_SAMPLE: "read from the sample's metadata", FROM_DICOM: "read from the DICOM header",
-                          FROM_USER: "chosen by you for this image"}.get(
-            source, "the image does not say; choose a value, or leave 'unknown' to average all routers"))
-        self.changed.emit()
-
-    def source(self, name: str) -> str:
-        return str(self.sources[name].property("source"))
+            self.form.addRow(attr.name, combo)
+            self.combos[attr.name] = combo
 
     def values(self) -> dict[str, str]:
         return {name: combo.currentText() for name, combo in self.combos.items()}
 
-    def set_value(self, name: str, value: str, source: str = FROM_USER) -> None:
+    def set_value(self, name: str, value: str) -> None:
         combo = self.combos[name]
         index = combo.findText(value)
         if index < 0:
             raise OptionError(f"{name}={value!r} is not in this model's vocabulary")
         combo.setCurrentIndex(index)
-        self._set_source(name, source)
 
 
 class AdvancedOptions(QCollapsible):
