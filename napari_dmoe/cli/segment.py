@@ -86,6 +86,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="torch.compile the network once for the whole batch (the first image takes longer; "
                         "falls back to the plain network with a warning where it fails)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress output")
+    p.add_argument("--force", action="store_true",
+                   help="segment images that do not fit what the model was trained on (2D/3D, channels, modality, "
+                        "voxel size, intensities); without it such an image is refused with what differs")
     p.set_defaults(func=run)
 
 
@@ -118,6 +121,10 @@ def segment_file(model: Any, src: Path, dest: Path, attribute: Any, args: argpar
     from napari_dmoe.inference.engine import iter_segment
 
     volume = read_image(src)
+    if not getattr(args, "force", False):  # refuse before the inference; the message names what differs
+        from napari_dmoe.inference.fit import require_fit
+
+        require_fit(model.spec, volume, src)
     if str(dest).lower().endswith(".dcm"):  # refuse before the inference, not after it
         from napari_dmoe.io.dicom_seg import require_dicom_source
 

@@ -96,6 +96,8 @@ def _meta(path: Path, ds: Any, warnings: list[str], **extra: Any) -> dict[str, A
         "orientation": "DICOM patient (LPS), rows/columns as stored",
         "series_uid": str(getattr(ds, "SeriesInstanceUID", "")),
         "series_description": str(getattr(ds, "SeriesDescription", "")),
+        # the attributes a model may be conditioned on (mapped onto its vocabulary by inference.patient)
+        "patient": {"age": str(getattr(ds, "PatientAge", "") or ""), "sex": str(getattr(ds, "PatientSex", "") or "")},
         "spacing_known": "PixelSpacing" in ds,
         "warnings": warnings,
         **extra,

@@ -12,6 +12,11 @@ from typing import Any, Mapping, Sequence
 FORMAT_VERSION = 1
 ROUTINGS = ("dmoe", "moe", "none")
 NORMALIZATIONS = ("zscore", "minmax", "window", "scale")
+# ModelSpec.trained_on: modality ("fundus photo", "CT", "dermoscopy"; None when not stated), spatial_dims (2|3),
+# channels, intensity ({mean, std, p1, p50, p99} pooled over the sampled training cases as read, before
+# normalisation, plus case_p50/case_p99 = [min, max] over cases, n_cases, of_cases), spacing (median voxel size in
+# mm of the cases that state one, else None)
+TRAINED_ON_KEYS = ("modality", "spatial_dims", "channels", "intensity", "spacing")
 
 
 class SpecError(ValueError):
@@ -51,6 +56,8 @@ class ModelSpec:
     # group-local fine-tune: per dMoE layer, [router, shared expert] pairs that have a private copy (model/moe.py
     # DMoE.add_local_experts); None in ordinary models and in files written before it existed
     local_experts: list[list[list[int]]] | None = None
+    # what the model was trained on (see ``TRAINED_ON_KEYS``); None in files written before it existed
+    trained_on: dict[str, Any] | None = None
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
@@ -141,6 +148,12 @@ class ModelSpec:
             raise SpecError(f"normalization kind {kind!r}: expected one of {list(NORMALIZATIONS)}")
         if kind == "window" and not {"low", "high"} <= set(self.normalization):
             raise SpecError("normalization kind 'window' needs 'low' and 'high'")
+        if self.trained_on is not None:
+            if not isinstance(self.trained_on, Mapping):
+                raise SpecError("trained_on must be an object (modality, spatial_dims, channels, intensity, spacing)")
+            unknown = sorted(set(self.trained_on) - set(TRAINED_ON_KEYS))
+            if unknown:
+                raise SpecError(f"unknown trained_on field(s) {unknown}; expected some of {list(TRAINED_ON_KEYS)}")
 
     def _validate_local_experts(self) -> None:
         if self.local_experts is None:

@@ -1,7 +1,8 @@
 """napari File > Open Sample: synthetic fundus, prostate CT and skin images made on the fly (no download).
 
-Each sample returns the image with its patient attribute in ``metadata["dmoe_attributes"]`` and the ground
-truth as a labels layer. The generators import only numpy/scipy, so opening the menu stays fast.
+Each sample returns the image with its patient attribute in ``metadata["dmoe_attributes"]`` and what kind of image
+it is in ``metadata["dmoe_modality"]`` (checked against the model's training record), and the ground truth as a
+hidden labels layer whose name starts with "GROUND TRUTH", so it is never mistaken for a result. The generators import only numpy/scipy, so opening the menu stays fast.
 """
 from __future__ import annotations
 
@@ -11,8 +12,13 @@ LayerData = list[tuple[Any, dict[str, Any], str]]
 SAMPLE_SEED = 2025  # fixed so every user sees the same sample
 
 
-def _attrs(name: str, value: str) -> dict[str, Any]:
-    return {"dmoe_attributes": {name: value}, "dmoe_synthetic": True}
+def _attrs(name: str, value: str, modality: str) -> dict[str, Any]:
+    return {"dmoe_attributes": {name: value}, "dmoe_synthetic": True, "dmoe_modality": modality}
+
+
+def _truth(what: str) -> dict[str, Any]:
+    """Ground truth opens hidden (tick its eye to compare) and named so in a narrow layer list."""
+    return {"name": f"GROUND TRUTH {what}", "visible": False, "opacity": 0.4}
 
 
 def fundus_sample() -> LayerData:
@@ -20,11 +26,10 @@ def fundus_sample() -> LayerData:
     from napari_dmoe.synthetic import make_fundus
 
     sample = make_fundus(SAMPLE_SEED, race="Black", size=224)
-    meta = _attrs("race", sample.race)
+    meta = _attrs("race", sample.race, "fundus photo (SLO)")
     return [
         (sample.image, {"name": "fundus (synthetic)", "scale": (1.0, 1.0), "metadata": meta}, "image"),
-        (sample.classes, {"name": "fundus ground truth (1 rim, 2 cup)", "scale": (1.0, 1.0), "metadata": meta,
-                          "opacity": 0.4}, "labels"),
+        (sample.classes, {**_truth("fundus (1 rim, 2 cup)"), "scale": (1.0, 1.0), "metadata": meta}, "labels"),
     ]
 
 
@@ -34,11 +39,11 @@ def prostate_sample() -> LayerData:
 
     case = make_prostate(SAMPLE_SEED, stage="T3")
     image, label, spacing = case.napari_order()
-    meta = _attrs("stage", case.stage)
+    meta = _attrs("stage", case.stage, "CT")
     common = {"scale": spacing, "metadata": meta}
     return [
         (image, {"name": "prostate CT (synthetic)", "contrast_limits": (-200, 300), **common}, "image"),
-        (label, {"name": "CTV ground truth", "opacity": 0.4, **common}, "labels"),
+        (label, {**_truth("CTV"), **common}, "labels"),
     ]
 
 
@@ -47,11 +52,10 @@ def skin_sample() -> LayerData:
     from napari_dmoe.synthetic import make_skin
 
     sample = make_skin(SAMPLE_SEED, age_group="80+")
-    meta = _attrs("age", sample.age_group)
+    meta = _attrs("age", sample.age_group, "dermoscopy")
     return [
         (sample.image, {"name": "skin lesion (synthetic)", "rgb": True, "metadata": meta}, "image"),
-        ((sample.mask > 0).astype("uint8"), {"name": "lesion ground truth", "opacity": 0.4, "metadata": meta},
-         "labels"),
+        ((sample.mask > 0).astype("uint8"), {**_truth("lesion"), "metadata": meta}, "labels"),
     ]
 
 
@@ -59,5 +63,5 @@ def retina_photo() -> LayerData:
     """The real colour fundus photograph that ships with scikit-image (no ground truth, no attribute)."""
     from skimage import data
 
-    return [(data.retina(), {"name": "retina (scikit-image)", "rgb": True, "metadata": {"dmoe_synthetic": False}},
-             "image")]
+    meta = {"dmoe_synthetic": False, "dmoe_modality": "fundus photo"}
+    return [(data.retina(), {"name": "retina (scikit-image)", "rgb": True, "metadata": meta}, "image")]

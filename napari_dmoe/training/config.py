@@ -80,6 +80,7 @@ SCHEMA: dict[str, Any] = {
         "label_map": Field("dict"),  # folder: raw mask value -> class
         "normalization": Field("dict"),
         "in_channels": Field("int"),
+        "modality": Field("str"),  # what the images are ("CT", "fundus photo"); recorded in the model's trained_on
     },
     "model": {
         "preset": Field("str", REQUIRED),

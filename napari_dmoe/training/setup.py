@@ -22,6 +22,7 @@ from napari_dmoe.training.local import (adapted_routers, describe_adaptation, in
 from napari_dmoe.training.losses import build_loss
 from napari_dmoe.training.pretrained import load_base_model, load_pretrained_vit, set_trainable
 from napari_dmoe.training.routers import fallback_table, router_counts
+from napari_dmoe.training.trained_on import FORMAT_MODALITY, describe_training_data
 
 
 @dataclass
@@ -98,6 +99,9 @@ def build_run(config: Mapping[str, Any], info: DistInfo, command: str | None = N
     reports = {"train": check_dataset(train_ds), "val": check_dataset(val_ds) if len(val_ds) else None}
     in_channels = config["data"]["in_channels"] or int(train_ds[0]["image"].shape[0])
     spec = _spec(config, in_channels)
+    data = config["data"]
+    spec.trained_on = describe_training_data(train_ds, data["modality"] or FORMAT_MODALITY.get(data["format"]),
+                                             seed=int(config["seed"]))
     inherit_local_experts(spec, config["model"]["base_model"])
     network = build_network(spec)
     init: dict[str, Any] = {}

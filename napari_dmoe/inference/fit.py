@@ -1,0 +1,180 @@
+"""Does this image fit this model? Compare an image with what the model was trained on (``spec.trained_on``).
+
+``check_fit`` returns findings, each a plain sentence: 2D model on a volume, colour vs grey, a different modality
+(when both the model and the image say what they are), a voxel size far from the training data's, intensities
+outside the range of the training images. The widget shows them as a warning banner; ``dmoe segment`` refuses
+unless ``--force``. Models without a record (files written before it existed) are checked for dimensions and
+channels only, from their spec.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+MAX_VALUES = 200_000  # voxels per image that enter the intensity statistics
+SPACING_FACTOR = 2.0  # a voxel size more than this factor off the training data's along some axis is flagged
+# an image statistic is out of distribution when it lies outside the training cases' range widened by this share
+# of the training data's p1..p99 spread on each side
+INTENSITY_MARGIN = 0.25
+# words that name the same kind of image; DICOM Modality codes included (OP ophthalmic photography, SC secondary
+# capture is no hint). First match wins.
+_FAMILIES = (
+    ("fundus", ("fundus", "slo", "retina", "op", "ophthalmic")),
+    ("dermoscopy", ("dermoscopy", "dermatoscopy", "skin", "xc")),
+    ("CT", ("ct", "computed tomography")),
+    ("MR", ("mr", "mri", "magnetic resonance")),
+)
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One way the image differs from the model's training data. ``kind``: dims, channels, modality, spacing,
+    intensity."""
+
+    kind: str
+    message: str
+
+
+def modality_family(text: str | None) -> str | None:
+    """"fundus photo (SLO)" -> "fundus", "CT" -> "CT"; None when nothing is known."""
+    if not text or str(text).strip().lower() in ("", "unknown", "sc", "ot"):
+        return None
+    words = str(text).lower().replace("(", " ").replace(")", " ").replace(",", " ").split()
+    low = " ".join(words)
+    for family, keys in _FAMILIES:
+        if any(k in words or (" " in k and k in low) for k in keys):
+            return family
+    return low
+
+
+def image_modality(metadata: Mapping[str, Any] | None) -> str | None:
+    """What an image says it is: our samples' ``dmoe_modality`` or the DICOM Modality the reader stored."""
+    meta = metadata or {}
+    return meta.get("dmoe_modality") or (meta.get("modality") if meta.get("format") == "dicom" else None)
+
+
+def _layout(shape: Sequence[int], rgb: bool | None) -> tuple[int, int]:
+    """(spatial dims, channels) of a napari-layout image: (y, x), (y, x, 3|4), (z, y, x), (z, y, x, 3|4)."""
+    if rgb is None:
+        rgb = len(shape) in (3, 4) and shape[-1] in (3, 4)
+    return (len(shape) - 1, int(shape[-1])) if rgb else (len(shape), 1)
+
+
+def _strided(image: Any) -> np.ndarray:
+    """At most ~MAX_VALUES finite values of the image on a regular stride (a dask or memory-mapped volume is
+    read sparsely, never whole)."""
+    shape = np.shape(image)
+    step = max(1, int(np.ceil((int(np.prod(shape)) / MAX_VALUES) ** (1 / max(len(shape), 1)))))
+    values = np.asarray(image[tuple(slice(None, None, step) for _ in shape)], dtype=np.float32).ravel()
+    return values[np.isfinite(values)]
+
+
+def intensity_stats(images: Sequence[Any]) -> dict[str, Any]:
+    """Pooled mean, std, p1, p50, p99 over ``images`` (all channels) and the range of the per-image median and
+    99th percentile (``case_p50``, ``case_p99``: [min, max]); {} when there are no finite values."""
+    pooled, p50, p99 = [], [], []
+    for image in images:
+        values = _strided(image)
+        if values.size == 0:
+            continue
+        pooled.append(values)
+        mid, hi = np.percentile(values, [50, 99])
+        p50.append(float(mid))
+        p99.append(float(hi))
+    if not pooled:
+        return {}
+    allv = np.concatenate(pooled)
+    p1, p50_all, p99_all = (float(v) for v in np.percentile(allv, [1, 50, 99]))
+    return {"mean": float(allv.mean()), "std": float(allv.std()), "p1": p1, "p50": p50_all, "p99": p99_all,
+            "case_p50": [min(p50), max(p50)], "case_p99": [min(p99), max(p99)], "n_cases": len(p50)}
+
+
+def _outside(value: float, bounds: Sequence[float], margin: float) -> bool:
+    return value < bounds[0] - margin or value > bounds[1] + margin
+
+
+def _intensity(train: Mapping[str, Any], image: Any) -> list[Finding]:
+    if not train or "case_p50" not in train:
+        return []
+    stats = intensity_stats([image])
+    if not stats:
+        return []
+    margin = INTENSITY_MARGIN * max(float(train["p99"]) - float(train["p1"]), 1e-6)
+    off = [name for name, key in (("median", "case_p50"), ("99th percentile", "case_p99"))
+           if _outside(stats[key][0], train[key], margin)]
+    if not off:
+        return []
+    return [Finding("intensity", (
+        f"intensities out of distribution: the image's median is {stats['p50']:.4g} and its 99th percentile "
+        f"{stats['p99']:.4g}, while the training images had medians {train['case_p50'][0]:.4g} to "
+        f"{train['case_p50'][1]:.4g} and 99th percentiles {train['case_p99'][0]:.4g} to {train['case_p99'][1]:.4g}"))]
+
+
+def _spacing(train: Sequence[float] | None, spacing: Sequence[float] | None, dims: int) -> list[Finding]:
+    if not train or spacing is None:
+        return []
+    image = [float(s) for s in spacing][-len(train):]
+    if len(image) != len(train) or len(spacing) != dims:
+        return []
+    ratios = [i / t for i, t in zip(image, train) if t > 0 and i > 0]
+    if not ratios or max(max(ratios), 1 / min(ratios)) <= SPACING_FACTOR:
+        return []
+    fmt = "x".join
+    return [Finding("spacing", f"voxel size {fmt(f'{s:g}' for s in image)} mm is far from the training data's "
+                               f"{fmt(f'{s:g}' for s in train)} mm (more than {SPACING_FACTOR:g}x along an axis)")]
+
+
+def check_fit(spec: Any, image: Any, spacing: Sequence[float] | None = None, *, rgb: bool | None = None,
+              modality: str | None = None) -> list[Finding]:
+    """Findings that say how ``image`` (napari layout, raw intensities) differs from ``spec``'s training data.
+
+    ``spacing``: per spatial axis in mm, None when unknown. ``modality``: what the image is, when known (DICOM
+    Modality, a sample's label; see ``image_modality``). An empty list means nothing was found.
+    """
+    rec = spec.trained_on or {}
+    dims, channels = _layout(np.shape(image), rgb)
+    findings: list[Finding] = []
+    model_dims = rec.get("spatial_dims") or spec.spatial_dims
+    if dims != model_dims:
+        what = "3D volume" if dims == 3 else "2D image"
+        extra = "; it would be segmented slice by slice" if model_dims == 2 else ""
+        findings.append(Finding("dims", f"the model was trained on {model_dims}D images; this is a {what}{extra}"))
+    model_channels = rec.get("channels") or spec.in_channels
+    if channels != model_channels:
+        def kind(n: int) -> str:
+            return "grey (1 channel)" if n == 1 else f"colour ({n} channels)"
+
+        findings.append(Finding("channels", f"the image is {kind(channels)}; the model was trained on "
+                                            f"{kind(model_channels)} images"))
+    trained, given = modality_family(rec.get("modality")), modality_family(modality)
+    if trained and given and trained != given:
+        findings.append(Finding("modality", f"the image is {modality}; the model was trained on "
+                                            f"{rec.get('modality')} images"))
+    findings += _spacing(rec.get("spacing"), spacing, dims)
+    findings += _intensity(rec.get("intensity") or {}, image)
+    return findings
+
+
+def describe(findings: Sequence[Finding]) -> str:
+    """The findings as one line: "a; b; c"."""
+    return "; ".join(f.message for f in findings)
+
+
+class FitError(ValueError):
+    """The image does not fit the model; the message names the file, what differs and how to go ahead."""
+
+
+def volume_findings(spec: Any, volume: Any) -> list[Finding]:
+    """``check_fit`` for an image read by ``io.images.read_image`` (its spacing only where the file states it)."""
+    spacing = volume.spacing if volume.meta.get("spacing_known", True) else None
+    return check_fit(spec, volume.array, spacing, rgb=volume.rgb, modality=image_modality(volume.meta))
+
+
+def require_fit(spec: Any, volume: Any, source: Any) -> None:
+    """Raise FitError naming ``source`` and every finding, unless the image fits the model."""
+    findings = volume_findings(spec, volume)
+    if findings:
+        raise FitError(f"{source}: does not fit the model ({describe(findings)}); check the model and the image, "
+                       "or pass --force to segment it anyway")
