@@ -87,7 +87,7 @@ def test_batch_csv_with_a_partly_unknown_patient_runs_the_routers_that_fit(tmp_p
     known race, not over all 6; a value outside the vocabulary is refused with the line and the vocabulary."""
     import dataclasses
 
-    from napari_dmoe.cli.segment import read_batch_csv
+    from napari_dmoe.io.cases import read_batch_csv
     from napari_dmoe.model.spec import Attribute
 
     spec = make_spec("transunet2d-tiny", "race", ["Asian", "Black", "White"], ["background", "rim", "cup"])

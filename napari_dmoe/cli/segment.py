@@ -48,7 +48,6 @@ source geometry (NIfTI keeps the file's affine; 2D images give PNG/TIFF) and opt
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 from pathlib import Path
 from typing import Any
@@ -178,6 +177,7 @@ def write_routing(folder: Path, src: Path, result: Any, volume: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from napari_dmoe.io.cases import read_batch_csv
     from napari_dmoe.io.checkpoint import load_model
 
     src, out = Path(args.input), Path(args.out)
@@ -209,34 +209,6 @@ def run(args: argparse.Namespace) -> int:
     more = f" ({skipped} skipped: their labels exist; --overwrite redoes them)" if skipped else ""
     print(f"{done} of {len(rows)} images segmented into {out}{more}")
     return 0 if failures == 0 else 1
-
-
-def read_batch_csv(path: Path, spec: Any) -> list[tuple[str, Any]]:
-    """Rows of (image file name, attribute) from a CSV with an 'image' column and one column per attribute."""
-    if not path.is_file():
-        raise FileNotFoundError(f"CSV {path} does not exist")
-    with path.open(newline="") as f:
-        reader = csv.DictReader(f)
-        columns = reader.fieldnames or []
-        if "image" not in columns:
-            raise ValueError(f"{path}: needs a column 'image'; it has {columns}")
-        names = [a.name for a in spec.attributes]
-        missing = [n for n in names if n not in columns]
-        if missing:
-            raise ValueError(f"{path}: no column for attribute(s) {missing} (columns: {columns})")
-        rows = []
-        for line, row in enumerate(reader, start=2):
-            # an empty cell is an unknown value; the engine averages over the routers that fit the known ones
-            values = {n: (row[n] or "").strip() or "unknown" for n in names}
-            known = {n: v for n, v in values.items() if v.lower() != "unknown"}
-            for attr in spec.attributes:  # fail early, naming the vocabulary, before hours of inference
-                if attr.name in known and known[attr.name] not in attr.values:
-                    raise ValueError(f"{path}, line {line}: {attr.name}={known[attr.name]!r} is not in the model's "
-                                     f"vocabulary {attr.values}; leave the cell empty or write 'unknown'")
-            rows.append((row["image"].strip(), values if known else None))
-    if not rows:
-        raise ValueError(f"{path}: no rows")
-    return rows
 
 
 def _describe(result: Any) -> str:

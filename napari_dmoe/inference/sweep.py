@@ -168,7 +168,7 @@ def iter_folder_usage(model: Any, folder: str | Path, csv_path: str | Path, **op
 
     ``options`` go to ``iter_segment`` (``device``, ``overlap``...); routing is always ``"mean"``.
     """
-    from napari_dmoe.cli.segment import read_batch_csv
+    from napari_dmoe.io.cases import read_batch_csv
     from napari_dmoe.io.images import read_image
     from napari_dmoe.inference.engine import iter_segment
     from napari_dmoe.inference.plan import resolve_routers
