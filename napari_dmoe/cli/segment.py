@@ -68,7 +68,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="patient attribute, e.g. -a Black or -a race=Black (repeat for several attributes); "
                    "'unknown' or leaving it out averages over all routers")
     p.add_argument("--out", "-o", required=True,
-                   help="output labels file (.nii.gz, .nii, .png, .tif, or .dcm for DICOM SEG on a DICOM input), "
+                   help="output labels file (.nii.gz, .nii, .png, .tif, .seg.nrrd for 3D Slicer, or .dcm for DICOM SEG on a "
+                   "DICOM input), "
                    "or folder")
     p.add_argument("--csv", help="batch: CSV with a column 'image' (file name in INPUT) and one column per attribute")
     p.add_argument("--dicom-seg", action="store_true",

@@ -205,3 +205,86 @@ def _content(algorithm: SegAlgorithm) -> str:
     if algorithm.kind == "manual":
         return "manual segmentation (napari)"
     return f"{algorithm.kind} segmentation by {algorithm.name} {algorithm.version}"
+
+
+# -- reading -----------------------------------------------------------------------------------------------------
+SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
+_MAX_FOLDERS = 64  # folders searched for the source series next to a SEG
+
+
+def is_dicom_seg(path: str | Path) -> bool:
+    """True for a DICOM Segmentation file (cheap: the header only)."""
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(str(path), stop_before_pixels=True, specific_tags=["SOPClassUID"])
+    except Exception:  # not DICOM, unreadable: not a SEG either
+        return False
+    return str(getattr(ds, "SOPClassUID", "")) == SEG_SOP_CLASS
+
+
+def find_source_series(seg_path: Path, series_uid: str) -> list[Path]:
+    """The files of series ``series_uid`` in the SEG's folder, its sibling folders or its subfolders."""
+    import pydicom
+
+    folder = seg_path.parent
+    candidates = [folder, *sorted(p for p in folder.parent.iterdir() if p.is_dir() and p != folder),
+                  *sorted(p for p in folder.iterdir() if p.is_dir())][:_MAX_FOLDERS]
+    for candidate in candidates:
+        files = []
+        for path in sorted(p for p in candidate.iterdir() if p.is_file() and p != seg_path):
+            try:
+                ds = pydicom.dcmread(str(path), stop_before_pixels=True, specific_tags=["SeriesInstanceUID"])
+            except Exception:  # READMEs, thumbnails: not ours to judge
+                continue
+            if str(getattr(ds, "SeriesInstanceUID", "")) == series_uid:
+                files.append(path)
+        if files:
+            return files
+    return []
+
+
+def read_dicom_seg(path: str | Path, source: Volume | None = None) -> Volume:
+    """A DICOM SEG as a label Volume (label k = segment k) on the grid of its source series.
+
+    ``source``: the Volume of the series it was made on; None looks for that series beside the file (its folder,
+    sibling and sub-folders). Without it the SEG is read on its own frames' grid, which skips the slices it
+    has no segment on (a warning says so). ``meta["class_names"]`` has "background" and the segment labels."""
+    import highdicom as hd
+
+    from napari_dmoe.io.dicom import read_dicom_series
+    from napari_dmoe.io.images import ImageReadError
+
+    path = Path(path)
+    try:
+        seg = hd.seg.segread(str(path))
+    except Exception as err:  # pydicom / highdicom raise many types for a file that is not a valid SEG
+        raise ImageReadError(f"{path}: not a readable DICOM SEG ({err})") from err
+    numbers = {int(s.SegmentNumber): str(s.SegmentLabel) for s in seg.SegmentSequence}
+    class_names = ["background"] + [numbers.get(k, f"label {k}") for k in range(1, max(numbers, default=0) + 1)]
+    warnings: list[str] = []
+    if source is None:
+        refs = getattr(seg, "ReferencedSeriesSequence", None) or []
+        files = find_source_series(path, str(refs[0].SeriesInstanceUID)) if refs else []
+        source = read_dicom_series(files) if files else None
+    meta = {"source": str(path), "format": "dicom-seg", "modality": "SEG", "spacing_known": True,
+            "class_names": class_names, "warnings": warnings}
+    if source is not None and source.meta.get("sop_instance_uids"):
+        uids = list(source.meta["sop_instance_uids"])
+        labels = seg.get_pixels_by_source_instance(uids, combine_segments=True, skip_overlap_checks=True)
+        labels = labels.reshape(source.spatial_shape)
+        meta.update(source_series=str(source.meta.get("source", "")), files=source.meta.get("files"),
+                    sop_instance_uids=uids, format="dicom")  # written back as a SEG on the same series
+        return Volume(array=labels, spacing=source.spacing, origin=source.origin, affine=source.affine, meta=meta)
+    warnings.append("the source series was not found next to the SEG: read on the SEG's own frames, which leave out "
+                    "slices without a segment; open the SEG beside its series for the exact grid")
+    volume = seg.get_volume(combine_segments=True, skip_overlap_checks=True)
+    lps, array = np.array(volume.affine, dtype=float), np.asarray(volume.array)  # (slice, row, column) -> LPS
+    if lps[:3, 0] @ np.cross(lps[:3, 2], lps[:3, 1]) < 0:  # slices in our order: along +normal (row x column)
+        array, lps[:3, 3] = array[::-1], lps[:3, 3] + lps[:3, 0] * (array.shape[0] - 1)
+        lps[:3, 0] *= -1
+    zyx_to_ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
+    spacing = tuple(float(s) for s in np.linalg.norm(lps[:3, :3], axis=0))
+    units = lps[:3, :3] / np.asarray(spacing)
+    origin = tuple(float(lps[:3, 3] @ units[:, a]) for a in range(3))  # projected like read_dicom_series
+    return Volume(array=np.ascontiguousarray(array), spacing=spacing, origin=origin, affine=zyx_to_ras, meta=meta)

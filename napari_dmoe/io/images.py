@@ -72,6 +72,10 @@ def read_image(path: str | Path) -> Volume:
 
         return read_dicom_series(path)
     suffix = suffix_of(path)
+    if path.name.lower().endswith(".seg.nrrd"):  # 3D Slicer segmentation: a label map with segment names
+        from napari_dmoe.io.slicer_seg import read_seg_nrrd
+
+        return read_seg_nrrd(path)
     if suffix in NIFTI_SUFFIXES:
         return _read_nifti(path)
     if suffix in PLAIN_SUFFIXES:
@@ -82,7 +86,7 @@ def read_image(path: str | Path) -> Volume:
         return read_dicom_file(path)
     raise ImageReadError(
         f"{path}: unsupported file type {suffix or '(no suffix)'!r}; napari-dmoe reads NIfTI (.nii, .nii.gz), "
-        f"DICOM (.dcm or a series folder), PNG, JPG and TIFF"
+        f"DICOM (.dcm or a series folder), PNG, JPG, TIFF and 3D Slicer segmentations (.seg.nrrd)"
     )
 
 
@@ -246,6 +250,10 @@ def write_labels(path: str | Path, labels: np.ndarray, like: Volume | None = Non
     suffix = suffix_of(path)
     if not path.parent.exists():
         raise ImageWriteError(f"{path.parent}: folder does not exist")
+    if path.name.lower().endswith(".seg.nrrd"):  # 3D Slicer: segments named after the classes, coloured
+        from napari_dmoe.io.slicer_seg import write_seg_nrrd
+
+        return write_seg_nrrd(path, labels, like, class_names=class_names)
     if suffix == ".dcm":
         from napari_dmoe.io.dicom_seg import require_dicom_source, write_dicom_seg
 
@@ -268,8 +276,8 @@ def write_labels(path: str | Path, labels: np.ndarray, like: Volume | None = Non
 
         atomic_write(path, lambda tmp: tifffile.imwrite(tmp, labels))
     else:
-        raise ImageWriteError(f"{path}: cannot write labels as {suffix or '(no suffix)'!r}; use .nii.gz, .png, .tif "
-                              f"or .dcm (DICOM SEG, for DICOM sources)")
+        raise ImageWriteError(f"{path}: cannot write labels as {suffix or '(no suffix)'!r}; use .nii.gz, .png, .tif, "
+                              f".seg.nrrd (3D Slicer) or .dcm (DICOM SEG, for DICOM sources)")
     return path
 
 

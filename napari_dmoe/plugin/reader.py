@@ -26,7 +26,7 @@ def napari_get_reader(path: str | list[str]) -> Callable[[Any], list[tuple]] | N
 
         return read_layers if folder_has_dicom(path) else None  # let other readers try other folders
     name = path.lower()
-    if name.endswith((".nii", ".nii.gz", ".dcm")):
+    if name.endswith((".nii", ".nii.gz", ".dcm", ".seg.nrrd")):
         return read_layers
     return None
 
@@ -49,6 +49,9 @@ def read_layers(path: str | list[str]) -> list[tuple]:
         path = os.path.dirname(os.fspath(path[0]))  # the series is named after its folder
     else:
         path = path[0] if isinstance(path, (list, tuple)) else path
+        segmentation = _read_segmentation(os.fspath(path))
+        if segmentation is not None:
+            return [segmentation]
         volume = read_image(path)
     data = volume.array
     stem = Path(path).name.lower()
@@ -65,3 +68,31 @@ def read_layers(path: str | list[str]) -> list[tuple]:
     if not volume.rgb:
         kwargs["colormap"] = "gray"
     return [(data, kwargs, "image")]
+
+
+def _read_segmentation(path: str) -> tuple | None:
+    """A 3D Slicer .seg.nrrd or a DICOM SEG as a labels layer (segment names and colours kept), else None."""
+    lower = path.lower()
+    if lower.endswith(".seg.nrrd"):
+        from napari_dmoe.io.slicer_seg import read_seg_nrrd
+
+        volume = read_seg_nrrd(path)
+    elif lower.endswith(".dcm") and os.path.isfile(path):
+        from napari_dmoe.io.dicom_seg import is_dicom_seg, read_dicom_seg
+
+        if not is_dicom_seg(path):
+            return None
+        volume = read_dicom_seg(path)
+    else:
+        return None
+    kwargs: dict[str, Any] = {"name": Path(path).name.split(".")[0] or Path(path).name,
+                              "scale": tuple(volume.spacing), "translate": tuple(volume.origin),
+                              "metadata": layer_metadata(volume)}
+    segments = volume.meta.get("segments") or []
+    if segments:  # Slicer's colours, so the mask looks in napari as it did in Slicer
+        colors = {None: (0.0, 0.0, 0.0, 0.0), 0: (0.0, 0.0, 0.0, 0.0)}
+        colors.update({int(s["value"]): (*s["color"][:3], 1.0) for s in segments})
+        from napari.utils.colormaps import DirectLabelColormap
+
+        kwargs["colormap"] = DirectLabelColormap(color_dict=colors)
+    return (volume.array, kwargs, "labels")

@@ -28,6 +28,11 @@ def write_labels_layer(path: str, data: Any, attributes: dict[str, Any]) -> list
         affine = None
     like = Volume(array=np.broadcast_to(np.zeros((), labels.dtype), labels.shape), spacing=spacing[-ndim:],
                   origin=origin[-ndim:], affine=affine, meta=meta)
+    if path.lower().endswith(".seg.nrrd"):  # 3D Slicer: named, coloured segments
+        from napari_dmoe.io.slicer_seg import write_seg_nrrd
+
+        names, colors = _segments(meta, attributes, labels)
+        return [str(write_seg_nrrd(path, labels, like, class_names=names, colors=colors))]
     class_names, algorithm = _seg_info(meta, labels) if path.lower().endswith(".dcm") else ((), None)
     return [str(write_labels(path, labels, like=like, class_names=class_names, algorithm=algorithm))]
 
@@ -50,3 +55,31 @@ def _seg_info(meta: dict[str, Any], labels: np.ndarray) -> tuple[list[str], Any]
     kind = "semiautomatic" if is_edited(meta, labels) else "automatic"
     return (list((prov.get("spec") or {}).get("class_names") or []),
             SegAlgorithm(model=model, attribute=attribute, kind=kind))
+
+
+def _segments(meta: dict[str, Any], attributes: dict[str, Any], labels: np.ndarray) -> tuple[list[str], list[Any]]:
+    """Segment names and colours for label values 1..n: those read from a .seg.nrrd, else the model's class names
+    (a mask from the segment widget) or a DICOM SEG's, coloured as napari shows the layer."""
+    read = meta.get("segments") if isinstance(meta.get("segments"), list) else []
+    if read:
+        n = max(int(s["value"]) for s in read)
+        by_value = {int(s["value"]): s for s in read}
+        names = ["background"] + [str(by_value.get(k, {}).get("name", "")) for k in range(1, n + 1)]
+        colors = [by_value[k]["color"] if k in by_value else None for k in range(1, n + 1)]
+        if all(c is not None for c in colors):
+            return names, colors
+        return names, _layer_colors(attributes, n)
+    prov = meta.get("dmoe") if isinstance(meta.get("dmoe"), dict) else {}
+    names = list((prov.get("spec") or {}).get("class_names") or meta.get("class_names") or [])
+    n = max(len(names) - 1, int(labels.max()) if labels.size else 0)
+    return names, _layer_colors(attributes, n)
+
+
+def _layer_colors(attributes: dict[str, Any], n: int) -> list[Any] | None:
+    """The layer's own colours of labels 1..n (napari's colormap), or None for the default palette."""
+    cmap = attributes.get("colormap")
+    try:
+        rgba = np.asarray(cmap.map(np.arange(1, n + 1)), dtype=float)
+    except (AttributeError, TypeError, ValueError):
+        return None
+    return [tuple(c[:3]) for c in rgba] if rgba.shape == (n, 4) else None
