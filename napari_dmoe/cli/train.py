@@ -23,7 +23,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true",
                    help="require a resume state in output_dir (resuming is automatic when one exists)")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bar, and no plain progress lines when stdout is not a terminal (a cluster "
+                        "log); the run folder's history.jsonl and progress.png are written either way")
     p.set_defaults(func=run)
 
 

@@ -30,6 +30,7 @@ from napari_dmoe.training import distributed as dist_utils
 from napari_dmoe.training import resume as resume_state
 from napari_dmoe.training.config import resolve_recipe
 from napari_dmoe.training.events import EventWriter, ProgressBar
+from napari_dmoe.training.history import RunHistory
 from napari_dmoe.training.local import set_train_mode
 from napari_dmoe.training.setup import RunParts, build_run
 from napari_dmoe.training.validate import validate
@@ -103,6 +104,11 @@ def train(config: Mapping[str, Any], events: str | Path | None = None, *, device
     """
     info = dist_utils.setup(device)
     writer = EventWriter(events if info.is_main else None)
+    if info.is_main:  # history.jsonl and progress.png in the run folder; plain lines where no terminal shows a bar
+        import sys
+
+        plain = not quiet and str(events) != "-" and not sys.stdout.isatty()
+        writer.listeners.append(RunHistory(Path(config["output_dir"]).expanduser(), sys.stdout if plain else None))
     try:
         return _train(config, info, writer, quiet, require_resume, command)
     except BaseException as err:

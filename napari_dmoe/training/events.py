@@ -10,7 +10,7 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Callable, TextIO
 
 EVENTS = ("start", "step", "val", "checkpoint", "done", "error")
 
@@ -34,6 +34,8 @@ class EventWriter:
     def __init__(self, target: str | Path | None) -> None:
         self._own = False
         self._stream: TextIO | None = None
+        # also told every event (rank 0): the run folder's history and plain progress lines (training.history)
+        self.listeners: list[Callable[[str, dict[str, Any]], None]] = []
         if target is None:
             return
         if str(target) == "-":
@@ -46,9 +48,13 @@ class EventWriter:
     def emit(self, event: str, **fields: Any) -> None:
         if event not in EVENTS:
             raise ValueError(f"unknown event {event!r}; expected one of {EVENTS}")
-        if self._stream is None:
+        if self._stream is None and not self.listeners:
             return
         record = {"event": event, "time": round(time.time(), 3), **_clean(fields)}
+        for listener in self.listeners:
+            listener(event, record)
+        if self._stream is None:
+            return
         self._stream.write(json.dumps(record, allow_nan=False) + "\n")
         self._stream.flush()
 

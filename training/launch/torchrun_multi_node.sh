@@ -10,4 +10,4 @@ shift
 GPUS_PER_NODE=${GPUS_PER_NODE:-$(python -c "import torch; print(max(1, torch.cuda.device_count()))")}
 exec torchrun --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$GPUS_PER_NODE" \
   --rdzv_backend c10d --rdzv_endpoint "$MASTER_ADDR:${MASTER_PORT:-29500}" --rdzv_id "${RDZV_ID:-dmoe}" \
-  -m napari_dmoe.cli.main train "$CONFIG" --quiet "$@"
+  -m napari_dmoe.cli.main train "$CONFIG" "$@"
