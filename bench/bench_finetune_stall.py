@@ -62,9 +62,10 @@ def main() -> int:
     import napari
     import torch
 
-    from napari_dmoe.plugin.widgets.finetune_controls import StallMeter
     from napari_dmoe.plugin.widgets.finetune_widget import FinetuneWidget
     from napari_dmoe.io.checkpoint import save_model
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from stall_meter import StallMeter
     from napari_dmoe.model import build_network, make_spec
 
     tmp = Path(tempfile.mkdtemp(prefix="dmoe-stall-"))

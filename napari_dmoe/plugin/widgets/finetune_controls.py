@@ -20,10 +20,10 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from napari_dmoe.plugin.widgets.finetune_monitor import CurvePlot, StallMeter
+from napari_dmoe.plugin.widgets.finetune_monitor import CurvePlot
 from napari_dmoe.finetune.prepare import FinetuneError, FinetuneSettings
 
-__all__ = ["PairTable", "SettingsForm", "CompareTable", "CurvePlot", "StallMeter", "TRAINABLE"]
+__all__ = ["PairTable", "SettingsForm", "CompareTable", "CurvePlot", "TRAINABLE"]
 
 TRAINABLE = {"all weights": "all", "only routers and experts": "routers_experts"}
 

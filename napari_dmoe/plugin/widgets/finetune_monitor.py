@@ -1,7 +1,7 @@
-"""Watching a fine-tune from the GUI thread: live training curves, and a meter of event-loop stalls.
+"""Watching a fine-tune from the GUI thread: live training curves (``CurvePlot``). torch is never imported.
 
-``CurvePlot`` is part of the fine-tune widget; ``StallMeter`` is used by the tests and
-``bench/bench_finetune_stall.py`` to check that a running fine-tune never freezes napari. torch is never imported.
+(The event-loop stall meter that checks a running fine-tune never freezes napari is a measuring tool, not part of
+the plugin: ``bench/stall_meter.py``.)
 """
 from __future__ import annotations
 
@@ -163,39 +163,3 @@ class CurvePlot(QWidget):
     def _flush(self) -> None:
         if self._pending is not None and not self.busy():
             self.update_curves(*self._pending, force=True)
-
-
-class StallMeter:
-    """Longest gap between ticks of a 10 ms timer on the GUI thread: how long the event loop was blocked.
-
-    Used by the tests and ``bench/bench_finetune_stall.py`` to check that a fine-tune never freezes napari.
-    """
-
-    def __init__(self, interval_ms: int = 10) -> None:
-        from qtpy.QtCore import Qt, QTimer
-
-        self.interval = interval_ms / 1000
-        self.timer = QTimer()
-        self.timer.setTimerType(Qt.PreciseTimer)
-        self.timer.setInterval(interval_ms)
-        self.timer.timeout.connect(self._tick)
-        self.gaps: list[float] = []
-        self._last: float | None = None
-
-    def start(self) -> None:
-        self._last = time.perf_counter()
-        self.timer.start()
-
-    def stop(self) -> None:
-        self.timer.stop()
-
-    def _tick(self) -> None:
-        now = time.perf_counter()
-        if self._last is not None:
-            self.gaps.append(now - self._last)
-        self._last = now
-
-    @property
-    def longest_stall_ms(self) -> float:
-        """Longest gap beyond the timer interval, in ms (0 when the loop always ran on time)."""
-        return max(0.0, (max(self.gaps) - self.interval) * 1000) if self.gaps else 0.0

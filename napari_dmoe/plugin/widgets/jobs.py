@@ -77,11 +77,6 @@ def _tag(attribute: dict[str, str]) -> str:
     return attribute_tag(attribute)
 
 
-def run_segment(request: SegmentRequest, cache: ModelCache) -> Generator[Step, None, JobResult]:
-    """Segment under one attribute request."""
-    return (yield from run_sweep(request, cache, [request.attribute]))
-
-
 def run_sweep(request: SegmentRequest, cache: ModelCache, attributes: Sequence[dict[str, str]]
               ) -> Generator[Step, None, JobResult]:
     """Segment the same image under each attribute request in turn (one request = a normal segment)."""

@@ -63,7 +63,6 @@ class SegmentWidget(QWidget):
         self.viewer = getattr(napari_viewer, "__wrapped__", napari_viewer)
         self.spec: Any = None
         self.worker: Any = None
-        self._job: Any = None
         self._pbar: progress | None = None
         self._cache = ModelCache()
         self._build()
@@ -254,7 +253,6 @@ class SegmentWidget(QWidget):
                   "maps": options["routing"],
                   "source": SourceInfo(layer.name, tuple(layer.scale), tuple(layer.translate), dict(layer.metadata),
                                        bool(layer.rgb))}
-        self._job = launch
         worker = create_worker(run_sweep, request, self._cache, attributes, _start_thread=False)
         worker.yielded.connect(self._on_step)
         worker.returned.connect(lambda result, launch=launch: self._on_result(result, launch))
@@ -281,7 +279,6 @@ class SegmentWidget(QWidget):
             self._pbar.close()
         self._pbar = None
         self.worker = None
-        self._job = None
         self._set_running(False)
 
     # -- results -------------------------------------------------------------------------------------------
@@ -360,7 +357,6 @@ class SegmentWidget(QWidget):
                 item.setData(Qt.DisplayRole, round(value, 3) if isinstance(value, float) else value)
                 self.sweep_table.setItem(row, col, item)
         self.sweep_table.setSortingEnabled(True)
-        self.last_sweep = table
 
 
 def _summary(result: JobResult, warnings: list[str]) -> str:
