@@ -16,7 +16,7 @@ from napari_dmoe.model.moe import DMoE
 from napari_dmoe.training.config import ConfigError, load_config, resolve_recipe
 from napari_dmoe.training.engine import TrainingError, _schedule, train
 from napari_dmoe.training.pretrained import InitError, load_pretrained_vit, set_trainable
-from napari_dmoe.training.routers import fallback_routers, fallback_table
+from napari_dmoe.model.routers import fallback_routers, fallback_table
 from training_data import tiny_config, write_fairseg, write_folder
 
 

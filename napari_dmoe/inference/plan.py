@@ -89,8 +89,8 @@ def resolve_routers(spec: ModelSpec, attribute: Any, unknown: str = "average") -
         return routers, used
     index = _index(spec, [str(v) for v in values])
     used = {n: str(v) for n, v in zip(names, values)}
-    # Routers (near) untrained in training fall back to averaging trained ones (training/routers.py).
-    from napari_dmoe.training.routers import fallback_routers
+    # Routers (near) untrained in training fall back to averaging trained ones (model/routers.py).
+    from napari_dmoe.model.routers import fallback_routers
 
     routers = fallback_routers(spec, index)
     if routers != [index]:

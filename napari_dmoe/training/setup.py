@@ -21,7 +21,7 @@ from napari_dmoe.training.local import (adapted_routers, describe_adaptation, in
                                        prepare_group_local)
 from napari_dmoe.training.losses import build_loss
 from napari_dmoe.training.pretrained import load_base_model, load_pretrained_vit, set_trainable
-from napari_dmoe.training.routers import fallback_table, router_counts
+from napari_dmoe.model.routers import fallback_table, router_counts
 from napari_dmoe.training.trained_on import FORMAT_MODALITY, describe_training_data
 
 
