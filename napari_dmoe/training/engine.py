@@ -1,3 +1,22 @@
+def _lock_folder(config: Mapping[str, Any], info: dist_utils.DistInfo, command: str | None) -> Path | None:
+    """One run per output folder (rank 0 holds the lock): two would interleave their checkpoints."""
+    if not info.is_main:
+        return None
+    out = Path(config["output_dir"]).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    return run_lock.acquire(out, command)
+
+
+        if lock is not None:
+            run_lock.release(lock)
+    try:  # before anything writes to the folder
+        lock = _lock_folder(config, info, command)
+    except BaseException as err:
+        writer.emit("error", message=" ".join(str(err).split()) or type(err).__name__, kind=type(err).__name__)
+        writer.close()
+        dist_utils.cleanup(info)
+        raise
+from napari_dmoe.training import lock as run_lock
 """The one training engine: ``train(config, events=None) -> best checkpoint path``.
 
 Run by ``dmoe train``, by the GUI fine-tune (through that command in a subprocess) and under torchrun.
