@@ -191,6 +191,10 @@ class Client:
         except urllib.error.HTTPError as err:
             raise ServerError(err.code, _error_message(err.read(), err.reason)) from None
         except urllib.error.URLError as err:
+            if isinstance(err.reason, (BrokenPipeError, ConnectionResetError)):
+                raise ClientError(f"the dMoE server at {self.url} closed the connection while the request was being "
+                                  "sent: most likely the volume is over its size limit (dmoe serve --max-request-mb)"
+                                  ) from None
             raise ClientError(f"cannot reach the dMoE server at {self.url} ({err.reason}); is `dmoe serve` running "
                               "there, and is the address right?") from None
         except (TimeoutError, OSError) as err:
@@ -213,14 +217,16 @@ class Client:
     def segment(self, model: str, volume: np.ndarray, *, spacing: Sequence[float] | None = None,
                 origin: Sequence[float] | None = None, direction: Sequence[Sequence[float]] | None = None,
                 attribute: str | Mapping[str, str] | None = None, routing: bool = False,
-                rgb: bool | None = None) -> RemoteSegmentation:
+                rgb: bool | None = None, modality: str | None = None, force: bool = False) -> RemoteSegmentation:
         """Segment ``volume`` with the server's model ``model`` (an id from ``list_models``); see the module
-        docstring for the geometry. ``attribute``: a value, a dict name -> value, or None (unknown: averaged)."""
+        docstring for the geometry. ``attribute``: a value, a dict name -> value, or None (unknown: averaged).
+        An image unlike the model's training data (``modality``, e.g. "CT", helps tell) is refused unless
+        ``force``, as ``dmoe segment`` does."""
         header = {"model": model, "attribute": dict(attribute) if isinstance(attribute, Mapping) else attribute,
                   "spacing": None if spacing is None else [float(s) for s in spacing],
                   "origin": None if origin is None else [float(o) for o in origin],
                   "direction": None if direction is None else np.asarray(direction, float).tolist(),
-                  "routing": bool(routing), "rgb": rgb}
+                  "routing": bool(routing), "rgb": rgb, "modality": modality, "force": bool(force)}
         data, kind = self._request("/segment", encode(header, {"image": np.asarray(volume)}))
         try:
             head, arrays = decode(data)

@@ -78,7 +78,8 @@ def server(models, tmp_path_factory):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-        assert "Traceback" not in log.read_text()  # no request made the server crash or print a traceback
+        text = log.read_text()
+        assert "Traceback" not in text, text[-4000:]  # no request made the server crash or print a traceback
 
 
 def test_models_list_vocabularies_and_classes(server):
@@ -184,7 +185,8 @@ def test_oversized_and_malformed_requests_get_clean_json(server):
         (encode({"model": "m3", "direction": [[1, 0, 0], [1, 0, 0], [0, 0, 1]]},
                 {"image": np.zeros((8, 8, 8), np.float32)}), 422, "degenerate"),
         (encode({"model": "m2", "attribute": "Martian"}, {"image": np.zeros((8, 8), np.float32)}), 422, "Martian"),
-        (encode({"model": "m3"}, {"image": np.zeros((4, 5), np.float32)}), 422, "3D"),
+        (encode({"model": "m3", "force": True}, {"image": np.zeros((4, 5), np.float32)}), 422, "3D"),
+        (encode({"model": "m3"}, {"image": np.zeros((4, 5), np.float32)}), 422, "does not fit"),
         (encode({"model": "nope"}, {"image": np.zeros((8, 8), np.float32)}), 404, "no model 'nope'"),
     ]
     for body, status, words in cases:

@@ -31,6 +31,9 @@ from napari_dmoe.server.work import Busy, DeviceQueue
 log = logging.getLogger("napari_dmoe.server")
 
 
+DRAIN_BYTES = 256 << 20  # read past the limit at most this much before answering 413
+
+
 @dataclass
 class Limits:
     max_request_bytes: int = 1 << 30  # 1 GiB: a 512x512x1000 float32 CT fits
@@ -106,12 +109,18 @@ def create_app(store: Any, *, token: str | None = None, limits: Limits | None = 
 def run_segment(model: Any, image: np.ndarray, header: SegmentHeader, device: str) -> tuple[dict, dict]:
     """The engine on the canonical view of ``image``; results back on the sent grid (runs in a worker thread)."""
     from napari_dmoe.inference.engine import segment
+    from napari_dmoe.inference.fit import FitError, check_fit, describe
     from napari_dmoe.server.geometry import reorientation
 
     n = len(header.direction) if header.direction else None
     reo = reorientation(header.direction, n) if n else None
     canonical = reo.to_canonical(image) if reo else image
     spacing = reo.spacing(header.spacing) if reo else header.spacing
+    # the fit check of dmoe segment: refuse an image unlike the model's training data unless forced
+    findings = check_fit(model.spec, canonical, spacing, rgb=header.rgb, modality=header.modality)
+    if findings and not header.force:
+        raise FitError(f"the image does not fit the model {header.model!r} ({describe(findings)}); check the model "
+                       "and the image, or send force=true to segment it anyway")
     # engine defaults are dmoe segment's defaults (overlap, window batch, AMP): the same file gives the same mask
     result = segment(model, canonical, header.attribute, spacing=spacing, device=device, rgb=header.rgb,
                      routing="mean" if header.routing else False)
@@ -122,7 +131,7 @@ def run_segment(model: Any, image: np.ndarray, header: SegmentHeader, device: st
         arrays["routing_mean"] = back(result.routing["mean"], leading=1)
         arrays["dominant_expert"] = back(result.dominant_expert)
     head = {"attribute_used": result.attribute, "device": result.device, "device_reason": result.device_reason,
-            "timings": result.timings, "warnings": result.warnings, "conversions": result.conversions,
+            "timings": result.timings, "warnings": [f.message for f in findings] + result.warnings, "conversions": result.conversions,
             "class_names": list(model.spec.class_names), "spacing": header.spacing, "origin": header.origin,
             "direction": header.direction}
     return head, arrays
@@ -133,14 +142,19 @@ async def _read_body(request: Request, limit: int) -> bytes:
     too_big = HTTPException(413, f"request larger than this server's limit of {limit} bytes "
                             "(dmoe serve --max-request-mb); send a smaller volume or crop it")
     length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > limit:
-        raise too_big
+    declared_too_big = length is not None and length.isdigit() and int(length) > limit
     chunks, total = [], 0
     async for chunk in request.stream():
         total += len(chunk)
-        if total > limit:
-            raise too_big
+        if declared_too_big or total > limit:
+            # read on (and drop) up to DRAIN_BYTES: a client that sends its whole body before it reads the answer
+            # (urllib, Slicer's requests) then gets the 413 instead of a broken pipe
+            if total > limit + DRAIN_BYTES:
+                break
+            continue
         chunks.append(chunk)
+    if declared_too_big or total > limit:
+        raise too_big
     return b"".join(chunks)
 
 

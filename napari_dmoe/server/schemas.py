@@ -28,6 +28,9 @@ class SegmentHeader(BaseModel):
         None, description="row a: array axis a in (S, P, L); null: axis-aligned LPS (napari-dmoe's view)")
     routing: bool = Field(False, description="also return the mean routing map and the dominant expert")
     rgb: Optional[bool] = Field(None, description="last axis is colour; null: guessed like dmoe segment")
+    modality: Optional[str] = Field(None, description="what the image is (DICOM Modality, e.g. CT), when known")
+    force: bool = Field(False, description="segment an image that does not fit the model's training data "
+                        "(dmoe segment --force); the reply lists what differs as warnings")
     arrays: list[ArrayInfo]
 
     @field_validator("spacing")
