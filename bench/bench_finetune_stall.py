@@ -134,6 +134,12 @@ def main() -> int:
         print("render ms:", [round(d * 1000) for d in stats["render"]], "stalls > 50 ms at tick:",
               [(i, round(g)) for i, g in enumerate(gaps) if g > 50])
     viewer.close()
+    # the machine-readable last line (key=value), as in the other bench scripts
+    print(f"bench=finetune_stall quick={int(args.quick)} ok={int(ok)} train_s={train_s:.4g} "
+          f"longest_stall_ms={meter.longest_stall_ms:.4g} p99_stall_ms={np.percentile(gaps, 99):.4g} "
+          f"idle_longest_stall_ms={idle.longest_stall_ms:.4g} start_click_ms={stats['start'][0] * 1000:.4g} "
+          f"poll_max_ms={max(stats['poll'], default=0) * 1000:.4g} "
+          f"plot_update_max_ms={max(stats['draw'], default=0) * 1000:.4g}", flush=True)
     return 0 if ok else 1
 
 

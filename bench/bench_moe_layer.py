@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()} repeats={repeats}")
     header = f"{'case':8} {'B':>3} {'N':>7} {'C':>4} {'ours ms':>9} {'loop ms':>9} {'dense ms':>9} "
     print(header + f"{'loop/ours':>9} {'ours/dense':>10} {'max diff':>9}")
-    summary = []
+    summary = [f"bench=moe_layer device={args.device} threads={torch.get_num_threads()} repeats={repeats}"]
     for name, b, n, c in cases:
         r = run_case(b, n, c, args.routers, args.device, repeats)
         speedup, dense_ratio = r["loop_ms"] / r["ours_ms"], r["ours_ms"] / r["dense_ms"]

@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {machine()}")
     print(f"steps per case: {steps} (median samples/s over steps 3..{steps})")
     print(table(["case", "preset", "global batch", "processes", "samples/s"], rows))
-    print(summary({**results, "steps": steps, "quick": args.quick}))
+    print(summary({"bench": "training", **results, "steps": steps, "quick": int(args.quick)}))
     return 0
 
 

@@ -244,7 +244,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.ship:
         for path in ship(args.runs, args.ship, summary, args.command, datasets):
             print(f"shipped {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    print(summary_line(summary))
     return 0
+
+
+def summary_line(summary: dict[str, Any]) -> str:
+    """The machine-readable last line: ``key=value`` pairs (class-mean row, or the only class, per method)."""
+    parts = ["bench=fairness"]
+    for dataset, s in summary.items():
+        for method, rows in s["rows"].items():
+            r = rows[-1]
+            parts += [f"{dataset}_{method}_dice={r['dice']:.4f}", f"{dataset}_{method}_es_dice={r['es_dice']:.4f}",
+                      f"{dataset}_{method}_worst_group_dice={r['worst_group_dice']:.4f}"]
+        if s["target"]:
+            parts += [f"{dataset}_worst_group_gain={s['target']['worst_group_gain']:.4f}",
+                      f"{dataset}_target_met={int(s['target']['worst_group_gain_ok'])}"]
+    return " ".join(parts)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ def _pairs(line: str) -> dict[str, str]:
     [
         ("bench_inference.py", {"bench", "2d_total_s", "3d_total_s", "3d_goal_met"}),
         ("bench_memory.py", {"bench", "small_beyond_mib", "large_beyond_mib", "ratio", "goal_met"}),
-        ("bench_moe_layer.py", set()),
+        ("bench_moe_layer.py", {"bench", "device", "vit64_ours_ms"}),
     ],
 )
 def test_quick_mode_prints_a_summary_line(script, keys):

@@ -77,7 +77,7 @@ def test_demo_model_segments_the_bundled_sample(case):
     assert np.isfinite(result.probabilities.astype(np.float32)).all()
 
 
-def test_benchmark_summary_is_rebuilt_from_the_reports(tmp_path):
+def test_benchmark_summary_is_rebuilt_from_the_reports(tmp_path, capsys):
     """benchmark_fairness.py recomputes the table, target check and figure from the per-method reports."""
     import importlib.util
     import shutil
@@ -93,6 +93,8 @@ def test_benchmark_summary_is_rebuilt_from_the_reports(tmp_path):
             (tmp_path / dataset / method).mkdir(parents=True)
             shutil.copy(src, tmp_path / dataset / method / "report.json")
     assert bench.main(["--results", str(tmp_path), "--runs", str(tmp_path / "none")]) == 0
+    last = dict(p.split("=", 1) for p in capsys.readouterr().out.strip().splitlines()[-1].split())  # key=value, last
+    assert last["bench"] == "fairness" and "prostate_worst_group_gain" in last
     summary = json.loads((tmp_path / "summary.json").read_text())
     report = json.loads((tmp_path / "prostate/dmoe/report.json").read_text())["classes"]["CTV"]
     base = json.loads((tmp_path / "prostate/baseline/report.json").read_text())["classes"]["CTV"]
