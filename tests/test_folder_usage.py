@@ -22,12 +22,10 @@ def write_cases(folder):
 
 
 def drain(gen):
+    from napari_dmoe.generators import drain as run
+
     steps = []
-    while True:
-        try:
-            steps.append(next(gen))
-        except StopIteration as stop:
-            return steps, stop.value
+    return steps, run(gen, steps.append)
 
 
 def test_folder_usage_groups_cases_and_skips_broken_files(tmp_path, model_path):

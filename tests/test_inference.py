@@ -10,6 +10,7 @@ import pytest
 import torch
 from monai.inferers import sliding_window_inference
 
+from napari_dmoe.generators import drain
 from napari_dmoe.inference.engine import InferenceError, Progress, iter_segment, segment
 from napari_dmoe.model.moe import DMoE
 from napari_dmoe.transforms import normalize
@@ -79,14 +80,8 @@ def test_single_window_equals_a_direct_forward(model3d):
 
 
 def test_generator_yields_increasing_progress_and_returns(model3d):
-    gen = iter_segment(model3d, rng_image(100, 40, 50), "Asian", sw_batch_size=1, device="cpu")
     steps = []
-    while True:
-        try:
-            steps.append(next(gen))
-        except StopIteration as stop:
-            seg = stop.value
-            break
+    seg = drain(iter_segment(model3d, rng_image(100, 40, 50), "Asian", sw_batch_size=1, device="cpu"), steps.append)
     infer = [p for p in steps if p.stage == "infer"]
     assert all(isinstance(p, Progress) for p in steps)
     assert [p.done for p in infer] == list(range(1, len(infer) + 1)) and len(infer) > 2
@@ -186,14 +181,8 @@ def test_2d_model_on_a_volume_goes_slice_by_slice(model2d):
 def test_2d_sliding_mode_on_a_large_image(model2d):
     size = model2d.spec.input_size
     image = rng_image(2 * size[0] + 10, size[1] + 5)
-    gen = iter_segment(model2d, image, "Black", mode2d="sliding", device="cpu", sw_batch_size=1)
     steps = []
-    while True:
-        try:
-            steps.append(next(gen))
-        except StopIteration as stop:
-            seg = stop.value
-            break
+    seg = drain(iter_segment(model2d, image, "Black", mode2d="sliding", device="cpu", sw_batch_size=1), steps.append)
     assert max(p.total for p in steps if p.stage == "infer") > 2  # really several windows
     assert seg.labels.shape == image.shape
     assert_routing_sums_to_one(seg)

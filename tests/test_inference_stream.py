@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from napari_dmoe.generators import drain
 from napari_dmoe.inference.engine import iter_segment, segment
 
 from inference_models import TinyModel, rng_image
@@ -26,14 +27,8 @@ def test_streamed_3d_equals_the_whole_volume_path(model3d, monkeypatch, shape, s
     model = TinyModel(spec, model3d.network)
     image = rng_image(*shape)
     opts = dict(spacing=spacing, device="cpu", routing="all", sw_batch_size=3)
-    gen = iter_segment(model, image, attribute, **opts)
     steps = []
-    while True:
-        try:
-            steps.append(next(gen))
-        except StopIteration as stop:
-            streamed = stop.value
-            break
+    streamed = drain(iter_segment(model, image, attribute, **opts), steps.append)
     monkeypatch.setattr(engine, "STREAM_3D", False)
     whole = segment(model, image, attribute, **opts)
     from napari_dmoe.inference.plan import make_plan

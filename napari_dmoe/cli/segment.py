@@ -118,6 +118,7 @@ def segment_file(model: Any, src: Path, dest: Path, attribute: Any, args: argpar
                  routing_dir: Path | None = None) -> Any:
     """Segment one file and write its labels (and routing maps); return the Segmentation."""
     from napari_dmoe.io.images import read_image, write_labels
+    from napari_dmoe.generators import drain
     from napari_dmoe.inference.engine import iter_segment
 
     volume = read_image(src)
@@ -133,14 +134,12 @@ def segment_file(model: Any, src: Path, dest: Path, attribute: Any, args: argpar
                        True) else None, device=args.device, overlap=args.overlap, sw_batch_size=args.window_batch,
                        amp=not args.no_amp, channels_last=args.channels_last, compile=args.compile, rgb=volume.rgb,
                        routing="mean" if routing_dir else False)
-    while True:
-        try:
-            step = next(gen)
-        except StopIteration as stop:
-            result = stop.value
-            break
+
+    def show(step: Any) -> None:
         if not args.quiet and step.total:
             print(f"\r  {src.name}: {step.stage} {step.done}/{step.total}", end="", file=sys.stderr, flush=True)
+
+    result = drain(gen, show)
     if not args.quiet:
         print(file=sys.stderr)
     write_labels(dest, result.labels, like=volume, class_names=model.spec.class_names,

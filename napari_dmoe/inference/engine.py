@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from napari_dmoe.devices import DeviceError, resolve_device
+from napari_dmoe.generators import drain
 from napari_dmoe.inference.plan import (
     InferenceError, Plan, Progress, check_image, make_plan, prepare_image, resolve_routers,
 )
@@ -73,12 +74,7 @@ class Segmentation:
 
 def segment(model: Any, image: np.ndarray, attribute: Any = None, **kwargs: Any) -> Segmentation:
     """Segment ``image`` with ``model`` (see ``iter_segment`` for the options) and return the result."""
-    gen = iter_segment(model, image, attribute, **kwargs)
-    while True:
-        try:
-            next(gen)
-        except StopIteration as stop:
-            return stop.value
+    return drain(iter_segment(model, image, attribute, **kwargs))
 
 
 def iter_segment(

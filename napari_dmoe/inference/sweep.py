@@ -169,6 +169,7 @@ def iter_folder_usage(model: Any, folder: str | Path, csv_path: str | Path, **op
     ``options`` go to ``iter_segment`` (``device``, ``overlap``...); routing is always ``"mean"``.
     """
     from napari_dmoe.io.cases import read_batch_csv
+    from napari_dmoe.generators import relay
     from napari_dmoe.io.images import read_image
     from napari_dmoe.inference.engine import iter_segment
     from napari_dmoe.inference.plan import resolve_routers
@@ -192,14 +193,8 @@ def iter_folder_usage(model: Any, folder: str | Path, csv_path: str | Path, **op
             spacing = volume.spacing if volume.meta.get("spacing_known", True) else None
             gen = iter_segment(model, volume.array, attribute, spacing=spacing, rgb=volume.rgb,
                                **{**options, "routing": "mean"})
-            try:
-                while True:
-                    step = next(gen)
-                    yield FolderProgress(i, len(rows), name, step.stage)
-            except StopIteration as stop:
-                seg = stop.value
-            finally:
-                gen.close()  # a cancelled worker stops here and the engine puts the network back
+            # a cancelled worker stops here and the engine puts the network back
+            seg = yield from relay(gen, lambda step: FolderProgress(i, len(rows), name, step.stage))
             usage = np.asarray(expert_usage(seg.routing["mean"]))
             routers, _ = resolve_routers(spec, attribute, options.get("unknown", "average"))  # as the engine did
         except (ValueError, OSError) as err:  # one bad case must not stop the folder; it is reported instead

@@ -36,17 +36,12 @@ def folder_job(cache: ModelCache, model_path: str, folder: str, csv: str, option
     """Worker body (no Qt): load the model, run ``iter_folder_usage``; returns (FolderUsage or None, error)."""
     try:
         yield Step("loading model", 0, 0)
+        from napari_dmoe.generators import relay
         from napari_dmoe.inference.sweep import iter_folder_usage
 
         gen = iter_folder_usage(cache.get(model_path), folder, csv, **options)
-        try:
-            while True:
-                p = next(gen)
-                yield Step(f"{p.name} {p.stage}".strip(), p.done, p.total)
-        except StopIteration as stop:
-            return stop.value, None
-        finally:
-            gen.close()
+        usage = yield from relay(gen, lambda p: Step(f"{p.name} {p.stage}".strip(), p.done, p.total))
+        return usage, None
     except (ValueError, OSError) as err:  # bad CSV, model, folder: messages written for users
         return None, str(err)
     except Exception as err:  # a bug: keep the viewer alive, log the traceback for the report

@@ -85,6 +85,7 @@ def run_sweep(request: SegmentRequest, cache: ModelCache, attributes: Sequence[d
         yield Step("loading model", 0, 1)
         result.model = cache.get(request.model_path)
         image = _as_array(request.data)
+        from napari_dmoe.generators import relay
         from napari_dmoe.inference.engine import iter_segment
 
         for i, attribute in enumerate(attributes):
@@ -92,15 +93,9 @@ def run_sweep(request: SegmentRequest, cache: ModelCache, attributes: Sequence[d
             prefix = f"{tag} ({i + 1}/{len(attributes)})" if len(attributes) > 1 else tag
             value = attribute if len(attribute) > 1 else next(iter(attribute.values()))
             gen = iter_segment(result.model, image, value, **request.options)
-            try:
-                while True:
-                    progress = next(gen)
-                    yield Step(f"{prefix}: {progress.stage}", progress.done, progress.total)
-            except StopIteration as stop:
-                result.segmentations[tag] = stop.value
-                result.requests[tag] = dict(attribute)
-            finally:
-                gen.close()  # on cancel (GeneratorExit here) the engine puts the network back
+            # on cancel (GeneratorExit here) relay closes gen and the engine puts the network back
+            result.segmentations[tag] = yield from relay(gen, lambda p: Step(f"{prefix}: {p.stage}", p.done, p.total))
+            result.requests[tag] = dict(attribute)
     except ValueError as err:  # InferenceError, CheckpointError, SpecError, DeviceError: messages for users
         result.error = str(err)
     except Exception as err:  # a bug: keep the viewer alive, log the traceback for the report
