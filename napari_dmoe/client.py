@@ -143,6 +143,43 @@ def ijk_to_ras_from_geometry(spacing: Sequence[float], origin: Sequence[float],
     return np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
 
 
+# -- what napari's and Slicer's front ends show (here, so it is tested without Slicer) ---------------------------
+UNKNOWN = "unknown"
+# segment colours (matplotlib's tab10 without grey), RGB 0..1 as Slicer stores them; cycled for many classes. The
+# .seg.nrrd writer and the Slicer module both use them, so a class looks the same in either
+SEGMENT_COLORS = (
+    (0.839, 0.153, 0.157), (0.122, 0.467, 0.706), (0.173, 0.627, 0.173), (1.0, 0.498, 0.055),
+    (0.580, 0.404, 0.741), (0.549, 0.337, 0.294), (0.890, 0.467, 0.761), (0.737, 0.741, 0.133),
+    (0.090, 0.745, 0.812),
+)
+
+
+def segment_table(class_names: Sequence[str]) -> list[tuple[int, str, tuple[float, float, float]]]:
+    """(label value, segment name, colour) for each foreground class 1..n."""
+    return [(k, str(name).strip() or f"label {k}", SEGMENT_COLORS[(k - 1) % len(SEGMENT_COLORS)])
+            for k, name in enumerate(class_names) if k > 0]
+
+
+def attribute_request(choices: Mapping[str, str]) -> dict[str, str] | None:
+    """Drop-down choices -> the ``attribute`` of ``segment``: the known values, or None when all are unknown."""
+    known = {name: value for name, value in choices.items() if value and value != UNKNOWN}
+    return known or None
+
+
+def describe_model(info: Mapping[str, Any]) -> str:
+    """One line about a listed model: dimensions, classes, and what it was trained on when the file says."""
+    parts = [f"{info.get('spatial_dims', '?')}D", "classes: " + ", ".join(info.get("class_names", [])[1:])]
+    trained = info.get("trained_on") or {}
+    if trained.get("modality"):
+        parts.append(f"trained on {trained['modality']}")
+    if trained.get("spacing"):
+        parts.append("voxels " + " x ".join(f"{s:g}" for s in trained["spacing"]) + " mm")
+    data = ((info.get("training") or {}).get("data") or {}).get("train") or {}
+    if data.get("n"):
+        parts.append(f"{data['n']} training cases")
+    return "; ".join(parts)
+
+
 # -- client ------------------------------------------------------------------------------------------------------
 @dataclass
 class RemoteSegmentation:

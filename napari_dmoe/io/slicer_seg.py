@@ -13,15 +13,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from napari_dmoe.client import SEGMENT_COLORS  # shared with the Slicer module (the client is torch-free)
 from napari_dmoe.io.images import ImageReadError, ImageWriteError, Volume
 
 SUFFIX = ".seg.nrrd"
-# distinct colours (matplotlib's tab10 without grey), RGB in 0..1 as Slicer stores them; cycled for many classes
-SEGMENT_COLORS = (
-    (0.839, 0.153, 0.157), (0.122, 0.467, 0.706), (0.173, 0.627, 0.173), (1.0, 0.498, 0.055),
-    (0.580, 0.404, 0.741), (0.549, 0.337, 0.294), (0.890, 0.467, 0.761), (0.737, 0.741, 0.133),
-    (0.090, 0.745, 0.812),
-)
 _TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])  # LPS <-> RAS (its own inverse)
 
 
