@@ -89,6 +89,27 @@ def normalize(
     return np.asarray(out, dtype=np.float32)
 
 
+def for_bit_depth(normalization: Mapping[str, Any], dtype: Any) -> tuple[dict[str, Any], list[str]]:
+    """The normalisation to apply to an image of ``dtype``, and a note when it differs from the model's.
+
+    ``scale`` divides by the full-scale value of the images the model was trained on (255: 8-bit). An image
+    stored with another bit depth (a 16-bit PNG/TIFF: 0-65535) is divided by its own full scale instead, so its
+    intensities land where the model expects them rather than 257 times too bright. Other kinds do not depend on
+    the bit depth (z-score, min-max) or state absolute values (window)."""
+    normalization = dict(normalization)
+    dtype = np.dtype(dtype)
+    if normalization.get("kind") != "scale" or dtype.kind not in "bu":
+        return normalization, []
+    top = 1 if dtype.kind == "b" else int(np.iinfo(dtype).max)
+    factor = float(normalization.get("factor", 1.0))
+    if top == factor:
+        return normalization, []
+    bits = 1 if dtype.kind == "b" else 8 * dtype.itemsize
+    normalization["factor"] = float(top)
+    return normalization, [f"{bits}-bit image: intensities divided by {top} (its full scale) instead of the model's "
+                           f"{factor:g}, so they cover the range the model was trained on"]
+
+
 def to_channels(image: np.ndarray, in_channels: int, rgb: bool = False) -> tuple[np.ndarray, list[str]]:
     """Bring an image to channel-first ``[in_channels, *spatial]``.
 

@@ -121,7 +121,7 @@ def test_dicom_series_sorted_along_slice_normal(tmp_path):
 
 def test_dicom_series_inconsistent_slice_sizes(tmp_path):
     uid = make_series(tmp_path, n=3)
-    write_slice(tmp_path / "odd.dcm", uid, z=100.0, value=1, instance=9, size=(64, 64))
+    write_slice(tmp_path / "odd.dcm", uid, z=17.5, value=1, instance=9, size=(64, 64))  # the next position
     with pytest.raises(ImageReadError, match="odd.dcm.*differs"):
         read_image(tmp_path)
 

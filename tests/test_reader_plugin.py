@@ -73,12 +73,14 @@ def test_dicom_folder_through_npe2(tmp_path):
 
 def test_selected_dicom_files_read_as_one_series(tmp_path):
     folder = write_series(tmp_path / "series", n=4)
-    chosen = [str(folder / f"slice{k}.dcm") for k in (3, 0, 2)]
+    chosen = [str(folder / f"slice{k}.dcm") for k in (3, 1, 2)]
     [(data, kwargs, _)] = napari_get_reader(chosen)(chosen)
     assert data.shape == (3, 128, 128) and kwargs["name"] == "series"
-    assert kwargs["metadata"]["files"] == [str(folder / f"slice{k}.dcm") for k in (0, 2, 3)]
-    assert kwargs["scale"][0] == pytest.approx(6.0)  # median of the 8 and 4 mm gaps
-    assert any("not uniform" in w for w in kwargs["metadata"]["warnings"])
+    assert kwargs["metadata"]["files"] == [str(folder / f"slice{k}.dcm") for k in (1, 2, 3)]
+    assert kwargs["scale"][0] == pytest.approx(4.0)
+    gap = [str(folder / f"slice{k}.dcm") for k in (3, 0, 2)]  # 8 and 4 mm: slice 1 is missing
+    with pytest.raises(ValueError, match="not evenly spaced"):  # issue 12: never stacked as if contiguous
+        napari_get_reader(gap)(gap)
 
 
 def test_writer_refuses_labels_from_another_image(tmp_path):

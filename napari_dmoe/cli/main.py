@@ -49,7 +49,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except USER_ERRORS as err:
         if args.debug:
             traceback.print_exc()
-        message = " ".join(str(err).split()) or type(err).__name__  # one line, whatever the message holds
+        from napari_dmoe.text import clean
+
+        # one line, whatever the message holds, and no escape sequences from a file reach the terminal
+        message = " ".join(clean(str(err)).split()) or type(err).__name__
         print(f"dmoe {args.command}: error: {message}", file=sys.stderr)
         return 2
 

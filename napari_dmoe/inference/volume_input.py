@@ -17,7 +17,7 @@ import torch
 from napari_dmoe.inference.plan import InferenceError, Plan
 from napari_dmoe.model.spec import ModelSpec
 from napari_dmoe.inference.routing import linear_indices
-from napari_dmoe.transforms import TransformError, normalize, to_channels
+from napari_dmoe.transforms import for_bit_depth, TransformError, normalize, to_channels
 
 CHUNK_VOXELS = 2**21  # raw voxels per chunk of the statistics passes (8 MiB as float32)
 
@@ -30,11 +30,13 @@ class VolumeInput:
 
     def __init__(self, spec: ModelSpec, image: np.ndarray, rgb: bool, plan: Plan) -> None:
         self.image, self.rgb, self.plan = image, rgb, plan
-        self.in_channels, self.normalization = spec.in_channels, dict(spec.normalization)
+        self.in_channels = spec.in_channels
+        self.normalization, depth_notes = for_bit_depth(spec.normalization, image.dtype)
         self.notes: list[str] = []
         self.warnings: list[str] = []
         try:
             _, self.notes = to_channels(image[:1, :1, :1], self.in_channels, rgb=rgb)  # the notes only
+            self.notes += depth_notes
         except TransformError as err:
             raise InferenceError(str(err)) from None
         self.fill: tuple[float, float] | None = None  # values for NaN/-Inf and +Inf, when the image has any

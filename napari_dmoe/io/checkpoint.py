@@ -6,6 +6,7 @@ so a model is one file to move around and loading never unpickles anything.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,10 +114,12 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> M
     """Rebuild the network described by the file's spec and load its weights (strict, bit-exact)."""
     path = _check_file(Path(path))
     spec = _spec_from_metadata(path, _read_metadata(path))
+    _check_network_size(path, spec)  # before anything is allocated: the header is data from elsewhere
     try:
         tensors = load_file(str(path), device="cpu")
     except SafetensorError as err:
         raise _corrupt(path, err) from None
+    _check_finite(path, tensors)
     from napari_dmoe.model import build_network  # here, so file problems are reported before model code runs
 
     try:
@@ -134,6 +137,8 @@ def _check_file(path: Path) -> Path:
         raise CheckpointError(f"{path}: no such model file; check the path")
     if path.is_dir():
         raise CheckpointError(f"{path}: is a directory, not a model file; give the {SUFFIX} file inside it")
+    if not path.is_file():  # a pipe or a device would hang the reader
+        raise CheckpointError(f"{path}: not a regular file (a pipe, socket or device); give a {SUFFIX} model file")
     with open(path, "rb") as f:
         head = f.read(8)
     if head.startswith(_ZIP_MAGIC) or (len(head) >= 2 and head[0] == 0x80 and head[1] in _PICKLE_PROTOCOLS):
@@ -171,14 +176,53 @@ def _spec_from_metadata(path: Path, metadata: dict[str, str]) -> ModelSpec:
             f"{path}: model file format version {version!r} is not supported (this napari-dmoe reads version "
             f"{FORMAT_VERSION}); upgrade napari-dmoe or re-export the model"
         )
+    from napari_dmoe.model.bounds import MAX_SPEC_BYTES
+
+    if len(metadata[SPEC_KEY]) > MAX_SPEC_BYTES:
+        raise CheckpointError(f"{path}: the model spec in the header is {len(metadata[SPEC_KEY])} characters, more "
+                              f"than a spec ever needs ({MAX_SPEC_BYTES}); the file is not a napari-dmoe model")
     try:
         data: Any = json.loads(metadata[SPEC_KEY])
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{path}: the model spec in the header is not valid JSON ({err})") from None
+    from napari_dmoe.text import clean_tree
+
+    data = clean_tree(data)  # names and provenance reach terminals and the GUI: no escape sequences
     try:
         return ModelSpec.from_dict(data)
     except SpecError as err:
         raise CheckpointError(f"{path}: invalid model spec: {err}") from None
+
+
+def _check_network_size(path: Path, spec: ModelSpec) -> None:
+    """Bound the spec's sizes, then count the parameters of the network it describes on torch's meta device
+    (no memory): more values than the file stores means the header lies, and building it could exhaust memory."""
+    from napari_dmoe.model import build_network
+    from napari_dmoe.model.bounds import check_bounds
+
+    try:
+        check_bounds(spec)
+    except SpecError as err:
+        raise CheckpointError(f"{path}: invalid model spec: {err}") from None
+    try:
+        with torch.device("meta"):
+            network = build_network(spec)
+    except SpecError as err:  # a valid-looking spec whose sizes the network code rejects
+        raise CheckpointError(f"{path}: the spec does not describe a buildable network: {err}") from None
+    needed = sum(p.numel() for p in network.parameters()) + sum(b.numel() for b in network.buffers())
+    stored = sum(math.prod(shape) for shape in tensor_shapes(path).values())
+    if needed > 2 * stored + 2**20:  # small differences are named tensor by tensor after the (cheap) build
+        raise CheckpointError(f"{path}: the spec describes a network of {needed} values but the file stores {stored}; "
+                              "the header does not match the weights, re-save the model with napari-dmoe")
+
+
+def _check_finite(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """NaN or infinite weights make every output NaN, which argmax turns into background without a word."""
+    bad = [name for name, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        more = f" and {len(bad) - _MAX_NAMES} more" if len(bad) > _MAX_NAMES else ""
+        raise CheckpointError(f"{path}: weights hold NaN or infinite values ({', '.join(bad[:_MAX_NAMES])}{more}); "
+                              "the model diverged or the file is damaged, use another checkpoint")
 
 
 def _match_weights(path: Path, network: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:

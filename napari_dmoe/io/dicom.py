@@ -170,6 +170,32 @@ def _sort_slices(items: list[tuple[Path, Any]], warnings: list[str]) -> tuple[li
     return sorted(items, key=lambda it: int(getattr(it[1], "InstanceNumber", 0) or 0)), None
 
 
+SPACING_TOLERANCE = 0.01  # relative: slice gaps may differ by rounding, not by a missing or extra slice
+
+
+def _uniform_spacing(folder: Path, files: list[Path], positions: np.ndarray) -> float:
+    """The slice spacing (mm) when the slices are evenly spaced along their normal; otherwise refuse: stacking
+    them as if contiguous would put every slice after a gap at the wrong place (and volumes grow or shrink)."""
+    gaps = np.diff(positions)
+    same = np.flatnonzero(gaps < 1e-3)
+    if same.size:
+        i = int(same[0])
+        raise ImageReadError(
+            f"{folder}: {files[i].name} and {files[i + 1].name} lie at the same position ({positions[i]:.4g} mm along "
+            "the slice normal): echoes, time points or a duplicated file; napari-dmoe reads one 3D volume, put "
+            "one of each position in the folder (or export the series again)")
+    dz = float(np.median(gaps))
+    odd = np.flatnonzero(np.abs(gaps - dz) > max(SPACING_TOLERANCE * dz, 1e-3))
+    if odd.size:
+        i = int(odd[0])
+        hint = f" ({gaps[i] / dz:.3g} slices: missing slice(s)?)" if gaps[i] > dz else ""
+        raise ImageReadError(
+            f"{folder}: slice positions are not evenly spaced: {gaps[i]:.4g} mm between {files[i].name} and "
+            f"{files[i + 1].name}{hint}, {dz:.4g} mm elsewhere ({odd.size} uneven gap(s)); napari-dmoe does not "
+            "stack such slices as if contiguous. Export the complete series, or resample it to even spacing first")
+    return dz
+
+
 def read_dicom_series(folder: str | Path | list[str | Path]) -> Volume:
     """A folder of DICOM slices (or a list of slice files) -> (z, y, x) Volume of the largest series."""
     if isinstance(folder, (list, tuple)):
@@ -193,6 +219,8 @@ def read_dicom_series(folder: str | Path | list[str | Path]) -> Volume:
             + ", ".join(f"{o['series_uid']} ({o['n_slices']} slices)" for o in others)
         )
     items, positions = _sort_slices(groups[uid], warnings)
+    # checked before the pixels are read: a gap in the series is refused at once
+    gap = _uniform_spacing(folder, [p for p, _ in items], positions) if positions is not None and len(items) > 1 else None
     slices = []
     for path, _ in items:
         ds = _dcmread(path)
@@ -207,15 +235,8 @@ def read_dicom_series(folder: str | Path | list[str | Path]) -> Volume:
     array = _compact(np.stack(slices).astype(np.float32 if any(s.dtype.kind == "f" for s in slices) else np.int32))
     dy, dx = _pixel_spacing(first)
     dz = float(getattr(first, "SpacingBetweenSlices", 0) or getattr(first, "SliceThickness", 0) or 1.0)
-    if positions is not None and len(positions) > 1:
-        gaps = np.diff(positions)
-        if np.any(gaps < 1e-3):
-            warnings.append("several slices share one position (echoes or time points?): stacked in file order")
-        gaps = gaps[gaps >= 1e-3]
-        if gaps.size:
-            dz = float(np.median(gaps))
-            if np.ptp(gaps) > 0.01 * dz:
-                warnings.append(f"slice spacing is not uniform ({gaps.min():.3g}-{gaps.max():.3g} mm); using {dz:.3g} mm")
+    if gap is not None:
+        dz = gap
     spacing = (dz, dy, dx)
     dirs = _directions(first)
     pos = np.asarray(getattr(first, "ImagePositionPatient", [0.0, 0.0, 0.0]), float)

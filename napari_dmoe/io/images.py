@@ -67,6 +67,7 @@ def read_image(path: str | Path) -> Volume:
     path = Path(path)
     if not path.exists():
         raise ImageReadError(f"{path}: no such file or folder; check the path")
+    require_regular(path, ImageReadError)
     if path.is_dir():
         from napari_dmoe.io.dicom import read_dicom_series
 
@@ -91,6 +92,77 @@ def read_image(path: str | Path) -> Volume:
 
 
 CANONICAL = "LPS"  # voxel axis order (x, y, z) that NIfTI volumes are reoriented to
+MAX_VOXEL_MM = 100.0  # larger voxels are a broken header, not an image (and would make huge resampled grids)
+
+
+def require_regular(path: Path, error: type[Exception]) -> None:
+    """Refuse a pipe, socket or device given as a file: reading one would hang or never end."""
+    import stat
+
+    mode = os.stat(path).st_mode
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise error(f"{path}: not a regular file or folder (a pipe, socket or device); give an image file")
+
+
+def check_nifti_geometry(path: Path, img: Any) -> None:
+    """Refuse zero, negative, NaN or absurd voxel sizes and a NaN or singular affine, naming the field.
+
+    The header is read again as stored: nibabel's loader quietly turns a 0 voxel size into 1 mm and a negative one
+    into its absolute value, which is the guess we refuse to make."""
+    from nibabel.openers import ImageOpener
+
+    try:
+        with ImageOpener(str(path)) as f:
+            header = type(img.header).from_fileobj(f, check=False)
+    except Exception as err:  # the header nibabel just read cannot be read again: treat like a corrupt file
+        raise ImageReadError(f"{path}: not a readable NIfTI header ({err})") from err
+    zooms = [float(z) for z in header["pixdim"][1:4]]
+    shape = img.shape[:3]
+    for i, (n, z) in enumerate(zip(shape, zooms)):
+        if not (np.isfinite(z) and 0 < z <= MAX_VOXEL_MM):
+            why = "not a number" if not np.isfinite(z) else "not positive" if z <= 0 else f"above {MAX_VOXEL_MM:g} mm"
+            raise ImageReadError(
+                f"{path}: header field pixdim[{i + 1}] (voxel size along axis {i}, {n} voxels) is {z:g}: {why}; "
+                "napari-dmoe does not guess the geometry, fix the header (e.g. nibabel's header.set_zooms)")
+    sform, qform = int(header["sform_code"]), int(header["qform_code"])
+    field = "sform (srow_x/y/z)" if sform > 0 else "qform (quatern_*, qoffset_*)" if qform > 0 else "pixdim"
+    try:
+        affine = np.asarray(header.get_best_affine(), dtype=np.float64)
+    except Exception:  # a quaternion nibabel cannot turn into a rotation
+        affine = np.full((4, 4), np.nan)
+    if not np.all(np.isfinite(affine)):
+        raise ImageReadError(f"{path}: header field {field} holds NaN or infinite values, so the image has no "
+                             "position in space; fix or rewrite the header")
+    columns = np.linalg.norm(affine[:3, :3], axis=0)
+    det = abs(float(np.linalg.det(affine[:3, :3])))
+    if columns.min() <= 1e-6 or det <= 1e-6 * float(np.prod(columns)):
+        raise ImageReadError(f"{path}: header field {field} gives a singular affine (voxel axes of zero length or "
+                             "parallel), so voxels have no defined size or orientation; fix or rewrite the header")
+    bad = [f"{c:g}" for c, n in zip(columns, shape) if c > MAX_VOXEL_MM]
+    if bad:
+        raise ImageReadError(f"{path}: header field {field} gives voxel sizes of {', '.join(bad)} mm (above "
+                             f"{MAX_VOXEL_MM:g} mm); fix the header")
+
+
+def _check_nifti_size(path: Path, img: Any) -> None:
+    """The voxel count the header claims must be within the limit and fit the file: nibabel allocates the whole
+    array before reading it, so a forged dim[] would otherwise ask for any amount of memory."""
+    from napari_dmoe.limits import check_grid
+
+    check_grid(img.shape, f"{path}: header field dim", ImageReadError)
+    header = img.header
+    needed = int(np.prod(img.shape)) * header.get_data_dtype().itemsize + int(header.get_data_offset())
+    if suffix_of(path) == ".nii.gz":
+        with open(path, "rb") as f:  # a gzip member ends with its uncompressed size mod 2**32
+            f.seek(max(0, os.path.getsize(path) - 4))
+            have = int.from_bytes(f.read(4), "little")
+        if needed >= 2**32:  # the trailer cannot tell: bound by the best compression deflate can reach
+            have = os.path.getsize(path) * 1032
+    else:
+        have = os.path.getsize(path)
+    if needed > have:
+        raise ImageReadError(f"{path}: header field dim says {tuple(img.shape)} voxels ({needed} bytes) but the file "
+                             f"holds {have} bytes; the file is truncated or its header is wrong")
 
 
 # -- NIfTI -----------------------------------------------------------------------------------------------
@@ -100,6 +172,16 @@ def _read_nifti(path: Path) -> Volume:
 
     try:
         img = nib.load(str(path))
+    except Exception as err:  # nibabel raises many types (ImageFileError, EOFError, zlib.error, ...)
+        raise ImageReadError(f"{path}: not a readable NIfTI file ({err}); the file may be corrupt or truncated") from err
+    if len(img.shape) not in (2, 3) and not (len(img.shape) == 4 and img.shape[3] == 1):
+        raise ImageReadError(
+            f"{path}: NIfTI image has shape {tuple(img.shape)}; napari-dmoe reads 2D or 3D images only, "
+            f"extract one volume first (e.g. `fslroi` or nibabel's `img.slicer[..., 0]`)"
+        )
+    check_nifti_geometry(path, img)  # before the voxels are read: a bad header costs nothing
+    _check_nifti_size(path, img)
+    try:
         data = np.asanyarray(img.dataobj)  # applies scl_slope / scl_inter, keeps integer dtypes otherwise
     except Exception as err:  # nibabel raises many types (ImageFileError, EOFError, zlib.error, ...)
         raise ImageReadError(f"{path}: not a readable NIfTI file ({err}); the file may be corrupt or truncated") from err
