@@ -5,6 +5,7 @@ imports torch and MONAI, which takes a while on CI's 2 cores.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -52,17 +53,19 @@ def models(tmp_path_factory):
     return folder / "m2.safetensors", folder / "m3.safetensors"
 
 
-@pytest.fixture(scope="module")
-def server(models, tmp_path_factory):
+@contextlib.contextmanager
+def running_server(model_paths, log, *args: str, token: str | None = TOKEN):
+    """``dmoe serve MODELS... ARGS`` on a free localhost port in a subprocess; yields a connected Client."""
     port = free_port()
-    log = tmp_path_factory.mktemp("server") / "server.log"
-    env = {**os.environ, "DMOE_SERVE_TOKEN": TOKEN, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("DMOE_SERVE_TOKEN", None)
+    if token:
+        env["DMOE_SERVE_TOKEN"] = token
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "napari_dmoe.cli.main", "serve", *map(str, models),
-                                 "--port", str(port), "--device", "cpu", "--max-request-mb", "2",
-                                 "--max-voxels", "300000", "--log-level", "warning"],
+        proc = subprocess.Popen([sys.executable, "-m", "napari_dmoe.cli.main", "serve", *map(str, model_paths),
+                                 "--port", str(port), "--device", "cpu", "--log-level", "warning", *args],
                                 stdout=out, stderr=subprocess.STDOUT, env=env)
-    client = Client(f"http://127.0.0.1:{port}", TOKEN, timeout=120)
+    client = Client(f"http://127.0.0.1:{port}", token, timeout=120)
     try:
         for _ in range(240):
             if proc.poll() is not None:
@@ -80,6 +83,13 @@ def server(models, tmp_path_factory):
         proc.wait(timeout=30)
         text = log.read_text()
         assert "Traceback" not in text, text[-4000:]  # no request made the server crash or print a traceback
+
+
+@pytest.fixture(scope="module")
+def server(models, tmp_path_factory):
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    with running_server(models, log, "--max-request-mb", "2", "--max-voxels", "300000") as client:
+        yield client
 
 
 def test_models_list_vocabularies_and_classes(server):

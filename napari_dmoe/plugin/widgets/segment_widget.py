@@ -40,6 +40,7 @@ from napari_dmoe.plugin.widgets.controls import (
     ModelPicker,
     OptionError,
 )
+from napari_dmoe.plugin.widgets.remote import RemoteOption
 from napari_dmoe.plugin.widgets.jobs import JobResult, ModelCache, SegmentRequest, Step, advance, run_sweep
 from napari_dmoe.plugin.widgets.placement import label_expert_axis, replace_layers
 from napari_dmoe.plugin.widgets.results import RESULT_KEY, SourceInfo, is_result, result_layers
@@ -94,7 +95,9 @@ class SegmentWidget(QWidget):
         self.sweep_table.setEditTriggers(QAbstractItemView.NoEditTriggers)
         self.sweep_table.setSortingEnabled(True)
 
+        self.remote = RemoteOption()  # "run on": this computer, or a dmoe serve server (remote.py)
         form = QFormLayout()
+        form.addRow("run on", self.remote)
         form.addRow("model", self.models)
         form.addRow(self.model_info)
         form.addRow("image", self.images)
@@ -121,6 +124,7 @@ class SegmentWidget(QWidget):
         layout.addStretch(1)
 
         self.models.changed.connect(self._on_model_changed)
+        self.remote.changed.connect(lambda: self._on_model_changed(self.models.path()))
         self.images.currentIndexChanged.connect(self._on_image_changed)
         self.run_button.clicked.connect(self._on_run_clicked)
         self.sweep_button.clicked.connect(self.sweep)
@@ -128,8 +132,8 @@ class SegmentWidget(QWidget):
 
     # -- model and image -----------------------------------------------------------------------------------
     def _on_model_changed(self, path: str) -> None:
-        self.spec = None
-        if path:
+        self.spec = self.remote.spec  # a server's model when running on a server
+        if path and self.spec is None:
             from napari_dmoe.io.checkpoint import read_spec
 
             try:
@@ -253,7 +257,8 @@ class SegmentWidget(QWidget):
                   "maps": options["routing"],
                   "source": SourceInfo(layer.name, tuple(layer.scale), tuple(layer.translate), dict(layer.metadata),
                                        bool(layer.rgb))}
-        worker = create_worker(run_sweep, request, self._cache, attributes, _start_thread=False)
+        job = self.remote.job(request, attributes) or (run_sweep, request, self._cache, attributes)
+        worker = create_worker(*job, _start_thread=False)
         worker.yielded.connect(self._on_step)
         worker.returned.connect(lambda result, launch=launch: self._on_result(result, launch))
         worker.aborted.connect(lambda: self.status.setText("Cancelled."))
