@@ -1,0 +1,277 @@
+#!/usr/bin/env python
+"""Analyse the seed study (``sample_data/seed_study.py``): mean and spread over seeds, and dMoE against the baseline
+on the same test cases.
+
+Reads runs/seeds/reports/<test>/<dataset>-<method>-s<seed>/report.csv (per-case Dice from ``dmoe evaluate``) and
+writes to sample_data/results/seeds/: runs.csv (one row per model and test), summary.json, seed_study.md,
+seeds.png and cases.csv.gz (per-case mean Dice of every model: enough to redo the paired analysis).
+
+Per model, as in the benchmark: Dice = mean over classes of the mean over cases; per-group Dice likewise; worst
+group = the lowest; ES-Dice = mean over classes of FairSeg's ES-Dice (napari_dmoe.evaluation.metrics). Across seeds:
+mean and sample standard deviation. Paired comparison (dMoE - baseline): per case, the seed-mean Dice of dMoE minus
+that of the baseline; the CIs resample cases (within each group, so rare groups stay present) and, independently
+for each method, seeds; the statistic is the difference of the methods' seed-averaged metrics.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import gzip
+import io
+import json
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from napari_dmoe.evaluation.metrics import PerImage, equity_scaled, group_means
+
+ROOT = Path(__file__).resolve().parents[1]
+NAME = re.compile(r"^(?P<dataset>[a-z]+)-(?P<method>[a-z]+)-(?:s(?P<seed>\d+)|(?P<shipped>shipped))$")
+N_BOOT = 2000
+
+
+def load(reports: Path) -> dict:
+    """(test, dataset, method, seed or 'shipped') -> (ids, groups, dice[case, class], class names)."""
+    out = {}
+    for path in sorted(reports.glob("*/*/report.csv")):
+        m = NAME.match(path.parent.name)
+        if not m:
+            continue
+        with open(path, newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        classes = [c[:-5] for c in rows[0] if c.endswith("_dice")]
+        dice = np.array([[float(r[f"{c}_dice"]) for c in classes] for r in rows])
+        key = (path.parent.parent.name, m["dataset"], m["method"], "shipped" if m["shipped"] else int(m["seed"]))
+        out[key] = ([r["id"] for r in rows], [r["group"] for r in rows], dice, classes)
+    return out
+
+
+def metrics(groups: list[str], dice: np.ndarray, classes: list[str]) -> dict:
+    """Dice, per-group Dice, worst group and ES-Dice of one model (the report's conventions, via the project code)."""
+    records = [PerImage(str(i), g, {c: {"dice": float(d[k])} for k, c in enumerate(classes)})
+               for i, (g, d) in enumerate(zip(groups, dice))]
+    per_class = [group_means(records, c) for c in classes]
+    by_group = {g: float(np.mean([pc[g] for pc in per_class])) for g in per_class[0]}
+    overall = dice.mean(axis=0)
+    worst = min(by_group, key=by_group.get)
+    return {"dice": float(overall.mean()), "groups": by_group, "worst_group": worst,
+            "worst_group_dice": by_group[worst],
+            "es_dice": float(np.mean([equity_scaled(float(overall[k]), pc) for k, pc in enumerate(per_class)]))}
+
+
+def _fast(codes: np.ndarray, n_groups: int, dice: np.ndarray) -> tuple[float, float, float]:
+    """(Dice, worst-group Dice, ES-Dice) of one model on a resample (``codes`` group index per case)."""
+    overall = dice.mean(axis=0)
+    counts = np.bincount(codes, minlength=n_groups)[:, None]
+    sums = np.zeros((n_groups, dice.shape[1]))
+    np.add.at(sums, codes, dice)
+    gm = sums / counts
+    es = np.mean([equity_scaled(float(overall[k]), gm[:, k].tolist()) for k in range(dice.shape[1])])
+    return float(overall.mean()), float(gm.mean(axis=1).min()), float(es)
+
+
+def paired(base: list[np.ndarray], dmoe: list[np.ndarray], groups: list[str], seed: int = 0) -> dict:
+    """dMoE - baseline on the same cases; ``base``/``dmoe``: one dice[case, class] array per seed."""
+    names = sorted(set(groups))
+    codes = np.array([names.index(g) for g in groups])
+    per_case = np.mean([d.mean(axis=1) for d in dmoe], axis=0) - np.mean([b.mean(axis=1) for b in base], axis=0)
+    rng = np.random.default_rng(seed)
+    strata = [np.flatnonzero(codes == k) for k in range(len(names))]
+    point = [np.mean([_fast(codes, len(names), d) for d in dm]) for dm in (dmoe, base)]
+    stats = []
+    for _ in range(N_BOOT):
+        idx = np.concatenate([rng.choice(s, s.size) for s in strata])
+        sd, sb = rng.integers(0, len(dmoe), len(dmoe)), rng.integers(0, len(base), len(base))
+        fd = np.mean([_fast(codes[idx], len(names), dmoe[s][idx]) for s in sd], axis=0)
+        fb = np.mean([_fast(codes[idx], len(names), base[s][idx]) for s in sb], axis=0)
+        stats.append(fd - fb)
+    stats = np.array(stats)
+    lo, hi = np.percentile(stats, [2.5, 97.5], axis=0)
+    names_out = ("dice", "worst_group_dice", "es_dice")
+    point_diff = np.mean([_fast(codes, len(names), d) for d in dmoe], axis=0) - \
+        np.mean([_fast(codes, len(names), b) for b in base], axis=0)
+    return {
+        "n_cases": len(groups), "seeds": [len(base), len(dmoe)],
+        "per_case": {"mean": float(per_case.mean()), "median": float(np.median(per_case)),
+                     "share_improved": float((per_case > 0).mean()),
+                     "by_group": {g: float(per_case[codes == k].mean()) for k, g in enumerate(names)}},
+        **{f"delta_{n}": {"value": float(point_diff[k]), "ci95": [float(lo[k]), float(hi[k])]}
+           for k, n in enumerate(names_out)},
+        "per_seed_worst_group_delta": [float(_fast(codes, len(names), d)[1] - _fast(codes, len(names), b)[1])
+                                       for d, b in zip(dmoe, base)],
+    }
+
+
+def summarise(data: dict) -> dict:
+    out: dict = {"runs": [], "by_method": {}, "paired": {}, "shipped": {}}
+    for (test, dataset, method, seed), (ids, groups, dice, classes) in sorted(data.items(), key=str):
+        row = {"test": test, "dataset": dataset, "method": method, "seed": seed, "n": len(ids),
+               **metrics(groups, dice, classes)}
+        if seed == "shipped":
+            out["shipped"][f"{dataset}/{test}"] = row
+        else:
+            out["runs"].append(row)
+    for row in out["runs"]:
+        out["by_method"].setdefault(f"{row['dataset']}/{row['test']}", {}).setdefault(row["method"], []).append(row)
+    for key, by_method in out["by_method"].items():
+        for method, rows in by_method.items():
+            agg = {"seeds": [r["seed"] for r in rows]}
+            for k in ("dice", "worst_group_dice", "es_dice"):
+                v = np.array([r[k] for r in rows])
+                agg[k] = {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if v.size > 1 else None,
+                          "values": v.round(4).tolist()}
+            agg["groups"] = {g: {"mean": float(np.mean([r["groups"][g] for r in rows])),
+                                 "std": float(np.std([r["groups"][g] for r in rows], ddof=1)) if len(rows) > 1 else None}
+                             for g in rows[0]["groups"]}
+            agg["worst_groups"] = [r["worst_group"] for r in rows]
+            by_method[method] = agg
+        test, dataset = key.split("/")[1], key.split("/")[0]
+        seeds = sorted(set(by_method.get("baseline", {}).get("seeds", [])) & set(by_method.get("dmoe", {}).get("seeds", [])))
+        if seeds:
+            ids, groups = data[(test, dataset, "baseline", seeds[0])][:2]
+            for s in seeds:  # the same cases in the same order for every model
+                assert data[(test, dataset, "dmoe", s)][0] == ids
+            out["paired"][key] = {"seeds_used": seeds, **paired(
+                [data[(test, dataset, "baseline", s)][2] for s in seeds],
+                [data[(test, dataset, "dmoe", s)][2] for s in seeds], groups)}
+    return out
+
+
+def _ms(agg: dict) -> str:
+    return f"{agg['mean']:.3f} ± {agg['std']:.3f}" if agg["std"] is not None else f"{agg['mean']:.3f}"
+
+
+def markdown(summary: dict, steps: dict) -> str:
+    lines = []
+    for key, by_method in summary["by_method"].items():
+        dataset, test = key.split("/")
+        groups = list(next(iter(by_method.values()))["groups"])
+        n = next(r["n"] for r in summary["runs"] if f"{r['dataset']}/{r['test']}" == key)
+        lines += [f"### {dataset}, {test} ({n} cases), mean ± sd over seeds; {steps.get(dataset, '?')} steps per run",
+                  "", "| method | seeds | Dice | " + " | ".join(f"{g} Dice" for g in groups)
+                  + " | worst-group Dice | ES-Dice |", "|---|---|---|" + "---|" * len(groups) + "---|---|"]
+        for method, agg in by_method.items():
+            lines.append(f"| {method} | {len(agg['seeds'])} | {_ms(agg['dice'])} | "
+                         + " | ".join(_ms(agg["groups"][g]) for g in groups)
+                         + f" | {_ms(agg['worst_group_dice'])} | {_ms(agg['es_dice'])} |")
+        shipped = summary["shipped"].get(key)
+        if shipped:
+            lines.append(f"| dmoe, shipped demo model (800/1500 steps, seed 1234) | 1 | {shipped['dice']:.3f} | "
+                         + " | ".join(f"{shipped['groups'][g]:.3f}" for g in groups)
+                         + f" | {shipped['worst_group_dice']:.3f} | {shipped['es_dice']:.3f} |")
+        p = summary["paired"].get(key)
+        if p:
+            d = {k: p[f"delta_{k}"] for k in ("dice", "worst_group_dice", "es_dice")}
+            lines += ["", f"dMoE - baseline on the same {p['n_cases']} cases ({len(p['seeds_used'])} seeds each; 95 % CI "
+                          "over cases and seeds): " + "; ".join(f"{k} {v['value']:+.3f} [{v['ci95'][0]:+.3f}, "
+                                                             f"{v['ci95'][1]:+.3f}]" for k, v in d.items())
+                      + f". Per case: mean {p['per_case']['mean']:+.3f}, median {p['per_case']['median']:+.3f}, "
+                        f"{100 * p['per_case']['share_improved']:.0f} % of cases better; by group "
+                      + ", ".join(f"{g} {v:+.3f}" for g, v in p["per_case"]["by_group"].items())
+                      + ". Worst-group difference per seed pair: "
+                      + ", ".join(f"{v:+.3f}" for v in p["per_seed_worst_group_delta"]) + "."]
+        lines.append("")
+    for key, s in summary["shipped"].items():
+        if key not in summary["by_method"]:
+            groups = list(s["groups"])
+            lines += [f"### shipped {s['dataset']} dMoE model, {s['test']} ({s['n']} cases)", "",
+                      "| Dice | " + " | ".join(f"{g} Dice" for g in groups) + " | worst-group Dice | ES-Dice |",
+                      "|---|" + "---|" * len(groups) + "---|---|",
+                      f"| {s['dice']:.3f} | " + " | ".join(f"{s['groups'][g]:.3f}" for g in groups)
+                      + f" | {s['worst_group_dice']:.3f} ({s['worst_group']}) | {s['es_dice']:.3f} |", ""]
+    return "\n".join(lines)
+
+
+def plot(summary: dict, path: Path) -> Path:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    keys = list(summary["by_method"])
+    fig = Figure(figsize=(4.6 * max(len(keys), 1), 3.6), dpi=100)
+    FigureCanvasAgg(fig)
+    axes = np.atleast_1d(fig.subplots(1, max(len(keys), 1)))
+    colours = {"baseline": "#888888", "febs": "#4c9be8", "moe": "#f0a030", "dmoe": "#d0413e"}
+    for ax, key in zip(axes, keys):
+        runs = [r for r in summary["runs"] if f"{r['dataset']}/{r['test']}" == key]
+        methods = list(summary["by_method"][key])
+        groups = list(runs[0]["groups"])
+        width = 0.8 / len(methods)
+        for j, m in enumerate(methods):
+            x = np.arange(len(groups)) + (j - (len(methods) - 1) / 2) * width
+            agg = summary["by_method"][key][m]["groups"]
+            ax.bar(x, [agg[g]["mean"] for g in groups], width, color=colours.get(m, "k"), alpha=0.6, label=m)
+            for r in (r for r in runs if r["method"] == m):  # one dot per seed
+                ax.plot(x, [r["groups"][g] for g in groups], "o", color="k", ms=2.5)
+        shipped = summary["shipped"].get(key)
+        if shipped:
+            ax.plot(np.arange(len(groups)), [shipped["groups"][g] for g in groups], "*", color="#d0413e", ms=9,
+                    label="shipped dmoe")
+        ax.set_xticks(np.arange(len(groups)), groups)
+        lo = min(min(r["groups"].values()) for r in runs)
+        ax.set_ylim(max(0.0, lo - 0.1), 1.0)
+        ax.set_title(key.replace("/", ", "), fontsize=9)
+        ax.set_ylabel("per-group Dice (bars: seed mean, dots: seeds)")
+    axes[0].legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path)
+    return path
+
+
+def _steps(runs: Path) -> dict:
+    out = {}
+    for events in runs.glob("*-s*.events.jsonl"):
+        first = json.loads(events.read_text().splitlines()[0])
+        out.setdefault(events.name.split("-")[0], set()).add(first.get("total_steps"))
+    return {k: "/".join(str(s) for s in sorted(v)) for k, v in out.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--runs", type=Path, default=ROOT / "runs" / "seeds")
+    p.add_argument("--out", type=Path, default=ROOT / "sample_data" / "results" / "seeds")
+    args = p.parse_args(argv)
+    from napari_dmoe.io.files import atomic_write, atomic_write_text
+
+    data = load(args.runs / "reports")
+    if not data:
+        raise SystemExit(f"no reports under {args.runs / 'reports'}: run sample_data/seed_study.py first")
+    summary = summarise(data)
+    steps = _steps(args.runs)
+    summary["steps"] = steps
+    args.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(args.out / "summary.json", json.dumps(summary, indent=1))
+    text = markdown(summary, steps)
+    atomic_write_text(args.out / "seed_study.md", text)
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["test", "dataset", "method", "seed", "n", "dice", "worst_group", "worst_group_dice", "es_dice",
+                "group_dice"])
+    for r in summary["runs"] + list(summary["shipped"].values()):
+        w.writerow([r["test"], r["dataset"], r["method"], r["seed"], r["n"], f"{r['dice']:.4f}", r["worst_group"],
+                    f"{r['worst_group_dice']:.4f}", f"{r['es_dice']:.4f}",
+                    " ".join(f"{g}={v:.4f}" for g, v in r["groups"].items())])
+    atomic_write_text(args.out / "runs.csv", buf.getvalue())
+    cases = io.StringIO()
+    cw = csv.writer(cases)
+    cw.writerow(["test", "dataset", "method", "seed", "id", "group", "mean_dice"])
+    for (test, dataset, method, seed), (ids, groups, dice, _) in sorted(data.items(), key=str):
+        for i, g, d in zip(ids, groups, dice.mean(axis=1)):
+            cw.writerow([test, dataset, method, seed, i, g, f"{d:.4f}"])
+    atomic_write(args.out / "cases.csv.gz", lambda tmp: tmp.write_bytes(gzip.compress(cases.getvalue().encode(), mtime=0)))
+    if summary["by_method"]:
+        plot(summary, args.out / "seeds.png")
+    print(text)
+    parts = ["bench=seed_study"]
+    for key, pr in summary["paired"].items():
+        tag = key.replace("/", "_").replace("-", "_")
+        parts += [f"{tag}_seeds={len(pr['seeds_used'])}",
+                  *(f"{tag}_delta_{k}={pr[f'delta_{k}']['value']:.4f} {tag}_delta_{k}_lo={pr[f'delta_{k}']['ci95'][0]:.4f} "
+                    f"{tag}_delta_{k}_hi={pr[f'delta_{k}']['ci95'][1]:.4f}" for k in ("dice", "worst_group_dice", "es_dice"))]
+    print(" ".join(parts))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
