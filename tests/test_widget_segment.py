@@ -47,9 +47,9 @@ def test_segment_adds_aligned_layers_with_provenance(make_napari_viewer, qtbot, 
     widget.devices.combo.setCurrentIndex(widget.devices.combo.findData("cpu"))
     run_and_wait(qtbot, widget)
 
-    mask = viewer.layers["scan mask [race=Black]"]
-    experts = viewer.layers["scan experts [race=Black]"]
-    dominant = viewer.layers["scan dominant expert [race=Black]"]
+    mask = viewer.layers["mask [race=Black] scan"]
+    experts = viewer.layers["experts [race=Black] scan"]
+    dominant = viewer.layers["dominant expert [race=Black] scan"]
     assert mask.data.shape == image.data.shape == dominant.data.shape
     for layer in (mask, dominant):
         np.testing.assert_allclose(layer.scale, image.scale)
@@ -85,15 +85,15 @@ def test_rerun_replaces_same_attribute_and_adds_new_one(make_napari_viewer, qtbo
     widget = dock(viewer, model_path)
     widget.attributes.set_value("race", "Asian")
     run_and_wait(qtbot, widget)
-    first = viewer.layers["scan mask [race=Asian]"]
+    first = viewer.layers["mask [race=Asian] scan"]
     n_layers = len(viewer.layers)
     run_and_wait(qtbot, widget)
     assert len(viewer.layers) == n_layers
-    assert viewer.layers["scan mask [race=Asian]"] is not first  # replaced, not piled up
+    assert viewer.layers["mask [race=Asian] scan"] is not first  # replaced, not piled up
     widget.attributes.set_value("race", "White")
     run_and_wait(qtbot, widget)
     assert len(viewer.layers) == n_layers + 3
-    white, asian = viewer.layers["scan mask [race=White]"].data, viewer.layers["scan mask [race=Asian]"].data
+    white, asian = viewer.layers["mask [race=White] scan"].data, viewer.layers["mask [race=Asian] scan"].data
     assert np.count_nonzero(white != asian) > 0  # the attribute changes the mask of this model
 
 
@@ -108,11 +108,11 @@ def test_results_land_on_the_layer_selected_at_launch(make_napari_viewer, qtbot,
     viewer.layers.selection.active = b
     qtbot.waitUntil(lambda: widget.worker is None, timeout=20000)
     masks = results(viewer)
-    assert [m.name for m in masks] == ["A mask [race=unknown]"]
+    assert [m.name for m in masks] == ["mask [race=unknown] A"]
     assert masks[0].data.shape == a.data.shape
     np.testing.assert_allclose(masks[0].scale, a.scale)
     np.testing.assert_allclose(masks[0].translate, a.translate)
-    assert masks[0].metadata["dmoe"]["attribute_used"].startswith("unknown")
+    assert masks[0].metadata["dmoe"]["attribute_used"]["race"].startswith("unknown")
 
 
 def test_removed_launch_layer_is_reported_not_crashed(make_napari_viewer, qtbot, model_path, notifications):
@@ -146,7 +146,8 @@ def test_cancel_stops_the_worker(make_napari_viewer, qtbot, model_path):
     infer = [s for s in steps if s.text.endswith("infer")]
     assert infer and infer[-1].done < infer[-1].total == 60
     assert results(viewer) == []
-    assert widget.status.text() == "Cancelled." and widget.run_button.text() == "Segment"
+    # a 2D model on a stack of slices does not fit: the banner says so and the button reads "Segment anyway"
+    assert widget.status.text() == "Cancelled." and widget.run_button.text() == "Segment anyway"
 
 
 def test_bad_model_files_show_errors_and_the_viewer_survives(make_napari_viewer, qtbot, tmp_path, notifications):

@@ -24,6 +24,8 @@ from qtpy.QtWidgets import (
 )
 from superqt import QCollapsible
 
+from napari_dmoe.inference.patient import FROM_DICOM, FROM_SAMPLE, FROM_USER, NOT_KNOWN  # light: no torch
+
 UNKNOWN = "unknown"
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
@@ -87,22 +89,30 @@ class ModelPicker(QWidget):
 
 
 class DevicePicker(QWidget):
-    """auto / cpu / cuda / mps; devices this machine cannot use are greyed out and the reason is shown."""
+    """auto / cpu / cuda / mps, with cuda:0, cuda:1, ... when there are several GPUs. Devices this machine cannot
+    use are greyed out (the reason in their tooltip) and one plain sentence says when there is no GPU at all."""
+
+    NO_GPU = "No GPU found: segmentation runs on the CPU, which is slower."
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
+        import torch
+
         from napari_dmoe.devices import cuda_problem, mps_problem
 
         self.combo = QComboBox()
         self.reason = QLabel()
         self.reason.setWordWrap(True)
         problems = {"auto": None, "cpu": None, "cuda": cuda_problem(), "mps": mps_problem()}
-        for name in DEVICES:
-            self.combo.addItem(name if problems[name] is None else f"{name} (unavailable)", name)
-            item = self.combo.model().item(self.combo.count() - 1)
-            if problems[name]:
+        n_gpus = torch.cuda.device_count() if problems["cuda"] is None else 0
+        cuda = [f"cuda:{i}" for i in range(n_gpus)] if n_gpus > 1 else ["cuda"]
+        for name in ("auto", "cpu", *cuda, "mps"):
+            problem = problems[name.split(":")[0]]
+            self.combo.addItem(name if problem is None else f"{name} (unavailable)", name)
+            if problem:
+                item = self.combo.model().item(self.combo.count() - 1)
                 item.setEnabled(False)
-                item.setToolTip(problems[name])
+                item.setToolTip(problem)
         self.problems = problems
         layout = QFormLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
@@ -114,49 +124,91 @@ class DevicePicker(QWidget):
     def device(self) -> str:
         return self.combo.currentData()
 
+    def set_device(self, name: str) -> None:
+        """Select ``name`` when this machine can use it (a saved "cuda:1" on a one-GPU machine is ignored)."""
+        index = self.combo.findData(name)
+        if index >= 0 and self.combo.model().item(index).isEnabled():
+            self.combo.setCurrentIndex(index)
+
     def _explain(self) -> None:
-        gpu = [f"{n}: {p}" for n, p in self.problems.items() if p]
-        text = "GPU unavailable: " + "; ".join(gpu) if len(gpu) == 2 else ""
-        self.reason.setText(text)
-        self.reason.setVisible(bool(text))
+        no_gpu = bool(self.problems["cuda"] and self.problems["mps"])
+        self.reason.setText(self.NO_GPU if no_gpu else "")
+        self.reason.setToolTip("; ".join(f"{n}: {p}" for n, p in self.problems.items() if p))
+        self.reason.setVisible(no_gpu)
 
 
 class AttributeForm(QWidget):
-    """One dropdown per attribute the model is conditioned on: its vocabulary plus "unknown"."""
+    """One dropdown per attribute the model is conditioned on (its vocabulary plus "unknown"), and beside it where
+    the value came from: the sample, the DICOM header, the user, or nobody ("not known")."""
+
+    changed = Signal()
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.form = QFormLayout(self)
         self.form.setContentsMargins(0, 0, 0, 0)
         self.combos: dict[str, QComboBox] = {}
+        self.sources: dict[str, QLabel] = {}
 
-    def set_spec(self, spec: Any | None, preselect: Mapping[str, str] | None = None) -> None:
+    def set_spec(self, spec: Any | None, found: Mapping[str, Any] | None = None) -> None:
+        """Rows for ``spec``'s attributes; ``found``: name -> (value, source) the image gives (or name -> value)."""
         while self.form.rowCount():
             self.form.removeRow(0)
-        self.combos = {}
+        self.combos, self.sources = {}, {}
         if spec is None:
             return
         used = spec.routing == "dmoe"
         for attr in spec.attributes:
             combo = QComboBox()
             combo.addItems([*attr.values, UNKNOWN])
-            value = (preselect or {}).get(attr.name)
-            combo.setCurrentIndex(attr.values.index(value) if value in attr.values else len(attr.values))
             combo.setEnabled(used)
             combo.setToolTip("Patient attribute: picks the router of the experts ('unknown' averages all routers)"
                              if used else f"this model ({spec.routing}) does not use the attribute")
-            self.form.addRow(attr.name, combo)
-            self.combos[attr.name] = combo
+            source = QLabel()
+            row = QHBoxLayout()
+            row.addWidget(combo, 1)
+            row.addWidget(source)
+            self.form.addRow(attr.name, row)
+            self.combos[attr.name], self.sources[attr.name] = combo, source
+            combo.activated.connect(lambda _, name=attr.name: self._set_source(name, FROM_USER))
+        self.apply(found or {})
+
+    def apply(self, found: Mapping[str, Any]) -> None:
+        """Show the image's values (name -> (value, source)); every other attribute goes back to "unknown", so a
+        value chosen for the previous image is never carried over to this one."""
+        for name, combo in self.combos.items():
+            value, source = found.get(name, (UNKNOWN, NOT_KNOWN))
+            if isinstance(found.get(name), str):
+                value, source = found[name], FROM_SAMPLE
+            index = combo.findText(str(value))
+            combo.setCurrentIndex(index if index >= 0 else combo.count() - 1)
+            self._set_source(name, source if index >= 0 else NOT_KNOWN)
+
+    def _set_source(self, name: str, source: str) -> None:
+        label = self.sources[name]
+        unknown = self.combos[name].currentText() == UNKNOWN
+        text = "not known: choose" if unknown and source != FROM_USER else source
+        label.setText(text)
+        label.setProperty("source", source)
+        label.setStyleSheet("color: #f0a030; font-weight: bold;" if unknown else "color: palette(mid);")
+        label.setToolTip({FROM_SAMPLE: "read from the sample's metadata", FROM_DICOM: "read from the DICOM header",
+                          FROM_USER: "chosen by you for this image"}.get(
+            source, "the image does not say; choose a value, or leave 'unknown' to average all routers"))
+        self.changed.emit()
+
+    def source(self, name: str) -> str:
+        return str(self.sources[name].property("source"))
 
     def values(self) -> dict[str, str]:
         return {name: combo.currentText() for name, combo in self.combos.items()}
 
-    def set_value(self, name: str, value: str) -> None:
+    def set_value(self, name: str, value: str, source: str = FROM_USER) -> None:
         combo = self.combos[name]
         index = combo.findText(value)
         if index < 0:
             raise OptionError(f"{name}={value!r} is not in this model's vocabulary")
         combo.setCurrentIndex(index)
+        self._set_source(name, source)
 
 
 class AdvancedOptions(QCollapsible):
@@ -168,7 +220,8 @@ class AdvancedOptions(QCollapsible):
         form = QFormLayout(body)
         self.roi = QLineEdit()
         self.roi.setPlaceholderText("model default")
-        self.roi.setToolTip("Sliding-window size in pixels/voxels, e.g. 96,96,96 (3D) or 224,224 (2D)")
+        self.roi.setToolTip("Tiling: sliding-window size in pixels/voxels, e.g. 96,96,96 (3D) or 224,224 (2D); "
+                            "smaller windows need less memory (try it after an out-of-memory error)")
         self.overlap = QDoubleSpinBox()
         self.overlap.setRange(0.0, 0.9)
         self.overlap.setSingleStep(0.05)
@@ -176,7 +229,8 @@ class AdvancedOptions(QCollapsible):
         self.batch = QSpinBox()
         self.batch.setRange(1, 64)
         self.batch.setValue(4)
-        self.batch.setToolTip("Windows per forward pass; halved automatically on GPU out-of-memory")
+        self.batch.setToolTip("Tiling: windows per forward pass; lower it after an out-of-memory error (it is also "
+                              "halved automatically on GPU out-of-memory)")
         self.amp = QCheckBox("mixed precision on CUDA")
         self.amp.setChecked(True)
         self.maps = QCheckBox("compute expert heatmaps")
@@ -184,6 +238,9 @@ class AdvancedOptions(QCollapsible):
         self.position = QComboBox()
         self.position.setToolTip("Which dMoE position the heatmaps and dominant expert show")
         self.set_positions([])
+        tiling = QLabel("Tiling (lower both if the GPU or memory runs out)")
+        tiling.setWordWrap(True)
+        form.addRow(tiling)
         form.addRow("window size", self.roi)
         form.addRow("overlap", self.overlap)
         form.addRow("window batch", self.batch)
@@ -191,6 +248,13 @@ class AdvancedOptions(QCollapsible):
         form.addRow(self.maps)
         form.addRow("routing position", self.position)
         self.addWidget(body)
+
+    def persist(self, group: str) -> None:
+        """Keep these options between napari sessions (QSettings, see ``settings``)."""
+        from napari_dmoe.plugin.widgets import settings
+
+        settings.persist(group, {"window_size": self.roi, "overlap": self.overlap, "window_batch": self.batch,
+                                 "amp": self.amp, "maps": self.maps})
 
     def set_positions(self, positions: list[str]) -> None:
         current = self.position.currentText()

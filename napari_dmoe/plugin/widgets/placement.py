@@ -16,15 +16,6 @@ from napari_dmoe.plugin.widgets.results import (
 )
 
 
-def label_expert_axis(viewer: Any, n_spatial: int) -> None:
-    """Name the heatmaps' leading axis "expert" (and z, y, x after it), so the sliders do not read napari's
-    default "-4", "-3". Only when there is exactly one axis before the image's and no axis has been named yet
-    (napari's default labels are numbers)."""
-    labels = list(viewer.dims.axis_labels)
-    if len(labels) == n_spatial + 1 and all(label.lstrip("-").isdigit() for label in labels):
-        viewer.dims.axis_labels = ["expert", *("z", "y", "x")[-n_spatial:]]
-
-
 def replace_layers(viewer: Any, layers: list) -> list[tuple[str, str]]:
     """Add result layers; a result layer of the same name (same image and attribute) is replaced, unless the
     user edited its data since we made it: that one is renamed "<name> (edited)" and kept.

@@ -1,8 +1,9 @@
 """Turn a Segmentation into napari layer data tuples, aligned with the source layer and carrying provenance.
 
 No Qt and no torch: plain numpy and dicts, so the layer contents are testable without a viewer.
-Layer names are deterministic ("<image> mask [race=Black]"), which lets a re-run replace the layers of the
-same image and attribute instead of piling up (see ``placement.replace_layers``). A result the user
+Layer names are deterministic and lead with what the layer is ("mask [race=Black] <image>"), so the layers of one
+run are told apart in a narrow layer list, and a re-run replaces the layers of the same image and attribute
+instead of piling up (see ``placement.replace_layers``). A result the user
 edited must never be replaced: editable layers carry a digest of the data we made (``data_digest``), and a layer
 whose data no longer matches it is kept under another name (``is_edited``, ``edited_name``).
 """
@@ -15,6 +16,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from napari_dmoe.inference.sweep import expert_usage
+from napari_dmoe.model.spec import attribute_text
 
 RESULT_KEY = "dmoe"  # layer.metadata[RESULT_KEY] holds the provenance of every layer we make
 KINDS = ("mask", "experts", "dominant")
@@ -36,14 +38,24 @@ class SourceInfo:
     rgb: bool = False
 
 
-def attribute_tag(request: Mapping[str, str]) -> str:
-    """``{"race": "Black"}`` -> ``"race=Black"`` (several attributes joined by ", ")."""
-    return ", ".join(f"{k}={v}" for k, v in request.items())
-
-
 def layer_name(source: str, kind: str, tag: str) -> str:
     label = {"mask": "mask", "experts": "experts", "dominant": "dominant expert"}[kind]
-    return f"{source} {label} [{tag}]"
+    return f"{label} [{tag}] {source}"
+
+
+def axis_labels(n_spatial: int, expert_axis: bool = False) -> tuple[str, ...]:
+    """Slider names of a result layer: ("z", "y", "x") or ("y", "x"), led by "expert" for the heatmap stack; set
+    on each layer, so napari names the viewer's sliders right whatever was run before."""
+    return (("expert",) if expert_axis else ()) + ("z", "y", "x")[-n_spatial:]
+
+
+def heat_colormap() -> Any:
+    """Gate weight 0 -> transparent, 1 -> opaque yellow through orange-red: the image shows through where an
+    expert does no work, and the heatmap reads on a grey CT (an additive dark colormap washes out there)."""
+    from napari.utils.colormaps import Colormap
+
+    colors = [[0.0, 0.0, 0.0, 0.0], [0.55, 0.05, 0.45, 0.45], [0.95, 0.35, 0.1, 0.8], [1.0, 0.95, 0.3, 0.95]]
+    return Colormap(colors, name="dmoe gate weight", display_name="gate weight")
 
 
 def spec_summary(spec: Any) -> dict[str, Any]:
@@ -116,7 +128,7 @@ def result_layers(seg: Any, spec: Any, model_path: str, source: SourceInfo, requ
     The heatmaps are one stacked Image layer ``[experts, *grid]`` (first axis = expert) instead of E layers,
     so the layer list stays short; the dominant-expert labels hold expert index + 1 (0 stays transparent).
     """
-    tag = attribute_tag(request)
+    tag = attribute_text(request)
     notes: list[str] = []
     position, heat, dominant = _routing_for(seg, position, notes)
     prov = provenance(seg, spec, model_path, source, request, position)
@@ -132,6 +144,7 @@ def result_layers(seg: Any, spec: Any, model_path: str, source: SourceInfo, requ
     layers: list[LayerDataTuple] = [(
         seg.labels,
         {"name": layer_name(source.name, "mask", tag), **geometry, "opacity": 0.5, "metadata": meta("mask"),
+         "axis_labels": axis_labels(len(source.scale)),
          "features": {"index": list(range(len(classes))), "class": classes}},
         "labels",
     )]
@@ -141,14 +154,16 @@ def result_layers(seg: Any, spec: Any, model_path: str, source: SourceInfo, requ
         layers.append((
             heat,
             {"name": layer_name(source.name, "experts", tag), "scale": (1.0,) * extra + tuple(source.scale),
-             "translate": (0.0,) * extra + tuple(source.translate), "visible": False, "colormap": "inferno",
-             "contrast_limits": (0.0, 1.0), "blending": "additive", "metadata": meta("experts")},
+             "translate": (0.0,) * extra + tuple(source.translate), "visible": False, "colormap": heat_colormap(),
+             "contrast_limits": (0.0, 1.0), "blending": "translucent", "metadata": meta("experts"),
+             "axis_labels": axis_labels(len(source.scale), expert_axis=True)},
             "image",
         ))
         names = ["none"] + [f"expert {e}" for e in range(n_experts)]
         layers.append((
             (dominant.astype(np.uint16) + 1).astype(np.uint8 if n_experts < 255 else np.uint16),
             {"name": layer_name(source.name, "dominant", tag), **geometry, "visible": False, "opacity": 0.6,
+             "axis_labels": axis_labels(len(source.scale)),
              "metadata": meta("dominant"), "features": {"index": list(range(n_experts + 1)), "expert": names}},
             "labels",
         ))

@@ -1,7 +1,7 @@
 """Save a result mask the way a clinician expects, without knowing napari's writer menu: DICOM SEG next to a
 DICOM series, NIfTI in the source geometry next to a NIfTI file, PNG for a 2D image, NIfTI for other volumes.
 
-No Qt: the Segment widget asks for the path; this module picks the default and writes through the same code as
+Qt only in ``save_dialog`` (the file dialog); the rest picks the default and writes through the same code as
 napari's File > Save (``napari_dmoe.plugin.writer``), so both give the same file.
 """
 from __future__ import annotations
@@ -49,3 +49,30 @@ def save(layer: Any, path: str | Path) -> Path:
     attributes = {"metadata": layer.metadata, "scale": tuple(layer.scale), "translate": tuple(layer.translate)}
     [written] = write_labels_layer(str(path), layer.data, attributes)
     return Path(written)
+
+
+def save_dialog(parent: Any, viewer: Any, path: str | Path | None = None) -> Path | None:
+    """Save the selected result mask (else the newest one) to ``path``, asked with a dialog when None, in the
+    source's own format by default; returns the path written, or None when cancelled or refused (with a message)."""
+    from napari.utils.notifications import show_error, show_info
+
+    selected = viewer.layers.selection.active
+    masks = [layer for layer in viewer.layers if is_mask(layer)]
+    layer = selected if selected is not None and is_mask(selected) else (masks[-1] if masks else None)
+    if layer is None:
+        show_error("No mask to save: segment an image first")
+        return None
+    if path is None:
+        from qtpy.QtWidgets import QFileDialog
+
+        filters = ";;".join([FILTERS[default_suffix(layer)], *(f for s, f in FILTERS.items() if s != default_suffix(layer))])
+        path, _ = QFileDialog.getSaveFileName(parent, f"Save {layer.name}", str(default_path(layer)), filters)
+        if not path:
+            return None
+    try:
+        written = save(layer, path)
+    except (ValueError, OSError) as err:  # ImageWriteError is a ValueError: bad format for this source
+        show_error(f"Mask not saved: {err}")
+        return None
+    show_info(f"Saved '{layer.name}' to {written}")
+    return written

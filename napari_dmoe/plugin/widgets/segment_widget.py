@@ -3,12 +3,17 @@
 GUI (controls.py) / jobs (jobs.py, no Qt) / layers (results.py, no Qt). Inference runs in a napari generator
 worker off the GUI thread; its ``Step`` yields drive a napari progress bar and ``worker.quit()`` cancels
 between two window batches. The target image is captured at launch, so results land on it even if the
-user selects another layer meanwhile. Re-running with the same image and attribute replaces the earlier
+user selects another layer meanwhile. Before a run, the image is checked against what the model was trained on
+(``inference.fit``): a mismatch is a red banner and the button reads "Segment anyway". Attribute values come from
+the image (sample metadata, DICOM header) or the user, each labelled with its source; a new image never inherits
+the previous image's values. Re-running with the same image and attribute replaces the earlier
 result layers (names are deterministic), so the layer list does not pile up; a mask the user edited is never
 replaced: it is kept as "<name> (edited)" and the new result added beside it.
 """
 from __future__ import annotations
 
+import logging
+import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -16,42 +21,32 @@ from napari.layers import Image
 from napari.qt.threading import create_worker
 from napari.utils import progress
 from napari.utils.notifications import show_error, show_info, show_warning
-from qtpy.QtCore import Qt
-from qtpy.QtWidgets import (
-    QAbstractItemView,
-    QComboBox,
-    QFileDialog,
-    QFormLayout,
-    QHBoxLayout,
-    QLabel,
-    QPushButton,
-    QTableWidget,
-    QTableWidgetItem,
-    QVBoxLayout,
-    QWidget,
-)
+from qtpy.QtWidgets import QComboBox, QFormLayout, QHBoxLayout, QLabel, QPushButton, QVBoxLayout, QWidget
 from superqt import QCollapsible
 
 from napari_dmoe.plugin.widgets.controls import (
-    UNKNOWN,
+    FROM_USER,
     AdvancedOptions,
     AttributeForm,
     DevicePicker,
     ModelPicker,
     OptionError,
 )
+from napari_dmoe.plugin.widgets import settings
 from napari_dmoe.plugin.widgets.remote import RemoteOption
 from napari_dmoe.plugin.widgets.jobs import JobResult, ModelCache, SegmentRequest, Step, advance, run_sweep
-from napari_dmoe.plugin.widgets.placement import label_expert_axis, replace_layers
+from napari_dmoe.plugin.widgets.panels import ExpertView, FitBanner, RunProgress, SweepTable, run_summary
+from napari_dmoe.plugin.widgets.placement import replace_layers
 from napari_dmoe.plugin.widgets.results import RESULT_KEY, SourceInfo, is_result, result_layers
 from napari_dmoe.io.images import layer_spacing
 from napari_dmoe.model.registry import routing_positions
+from napari_dmoe.model.spec import attribute_text
 
 if TYPE_CHECKING:
     import napari
 
-RUN, CANCEL, CANCELLING = "Segment", "Cancel", "Cancelling..."
-SWEEP_COLUMNS = ("A", "B", "Dice", "changed px", "changed %")
+log = logging.getLogger(__name__)
+RUN, RUN_ANYWAY, CANCEL, CANCELLING = "Segment", "Segment anyway", "Cancel", "Cancelling..."
 
 
 class SegmentWidget(QWidget):
@@ -66,9 +61,14 @@ class SegmentWidget(QWidget):
         self.worker: Any = None
         self._pbar: progress | None = None
         self._cache = ModelCache()
+        self._user_values: Any = weakref.WeakKeyDictionary()  # image layer -> attribute values the user chose
+        self._shown_layer: Any = None
         self._build()
         self.viewer.layers.events.inserted.connect(self._refresh_images)
         self.viewer.layers.events.removed.connect(self._refresh_images)
+        saved = settings.read("segment/model", "")
+        if saved and Path(saved).is_file():
+            self.models.refresh(select=saved)
         self._refresh_images()
         self._on_model_changed(self.models.path())
 
@@ -88,12 +88,14 @@ class SegmentWidget(QWidget):
         self.status = QLabel()
         self.status.setWordWrap(True)
         self.save_button = QPushButton("Save mask...")
-        self.save_button.setToolTip("Save the selected mask (or the last one made): DICOM SEG for a DICOM series, "
-                                    "NIfTI in the source geometry for NIfTI, PNG for a 2D image")
-        self.sweep_table = QTableWidget(0, len(SWEEP_COLUMNS))
-        self.sweep_table.setHorizontalHeaderLabels(SWEEP_COLUMNS)
-        self.sweep_table.setEditTriggers(QAbstractItemView.NoEditTriggers)
-        self.sweep_table.setSortingEnabled(True)
+        self._save_tip = ("Save the selected mask (or the last one made): DICOM SEG for a DICOM series, "
+                          "NIfTI in the source geometry for NIfTI, PNG for a 2D image")
+        self.save_button.setEnabled(False)  # until there is a mask
+        self.sweep_panel = SweepTable()
+        self.sweep_table = self.sweep_panel.table
+        self.fit_banner = FitBanner()
+        self.progress_panel = RunProgress()
+        self.experts = ExpertView(self.viewer)
 
         self.remote = RemoteOption()  # "run on": this computer, or a dmoe serve server (remote.py)
         form = QFormLayout()
@@ -101,6 +103,7 @@ class SegmentWidget(QWidget):
         form.addRow("model", self.models)
         form.addRow(self.model_info)
         form.addRow("image", self.images)
+        form.addRow(self.fit_banner)
         form.addRow(self.attributes)
         form.addRow("device", self.devices)
         sweep = QCollapsible("Attribute sweep")
@@ -111,14 +114,16 @@ class SegmentWidget(QWidget):
         row.addWidget(self.sweep_attribute, 1)
         row.addWidget(self.sweep_button)
         sweep_layout.addLayout(row)
-        sweep_layout.addWidget(self.sweep_table)
+        sweep_layout.addWidget(self.sweep_panel)
         sweep.addWidget(body)
         sweep.expand(animate=False)
         layout = QVBoxLayout(self)
         layout.addLayout(form)
         layout.addWidget(self.advanced)
         layout.addWidget(self.run_button)
+        layout.addWidget(self.progress_panel)
         layout.addWidget(self.status)
+        layout.addWidget(self.experts)
         layout.addWidget(self.save_button)
         layout.addWidget(sweep)
         layout.addStretch(1)
@@ -126,6 +131,12 @@ class SegmentWidget(QWidget):
         self.models.changed.connect(self._on_model_changed)
         self.remote.changed.connect(lambda: self._on_model_changed(self.models.path()))
         self.images.currentIndexChanged.connect(self._on_image_changed)
+        self.attributes.changed.connect(self._on_attribute_changed)
+        self.sweep_attribute.currentIndexChanged.connect(lambda _: self.sweep_panel.clear())
+        self.devices.set_device(settings.read("segment/device", "auto"))
+        self.devices.combo.currentIndexChanged.connect(lambda _: settings.write("segment/device",
+                                                                                self.devices.device()))
+        self.advanced.persist("segment/advanced")
         self.run_button.clicked.connect(self._on_run_clicked)
         self.sweep_button.clicked.connect(self.sweep)
         self.save_button.clicked.connect(lambda: self.save_mask())
@@ -142,8 +153,12 @@ class SegmentWidget(QWidget):
                 show_error(f"Cannot use this model: {err}")
                 self.status.setText(f"Model not usable: {err}")
         spec = self.spec
-        self.attributes.set_spec(spec, self._layer_attributes())
+        if spec is not None and not self.remote.remote:
+            settings.write("segment/model", path)
+        self.attributes.set_spec(spec, self._found_attributes(self.selected_image()))
         self.advanced.set_positions(routing_positions(spec) if spec else [])
+        self.sweep_panel.clear()
+        self._check_fit()
         self.sweep_attribute.clear()
         if spec is not None:
             self.sweep_attribute.addItems([a.name for a in spec.attributes])
@@ -171,12 +186,55 @@ class SegmentWidget(QWidget):
         self._on_image_changed()
 
     def _on_image_changed(self, *_: Any) -> None:
-        attrs = self._layer_attributes()
-        self._match_model(attrs)
-        for name, value in attrs.items():
-            if name in self.attributes.combos and self.attributes.combos[name].findText(str(value)) >= 0:
-                self.attributes.set_value(name, str(value))
+        layer = self.selected_image()
+        self._match_model(self._layer_attributes())
+        if layer is not self._shown_layer:  # values, fit and sweep rows belong to one image
+            self._shown_layer = layer
+            self.attributes.apply(self._found_attributes(layer))
+            self.sweep_panel.clear()
+            self._check_fit()
+        self._update_save()
         self._set_running(self.worker is not None)
+
+    def _found_attributes(self, layer: Any) -> dict[str, tuple[str, str]]:
+        """name -> (value, source) for ``layer``: what the image says, then what the user chose for it."""
+        if layer is None or self.spec is None:
+            return {}
+        from napari_dmoe.inference.patient import image_attributes
+
+        found = image_attributes(self.spec, layer.metadata)
+        found.update({k: (v, FROM_USER) for k, v in self._user_values.get(layer, {}).items()})
+        return found
+
+    def _on_attribute_changed(self) -> None:
+        layer = self.selected_image()
+        if layer is not None:
+            chosen = {n: v for n, v in self.attributes.values().items() if self.attributes.source(n) == FROM_USER}
+            self._user_values[layer] = chosen
+        self.sweep_panel.clear()
+
+    def _check_fit(self) -> None:
+        """Show how the selected image differs from what the model was trained on (a banner; nothing if it fits)."""
+        layer, findings = self.selected_image(), []
+        if layer is not None and self.spec is not None:
+            from napari_dmoe.inference.fit import check_fit, image_modality
+
+            data = layer.data[0] if layer.multiscale else layer.data
+            spacing = None if layer.rgb else layer_spacing(layer.scale, layer.metadata)
+            try:
+                findings = check_fit(self.spec, data, spacing, rgb=bool(layer.rgb),
+                                     modality=image_modality(layer.metadata))
+            except Exception:  # an odd layer must not break the widget; the engine's own checks still run
+                log.exception("fit check failed")
+        self.fit_banner.show_findings(findings, f"the model '{Path(self.models.path()).stem}'")
+        self._set_running(self.worker is not None)
+
+    def _update_save(self, *_: Any) -> None:
+        from napari_dmoe.plugin.widgets.save_mask import is_mask
+
+        has_mask = any(is_mask(layer) for layer in self.viewer.layers)
+        self.save_button.setEnabled(has_mask)
+        self.save_button.setToolTip(self._save_tip if has_mask else "No mask yet: segment an image first")
 
     def _match_model(self, attrs: dict[str, str]) -> None:
         """If the image names attributes the chosen model lacks (e.g. a prostate sample with a fundus model),
@@ -265,6 +323,7 @@ class SegmentWidget(QWidget):
         worker.finished.connect(self._on_finished)
         self.worker = worker
         self._pbar = progress(total=0, desc=f"dMoE: {layer.name}")
+        self.progress_panel.start()
         self.status.setText(f"Segmenting {layer.name}...")
         self._set_running(True)
         worker.start()
@@ -272,11 +331,12 @@ class SegmentWidget(QWidget):
 
     def _set_running(self, running: bool) -> None:
         ready = self.spec is not None and self.images.count() > 0
-        self.run_button.setText(CANCEL if running else RUN)
+        self.run_button.setText(CANCEL if running else RUN_ANYWAY if self.fit_banner.findings else RUN)
         self.run_button.setEnabled(running or ready)
         self.sweep_button.setEnabled(not running and ready and self.spec.routing == "dmoe")
 
     def _on_step(self, step: Step) -> None:
+        self.progress_panel.step(step)
         advance(self._pbar, step)  # local read: progress events can run queued signals, even 'finished'
 
     def _on_finished(self) -> None:
@@ -284,6 +344,7 @@ class SegmentWidget(QWidget):
             self._pbar.close()
         self._pbar = None
         self.worker = None
+        self.progress_panel.finish()
         self._set_running(False)
 
     # -- results -------------------------------------------------------------------------------------------
@@ -298,16 +359,18 @@ class SegmentWidget(QWidget):
                          "the results were discarded.")
             self.status.setText("Image removed during the run: results discarded.")
             return
-        warnings: list[str] = []
+        warnings = [f.message for f in self.fit_banner.findings] if launch["layer"] is self.selected_image() else []
         kept: list[tuple[str, str]] = []
+        chosen = attribute_text(self.attributes.values())
         for tag, seg in result.segmentations.items():
             layers = result_layers(seg, result.model.spec, str(result.model.path), source, result.requests[tag],
                                    position=launch["position"], maps=launch["maps"] and not launch["sweep"])
+            if launch["sweep"] and tag != chosen:  # one mask of a sweep shows; the others wait, hidden
+                layers[0][1]["visible"] = False
             kept += replace_layers(self.viewer, layers)
             warnings += [w for w in layers[0][1]["metadata"][RESULT_KEY]["warnings"] if w not in warnings]
-        if any(kind == "image" for _, _, kind in layers):  # the heatmaps add a leading expert axis
-            label_expert_axis(self.viewer, len(source.scale))
-        text = _summary(result, warnings)
+        self.experts.show_run(layers)
+        text = run_summary(result, warnings, self.progress_panel.elapsed(), self.progress_panel.loading)
         if kept:
             text += "; kept your edited " + ", ".join(f"'{old}' as '{new}'" for old, new in kept)
             show_info("Your edits were kept: " + "; ".join(f"'{old}' is now '{new}'" for old, new in kept)
@@ -316,60 +379,23 @@ class SegmentWidget(QWidget):
         for w in warnings:
             show_warning(w)
         if launch["sweep"]:
-            self.show_sweep(result)
+            self.show_sweep(result, source.name)
 
     def save_mask(self, path: str | Path | None = None) -> Path | None:
         """Save the selected result mask (else the newest one) to ``path``, asked with a dialog when None, in the
         source's own format by default; returns the path written, or None when cancelled or refused."""
-        from napari_dmoe.plugin.widgets import save_mask as sm
+        from napari_dmoe.plugin.widgets.save_mask import save_dialog
 
-        selected = self.viewer.layers.selection.active
-        masks = [layer for layer in self.viewer.layers if sm.is_mask(layer)]
-        layer = selected if selected is not None and sm.is_mask(selected) else (masks[-1] if masks else None)
-        if layer is None:
-            show_error("No mask to save: segment an image first")
-            return None
-        if path is None:
-            default = sm.default_path(layer)
-            filters = ";;".join([sm.FILTERS[sm.default_suffix(layer)],
-                                 *(f for s, f in sm.FILTERS.items() if s != sm.default_suffix(layer))])
-            path, _ = QFileDialog.getSaveFileName(self, f"Save {layer.name}", str(default), filters)
-            if not path:
-                return None
-        try:
-            written = sm.save(layer, path)
-        except (ValueError, OSError) as err:  # ImageWriteError is a ValueError: bad format for this source
-            show_error(f"Mask not saved: {err}")
-            return None
-        self.status.setText(f"Saved '{layer.name}' to {written}")
-        show_info(f"Saved '{layer.name}' to {written}")
+        written = save_dialog(self, self.viewer, path)
+        if written is not None:
+            self.status.setText(f"Saved to {written}")
         return written
 
-    def show_sweep(self, result: JobResult) -> None:
-        """Fill the sweep table with pairwise Dice and changed pixels between the masks."""
+    def show_sweep(self, result: JobResult, source: str = "the image") -> None:
+        """Fill the sweep table with pairwise agreement (Dice, changed pixels) between the masks."""
         from napari_dmoe.inference.sweep import pairwise_agreement
 
         masks = {tag: seg.labels for tag, seg in result.segmentations.items()}
         table = pairwise_agreement(masks, n_classes=result.model.spec.n_classes)
-        self.sweep_table.setSortingEnabled(False)
-        self.sweep_table.setRowCount(0)
-        for a, b, dice, changed, percent in table.pairs():
-            row = self.sweep_table.rowCount()
-            self.sweep_table.insertRow(row)
-            for col, value in enumerate((a, b, dice, changed, percent)):
-                item = QTableWidgetItem()
-                # numbers as numbers (not text) so that sorting a column sorts by value
-                item.setData(Qt.DisplayRole, round(value, 3) if isinstance(value, float) else value)
-                self.sweep_table.setItem(row, col, item)
-        self.sweep_table.setSortingEnabled(True)
-
-
-def _summary(result: JobResult, warnings: list[str]) -> str:
-    seg = next(iter(result.segmentations.values()))
-    seconds = sum(seg.timings.values())
-    used = seg.attribute if isinstance(seg.attribute, str) else ", ".join(f"{k}={v}" for k, v in seg.attribute.items())
-    n = len(result.segmentations)
-    text = f"Done on {seg.device} in {seconds:.2f} s" + (f" per value ({n} values)" if n > 1 else f"; attribute {used}")
-    if UNKNOWN in used:
-        text += " (outputs of all routers averaged)"
-    return text + (f"; {len(warnings)} warning(s)" if warnings else "")
+        self.sweep_panel.fill(table.pairs(), f"Agreement of the masks of '{source}' over "
+                                             f"{self.sweep_attribute.currentText()}")
