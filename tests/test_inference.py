@@ -124,7 +124,7 @@ def test_unknown_attribute_averages_the_routers(model2d):
     image = rng_image(40, 44)
     per_value = [segment(model2d, image, race, device="cpu") for race in RACES]
     avg = segment(model2d, image, None, device="cpu")
-    assert avg.attribute == "unknown (averaged over all routers)"
+    assert avg.attribute == {"race": "unknown (averaged over 3 values)"}
     expected = np.mean([s.probabilities.astype(np.float32) for s in per_value], axis=0)
     assert np.abs(avg.probabilities.astype(np.float32) - expected).max() < 3e-3
     expected_mean = np.mean([s.routing["mean"].astype(np.float32) for s in per_value], axis=0)
@@ -215,10 +215,10 @@ def test_cuda_when_unavailable_is_a_clear_error(model2d):
 def test_baseline_and_plain_moe_models():
     base = tiny("transunet2d-tiny", routing="none")
     seg = segment(base, rng_image(20, 20), None, device="cpu")
-    assert seg.routing == {} and seg.dominant_expert is None and "not used" in seg.attribute
+    assert seg.routing == {} and seg.dominant_expert is None and seg.attribute["race"].startswith("not used")
     moe = tiny("transunet2d-tiny", routing="moe")
     seg = segment(moe, rng_image(20, 20), "Black", device="cpu")
-    assert "mean" in seg.routing and "plain MoE" in seg.attribute
+    assert "mean" in seg.routing and "plain MoE" in seg.attribute["race"]
 
 
 class _OOMOnBigBatches(torch.nn.Module):

@@ -280,6 +280,6 @@ def test_inference_uses_the_router_fallback():
 
     spec = make_spec("transunet2d-tiny", "race", ["A", "B", "C"], ["bg", "fg"])
     spec.provenance = {"router_fallback": fallback_table(spec, {"A": 9, "B": 1, "C": 7}, min_cases=5)}
-    routers, used = resolve_routers(spec, "B")
-    assert routers == [0, 2] and "fallback" in used
+    routers, used, note = resolve_routers(spec, "B")
+    assert routers == [0, 2] and used == {"race": "B"} and "race=B had too few training cases" in note
     assert resolve_routers(spec, "C")[0] == [2]

@@ -123,6 +123,7 @@ def run_demo(out_dir: str | Path, device: str = "auto", say: Callable[[str], Non
     """Segment every demo case, write overlay and routing PNGs into ``out_dir``, return the files written."""
     from napari_dmoe.evaluation.metrics import image_metrics
     from napari_dmoe.inference.engine import segment
+    from napari_dmoe.model.spec import attribute_text
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -136,7 +137,7 @@ def run_demo(out_dir: str | Path, device: str = "auto", say: Callable[[str], Non
         scores = image_metrics(result.labels, case.truth, model.spec.n_classes, spacing=case.spacing,
                                class_names=model.spec.class_names)
         dice = ", ".join(f"{c} Dice {m['dice']:.3f}" for c, m in scores.items())
-        attr = ", ".join(f"{k}={v}" for k, v in case.attribute.items())
+        attr = attribute_text(case.attribute)
         kind = "trained demo model" if trained else "UNTRAINED random model"
         title = f"{case.name} (synthetic), {attr}, {kind}: {dice}"
         say(f"{case.name}: {attr}; {dice}; device {result.device}; "

@@ -153,8 +153,9 @@ def _algorithm(model: Any, result: Any) -> Any:
     """What DICOM SEG records about the model: its file name and the attribute used."""
     from napari_dmoe.io.dicom_seg import SegAlgorithm
 
-    attr = result.attribute if isinstance(result.attribute, str) else ", ".join(
-        f"{k}={v}" for k, v in result.attribute.items())
+    from napari_dmoe.model.spec import attribute_text
+
+    attr = attribute_text(result.attribute)
     return SegAlgorithm(model=Path(str(getattr(model, "path", "") or "")).name, attribute=attr)
 
 
@@ -212,6 +213,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _describe(result: Any) -> str:
-    attr = result.attribute if isinstance(result.attribute, str) else ", ".join(
-        f"{k}={v}" for k, v in result.attribute.items())
-    return f"{attr}; {result.device}; {sum(result.timings.values()):.2f} s"
+    from napari_dmoe.model.spec import attribute_text
+
+    return f"{attribute_text(result.attribute)}; {result.device}; {sum(result.timings.values()):.2f} s"

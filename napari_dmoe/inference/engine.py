@@ -58,13 +58,15 @@ STREAM_3D = True
 
 @dataclass
 class Segmentation:
-    """Result on the input image grid. ``routing`` is empty (and ``dominant_expert`` None) without MoE."""
+    """Result on the input image grid. ``routing`` is empty (and ``dominant_expert`` None) without MoE.
+    ``attribute``: name -> value the routers used, e.g. {"race": "unknown (averaged over 3 values)"}; shown to
+    people only through ``plan.attribute_text``."""
 
     labels: np.ndarray
     probabilities: np.ndarray
     routing: dict[str, np.ndarray]
     dominant_expert: np.ndarray | None
-    attribute: dict[str, str] | str
+    attribute: dict[str, str]
     timings: dict[str, float]
     device: str
     warnings: list[str] = field(default_factory=list)
@@ -115,7 +117,7 @@ def iter_segment(
     spec, network = model.spec, model.network
     clock = _Clock()
     with clock("preprocess"):
-        routers, used = resolve_routers(spec, attribute, unknown)
+        routers, used, routing_note = resolve_routers(spec, attribute, unknown)
         try:
             dev, reason = resolve_device(device)
         except DeviceError as err:
@@ -135,6 +137,8 @@ def iter_segment(
             warns.append(f"the voxel size of this volume is unknown: it was used as it is, while the model "
                          f"expects {'x'.join(f'{s:g}' for s in spec.spacing)} mm voxels; give the spacing (or "
                          "open a NIfTI/DICOM file) for a correct result")
+        if routing_note:
+            warns.append(routing_note)
     yield Progress("preprocess", 1, 1)
 
     runner = Runner(network, dev, amp, sw_batch_size, warns, channels_last=channels_last, compile=compile)

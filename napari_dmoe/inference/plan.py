@@ -9,12 +9,11 @@ from typing import Any, Mapping, NamedTuple, Sequence
 import numpy as np
 
 from napari_dmoe.model.registry import input_rule
-from napari_dmoe.model.spec import ModelSpec, SpecError
+from napari_dmoe.model.spec import ModelSpec, SpecError, attribute_text, is_unknown
 from napari_dmoe.transforms import TransformError, for_bit_depth, normalize, resampled_shape, sanitize, to_channels
 
 MIN_PIXELS = 8  # smaller images carry too little context for any of the networks
 ALIGN = 4  # window offsets are multiples of this so routing maps can be kept at 1/4 resolution
-UNKNOWN = "unknown"
 
 
 class InferenceError(ValueError):
@@ -43,24 +42,30 @@ class Plan:
     mode: str  # "resize" | "sliding" (2D) | "volume" (3D)
 
 
-def _is_unknown(value: Any) -> bool:
-    return value is None or (isinstance(value, str) and value.strip().lower() == UNKNOWN)
+class Routers(NamedTuple):
+    """The routers to run (their probabilities are averaged), the attribute used as a mapping name -> value
+    (an unknown value reads "unknown (averaged over N values)"; shown as text by ``spec.attribute_text``), a note
+    when an under-trained router was replaced by an average of trained ones ("" otherwise)."""
+
+    indices: list[int]
+    used: dict[str, str]
+    note: str
 
 
-def resolve_routers(spec: ModelSpec, attribute: Any, unknown: str = "average") -> tuple[list[int], Any]:
-    """Router indices to run (their probabilities are averaged) and a description of the attribute used."""
+def resolve_routers(spec: ModelSpec, attribute: Any, unknown: str = "average") -> Routers:
+    """Which routers to run for ``attribute`` (a value, a mapping name -> value, or None / "unknown")."""
     if unknown not in ("average", "error"):
         raise InferenceError(f"unknown={unknown!r}: expected 'average' or 'error'")
     names = [a.name for a in spec.attributes]
     if spec.routing != "dmoe":  # one router (plain MoE) or none: the attribute does not change the result
-        if not _is_unknown(attribute) and not isinstance(attribute, Mapping):
+        if not is_unknown(attribute) and not isinstance(attribute, Mapping):
             _index(spec, attribute)  # still refuse values outside the vocabulary
         note = "plain MoE: one router for everybody" if spec.routing == "moe" else "model without experts"
-        return [0], f"not used ({note})"
-    if _is_unknown(attribute):
+        return Routers([0], {n: f"not used ({note})" for n in names}, "")
+    if is_unknown(attribute):
         if unknown == "error":
             raise InferenceError(f"no attribute given; this model needs {_vocab(spec)}")
-        return list(range(spec.n_routers)), "unknown (averaged over all routers)"
+        attribute = {n: None for n in names}
     if isinstance(attribute, Mapping):
         extra = sorted(set(attribute) - set(names))
         missing = [n for n in names if n not in attribute]
@@ -76,26 +81,26 @@ def resolve_routers(spec: ModelSpec, attribute: Any, unknown: str = "average") -
         values = [attribute]
     else:
         raise InferenceError(f"attribute must be a value, a dict name -> value or None, got {type(attribute).__name__}")
-    if any(_is_unknown(v) for v in values):  # partly unknown: average over the routers that fit the known values
+    if any(is_unknown(v) for v in values):  # partly unknown: average over the routers that fit the known values
         if unknown == "error":
             raise InferenceError(f"attribute values {values} include unknown ones; this model needs {_vocab(spec)}")
         for attr, v in zip(spec.attributes, values):
-            if not _is_unknown(v) and str(v) not in attr.values:
+            if not is_unknown(v) and str(v) not in attr.values:
                 raise InferenceError(f"{attr.name}={v!r} is not in this model's vocabulary {attr.values}")
-        choices = [attr.values if _is_unknown(v) else [str(v)] for attr, v in zip(spec.attributes, values)]
+        choices = [attr.values if is_unknown(v) else [str(v)] for attr, v in zip(spec.attributes, values)]
         routers = [_index(spec, list(c)) for c in itertools.product(*choices)]
-        used = {n: (f"unknown (averaged over {len(a.values)} values)" if _is_unknown(v) else str(v))
+        used = {n: (f"unknown (averaged over {len(a.values)} values)" if is_unknown(v) else str(v))
                 for n, a, v in zip(names, spec.attributes, values)}
-        return routers, used
+        return Routers(routers, used, "")
     index = _index(spec, [str(v) for v in values])
     used = {n: str(v) for n, v in zip(names, values)}
     # Routers (near) untrained in training fall back to averaging trained ones (model/routers.py).
     from napari_dmoe.model.routers import fallback_routers
 
     routers = fallback_routers(spec, index)
-    if routers != [index]:
-        used["fallback"] = f"router {index} had too few training cases; averaged over routers {routers}"
-    return routers, used
+    note = "" if routers == [index] else (f"the router of {attribute_text(used)} had too few training cases; "
+                                         f"averaged over routers {routers}")
+    return Routers(routers, used, note)
 
 
 def _index(spec: ModelSpec, values: Any) -> int:

@@ -15,6 +15,7 @@ from typing import Any, Generator, Mapping, NamedTuple, Sequence
 import numpy as np
 
 from napari_dmoe.io.files import atomic_write
+from napari_dmoe.model.spec import attribute_text
 
 
 class SweepError(ValueError):
@@ -153,7 +154,7 @@ class FolderUsage(NamedTuple):
 def _group_key(spec: Any, attribute: Mapping[str, str] | None) -> tuple[int, str]:
     if attribute is None:
         return (spec.n_routers, "unknown")  # after every router: "unknown" comes last
-    label = ", ".join(f"{k}={v}" for k, v in attribute.items())
+    label = attribute_text(attribute)
     if any(v.lower() == "unknown" for v in attribute.values()):  # partly unknown: after every router too
         return (spec.n_routers, label)
     index = spec.router_index(attribute) if spec.routing == "dmoe" else 0
@@ -196,12 +197,12 @@ def iter_folder_usage(model: Any, folder: str | Path, csv_path: str | Path, **op
             # a cancelled worker stops here and the engine puts the network back
             seg = yield from relay(gen, lambda step: FolderProgress(i, len(rows), name, step.stage))
             usage = np.asarray(expert_usage(seg.routing["mean"]))
-            routers, _ = resolve_routers(spec, attribute, options.get("unknown", "average"))  # as the engine did
+            routers = resolve_routers(spec, attribute, options.get("unknown", "average")).indices  # as the engine did
         except (ValueError, OSError) as err:  # one bad case must not stop the folder; it is reported instead
             errors.append((name, " ".join(str(err).split())))
             cases.append(CaseUsage(name, attribute, [], "", {}, errors[-1][1]))
             continue
-        cases.append(CaseUsage(name, attribute, routers, _describe(seg.attribute), {"mean": usage.tolist()}))
+        cases.append(CaseUsage(name, attribute, routers, attribute_text(seg.attribute), {"mean": usage.tolist()}))
         key = _group_key(spec, attribute)
         sums[key] = sums.get(key, 0.0) + usage
         counts[key] = counts.get(key, 0) + 1
@@ -213,12 +214,6 @@ def iter_folder_usage(model: Any, folder: str | Path, csv_path: str | Path, **op
     matrix = np.stack([sums[k] / counts[k] for k in keys])
     return FolderUsage([k[1] for k in keys], matrix, [counts[k] for k in keys], errors, cases,
                        [a.name for a in spec.attributes], str(getattr(model, "path", "")))
-
-
-def _describe(attribute: Any) -> str:
-    if isinstance(attribute, Mapping):
-        return ", ".join(f"{k}={v}" for k, v in attribute.items())
-    return str(attribute)
 
 
 def folder_csv_rows(result: FolderUsage) -> tuple[list[str], list[list[str]]]:

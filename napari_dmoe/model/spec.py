@@ -19,6 +19,24 @@ NORMALIZATIONS = ("zscore", "minmax", "window", "scale")
 TRAINED_ON_KEYS = ("modality", "spatial_dims", "channels", "intensity", "spacing")
 
 
+UNKNOWN = "unknown"  # an attribute value nobody knows: inference averages over the routers it could be
+
+
+def is_unknown(value: Any) -> bool:
+    """None, or "unknown" in any case and spacing."""
+    return value is None or (isinstance(value, str) and value.strip().lower() == UNKNOWN)
+
+
+def attribute_text(attribute: Mapping[str, Any] | str | None) -> str:
+    """The one rendering of an attribute mapping: ``{"race": "Black", "sex": None}`` -> "race=Black, sex=unknown".
+    A plain string (layer metadata written before attributes were mappings) is returned as it is."""
+    if isinstance(attribute, str):
+        return attribute
+    if not attribute:
+        return UNKNOWN
+    return ", ".join(f"{k}={UNKNOWN if is_unknown(v) else v}" for k, v in attribute.items())
+
+
 class SpecError(ValueError):
     """A model spec is malformed; the message names the field and what is expected."""
 

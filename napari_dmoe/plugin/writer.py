@@ -45,12 +45,13 @@ def _seg_info(meta: dict[str, Any], labels: np.ndarray) -> tuple[list[str], Any]
     (MANUAL)."""
     from napari_dmoe.plugin.widgets.results import is_edited
     from napari_dmoe.io.dicom_seg import SegAlgorithm
+    from napari_dmoe.model.spec import attribute_text
 
     prov = meta.get("dmoe") if isinstance(meta.get("dmoe"), dict) else {}
     if prov.get("kind") != "mask":  # hand-drawn labels (or expert maps): no class names or model to give
         return [], SegAlgorithm(kind="manual")
     used = prov.get("attribute_used")
-    attribute = ", ".join(f"{k}={v}" for k, v in used.items()) if isinstance(used, dict) else str(used or "")
+    attribute = attribute_text(used) if used else ""
     model = Path(str(prov.get("model") or "")).name
     kind = "semiautomatic" if is_edited(meta, labels) else "automatic"
     return (list((prov.get("spec") or {}).get("class_names") or []),

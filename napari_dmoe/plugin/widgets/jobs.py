@@ -71,12 +71,6 @@ def _as_array(data: Any) -> np.ndarray:
     return np.asarray(data)
 
 
-def _tag(attribute: dict[str, str]) -> str:
-    from napari_dmoe.plugin.widgets.results import attribute_tag
-
-    return attribute_tag(attribute)
-
-
 def run_sweep(request: SegmentRequest, cache: ModelCache, attributes: Sequence[dict[str, str]]
               ) -> Generator[Step, None, JobResult]:
     """Segment the same image under each attribute request in turn (one request = a normal segment)."""
@@ -86,10 +80,11 @@ def run_sweep(request: SegmentRequest, cache: ModelCache, attributes: Sequence[d
         result.model = cache.get(request.model_path)
         image = _as_array(request.data)
         from napari_dmoe.generators import relay
+        from napari_dmoe.model.spec import attribute_text
         from napari_dmoe.inference.engine import iter_segment
 
         for i, attribute in enumerate(attributes):
-            tag = _tag(attribute)
+            tag = attribute_text(attribute)
             prefix = f"{tag} ({i + 1}/{len(attributes)})" if len(attributes) > 1 else tag
             value = attribute if len(attribute) > 1 else next(iter(attribute.values()))
             gen = iter_segment(result.model, image, value, **request.options)
