@@ -102,7 +102,7 @@ def test_fairseg_files(tmp_path):
             races[RACES[npz["race"].item()]] += 1
     assert races == {"White": 40, "Asian": 6, "Black": 4}  # 80/12/8 % in each split (20/3/2 twice)
 
-    from napari_dmoe.datasets import FairSegDataset
+    from napari_dmoe.datasets.formats import FairSegDataset
 
     ds = FairSegDataset(root, [Attribute("race", list(RACES))], names="test.txt", size=(64, 64), crop=None)
     item = ds[0]
@@ -129,7 +129,7 @@ def test_ham10000_files(tmp_path):
         assert set(np.unique(mask)) == {0, 255}
         assert float(r["age"]) % 5 == 0
 
-    from napari_dmoe.datasets import HAM10000Dataset
+    from napari_dmoe.datasets.formats import HAM10000Dataset
 
     ds = HAM10000Dataset(root, [Attribute("age", list(AGE_GROUPS))], size=(48, 64))
     assert len(ds) == 60
@@ -155,7 +155,8 @@ def test_prostate_files(tmp_path):
     hu = np.asarray(image.dataobj)
     assert hu.min() <= -900 and hu.max() >= 300  # air outside the body and bone inside
 
-    from napari_dmoe.datasets import NiftiFolderDataset, read_image
+    from napari_dmoe.datasets.formats import NiftiFolderDataset
+    from napari_dmoe.io.images import read_image
 
     ds = NiftiFolderDataset(root, [Attribute("stage", list(STAGES))])
     assert len(ds) == 4 and {ds[i]["group"] for i in range(4)} == {"T2", "T4"}
