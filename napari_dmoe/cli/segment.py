@@ -1,48 +1,3 @@
-def plan_batch_outputs(rows: list[tuple[str, Any]], src: Path, out: Path, dicom_seg: bool, inputs: list[Path],
-                       overwrite: bool) -> list[Any]:
-    """Each CSV row's labels file in ``out`` (``<stem>_labels.<ext>``), checked by ``io.outputs.plan_batch``:
-    two rows whose images share a stem are refused before any work, finished cases are skipped."""
-    from napari_dmoe.io.images import suffix_of
-    from napari_dmoe.io.outputs import PlannedCase, plan_batch
-
-    cases = []
-    for row, (name, _) in enumerate(rows, start=1):
-        path = src / name
-        suffix, stem = suffix_of(path), _stem(path)
-        dicom = suffix in (".dcm", "")  # a .dcm file or a series folder
-        ext = ".dcm" if dicom and dicom_seg else ".nii.gz" if dicom or suffix in (".nii", ".nii.gz") else ".png"
-        cases.append(PlannedCase(where=f"CSV row {row}", source=path, outputs=[out / f"{stem}_labels{ext}"],
-                                 key=stem))
-    return plan_batch(cases, inputs, overwrite)
-    cases = plan_batch_outputs(rows, src, out, args.dicom_seg, inputs, overwrite)
-    inputs = [Path(args.model), src] + ([Path(args.csv)] if args.csv else [])
-    overwrite = getattr(args, "overwrite", False)
-    if args.csv is None:  # checked before the model loads: a refusal costs nothing
-        check_single([out, *_routing_files(routing_dir, src)], inputs, overwrite)
-    model = load_model(args.model)
-    from napari_dmoe.io.outputs import check_single
-def _stem(path: Path) -> str:
-    from napari_dmoe.io.images import suffix_of
-
-    suffix = suffix_of(path)
-    return path.name[: -len(suffix)] if suffix else path.name
-
-
-def _routing_files(routing_dir: Path | None, src: Path) -> list[Path]:
-    """Routing maps of ``src`` already in ``routing_dir`` (their suffix depends on the image, so by pattern)."""
-    if routing_dir is None or not routing_dir.is_dir():
-        return []
-    stem = _stem(src)
-    return sorted({*routing_dir.glob(f"{stem}_dominant_expert.*"), *routing_dir.glob(f"{stem}_expert[0-9]*.*")})
-
-
-    if routing_dir is not None and result.routing:  # before the labels: their presence marks a finished case
-        write_routing(routing_dir, src, result, volume)
-        if name in out and out[name] != value:  # the last one silently winning would route the wrong patient
-            raise ValueError(f"conflicting values for attribute {name!r}: {out[name]!r} and {value!r}; give it once")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace existing outputs (without it a single image refuses and a batch skips the cases "
-                        "whose labels exist, so a stopped batch continues)")
 """``dmoe segment``: segment one image, or a folder of images with a CSV of attributes, writing labels in the
 source geometry (NIfTI keeps the file's affine; 2D images give PNG/TIFF) and optionally the routing maps."""
 from __future__ import annotations
@@ -76,6 +31,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="batch: write the masks of DICOM inputs (series folders, .dcm files) as DICOM SEG "
                         "(<name>_labels.dcm) instead of NIfTI")
     p.add_argument("--routing-out", help="folder for routing maps (mean gate weight per expert, dominant expert)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace existing outputs (without it a single image refuses and a batch skips the cases "
+                        "whose labels exist, so a stopped batch continues)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
     p.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap (default: %(default)s)")
     p.add_argument("--window-batch", type=int, default=4, help="windows per forward pass (default: %(default)s)")
@@ -106,6 +64,8 @@ def parse_attribute(values: list[str], spec: Any) -> Any:
     for name, value in pairs:
         if name not in names:
             raise ValueError(f"the model has no attribute {name!r}; its attributes are {names}")
+        if name in out and out[name] != value:  # the last one silently winning would route the wrong patient
+            raise ValueError(f"conflicting values for attribute {name!r}: {out[name]!r} and {value!r}; give it once")
         out[name] = value
     return out
 
@@ -142,6 +102,8 @@ def segment_file(model: Any, src: Path, dest: Path, attribute: Any, args: argpar
     result = drain(gen, show)
     if not args.quiet:
         print(file=sys.stderr)
+    if routing_dir is not None and result.routing:  # before the labels: their presence marks a finished case
+        write_routing(routing_dir, src, result, volume)
     write_labels(dest, result.labels, like=volume, class_names=model.spec.class_names,
                  algorithm=_algorithm(model, result) if str(dest).lower().endswith(".dcm") else None)
     for note in [*volume.meta.get("warnings", []), *result.conversions, *result.warnings]:
@@ -177,14 +139,35 @@ def write_routing(folder: Path, src: Path, result: Any, volume: Any) -> None:
         write_labels(folder / f"{stem}_expert{e}{suffix}", weights, like=volume)
 
 
+def _stem(path: Path) -> str:
+    from napari_dmoe.io.images import suffix_of
+
+    suffix = suffix_of(path)
+    return path.name[: -len(suffix)] if suffix else path.name
+
+
+def _routing_files(routing_dir: Path | None, src: Path) -> list[Path]:
+    """Routing maps of ``src`` already in ``routing_dir`` (their suffix depends on the image, so by pattern)."""
+    if routing_dir is None or not routing_dir.is_dir():
+        return []
+    stem = _stem(src)
+    return sorted({*routing_dir.glob(f"{stem}_dominant_expert.*"), *routing_dir.glob(f"{stem}_expert[0-9]*.*")})
+
+
 def run(args: argparse.Namespace) -> int:
     from napari_dmoe.io.cases import read_batch_csv
     from napari_dmoe.io.checkpoint import load_model
+    from napari_dmoe.io.outputs import check_single
 
     src, out = Path(args.input), Path(args.out)
     if not src.exists():
         raise FileNotFoundError(f"input {src} does not exist")
     routing_dir = Path(args.routing_out) if args.routing_out else None
+    inputs = [Path(args.model), src] + ([Path(args.csv)] if args.csv else [])
+    overwrite = getattr(args, "overwrite", False)
+    if args.csv is None:  # checked before the model loads: a refusal costs nothing
+        check_single([out, *_routing_files(routing_dir, src)], inputs, overwrite)
+    model = load_model(args.model)
     if args.csv is None:
         attribute = parse_attribute(args.attribute, model.spec)
         result = segment_file(model, src, out, attribute, args, routing_dir)
@@ -193,6 +176,7 @@ def run(args: argparse.Namespace) -> int:
     if not src.is_dir():
         raise ValueError(f"with --csv, INPUT must be a folder of images; {src} is not a folder")
     rows = read_batch_csv(Path(args.csv), model.spec)
+    cases = plan_batch_outputs(rows, src, out, args.dicom_seg, inputs, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     failures = skipped = 0
     for case, (name, attribute) in zip(cases, rows):
@@ -210,6 +194,24 @@ def run(args: argparse.Namespace) -> int:
     more = f" ({skipped} skipped: their labels exist; --overwrite redoes them)" if skipped else ""
     print(f"{done} of {len(rows)} images segmented into {out}{more}")
     return 0 if failures == 0 else 1
+
+
+def plan_batch_outputs(rows: list[tuple[str, Any]], src: Path, out: Path, dicom_seg: bool, inputs: list[Path],
+                       overwrite: bool) -> list[Any]:
+    """Each CSV row's labels file in ``out`` (``<stem>_labels.<ext>``), checked by ``io.outputs.plan_batch``:
+    two rows whose images share a stem are refused before any work, finished cases are skipped."""
+    from napari_dmoe.io.images import suffix_of
+    from napari_dmoe.io.outputs import PlannedCase, plan_batch
+
+    cases = []
+    for row, (name, _) in enumerate(rows, start=1):
+        path = src / name
+        suffix, stem = suffix_of(path), _stem(path)
+        dicom = suffix in (".dcm", "")  # a .dcm file or a series folder
+        ext = ".dcm" if dicom and dicom_seg else ".nii.gz" if dicom or suffix in (".nii", ".nii.gz") else ".png"
+        cases.append(PlannedCase(where=f"CSV row {row}", source=path, outputs=[out / f"{stem}_labels{ext}"],
+                                 key=stem))
+    return plan_batch(cases, inputs, overwrite)
 
 
 def _describe(result: Any) -> str:

@@ -1,22 +1,3 @@
-def _lock_folder(config: Mapping[str, Any], info: dist_utils.DistInfo, command: str | None) -> Path | None:
-    """One run per output folder (rank 0 holds the lock): two would interleave their checkpoints."""
-    if not info.is_main:
-        return None
-    out = Path(config["output_dir"]).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
-    return run_lock.acquire(out, command)
-
-
-        if lock is not None:
-            run_lock.release(lock)
-    try:  # before anything writes to the folder
-        lock = _lock_folder(config, info, command)
-    except BaseException as err:
-        writer.emit("error", message=" ".join(str(err).split()) or type(err).__name__, kind=type(err).__name__)
-        writer.close()
-        dist_utils.cleanup(info)
-        raise
-from napari_dmoe.training import lock as run_lock
 """The one training engine: ``train(config, events=None) -> best checkpoint path``.
 
 Run by ``dmoe train``, by the GUI fine-tune (through that command in a subprocess) and under torchrun.
@@ -46,6 +27,7 @@ from napari_dmoe.io.checkpoint import save_model
 from napari_dmoe.model.moe import DMoE
 
 from napari_dmoe.training import distributed as dist_utils
+from napari_dmoe.training import lock as run_lock
 from napari_dmoe.training import resume as resume_state
 from napari_dmoe.training.config import resolve_recipe
 from napari_dmoe.training.events import EventWriter, ProgressBar
@@ -123,6 +105,13 @@ def train(config: Mapping[str, Any], events: str | Path | None = None, *, device
     """
     info = dist_utils.setup(device)
     writer = EventWriter(events if info.is_main else None)
+    try:  # before anything writes to the folder
+        lock = _lock_folder(config, info, command)
+    except BaseException as err:
+        writer.emit("error", message=" ".join(str(err).split()) or type(err).__name__, kind=type(err).__name__)
+        writer.close()
+        dist_utils.cleanup(info)
+        raise
     if info.is_main:  # history.jsonl and progress.png in the run folder; plain lines where no terminal shows a bar
         import sys
 
@@ -134,8 +123,19 @@ def train(config: Mapping[str, Any], events: str | Path | None = None, *, device
         writer.emit("error", message=" ".join(str(err).split()) or type(err).__name__, kind=type(err).__name__)
         raise
     finally:
+        if lock is not None:
+            run_lock.release(lock)
         writer.close()
         dist_utils.cleanup(info)
+
+
+def _lock_folder(config: Mapping[str, Any], info: dist_utils.DistInfo, command: str | None) -> Path | None:
+    """One run per output folder (rank 0 holds the lock): two would interleave their checkpoints."""
+    if not info.is_main:
+        return None
+    out = Path(config["output_dir"]).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    return run_lock.acquire(out, command)
 
 
 def _train(config: Mapping[str, Any], info: dist_utils.DistInfo, writer: EventWriter, quiet: bool,
@@ -260,6 +260,10 @@ def _step(model, network, data, run: RunParts, optimizer, scaler, recipe, config
     x = data["image"].to(info.device, non_blocking=True)
     y = data["label"].to(info.device, non_blocking=True)
     groups = data["attr"].to(info.device)
+    if not bool(torch.isfinite(x).all()):  # else the loss turns NaN and the message would blame the lr
+        bad = [str(i) for i, ok in zip(data["id"], torch.isfinite(x).flatten(1).all(1).tolist()) if not ok]
+        raise TrainingError(f"training image(s) {', '.join(bad[:5])} hold NaN or infinite values after "
+                            "normalisation (an all-NaN or damaged image?); fix or remove them from the data")
     optimizer.zero_grad(set_to_none=True)
     _reset_aux_losses(network)  # also drops the terms left by validation forwards
     with torch.autocast("cuda", dtype=torch.float16, enabled=use_amp):
