@@ -190,6 +190,9 @@ def _spec_from_metadata(path: Path, metadata: dict[str, str]) -> ModelSpec:
     data = clean_tree(data)  # names and provenance reach terminals and the GUI: no escape sequences
     try:
         return ModelSpec.from_dict(data)
+    except (TypeError, AttributeError, KeyError, IndexError, OverflowError) as err:  # a field of the wrong form
+        raise CheckpointError(f"{path}: invalid model spec: a field has the wrong form ({type(err).__name__}: "
+                              f"{err}); the file was not written by napari-dmoe or was edited") from None
     except SpecError as err:
         raise CheckpointError(f"{path}: invalid model spec: {err}") from None
 

@@ -8,6 +8,7 @@ folder. Recipe defaults (optimizer, lr, schedule) are filled in by ``resolve_rec
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -198,6 +199,8 @@ def _check_value(value: Any, spec: Field, name: str, base: Path) -> Any:
             return None
         raise ConfigError(f"config key {name!r}: expected {_KIND_WORDS[spec.kind]}, got nothing (null)")
     kind = spec.kind
+    if kind == "number" and isinstance(value, str):
+        value = _number_text(value, name)  # PyYAML reads 1e-3 (no dot) as a string
     ok = {
         "int": isinstance(value, int) and not isinstance(value, bool),
         "number": isinstance(value, (int, float)) and not isinstance(value, bool),
@@ -225,6 +228,33 @@ def _check_value(value: Any, spec: Field, name: str, base: Path) -> Any:
     return copy.deepcopy(value) if isinstance(value, (list, dict)) else value
 
 
+def _number_text(text: str, name: str) -> Any:
+    """A number written as text (``1e-3``: YAML 1.1 wants ``1.0e-3``); other text is returned for the type error."""
+    try:
+        number = float(text.strip())
+    except ValueError:
+        return text
+    if not math.isfinite(number):
+        raise ConfigError(f"config key {name!r}: expected a finite number, got {text!r}")
+    return number
+
+
+def parse_label_map(value: Any) -> dict[int, int]:
+    """``data.label_map``: raw mask value -> class, both integers (``{0: 0, 255: 1}``; keys may be quoted)."""
+    out: dict[int, int] = {}
+    for key, cls in value.items():
+        try:
+            raw = int(str(key).strip())
+            ok = not isinstance(cls, bool) and isinstance(cls, int) and cls >= 0
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ConfigError(f"config key 'data.label_map': entry {key!r}: {cls!r} is not 'mask value: class' with "
+                              "two integers and a class of 0 or more; write e.g. {0: 0, 255: 1}")
+        out[raw] = cls
+    return out
+
+
 def _check_semantics(config: dict[str, Any]) -> None:
     """Checks across keys and value ranges."""
     recipe, data = config["recipe"], config["data"]
@@ -243,6 +273,8 @@ def _check_semantics(config: dict[str, Any]) -> None:
     if config["model"]["top_k"] > config["model"]["n_experts"]:
         raise ConfigError("config key 'model.top_k': must not exceed model.n_experts")
     config["data"]["attributes"] = attribute_vocabularies(data["attributes"])
+    if data["label_map"] is not None:
+        data["label_map"] = parse_label_map(data["label_map"])
     if data["size"] is not None and not all(isinstance(s, int) and s > 0 for s in data["size"]):
         raise ConfigError(f"config key 'data.size': expected a list of positive integers, got {data['size']}")
     if data["class_names"] is not None and (len(data["class_names"]) < 2

@@ -80,8 +80,10 @@ def read_pretrained_vit(path: str | Path) -> dict[str, Tensor]:
     except KeyError as err:
         raise InitError(f"{path}: key {err} missing; expected a ViT checkpoint in timm (safetensors) or Google "
                         "(ViT-B_16.npz) layout") from None
-    except (OSError, ValueError) as err:
-        raise InitError(f"{path}: cannot read ({err})") from None
+    except Exception as err:  # SafetensorError, zipfile.BadZipFile, torch/numpy errors on odd shapes: garbage in
+        raise InitError(f"model.init_from={path}: not a readable ViT checkpoint ({type(err).__name__}: "
+                        f"{' '.join(str(err).split())[:200]}); expected timm (safetensors) or Google (ViT-B_16.npz) "
+                        "weights") from None
     raise InitError(f"{path}: expected a .safetensors (timm) or .npz (Google ViT) file")
 
 
@@ -106,7 +108,11 @@ def load_pretrained_vit(network: nn.Module, path: str | Path) -> dict[str, Any]:
     theirs = read_pretrained_vit(path)
     ours = network.state_dict()
     key = "transformer.embeddings.position_embeddings"
-    theirs[key] = _resize_pos_embed(theirs[key], ours[key].shape[1])
+    try:
+        theirs[key] = _resize_pos_embed(theirs[key], ours[key].shape[1])
+    except (RuntimeError, ValueError, IndexError) as err:
+        raise InitError(f"model.init_from={path}: its position embeddings of shape {tuple(theirs[key].shape)} "
+                        f"cannot be fitted to this model ({err})") from None
     loaded, skipped = {}, []
     for name, value in theirs.items():
         if name not in ours:
