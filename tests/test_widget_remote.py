@@ -25,6 +25,8 @@ def test_segment_through_a_server_equals_the_local_engine(make_napari_viewer, qt
         remote.url.setText(server.url)
         remote.token.setText("wrong")
         assert not remote.connect_server() and "401" in remote.info.text()  # the server's refusal, shown
+        assert widget.spec is None and not widget.run_button.isEnabled()  # no server model: nothing to run
+        assert not widget.models.isEnabled()  # the local model picker is not what runs
         remote.token.setText(TOKEN)
         assert remote.connect_server()
         assert widget.spec is not None and widget.spec.class_names == ["background", "rim", "cup"]
@@ -42,4 +44,4 @@ def test_segment_through_a_server_equals_the_local_engine(make_napari_viewer, qt
     prov = mask.metadata["dmoe"]
     assert prov["model"].startswith(server.url) and prov["attribute_used"] == {"race": "Black"}
     remote.where.setCurrentIndex(remote.where.findText("this computer"))
-    assert remote.job(None, []) is None  # back to the local engine
+    assert remote.job(None, []) is None and widget.models.isEnabled()  # back to the local engine

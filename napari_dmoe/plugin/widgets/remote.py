@@ -57,8 +57,9 @@ class RemoteOption(QWidget):
 
     changed = Signal()
 
-    def __init__(self, parent: QWidget | None = None) -> None:
+    def __init__(self, parent: QWidget | None = None, local_picker: QWidget | None = None) -> None:
         super().__init__(parent)
+        self.local_picker = local_picker  # the local model picker: greyed out while a server's model is used
         self.where = QComboBox()
         self.where.addItems([LOCAL, SERVER])
         self.url = QLineEdit("http://127.0.0.1:8765")
@@ -78,7 +79,7 @@ class RemoteOption(QWidget):
         row.addWidget(self.connect_button)
         form.addRow("server", row)
         form.addRow("token", self.token)
-        form.addRow("model", self.model)
+        form.addRow("server model", self.model)
         form.addRow(self.info)
         layout = QFormLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
@@ -136,6 +137,8 @@ class RemoteOption(QWidget):
 
     def _on_where(self, _: int) -> None:
         self._server.setVisible(self.remote)
+        if self.local_picker is not None:
+            self.local_picker.setEnabled(not self.remote)
         self.changed.emit()
 
     def _on_model(self) -> None:

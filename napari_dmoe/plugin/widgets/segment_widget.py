@@ -97,7 +97,7 @@ class SegmentWidget(QWidget):
         self.progress_panel = RunProgress()
         self.experts = ExpertView(self.viewer)
 
-        self.remote = RemoteOption()  # "run on": this computer, or a dmoe serve server (remote.py)
+        self.remote = RemoteOption(local_picker=self.models)  # "run on": this computer or a dmoe serve server
         form = QFormLayout()
         form.addRow("run on", self.remote)
         form.addRow("model", self.models)
@@ -144,7 +144,7 @@ class SegmentWidget(QWidget):
     # -- model and image -----------------------------------------------------------------------------------
     def _on_model_changed(self, path: str) -> None:
         self.spec = self.remote.spec  # a server's model when running on a server
-        if path and self.spec is None:
+        if path and not self.remote.remote:
             from napari_dmoe.io.checkpoint import read_spec
 
             try:
