@@ -177,23 +177,43 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"with --csv, INPUT must be a folder of images; {src} is not a folder")
     rows = read_batch_csv(Path(args.csv), model.spec)
     cases = plan_batch_outputs(rows, src, out, args.dicom_seg, inputs, overwrite)
-    out.mkdir(parents=True, exist_ok=True)
-    failures = skipped = 0
-    for case, (name, attribute) in zip(cases, rows):
-        if case.skip:
-            skipped += 1
-            print(f"  note: {name}: {case.notes[-1]}", file=sys.stderr)
-            continue
-        try:
-            result = segment_file(model, case.source, case.marker, attribute, args, routing_dir)
-            print(f"{case.source} -> {case.marker} ({_describe(result)})")
-        except (ValueError, OSError) as err:  # one bad case must not stop the batch; it is reported and counted
-            failures += 1
-            print(f"dmoe segment: error: {name}: {' '.join(str(err).split())}", file=sys.stderr)
-    done = len(rows) - failures - skipped
-    more = f" ({skipped} skipped: their labels exist; --overwrite redoes them)" if skipped else ""
-    print(f"{done} of {len(rows)} images segmented into {out}{more}")
-    return 0 if failures == 0 else 1
+    return segment_batch(model, rows, cases, out, args, routing_dir)
+
+
+def segment_batch(model: Any, rows: list[tuple[str, Any]], cases: list[Any], out: Path, args: argparse.Namespace,
+                  routing_dir: Path | None) -> int:
+    """The planned cases, spread over the processes when torchrun started several (``napari_dmoe.sharding``):
+    each case runs in one process, rank 0 counts (n/N, ETA) and lists the failures; returns the exit code."""
+    from napari_dmoe.sharding import processes, run_batch
+
+    with processes(args.device) as info:
+        out.mkdir(parents=True, exist_ok=True)
+        if info.is_main:
+            for case, (name, _) in zip(cases, rows):
+                if case.skip:
+                    print(f"  note: {name}: {case.notes[-1]}", file=sys.stderr)
+        # this process's device (cuda:LOCAL_RANK under torchrun); no per-window lines when processes interleave
+        opts = argparse.Namespace(**{**vars(args), "device": str(info.device), "quiet": args.quiet or info.enabled})
+
+        def work(i: int) -> None:
+            (name, attribute), case = rows[i], cases[i]
+            try:
+                result = segment_file(model, case.source, case.marker, attribute, opts, routing_dir)
+            except (ValueError, OSError) as err:  # one bad case must not stop the batch: reported, counted
+                print(f"dmoe segment: error: {name}: {' '.join(str(err).split())}", file=sys.stderr, flush=True)
+                raise
+            print(f"{case.source} -> {case.marker} ({_describe(result)})", flush=True)
+
+        outcome = run_batch(len(cases), work, info, done=lambda i: cases[i].skip, what="images",
+                            stream=None if args.quiet else sys.stderr)
+    if info.is_main:
+        more = f" ({outcome.skipped} skipped: their labels exist; --overwrite redoes them)" if outcome.skipped else ""
+        print(f"{outcome.done} of {len(rows)} images segmented into {out}{more}")
+        if outcome.failures:
+            print(f"dmoe segment: {outcome.failed} of {len(rows)} images failed:", file=sys.stderr)
+            for i, message in outcome.failures:
+                print(f"  {rows[i][0]}: {message}", file=sys.stderr)
+    return 0 if outcome.failed == 0 else 1
 
 
 def plan_batch_outputs(rows: list[tuple[str, Any]], src: Path, out: Path, dicom_seg: bool, inputs: list[Path],
