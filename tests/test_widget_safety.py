@@ -187,3 +187,24 @@ def test_sample_ground_truth_opens_hidden_and_named(make_napari_viewer):
     for name in ("fundus_sample", "prostate_sample", "skin_sample"):
         image, truth = add_sample(viewer, name)
         assert truth.name.startswith("GROUND TRUTH") and not truth.visible and image.visible
+
+
+def test_inspector_follows_the_newest_result_in_napari_colours(make_napari_viewer, qtbot, model_path):
+    from matplotlib.colors import to_hex
+    from napari.utils.theme import get_theme
+
+    viewer = make_napari_viewer()
+    viewer.add_image(make_image(), name="first")
+    widget = dock(viewer, model_path)
+    _, inspector = viewer.window.add_plugin_dock_widget("napari-dmoe", "Routing inspector")
+    run_and_wait(qtbot, widget)
+    viewer.add_image(make_image((40, 40)), name="second")
+    run_and_wait(qtbot, widget)
+    assert inspector.groups.currentText().startswith("second |")
+    viewer.layers.selection.active = viewer.layers["first"]
+    widget.images.setCurrentText("first")
+    run_and_wait(qtbot, widget)  # re-run on the first image: the inspector goes back to it
+    assert inspector.groups.currentText().startswith("first |")
+    ax, bar = inspector.figure.axes
+    assert bar.get_ylabel() == "mean gate weight" and ax.get_title() == "mean gate weight per expert"
+    assert to_hex(inspector.figure.get_facecolor()) == get_theme(viewer.theme).background.as_hex()

@@ -120,9 +120,13 @@ class RoutingInspector(QWidget):
             event.connect(self.refresh)
         self.refresh()
 
-    def refresh(self, *_: Any) -> None:
-        """Re-read the result layers (called when layers are added or removed)."""
+    def refresh(self, event: Any = None) -> None:
+        """Re-read the result layers (called when layers are added or removed); a new result is shown at once."""
         current = self.groups.currentText()
+        inserted = getattr(event, "value", None) if getattr(event, "type", None) == "inserted" else None
+        meta = getattr(inserted, "metadata", {}).get(RESULT_KEY) if inserted is not None else None
+        if isinstance(meta, dict) and meta.get("kind") == "mask" and meta.get("expert_usage"):
+            current = _group(meta)  # follow the newest result
         groups = sorted({_group(m) for m in _mask_records(self.viewer)}) + list(self._folders)
         self.groups.blockSignals(True)
         self.groups.clear()
@@ -178,6 +182,7 @@ class RoutingInspector(QWidget):
         else:
             self.hint.setText(_folder_hint(folder))
         ax = self.figure.add_subplot(1, 1, 1)
+        ax.set_title("mean gate weight per expert", fontsize=9)
         im = ax.imshow(matrix, cmap="viridis", vmin=0.0, vmax=max(float(matrix.max()), 1e-6), aspect="auto")
         ax.set_xticks(range(matrix.shape[1]), [str(e) for e in range(matrix.shape[1])])
         ax.set_yticks(range(len(labels)), labels)
@@ -186,8 +191,28 @@ class RoutingInspector(QWidget):
             for (i, j), v in np.ndenumerate(matrix):
                 ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
                         color="white" if v < 0.6 * matrix.max() else "black")
-        self.figure.colorbar(im, ax=ax, fraction=0.05)
+        bar = self.figure.colorbar(im, ax=ax, fraction=0.05)
+        bar.set_label("mean gate weight")
+        self._theme(ax, bar)
         self.canvas.draw_idle()
+
+    def _theme(self, ax: Any, bar: Any) -> None:
+        """Colours of napari's current theme, so the plot does not glare in a dark napari."""
+        from napari.utils.theme import get_theme
+
+        try:
+            theme = get_theme(self.viewer.theme)
+            background, text = theme.background.as_hex(), theme.text.as_hex()
+        except (KeyError, ValueError, AttributeError):  # a custom theme without these colours
+            return
+        self.figure.set_facecolor(background)
+        for axes in (ax, bar.ax):
+            axes.set_facecolor(background)
+            axes.tick_params(colors=text, which="both")
+            for spine in axes.spines.values():
+                spine.set_color(text)
+        for label in (ax.title, ax.xaxis.label, ax.yaxis.label, bar.ax.yaxis.label):
+            label.set_color(text)
 
     # -- folder of cases -----------------------------------------------------------------------------------
     def _on_folder_clicked(self) -> None:
