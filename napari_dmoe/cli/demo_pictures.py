@@ -12,6 +12,8 @@ from typing import Callable
 
 import numpy as np
 
+from napari_dmoe.io.files import atomic_write
+
 MODELS_DIR = Path(__file__).parent.parent / "assets" / "models"
 SAMPLE_SEED = 2025  # the seed of the napari sample data, so the demo and File > Open Sample show the same case
 
@@ -93,7 +95,7 @@ def draw_overlay(case: DemoCase, labels: np.ndarray, title: str, path: Path) -> 
         ax.set_title(heading)
         ax.axis("off")
     fig.suptitle(title, fontsize=9)
-    fig.savefig(path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
     return path
 
 
@@ -115,7 +117,7 @@ def draw_routing(routing: dict[str, np.ndarray], dominant: np.ndarray, title: st
         ax.axis("off")
     fig.colorbar(im, ax=list(axes), shrink=0.6, label="mean gate weight")
     fig.suptitle(title, fontsize=9)
-    fig.savefig(path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
     return path
 
 

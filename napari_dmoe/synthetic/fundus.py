@@ -15,6 +15,7 @@ from typing import Mapping
 import numpy as np
 from scipy import ndimage
 
+from napari_dmoe.io.files import atomic_write, atomic_write_text
 from napari_dmoe.synthetic.common import SyntheticDataError, allocate, check_frequencies, ellipse_field, rng_for, smooth_noise, soft_step
 
 RACES = ("Asian", "Black", "White")  # FairSeg codes 0, 1, 2
@@ -185,8 +186,9 @@ def write_fairseg(
         sample = make_fundus(seed, race=race, size=size, index=i, site=site)
         name = f"data_{i + 1:06d}.npz"
         fields = {k: np.array(v) for k, v in sample.attributes.items()}
-        np.savez_compressed(out / name, slo_fundus=sample.image, disc_cup_mask=sample.mask, **fields)
+        atomic_write(out / name, lambda tmp: np.savez_compressed(tmp, slo_fundus=sample.image,
+                                                               disc_cup_mask=sample.mask, **fields))
         names.append(name)
-    (out / "train.txt").write_text("".join(f"{n}\n" for n in names[:n_train]))
-    (out / "test.txt").write_text("".join(f"{n}\n" for n in names[n_train:]))
+    atomic_write_text(out / "train.txt", "".join(f"{n}\n" for n in names[:n_train]))
+    atomic_write_text(out / "test.txt", "".join(f"{n}\n" for n in names[n_train:]))
     return out

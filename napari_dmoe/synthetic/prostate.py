@@ -20,6 +20,7 @@ from typing import Mapping, Sequence
 import numpy as np
 from scipy import ndimage
 
+from napari_dmoe.io.files import atomic_write
 from napari_dmoe.synthetic.common import SyntheticDataError, allocate, check_frequencies, rng_for
 
 STAGES = ("T1", "T2", "T3", "T4")
@@ -194,10 +195,13 @@ def write_prostate(out: str | Path, n: int = 60, seed: int = 0, shape: Sequence[
             img.set_qform(case.affine, code=1)  # scanner coordinates, like a converted CT
             img.set_sform(case.affine, code=1)
             img.header.set_xyzt_units("mm", "sec")
-            nib.save(img, out / folder / f"{case_id}.nii.gz")
+            atomic_write(out / folder / f"{case_id}.nii.gz", lambda tmp: nib.save(img, tmp))
         rows.append([case_id, stage])
-    with open(out / "attributes.csv", "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["case_id", "stage"])
-        writer.writerows(rows)
+    def write_table(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["case_id", "stage"])
+            writer.writerows(rows)
+
+    atomic_write(out / "attributes.csv", write_table)
     return out

@@ -14,6 +14,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from napari_dmoe.io.files import atomic_write
 from napari_dmoe.synthetic.common import SyntheticDataError, allocate, check_frequencies, rng_for, smooth_noise, soft_step
 
 AGE_GROUPS = ("0-19", "20-39", "40-59", "60-79", "80+")
@@ -142,12 +143,15 @@ def write_ham10000(out: str | Path, n: int = 500, seed: int = 0, shape: Sequence
         for view in range(count):
             sample = make_skin(seed, group, tuple(shape), lesion=lesion, view=view)
             image_id = f"ISIC_{image_no:07d}"
-            Image.fromarray(sample.image).save(out / f"{image_id}.jpg", quality=92)
-            Image.fromarray(sample.mask).save(out / f"{image_id}_segmentation.png")
+            atomic_write(out / f"{image_id}.jpg", lambda tmp: Image.fromarray(sample.image).save(tmp, quality=92))
+            atomic_write(out / f"{image_id}_segmentation.png", lambda tmp: Image.fromarray(sample.mask).save(tmp))
             rows.append([f"HAM_{lesion:07d}", image_id, dx, dx_type, f"{float(sample.age):.1f}", sex, site])
             image_no += 1
-    with open(out / "HAM10000_metadata.csv", "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["lesion_id", "image_id", "dx", "dx_type", "age", "sex", "localization"])
-        writer.writerows(rows)
+    def write_table(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["lesion_id", "image_id", "dx", "dx_type", "age", "sex", "localization"])
+            writer.writerows(rows)
+
+    atomic_write(out / "HAM10000_metadata.csv", write_table)
     return out

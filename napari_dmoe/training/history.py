@@ -163,4 +163,4 @@ def plot_progress(records: list[dict[str, Any]], path: str | Path) -> None:
     bottom.set_xlabel("step")
     bottom.set_ylabel("validation Dice")
     bottom.grid(alpha=0.3)
-    fig.savefig(path, format="png")
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
