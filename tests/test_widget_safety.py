@@ -208,3 +208,21 @@ def test_inspector_follows_the_newest_result_in_napari_colours(make_napari_viewe
     ax, bar = inspector.figure.axes
     assert bar.get_ylabel() == "mean gate weight" and ax.get_title() == "mean gate weight per expert"
     assert to_hex(inspector.figure.get_facecolor()) == get_theme(viewer.theme).background.as_hex()
+
+
+def test_finetune_settings_survive_a_run_and_a_restart_and_the_pairs_table_shows_five_rows(make_napari_viewer,
+                                                                                         model_path):
+    viewer = make_napari_viewer()
+    _, widget = viewer.window.add_plugin_dock_widget("napari-dmoe", "Fine-tune (dMoE)")
+    widget.models.set_path(model_path)
+    widget.settings.steps.setValue(7)
+    widget.settings.lr.setValue(0.0042)
+    widget.models.refresh(select=str(model_path))  # what the end of a run does (the new model joins the list)
+    assert (widget.settings.steps.value(), widget.settings.lr.value()) == (7, 0.0042)
+    table = widget.pairs
+    header = table.horizontalHeader().height() or table.horizontalHeader().sizeHint().height()
+    assert (table.minimumHeight() - header) // table.verticalHeader().defaultSectionSize() >= 5
+    viewer.close()
+    viewer = make_napari_viewer()  # next napari session
+    _, widget = viewer.window.add_plugin_dock_widget("napari-dmoe", "Fine-tune (dMoE)")
+    assert (widget.settings.steps.value(), widget.settings.lr.value()) == (7, 0.0042)

@@ -13,6 +13,7 @@ from qtpy.QtWidgets import (
     QComboBox,
     QDoubleSpinBox,
     QFormLayout,
+    QHeaderView,
     QLineEdit,
     QSpinBox,
     QTableWidget,
@@ -28,6 +29,9 @@ __all__ = ["PairTable", "SettingsForm", "CompareTable", "CurvePlot", "TRAINABLE"
 TRAINABLE = {"all weights": "all", "only routers and experts": "routers_experts"}
 
 
+ROW_HEIGHT, MIN_ROWS = 28, 5
+
+
 class PairTable(QTableWidget):
     """Rows of (image layer, labels layer, one value per attribute, validation flag)."""
 
@@ -37,12 +41,19 @@ class PairTable(QTableWidget):
         self.image_names: list[str] = []
         self.labels_names: list[str] = []
         self.setSelectionBehavior(QAbstractItemView.SelectRows)
+        self.verticalHeader().setDefaultSectionSize(ROW_HEIGHT)
+        # at least MIN_ROWS rows visible without scrolling
+        self.setMinimumHeight(self.horizontalHeader().sizeHint().height() + MIN_ROWS * ROW_HEIGHT + 6)
         self._set_headers()
 
     def _set_headers(self) -> None:
         names = ["image", "labels", *[a.name for a in self.attributes], "validation"]
         self.setColumnCount(len(names))
         self.setHorizontalHeaderLabels(names)
+        header = self.horizontalHeader()
+        for col in range(len(names)):  # layer names get the room; attribute and flag columns fit their content
+            header.setSectionResizeMode(col, QHeaderView.ResizeMode.Stretch if col < 2
+                                        else QHeaderView.ResizeMode.ResizeToContents)
 
     def set_attributes(self, attributes: Sequence[Any]) -> None:
         """New vocabulary (another base model): keep the layer choices, reset attribute cells."""
@@ -74,8 +85,12 @@ class PairTable(QTableWidget):
         for col, (names, value) in enumerate(((self.image_names, image), (self.labels_names, labels))):
             combo = QComboBox()
             combo.addItems(names)
+            combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+            combo.setMinimumContentsLength(10)
             if value is not None:
                 combo.setCurrentIndex(max(combo.findText(value), 0))
+            combo.setToolTip(combo.currentText())  # the full layer name when the column is narrow
+            combo.currentTextChanged.connect(combo.setToolTip)
             self.setCellWidget(row, col, combo)
         for i, attr in enumerate(self.attributes):
             combo = QComboBox()

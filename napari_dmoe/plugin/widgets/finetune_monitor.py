@@ -29,8 +29,9 @@ class CurvePlot(QWidget):
         from qtpy.QtCore import QTimer
         from qtpy.QtWidgets import QLabel, QVBoxLayout
 
-        self.figure = Figure(figsize=(4, 2.2), dpi=80)
-        self.figure.subplots_adjust(left=0.1, right=0.98, bottom=0.14, top=0.88, wspace=0.3)
+        self.figure = Figure(figsize=(4.4, 2.6), dpi=80)
+        # room for the titles above and the step ticks below (they were clipped at 2.2 in)
+        self.figure.subplots_adjust(left=0.11, right=0.98, bottom=0.16, top=0.86, wspace=0.35)
         self.agg = FigureCanvasAgg(self.figure)
         self.loss_ax, self.dice_ax = self.figure.subplots(1, 2)
         self.image = QLabel()
@@ -150,7 +151,12 @@ class CurvePlot(QWidget):
         if result is not None:
             width, height, buffer, with_data = result
             image = QImage(buffer, width, height, QImage.Format_RGBA8888)
-            self.image.setPixmap(QPixmap.fromImage(image))  # fromImage copies: the buffer may go
+            pixmap = QPixmap.fromImage(image)  # fromImage copies: the buffer may go
+            if 0 < self.image.width() < width:  # a narrow dock: shrink the plot, never cut its edges off
+                from qtpy.QtCore import Qt
+
+                pixmap = pixmap.scaledToWidth(self.image.width(), Qt.TransformationMode.SmoothTransformation)
+            self.image.setPixmap(pixmap)
             self.draws += int(with_data)  # curves drawn (not counting empty axes)
         if not self.busy():
             self._collect.stop()

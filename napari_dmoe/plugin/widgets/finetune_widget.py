@@ -62,6 +62,11 @@ class FinetuneWidget(QWidget):
         self.viewer.layers.events.removed.connect(self._refresh_layers)
         self._refresh_layers()
         self._on_model_changed(self.models.path())
+        from napari_dmoe.plugin.widgets import settings as stored
+
+        s = self.settings  # kept between napari sessions (QSettings), restored over the device defaults
+        stored.persist("finetune/settings", {"steps": s.steps, "lr": s.lr, "batch": s.batch, "train": s.trainable,
+                                             "amp": s.amp, "validation_share": s.val_fraction, "runs": self.output})
 
     # -- layout --------------------------------------------------------------------------------------------
     def _build(self) -> None:
@@ -139,6 +144,8 @@ class FinetuneWidget(QWidget):
 
     # -- model, layers, pairs ------------------------------------------------------------------------------
     def _on_model_changed(self, path: str) -> None:
+        same = path == getattr(self, "_base_path", None)  # the list refreshed after a run: keep the settings
+        self._base_path = path
         self.spec = None
         if path:
             from napari_dmoe.io.checkpoint import read_spec
@@ -150,7 +157,8 @@ class FinetuneWidget(QWidget):
                 self.status.setText(f"Base model not usable: {err}")
         self.pairs.set_attributes(self.spec.attributes if self.spec else [])
         self.settings.set_spec(self.spec)
-        self.apply_device_defaults()
+        if not same:
+            self.apply_device_defaults()
 
     def apply_device_defaults(self) -> None:
         """Steps, batch and AMP from the free memory of the chosen device (``finetune.default_settings``)."""
