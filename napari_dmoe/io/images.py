@@ -78,7 +78,9 @@ def read_image(path: str | Path) -> Volume:
 
         return read_seg_nrrd(path)
     if suffix in NIFTI_SUFFIXES:
-        return _read_nifti(path)
+        from napari_dmoe.io.nifti import read_nifti
+
+        return read_nifti(path)
     if suffix in PLAIN_SUFFIXES:
         return _read_tiff(path) if suffix in TIFF_SUFFIXES else _read_plain(path)
     from napari_dmoe.io.dicom import is_dicom_file, read_dicom_file
@@ -91,10 +93,6 @@ def read_image(path: str | Path) -> Volume:
     )
 
 
-CANONICAL = "LPS"  # voxel axis order (x, y, z) that NIfTI volumes are reoriented to
-MAX_VOXEL_MM = 100.0  # larger voxels are a broken header, not an image (and would make huge resampled grids)
-
-
 def require_regular(path: Path, error: type[Exception]) -> None:
     """Refuse a pipe, socket or device given as a file: reading one would hang or never end."""
     import stat
@@ -102,138 +100,6 @@ def require_regular(path: Path, error: type[Exception]) -> None:
     mode = os.stat(path).st_mode
     if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
         raise error(f"{path}: not a regular file or folder (a pipe, socket or device); give an image file")
-
-
-def check_nifti_geometry(path: Path, img: Any) -> None:
-    """Refuse zero, negative, NaN or absurd voxel sizes and a NaN or singular affine, naming the field.
-
-    The header is read again as stored: nibabel's loader quietly turns a 0 voxel size into 1 mm and a negative one
-    into its absolute value, which is the guess we refuse to make."""
-    from nibabel.openers import ImageOpener
-
-    try:
-        with ImageOpener(str(path)) as f:
-            header = type(img.header).from_fileobj(f, check=False)
-    except Exception as err:  # the header nibabel just read cannot be read again: treat like a corrupt file
-        raise ImageReadError(f"{path}: not a readable NIfTI header ({err})") from err
-    zooms = [float(z) for z in header["pixdim"][1:4]]
-    shape = img.shape[:3]
-    for i, (n, z) in enumerate(zip(shape, zooms)):
-        if not (np.isfinite(z) and 0 < z <= MAX_VOXEL_MM):
-            why = "not a number" if not np.isfinite(z) else "not positive" if z <= 0 else f"above {MAX_VOXEL_MM:g} mm"
-            raise ImageReadError(
-                f"{path}: header field pixdim[{i + 1}] (voxel size along axis {i}, {n} voxels) is {z:g}: {why}; "
-                "napari-dmoe does not guess the geometry, fix the header (e.g. nibabel's header.set_zooms)")
-    sform, qform = int(header["sform_code"]), int(header["qform_code"])
-    field = "sform (srow_x/y/z)" if sform > 0 else "qform (quatern_*, qoffset_*)" if qform > 0 else "pixdim"
-    try:
-        affine = np.asarray(header.get_best_affine(), dtype=np.float64)
-    except Exception:  # a quaternion nibabel cannot turn into a rotation
-        affine = np.full((4, 4), np.nan)
-    if not np.all(np.isfinite(affine)):
-        raise ImageReadError(f"{path}: header field {field} holds NaN or infinite values, so the image has no "
-                             "position in space; fix or rewrite the header")
-    columns = np.linalg.norm(affine[:3, :3], axis=0)
-    det = abs(float(np.linalg.det(affine[:3, :3])))
-    if columns.min() <= 1e-6 or det <= 1e-6 * float(np.prod(columns)):
-        raise ImageReadError(f"{path}: header field {field} gives a singular affine (voxel axes of zero length or "
-                             "parallel), so voxels have no defined size or orientation; fix or rewrite the header")
-    bad = [f"{c:g}" for c, n in zip(columns, shape) if c > MAX_VOXEL_MM]
-    if bad:
-        raise ImageReadError(f"{path}: header field {field} gives voxel sizes of {', '.join(bad)} mm (above "
-                             f"{MAX_VOXEL_MM:g} mm); fix the header")
-
-
-def _check_nifti_size(path: Path, img: Any) -> None:
-    """The voxel count the header claims must be within the limit and fit the file: nibabel allocates the whole
-    array before reading it, so a forged dim[] would otherwise ask for any amount of memory."""
-    from napari_dmoe.limits import check_grid
-
-    check_grid(img.shape, f"{path}: header field dim", ImageReadError)
-    header = img.header
-    needed = int(np.prod(img.shape)) * header.get_data_dtype().itemsize + int(header.get_data_offset())
-    if suffix_of(path) == ".nii.gz":
-        with open(path, "rb") as f:  # a gzip member ends with its uncompressed size mod 2**32
-            f.seek(max(0, os.path.getsize(path) - 4))
-            have = int.from_bytes(f.read(4), "little")
-        if needed >= 2**32:  # the trailer cannot tell: bound by the best compression deflate can reach
-            have = os.path.getsize(path) * 1032
-    else:
-        have = os.path.getsize(path)
-    if needed > have:
-        raise ImageReadError(f"{path}: header field dim says {tuple(img.shape)} voxels ({needed} bytes) but the file "
-                             f"holds {have} bytes; the file is truncated or its header is wrong")
-
-
-# -- NIfTI -----------------------------------------------------------------------------------------------
-def _read_nifti(path: Path) -> Volume:
-    import nibabel as nib
-    from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, io_orientation, ornt_transform
-
-    try:
-        img = nib.load(str(path))
-    except Exception as err:  # nibabel raises many types (ImageFileError, EOFError, zlib.error, ...)
-        raise ImageReadError(f"{path}: not a readable NIfTI file ({err}); the file may be corrupt or truncated") from err
-    if len(img.shape) not in (2, 3) and not (len(img.shape) == 4 and img.shape[3] == 1):
-        raise ImageReadError(
-            f"{path}: NIfTI image has shape {tuple(img.shape)}; napari-dmoe reads 2D or 3D images only, "
-            f"extract one volume first (e.g. `fslroi` or nibabel's `img.slicer[..., 0]`)"
-        )
-    check_nifti_geometry(path, img)  # before the voxels are read: a bad header costs nothing
-    _check_nifti_size(path, img)
-    try:
-        data = np.asanyarray(img.dataobj)  # applies scl_slope / scl_inter, keeps integer dtypes otherwise
-    except Exception as err:  # nibabel raises many types (ImageFileError, EOFError, zlib.error, ...)
-        raise ImageReadError(f"{path}: not a readable NIfTI file ({err}); the file may be corrupt or truncated") from err
-    source_shape = tuple(int(s) for s in data.shape)
-    if data.ndim == 4 and data.shape[3] == 1:
-        data = data[..., 0]
-    if data.ndim == 2:
-        data = data[..., None]
-    if data.ndim != 3:
-        raise ImageReadError(
-            f"{path}: NIfTI image has shape {source_shape}; napari-dmoe reads 2D or 3D images only, "
-            f"extract one volume first (e.g. `fslroi` or nibabel's `img.slicer[..., 0]`)"
-        )
-    if not data.dtype.isnative:  # big-endian files: torch and napari want native byte order
-        data = data.astype(data.dtype.newbyteorder("="))
-    affine = np.asarray(img.affine, dtype=np.float64)
-    # Like nibabel.as_closest_canonical but to LPS+ (DICOM's patient frame), done by hand so the orientation
-    # is kept for the inverse. LPS puts anterior at the top and the patient's right on the left of napari's
-    # axial view: the radiological convention clinicians read in.
-    source_ornt = io_orientation(affine)
-    ornt = ornt_transform(source_ornt, axcodes2ornt(CANONICAL))
-    canonical = np.ascontiguousarray(apply_orientation(data, ornt).transpose(2, 1, 0))
-    affine_can = affine @ inv_ornt_aff(ornt, data.shape)
-    zooms = np.asarray(img.header.get_zooms()[:3], dtype=float)
-    zooms = np.concatenate([zooms, np.ones(3 - len(zooms))])
-    zooms_can = np.empty(3)
-    zooms_can[ornt[:, 0].astype(int)] = zooms  # canonical axis ornt[i, 0] comes from file axis i
-    zyx_affine = affine_can.copy()
-    zyx_affine[:3, :3] = affine_can[:3, [2, 1, 0]]
-    warnings = []
-    if not np.allclose(affine_can[:3, :3], np.diag(np.diag(affine_can[:3, :3])), atol=1e-3):
-        warnings.append("oblique volume: napari shows it axis-aligned (scale and translate only)")
-    meta = {
-        "source": str(path),
-        "format": "nifti",
-        "modality": "unknown",
-        "orientation": CANONICAL,
-        "source_orientation": "".join(nib.aff2axcodes(affine)),
-        "nifti_affine": affine.tolist(),
-        "nifti_shape": list(source_shape),
-        "nifti_ornt": source_ornt.tolist(),
-        "spacing_known": True,
-        "warnings": warnings,
-    }
-    return Volume(
-        array=canonical,
-        spacing=tuple(float(z) for z in zooms_can[::-1]),
-        # origin in LPS mm (like DICOM's), so translate + index * scale is the world position along each axis
-        origin=tuple(float(o) for o in (affine_can[:3, 3] * [-1, -1, 1])[::-1]),
-        affine=zyx_affine,
-        meta=meta,
-    )
 
 
 # -- PNG / JPG / TIFF ------------------------------------------------------------------------------------
@@ -344,7 +210,9 @@ def write_labels(path: str | Path, labels: np.ndarray, like: Volume | None = Non
     from napari_dmoe.io.files import atomic_write  # a killed batch never leaves a half mask under its name
 
     if suffix in NIFTI_SUFFIXES:
-        atomic_write(path, lambda tmp: _write_nifti(tmp, labels, like, gz=suffix == ".nii.gz"))
+        from napari_dmoe.io.nifti import write_nifti
+
+        atomic_write(path, lambda tmp: write_nifti(tmp, labels, like, gz=suffix == ".nii.gz"))
     elif suffix == ".png":
         if labels.ndim != 2:
             raise ImageWriteError(f"PNG holds 2D labels only, got shape {labels.shape}; use .nii.gz or .tif")
@@ -385,60 +253,7 @@ def write_volume(path: str | os.PathLike, array: np.ndarray, spacing: Sequence[f
     like = Volume(array=array, spacing=tuple(spacing), origin=tuple(origin or (0.0,) * len(spacing)), affine=None,
                   meta={})
     from napari_dmoe.io.files import atomic_write
+    from napari_dmoe.io.nifti import write_nifti
 
-    atomic_write(path, lambda tmp: _write_nifti(tmp, np.asarray(array), like, gz=suffix_of(path) == ".nii.gz"))
+    atomic_write(path, lambda tmp: write_nifti(tmp, np.asarray(array), like, gz=suffix_of(path) == ".nii.gz"))
     return path
-
-
-def _pad3(values: Any, fill: float) -> tuple[float, float, float]:
-    """(z, y, x) from 2 or 3 values: a 2D image is one slice."""
-    values = tuple(float(v) for v in values)
-    return ((fill,) * (3 - len(values)) + values)[-3:]  # type: ignore[return-value]
-
-
-def _write_nifti(path: Path, labels: np.ndarray, like: Volume | None, gz: bool) -> None:
-    import nibabel as nib
-    from nibabel.orientations import apply_orientation, axcodes2ornt, ornt_transform
-
-    meta = like.meta if like is not None else {}
-    if labels.ndim == 2:
-        labels = labels[None]  # one slice: NIfTI is at least 3D in our (z, y, x) view
-    if labels.ndim != 3:
-        raise ImageWriteError(f"NIfTI labels must be 2D or 3D, got shape {labels.shape}")
-    xyz = labels.transpose(2, 1, 0)
-    if "nifti_affine" in meta:
-        # Exact inverse of the reading: canonical LPS -> the file's own voxel order, then the file's affine.
-        source_ornt = np.asarray(meta["nifti_ornt"])
-        back = ornt_transform(axcodes2ornt(CANONICAL), source_ornt)
-        data = apply_orientation(xyz, back)
-        source_shape = tuple(meta["nifti_shape"])
-        if data.shape != (source_shape + (1,))[:3]:
-            raise ImageWriteError(
-                f"labels of shape {labels.shape} do not fit the source image {meta.get('source', '')} "
-                f"of shape {source_shape}; write labels made on that image"
-            )
-        data = data.reshape(source_shape)  # 2D or (x, y, z, 1) sources too
-        affine = np.asarray(meta["nifti_affine"])
-    else:
-        if like is not None and like.affine is not None:
-            zyx = np.asarray(like.affine, dtype=float)
-            affine = zyx.copy()
-            affine[:3, :3] = zyx[:3, [2, 1, 0]]
-        else:  # no geometry from a file: the array is in our LPS voxel order, spacing/origin (z, y, x), origin LPS
-            spacing = like.spacing if like is not None else (1.0,) * labels.ndim
-            origin = like.origin if like is not None else (0.0,) * labels.ndim
-            (sz, sy, sx), (oz, oy, ox) = _pad3(spacing, 1.0), _pad3(origin, 0.0)
-            # x and y grow towards L and P, i.e. against RAS+: reading the file back gives the same array
-            affine = np.diag([-sx, -sy, sz, 1.0])
-            affine[:3, 3] = (-ox, -oy, oz)
-        data = xyz
-    img = nib.Nifti1Image(np.ascontiguousarray(data), affine)
-    img.header.set_qform(affine, code=1)
-    img.header.set_sform(affine, code=1)
-    img.header.set_xyzt_units("mm")
-    data = img.to_bytes()  # the bytes, not nib.save: the temporary name has no .nii.gz for nibabel to go by
-    if gz:
-        import gzip
-
-        data = gzip.compress(data, compresslevel=1, mtime=0)  # nibabel's own level: fast
-    path.write_bytes(data)
