@@ -21,6 +21,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from napari_dmoe.io.files import atomic_write, atomic_write_text
 from napari_dmoe.io.images import layer_spacing, write_volume
 
 PAIRS_CSV = "pairs.csv"
@@ -228,17 +229,15 @@ def export_pairs(pairs: Sequence[TrainingPair], folder: str | os.PathLike, spec:
             _write_nifti(folder / "images" / f"{case}{suffix}", image, pair.spacing)
             _write_nifti(folder / "masks" / f"{case}{suffix}", labels, pair.spacing)
         else:
-            tifffile.imwrite(folder / "images" / f"{case}{suffix}", image,
-                             photometric="rgb" if pair.rgb else "minisblack")
-            tifffile.imwrite(folder / "masks" / f"{case}{suffix}", labels)
+            photometric = "rgb" if pair.rgb else "minisblack"
+            atomic_write(folder / "images" / f"{case}{suffix}",
+                         lambda tmp: tifffile.imwrite(tmp, image, photometric=photometric))
+            atomic_write(folder / "masks" / f"{case}{suffix}", lambda tmp: tifffile.imwrite(tmp, labels))
         rows.append({"image": f"images/{case}{suffix}", "mask": f"masks/{case}{suffix}",
                      **{n: pair.attributes[n] for n in names}, SPLIT_COLUMN: "val" if held else "train"})
         (val if held else train).append(case)
     csv_path = folder / PAIRS_CSV
-    with open(csv_path, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["image", "mask", *names, SPLIT_COLUMN])
-        writer.writeheader()
-        writer.writerows(rows)
+    atomic_write_text(csv_path, _csv_text(rows, ["image", "mask", *names, SPLIT_COLUMN], header=True))
     held = [p for p, v in zip(pairs, is_val) if v]
     return ExportSummary(csv_path, train, val, _count(pairs, spec), _count(held, spec))
 
@@ -269,9 +268,21 @@ def append_csv_rows(csv_path: str | os.PathLike, extra: str | os.PathLike | None
                 raise FinetuneError(f"{source} line {line}: file {path} not found")
         out.append({**{k: str(v) for k, v in paths.items()}, **{n: row[n] for n in names}, SPLIT_COLUMN: split})
         n_train += split == "train"
-    with open(csv_path, "a", newline="", encoding="utf-8") as fh:
-        csv.DictWriter(fh, fieldnames=["image", "mask", *names, SPLIT_COLUMN]).writerows(out)
+    # the whole table again, atomically: an append cut short would leave half a row
+    atomic_write_text(csv_path, csv_path.read_text(encoding="utf-8")
+                      + _csv_text(out, ["image", "mask", *names, SPLIT_COLUMN], header=False))
     return n_train
+
+
+def _csv_text(rows: Sequence[Mapping[str, Any]], fields: Sequence[str], header: bool) -> str:
+    import io
+
+    buffer = io.StringIO(newline="")
+    writer = csv.DictWriter(buffer, fieldnames=list(fields))
+    if header:
+        writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
 
 
 # -- config -----------------------------------------------------------------------------------------------
@@ -340,8 +351,7 @@ def write_config(config: Mapping[str, Any], path: str | os.PathLike) -> Path:
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(dict(config), sort_keys=False), encoding="utf-8")
-    return path
+    return atomic_write_text(path, yaml.safe_dump(dict(config), sort_keys=False))
 
 
 # -- before / after ---------------------------------------------------------------------------------------

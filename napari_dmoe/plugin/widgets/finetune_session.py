@@ -20,6 +20,7 @@ from napari.utils.notifications import show_warning
 from qtpy.QtCore import QObject, QTimer, Signal
 
 from napari_dmoe.finetune.prepare import FinetuneError, FinetuneSettings, TrainingPair
+from napari_dmoe.io.files import atomic_write_text
 
 POLL_MS = 200
 KILL_AFTER_S = 5.0
@@ -91,7 +92,7 @@ class FinetuneSession(QObject):
                               name=f"finetune-{Path(request.base).stem}", n_train=len(export.train) + extra)
         config_path = write_config(config, run_dir / "finetune.yaml")
         provenance = {"data": export.to_dict(), "settings": vars(settings), "config": str(config_path)}
-        (run_dir / "provenance.json").write_text(json.dumps(provenance, indent=1), encoding="utf-8")
+        atomic_write_text(run_dir / "provenance.json", json.dumps(provenance, indent=1))
         events = run_dir / TRAIN_EVENTS
         process = TrainingProcess(train_command(config_path, events, settings.device), run_dir, events=events)
         process.start()
