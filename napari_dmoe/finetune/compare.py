@@ -49,19 +49,94 @@ def evaluate_on_pairs(model_path: str | os.PathLike, csv_path: str | os.PathLike
     return {g: float(sum(v) / len(v)) for g, v in per_group.items()}
 
 
+# -- every group, the uncorrected ones too ------------------------------------------------------------------
+TOLERANCE = 0.01  # a Dice drop (or a mask change) beyond this is flagged
+AGREEMENT_IMAGES = 8  # images per group on which base and new masks are compared
+
+
+def _masks(model: Any, cases: list[Case], device: str) -> list[Any]:
+    from napari_dmoe.inference.engine import segment
+
+    return [segment(model, c.image, c.attribute if len(c.attribute) > 1 else next(iter(c.attribute.values())),
+                    device=device, routing=False, rgb=c.rgb, spacing=c.spacing).labels for c in cases]
+
+
+def _dice(spec: Any, pred: Any, truth: Any) -> float:
+    from napari_dmoe.evaluation.metrics import evaluate_image, mean_dice
+
+    return mean_dice(evaluate_image("", "", pred, truth, spec.n_classes, class_names=spec.class_names, hd95=False))
+
+
+def _mean(values: list[float]) -> float:
+    values = [v for v in values if v == v]
+    return float(sum(values) / len(values)) if values else float("nan")
+
+
+def _as_group(case: Case, spec: Any, group: str) -> Case:
+    """The same image, routed as ``group`` (an unlabelled stand-in when a group has no images of its own)."""
+    values = dict(zip([a.name for a in spec.attributes], group.split("/")))
+    return Case(case.id, group, case.image, case.label, values, case.spacing, case.rgb)
+
+
+def group_rows(base: Any, trained: Any, val: list[Case], pairs: list[Case], reference: list[Case],
+               device: str = "cpu") -> list[dict[str, Any]]:
+    """One row per group of the model (every attribute combination), corrected or not.
+
+    Labelled Dice before/after comes from the user's held-back pairs of that group, else from the demo model's
+    reference set. Groups without the user's labels also get ``agreement``: the mean Dice between the base and
+    the new model's masks on that group's images (reference images, else the user's pair images routed as that
+    group), which needs no labels. ``flag``: "worse" (Dice fell by more than TOLERANCE) or "changed" (a group
+    nobody corrected, without labels, whose masks moved by more than TOLERANCE)."""
+    from napari_dmoe.training.local import group_names
+
+    spec = base.spec
+    corrected = {c.group for c in pairs}
+    rows = []
+    for group in group_names(spec):
+        row: dict[str, Any] = {"group": group, "corrected": group in corrected, "flag": None}
+        labelled = [c for c in val if c.group == group]
+        row["source"] = "held-back pairs" if labelled else "reference set"
+        labelled = labelled or [c for c in reference if c.group == group]
+        images = ([c for c in reference if c.group == group]
+                  or [_as_group(c, spec, group) for c in pairs])[:AGREEMENT_IMAGES]
+        if labelled:
+            b = _mean([_dice(spec, m, c.label) for m, c in zip(_masks(base, labelled, device), labelled)])
+            a = _mean([_dice(spec, m, c.label) for m, c in zip(_masks(trained, labelled, device), labelled)])
+            row.update(n=len(labelled), before=b, after=a, change=a - b)
+            row["flag"] = "worse" if a < b - TOLERANCE else None
+        else:
+            row.update(source="no labels", n=0, before=None, after=None, change=None)
+        if row["source"] != "held-back pairs" and images:
+            old, new = _masks(base, images, device), _masks(trained, images, device)
+            row["agreement"] = _mean([_dice(spec, n, o) for n, o in zip(new, old)])
+            row["agreement_n"] = len(images)
+            if row["flag"] is None and row["agreement"] < 1 - TOLERANCE and not labelled and not row["corrected"]:
+                row["flag"] = "changed"  # a group nobody corrected, whose masks moved: better or worse, unknown
+        rows.append(row)
+    return rows
+
+
 def compare_and_save(base: str, trained: str, csv_path: str, out_model: str, provenance: dict[str, Any],
                      device: str = "cpu") -> dict[str, Any]:
-    """Evaluate base and fine-tuned models on the validation pairs; save the fine-tuned model (atomically) with
-    the fine-tune provenance (``shareable``: no case names or local paths) and the after-metrics in its spec;
-    return ``{"before", "after", "model"}``."""
+    """Evaluate base and fine-tuned models on the validation pairs, and every group (``group_rows``); save the
+    fine-tuned model (atomically) with the fine-tune provenance (``shareable``: no case names or local paths) and
+    the comparison in its spec; return ``{"before", "after", "groups", "flagged", "model"}``."""
+    from napari_dmoe.finetune.reference import reference_cases
     from napari_dmoe.io.checkpoint import load_model, save_model
 
     before = evaluate_on_pairs(base, csv_path, device=device)
     after = evaluate_on_pairs(trained, csv_path, device=device)
-    model = load_model(trained)
+    model, base_model = load_model(trained), load_model(base)
+    names = [a.name for a in model.spec.attributes]
+    val = list(pair_cases(csv_path, names, "val"))
+    pairs = list(pair_cases(csv_path, names, "train")) + val
+    rows = group_rows(base_model, model, val, pairs, reference_cases(base), device)
+    flagged = [r["group"] for r in rows if r["flag"]]
     spec = model.spec
     run_dir = Path(out_model).resolve().parent
     spec.provenance = shareable({**spec.provenance, "finetune": {**provenance, "base_model": str(base)}}, run_dir)
-    spec.metrics = {**spec.metrics, "finetune_validation_dice": {"before": before, "after": after}}
+    spec.metrics = {**spec.metrics, "finetune_validation_dice": {"before": before, "after": after},
+                    "finetune_groups": rows}
     save_model(out_model, model.network, spec)
-    return {"before": before, "after": after, "model": str(Path(out_model).resolve())}
+    return {"before": before, "after": after, "groups": rows, "flagged": flagged,
+            "model": str(Path(out_model).resolve())}

@@ -48,7 +48,9 @@ class TrainingPair:
 
 @dataclass
 class FinetuneSettings:
-    """What the user sets in the widget; ``trainable`` is "all" or "routers_experts"."""
+    """What the user sets in the widget. ``trainable``: "group_local" (only the corrected groups' routers and
+    their private expert copies learn; every other group stays bitwise; ``training/local.py``), "routers_experts"
+    or "all" (every group may change); ``local_experts``: private expert copies per group and dMoE layer."""
 
     steps: int = 100
     lr: float = 0.001
@@ -56,6 +58,7 @@ class FinetuneSettings:
     patch_size: list[int] | None = None  # None: the base model's input size
     device: str = "cpu"
     trainable: str = "all"
+    local_experts: int = 1
     amp: bool = False
     val_every: int | None = None  # None: about 5 validations over the run
 
@@ -285,6 +288,32 @@ def _csv_text(rows: Sequence[Mapping[str, Any]], fields: Sequence[str], header: 
     return buffer.getvalue()
 
 
+# -- what to train ----------------------------------------------------------------------------------------
+TRAINABLE_MODES = ("group_local", "routers_experts", "all")
+
+
+def corrected_groups(spec: Any, attributes: Sequence[Mapping[str, str]]) -> list[str]:
+    """The groups (attribute combinations, "Black" or "Black/Female") that the corrected cases cover."""
+    names = [a.name for a in spec.attributes]
+    return sorted({"/".join(str(a.get(n)) for n in names) for a in attributes})
+
+
+def uncorrected_groups(spec: Any, attributes: Sequence[Mapping[str, str]]) -> list[str]:
+    """Every group of the model that no corrected case covers (what a full fine-tune may silently harm)."""
+    from itertools import product
+
+    covered = set(corrected_groups(spec, attributes))
+    return ["/".join(c) for c in product(*[a.values for a in spec.attributes]) if "/".join(c) not in covered]
+
+
+def default_trainable(spec: Any, attributes: Sequence[Mapping[str, str]]) -> str:
+    """``group_local`` when the corrected cases cover some groups only (the others then stay bitwise as they
+    were), else ``all``; models without routers can only train ``all``."""
+    if spec.routing != "dmoe":
+        return "all"
+    return "group_local" if uncorrected_groups(spec, attributes) else "all"
+
+
 # -- config -----------------------------------------------------------------------------------------------
 def build_config(base_model: str | os.PathLike, spec: Any, export: ExportSummary, output_dir: str | os.PathLike,
                  settings: FinetuneSettings, name: str = "finetune", n_train: int | None = None) -> dict[str, Any]:
@@ -292,8 +321,11 @@ def build_config(base_model: str | os.PathLike, spec: Any, export: ExportSummary
     ``training/config.py``). ``n_train``: training cases in all (default: the exported ones)."""
     if settings.steps < 1 or settings.batch_size < 1 or settings.lr <= 0:
         raise FinetuneError("steps and batch size must be at least 1 and the learning rate positive")
-    if settings.trainable not in ("all", "routers_experts"):
-        raise FinetuneError(f"trainable={settings.trainable!r}: choose 'all' or 'routers_experts'")
+    if settings.trainable not in TRAINABLE_MODES:
+        raise FinetuneError(f"trainable={settings.trainable!r}: choose one of {list(TRAINABLE_MODES)}")
+    if settings.trainable == "group_local" and spec.routing != "dmoe":
+        raise FinetuneError("a group-local fine-tune needs a dMoE model (one router per group); this base model "
+                            "has none: train 'all' weights instead")
     if settings.trainable == "routers_experts" and spec.routing == "none":
         raise FinetuneError("this base model has no routers or experts; train 'all' weights instead")
     method = {"dmoe": "dmoe", "moe": "moe", "none": "baseline"}[spec.routing]
@@ -316,6 +348,8 @@ def build_config(base_model: str | os.PathLike, spec: Any, export: ExportSummary
         "output_dir": str(Path(output_dir).resolve()),
         "method": method,
         "trainable": settings.trainable,
+        # group_local adapts the groups (combinations) that have training cases: adapt_groups stays null
+        **({"local_experts": int(settings.local_experts)} if settings.trainable == "group_local" else {}),
         "data": {
             "format": "folder",
             "root": str(export.csv_path.parent.resolve()),

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+from qtpy.QtGui import QColor
 from qtpy.QtWidgets import (
     QAbstractItemView,
     QCheckBox,
@@ -26,7 +27,11 @@ from napari_dmoe.finetune.prepare import FinetuneError, FinetuneSettings
 
 __all__ = ["PairTable", "SettingsForm", "CompareTable", "CurvePlot", "TRAINABLE"]
 
-TRAINABLE = {"all weights": "all", "only routers and experts": "routers_experts"}
+# what to train: "auto" is group-local when the pairs cover some groups only, else all (prepare.default_trainable)
+TRAINABLE = {"automatic (group-local unless every group is corrected)": "auto",
+             "group-local: only the corrected groups change": "group_local",
+             "routers and experts (every group may change)": "routers_experts",
+             "all weights (every group may change)": "all"}
 
 
 ROW_HEIGHT, MIN_ROWS = 28, 5
@@ -148,8 +153,9 @@ class SettingsForm(QWidget):
         self.patch.setToolTip("Training patch size (3D models); 2D models train at their input size")
         self.trainable = QComboBox()
         self.trainable.addItems(list(TRAINABLE))
-        self.trainable.setToolTip("Routers and experts only: few weights change, so few cases suffice and the "
-                                  "rest of the network keeps what it learned")
+        self.trainable.setToolTip("Group-local: only the corrected groups' routers and their own copies of the "
+                                  "experts learn; every other group keeps exactly the base model's masks. The other "
+                                  "choices change weights every group shares and may make the others worse")
         self.amp = QCheckBox("mixed precision (CUDA only)")
         self.val_fraction = QDoubleSpinBox()
         self.val_fraction.setRange(0.05, 0.9)
@@ -181,10 +187,12 @@ class SettingsForm(QWidget):
             return
         self.patch.setText(",".join(str(s) for s in spec.input_size))
         self.patch.setEnabled(spec.spatial_dims == 3)
-        routed = spec.routing != "none"
-        item = self.trainable.model().item(1)
-        item.setEnabled(routed)
-        if not routed:
+        modes = list(TRAINABLE.values())
+        usable = {"auto": True, "all": True, "routers_experts": spec.routing != "none",
+                  "group_local": spec.routing == "dmoe"}
+        for i, mode in enumerate(modes):
+            self.trainable.model().item(i).setEnabled(usable[mode])
+        if not usable[modes[self.trainable.currentIndex()]]:
             self.trainable.setCurrentIndex(0)
 
     def settings(self, device: str, spatial_dims: int) -> FinetuneSettings:
@@ -201,23 +209,34 @@ class SettingsForm(QWidget):
 
 
 class CompareTable(QTableWidget):
-    """Per-group validation Dice before and after the fine-tune, side by side."""
+    """Every group of the model before and after the fine-tune (``finetune.compare.group_rows``): Dice on the
+    held-back pairs or the demo's reference set, how much the masks changed where there are no labels, a flag."""
 
-    COLUMNS = ("group", "before", "after", "change")
+    COLUMNS = ("group", "measured on", "before", "after", "change", "masks agree", "flag")
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(0, len(self.COLUMNS), parent)
         self.setHorizontalHeaderLabels(self.COLUMNS)
         self.setEditTriggers(QAbstractItemView.NoEditTriggers)
 
-    def show_rows(self, rows: Sequence[tuple[str, float, float, float]]) -> None:
+    def show_groups(self, rows: Sequence[dict[str, Any]]) -> None:
+        num = lambda v, f="{:.3f}": "-" if v is None else f.format(v)  # noqa: E731
         self.setRowCount(0)
-        for group, before, after, change in rows:
+        for row in rows:
             r = self.rowCount()
             self.insertRow(r)
-            texts = (group, f"{before:.3f}", f"{after:.3f}", f"{change:+.3f}")
+            agree = row.get("agreement")
+            texts = (row["group"] + (" (corrected)" if row.get("corrected") else ""),
+                     f"{row['source']} ({row['n']})" if row.get("n") else row["source"],
+                     num(row.get("before")), num(row.get("after")), num(row.get("change"), "{:+.3f}"),
+                     "-" if agree is None else f"{agree:.3f} ({row.get('agreement_n', 0)} images)",
+                     {"worse": "WORSE", "changed": "masks changed"}.get(row.get("flag"), "ok"))
             for c, text in enumerate(texts):
-                self.setItem(r, c, QTableWidgetItem(text))
+                item = QTableWidgetItem(text)
+                if row.get("flag"):
+                    item.setForeground(QColor("#ff6b6b"))
+                self.setItem(r, c, item)
+        self.resizeColumnsToContents()
 
     def values(self) -> list[list[str]]:
         return [[self.item(r, c).text() for c in range(self.columnCount())] for r in range(self.rowCount())]

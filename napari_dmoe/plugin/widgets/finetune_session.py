@@ -59,6 +59,8 @@ class FinetuneSession(QObject):
         self.new_model: Path | None = None
         self.last_checkpoint: Path | None = None
         self.comparison: dict[str, Any] | None = None
+        # called with the comparison before the new model is registered; False keeps it out of the model lists
+        self.approve: Any = lambda comparison: True
         self._launch: dict[str, Any] = {}
         self._kill_at: float | None = None
         self._cancelled = False
@@ -210,14 +212,18 @@ class FinetuneSession(QObject):
             return
         self.comparison = json.loads(result_path.read_text(encoding="utf-8"))
         self.new_model = Path(self.comparison["model"])
-        try:
-            add_recent(self.new_model)  # the Segment widget's model list reads the recent list
-        except RegistryError as err:
-            show_warning(f"The new model could not be added to the recent list: {err}")
+        registered = self.approve(self.comparison)  # the widget asks first when a group got worse
+        self.comparison["registered"] = registered
+        if registered:
+            try:
+                add_recent(self.new_model)  # the Segment widget's model list reads the recent list
+            except RegistryError as err:
+                show_warning(f"The new model could not be added to the recent list: {err}")
         self.compared.emit(self.comparison)
         after = self.comparison["after"].get("all", float("nan"))
         before = self.comparison["before"].get("all", float("nan"))
-        self._finish(f"Done: new model {self.new_model} (validation Dice {before:.3f} -> {after:.3f}).")
+        kept = "" if registered else "; NOT added to the model list (it stays in the run folder)"
+        self._finish(f"Done: new model {self.new_model} (validation Dice {before:.3f} -> {after:.3f}){kept}.")
 
     def _fail(self, title: str, reason: str, tail: str) -> None:
         self.failed.emit(title, reason, tail)

@@ -54,6 +54,7 @@ class FinetuneWidget(QWidget):
         self.segment_widget = segment_widget
         self.spec: Any = None
         self.session = FinetuneSession(self)  # the run lifecycle; reports through signals wired in _build
+        self.session.approve = self._approve_model
         self._build()
         from qtpy.QtWidgets import QApplication
 
@@ -276,7 +277,32 @@ class FinetuneWidget(QWidget):
         pairs, is_val = pairs_from_layers(self.viewer.layers, self.pairs.rows(), self.settings.val_fraction.value(),
                                           bool(extra))
         settings = self.settings.settings(self.devices.device() or "cpu", self.spec.spatial_dims)
+        settings.trainable = self._mode(settings.trainable, [p.attributes for p in pairs])
         return RunRequest(self.models.path(), self.spec, pairs, is_val, settings, Path(self.output.text()), extra)
+
+    def _mode(self, chosen: str, attributes: list[dict[str, str]]) -> str:
+        """What to train: "auto" resolves to group-local when the pairs cover some groups only; a full or
+        routers+experts run with uncorrected groups needs the user's yes (FinetuneError when declined)."""
+        from napari_dmoe.finetune.prepare import default_trainable, uncorrected_groups
+
+        mode = default_trainable(self.spec, attributes) if chosen == "auto" else chosen
+        others = uncorrected_groups(self.spec, attributes)
+        if mode in ("all", "routers_experts") and others and not self.confirm(self, (
+                f"Training {'all weights' if mode == 'all' else 'the routers and the shared experts'} changes "
+                f"weights every group shares: the model may get worse for the groups you did not correct "
+                f"({', '.join(others)}). A group-local fine-tune leaves them exactly as they are. Train anyway?")):
+            raise FinetuneError("not started: choose group-local, or add corrected cases of every group")
+        return mode
+
+    def _approve_model(self, comparison: dict[str, Any]) -> bool:
+        """Before the new model joins the model lists: ask when a group got worse or its masks changed."""
+        flagged = [r for r in comparison.get("groups") or [] if r.get("flag")]
+        if not flagged:
+            return True
+        lines = [f"{r['group']}: Dice {r['before']:.3f} -> {r['after']:.3f} ({r['source']})" if r["flag"] == "worse"
+                 else f"{r['group']}: masks changed (agreement {r['agreement']:.3f}, no labels)" for r in flagged]
+        return self.confirm(self, "The new model is worse for, or changes the masks of, groups:\n" + "\n".join(lines)
+                            + "\nAdd it to the model lists anyway? (No keeps it in the run folder only.)")
 
     def cancel(self) -> bool:
         """Ask, then stop the training process (terminate, then kill after a timeout). Returns whether it stops."""
@@ -315,9 +341,9 @@ class FinetuneWidget(QWidget):
         self.errors.show()
 
     def _on_compared(self, comparison: dict[str, Any]) -> None:
-        from napari_dmoe.finetune.prepare import compare_metrics
-
-        self.compare.show_rows(compare_metrics(comparison["before"], comparison["after"]))
+        self.compare.show_groups(comparison.get("groups") or [])
+        if not comparison.get("registered", True):
+            return  # the user declined a model that got worse for a group: it stays out of the lists
         self.models.refresh(select=self.session.base)  # the list now holds the new model too
         if self.segment_widget is not None:
             self.segment_widget.models.refresh(select=str(comparison["model"]))

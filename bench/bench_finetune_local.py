@@ -1,0 +1,212 @@
+"""Human-in-the-loop fine-tune at a new site: does the corrected group gain, and do the other groups stay put?
+
+The bundled fundus demo model (trained on synthetic site "a") meets site "b" (another camera and clinic:
+``napari_dmoe.synthetic.fundus.SITES``). A user corrects N cases of the rare group (Black) and fine-tunes the way
+the Fine-tune widget does it: its export (``finetune.prepare.export_pairs``, 20 % held back for validation), its
+config (``build_config``) with its CPU defaults (``default_settings``), the one training engine. Modes: ``all``
+(every weight), ``routers_experts`` (every router and the shared experts) and ``group_local`` (only the Black
+router and its private expert copy). Per-group mean foreground Dice on held-out site-b cases of every group, before
+and after, the gain, and the training wall time; ``--repeats`` draws of the corrected cases give the spread.
+For group_local it also checks that the other groups' class probabilities are bitwise the base model's.
+
+    nice -n 10 python bench/bench_finetune_local.py --quick         # 1 repeat, N=5, 4 steps (checks the script)
+    nice -n 10 python bench/bench_finetune_local.py                 # N = 5, 10, 20; 3 repeats; widget defaults
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _util import machine, summary, table  # noqa: E402
+
+RARE = "Black"
+GROUPS = ("Asian", "Black", "White")
+MODES = ("all", "routers_experts", "group_local")
+
+
+def _pairs(seed: int, race: str, n: int, size: int, site: str = "b") -> list:
+    from napari_dmoe.finetune.prepare import TrainingPair
+    from napari_dmoe.synthetic import make_fundus
+
+    out = []
+    for i in range(n):
+        s = make_fundus(seed, race=race, size=size, index=i, site=site)
+        out.append(TrainingPair(f"{race}{seed}_{i}", s.image, s.classes, {"race": race}))
+    return out
+
+
+def _heldout_csv(folder: Path, spec, n_per_group: int, size: int) -> Path:
+    """Held-out site-b cases of every group, as a pairs CSV whose rows are all split "test"."""
+    import csv
+
+    from napari_dmoe.finetune.prepare import export_pairs
+
+    pairs = [p for g in GROUPS for p in _pairs(9000 + GROUPS.index(g), g, n_per_group, size)]
+    export = export_pairs(pairs, folder, spec, [True] * len(pairs))
+    rows = list(csv.DictReader(open(export.csv_path, newline="")))
+    for row in rows:
+        row["split"] = "test"
+    with open(export.csv_path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return export.csv_path
+
+
+def _bitwise_others(base, tuned, heldout: Path) -> bool:
+    """The non-corrected groups' class probabilities: identical arrays from the base and the tuned model."""
+    from napari_dmoe.finetune.compare import pair_cases
+    from napari_dmoe.inference.engine import segment
+
+    for case in pair_cases(heldout, ["race"], split="test"):
+        if case.group == RARE:
+            continue
+        a = segment(base, case.image, case.attribute["race"], routing=False).probabilities
+        b = segment(tuned, case.image, case.attribute["race"], routing=False).probabilities
+        if not np.array_equal(a, b):
+            return False
+    return True
+
+
+def _one_run(base_path: Path, spec, mode: str, n: int, repeat: int, args, work: Path) -> tuple[Path, float]:
+    """Export N corrected rare-group cases like the widget, fine-tune with its config; (model, train seconds)."""
+    import torch
+
+    from napari_dmoe.finetune.prepare import (build_config, default_settings, export_pairs, free_memory,
+                                              split_validation, write_config)
+    from napari_dmoe.training.config import load_config
+    from napari_dmoe.training.engine import train
+
+    run = work / f"{mode}-n{n}-r{repeat}"
+    pairs = _pairs(100 + repeat, RARE, n, args.size)
+    export = export_pairs(pairs, run / "data", spec, split_validation(n, 0.2, seed=repeat))
+    settings = default_settings("cpu", free_memory("cpu"), 2)
+    settings.trainable = mode
+    settings.local_experts = args.local_experts
+    if args.steps:
+        settings.steps = args.steps
+    if args.lr:
+        settings.lr = args.lr
+    config = build_config(base_path, spec, export, run / "train", settings)
+    path = write_config(config, run / "finetune.yaml")
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    best = train(load_config(path), quiet=True, device="cpu")
+    return best, time.perf_counter() - t0
+
+
+def _plot(results: list[dict], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(GROUPS), figsize=(12, 3.6), sharey=True)
+    for ax, group in zip(axes, GROUPS):
+        for mode, marker in zip(MODES, "osD"):
+            ns = sorted({r["n"] for r in results if r["mode"] == mode})
+            if not ns:
+                continue
+            gains = [[r["gain"][group] for r in results if r["mode"] == mode and r["n"] == n] for n in ns]
+            mean = [statistics.mean(g) for g in gains]
+            sd = [statistics.stdev(g) if len(g) > 1 else 0.0 for g in gains]
+            ax.errorbar(ns, mean, yerr=sd, marker=marker, capsize=3, label=mode)
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.set_title(f"{group}{' (corrected)' if group == RARE else ''}")
+        ax.set_xlabel("corrected cases N")
+        ax.set_xticks(sorted({r["n"] for r in results}))
+    axes[0].set_ylabel("Dice gain on held-out site-b cases")
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Fine-tune at a new site: gain per group (mean +- sd over repeats)")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
+def _stats(values: list[float]) -> str:
+    if len(values) < 2:
+        return f"{values[0]:+.3f}"
+    return f"{statistics.mean(values):+.3f} +- {statistics.stdev(values):.3f}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="1 repeat, N=5, 4 steps, 3 held-out cases per group")
+    parser.add_argument("--n", type=int, nargs="+", default=[5, 10, 20], help="corrected cases of the rare group")
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--repeats", type=int, default=3, help="draws of the corrected cases (spread)")
+    parser.add_argument("--heldout", type=int, default=12, help="held-out site-b cases per group")
+    parser.add_argument("--steps", type=int, default=None, help="default: the widget's CPU default")
+    parser.add_argument("--lr", type=float, default=None, help="default: the widget's CPU default")
+    parser.add_argument("--local-experts", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--size", type=int, default=224, help="side of the generated images (demo data: 224)")
+    parser.add_argument("--out", default=None, help="folder for results.json and the plot (default: temporary)")
+    args = parser.parse_args()
+    if args.quick:
+        args.n, args.repeats, args.steps, args.heldout = [5], 1, 4, 3
+
+    import torch
+
+    from napari_dmoe.finetune.compare import evaluate_on_pairs
+    from napari_dmoe.io.checkpoint import load_model
+    from napari_dmoe.io.model_registry import bundled_dir
+
+    torch.set_num_threads(args.threads)
+    base_path = bundled_dir() / "fundus-dmoe.safetensors"
+    base = load_model(base_path)
+    work = Path(tempfile.mkdtemp(prefix="dmoe-ftlocal-"))
+    out = Path(args.out) if args.out else work
+    out.mkdir(parents=True, exist_ok=True)
+    heldout = _heldout_csv(work / "heldout", base.spec, args.heldout, args.size)
+    before = evaluate_on_pairs(base_path, heldout, split="test")
+    print(f"machine: {machine()}")
+    print(f"base {base_path.name}; held-out site-b Dice before: "
+          + ", ".join(f"{g} {before[g]:.3f}" for g in GROUPS), flush=True)
+
+    results = []
+    for n in args.n:
+        for repeat in range(args.repeats):
+            for mode in args.modes:
+                best, seconds = _one_run(base_path, base.spec, mode, n, repeat, args, work)
+                after = evaluate_on_pairs(best, heldout, split="test")
+                row = {"mode": mode, "n": n, "repeat": repeat, "seconds": seconds,
+                       "after": after, "gain": {g: after[g] - before[g] for g in GROUPS}}
+                if mode == "group_local":
+                    row["others_bitwise"] = _bitwise_others(base, load_model(best), heldout)
+                results.append(row)
+                print(json.dumps(row), flush=True)
+    (out / "results.json").write_text(json.dumps({"before": before, "runs": results}, indent=1))
+    _plot(results, out / "finetune_local.png")
+
+    rows = []
+    for mode in args.modes:
+        for n in args.n:
+            rs = [r for r in results if r["mode"] == mode and r["n"] == n]
+            bitwise = {True: "yes", False: "NO"}.get(all(r.get("others_bitwise", False) for r in rs), "") \
+                if mode == "group_local" else "-"
+            rows.append([mode, n, *[_stats([r["gain"][g] for r in rs]) for g in GROUPS],
+                         f"{statistics.median(r['seconds'] for r in rs):.1f}", bitwise])
+    print(table(["mode", "N", *[f"{g} gain" for g in GROUPS], "train s (median)", "others bitwise"], rows))
+    print(f"plot: {out / 'finetune_local.png'}; runs: {out / 'results.json'}")
+    key = [r for r in results if r["mode"] == "group_local" and r["n"] == (10 if 10 in args.n else args.n[0])]
+    others = [abs(r["gain"][g]) for r in key for g in GROUPS if g != RARE]
+    print(summary({
+        "n": 10 if 10 in args.n else args.n[0], "repeats": args.repeats,
+        "local_gain_rare": statistics.mean(r["gain"][RARE] for r in key) if key else float("nan"),
+        "local_max_abs_gain_others": max(others) if others else float("nan"),
+        "local_bitwise_others": all(r["others_bitwise"] for r in key) if key else "n/a",
+        "local_train_s": statistics.median(r["seconds"] for r in key) if key else float("nan"),
+    }))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
