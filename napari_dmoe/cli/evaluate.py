@@ -35,6 +35,8 @@ def run(args: argparse.Namespace) -> int:
     name = args.name or model.spec.provenance.get("method") or Path(args.model).stem
     report = evaluate(model, config, args.split, Path(args.out), device=args.device, n_boot=args.n_boot,
                       name=name, quiet=args.quiet)
+    if not report:  # torchrun: a process other than rank 0, which writes and reports
+        return 0
     summary = report["mean_over_classes"]
     print(f"{name}: {report['n_images']} images, Dice {summary['dice']:.4f}, ES-Dice {summary['es_dice']:.4f} "
           f"-> {Path(args.out) / 'report.json'}")

@@ -59,11 +59,12 @@ def case_from_item(item: Mapping[str, Any], attribute: Mapping[str, str],
                 rgb)
 
 
-def dataset_cases(ds: Any) -> Iterator[Case]:
-    """Every case of a ``datasets`` dataset on the file's own grid and voxel size (no resize, no resampling)."""
-    for index, rec in enumerate(ds.records):
+def dataset_cases(ds: Any, indices: Iterable[int] | None = None) -> Iterator[Case]:
+    """Every case of a ``datasets`` dataset (or those at ``indices``) on the file's own grid and voxel size (no
+    resize, no resampling)."""
+    for index in range(len(ds.records)) if indices is None else indices:
         item, spacing = ds.read(index, resample=False)
-        yield case_from_item(item, dict(zip(ds.vocab.names, rec.values)), spacing)
+        yield case_from_item(item, dict(zip(ds.vocab.names, ds.records[index].values)), spacing)
 
 
 def evaluate_cases(model: Any, cases: Iterable[Case], *, hd95: bool = True,

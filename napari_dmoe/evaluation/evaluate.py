@@ -10,24 +10,23 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from napari_dmoe.evaluation.cases import dataset_cases, evaluate_cases
+from napari_dmoe.evaluation.cases import Evaluation, dataset_cases, evaluate_cases
 from napari_dmoe.evaluation.report import by_attribute, fairness_report, write_report
 
 
 def evaluate_dataset(model: Any, ds: Any, out: str | Path, *, device: str = "auto", n_boot: int = 1000,
                      name: str | None = None, quiet: bool = True, extra: dict[str, Any] | None = None) -> dict:
     """Evaluate ``model`` on every case of ``ds`` (a ``datasets`` dataset whose vocabulary is the model's);
-    write the report files to ``out``; return the report (``extra`` keys are added to it)."""
+    write the report files to ``out``; return the report (``extra`` keys are added to it). Under torchrun the
+    cases are spread over the processes; rank 0 writes and returns the report, the others return ``{}``."""
     from napari_dmoe.evaluation.plots import plot_expert_usage, plot_violins
 
     spec, out = model.spec, Path(out)
     names = [a.name for a in spec.attributes]
 
-    def progress(index: int, case: Any) -> None:
-        if not quiet:
-            print(f"[{index + 1}/{len(ds)}] {case.id} ({case.group})", file=sys.stderr)
-
-    result = evaluate_cases(model, dataset_cases(ds), device=device, progress=progress)
+    result = evaluate_sharded(model, ds, device=device, quiet=quiet)
+    if result is None:  # a torchrun process other than rank 0: rank 0 has every record and writes the report
+        return {}
     foreground = list(spec.class_names[1:])
     report = fairness_report(result.records, foreground, n_boot=n_boot, name=name)
     if len(names) > 1:  # intersectional: also per single attribute
@@ -43,3 +42,33 @@ def evaluate_dataset(model: Any, ds: Any, out: str | Path, *, device: str = "aut
     if usage is not None:
         plot_expert_usage(matrix, groups, out / "expert_usage.png")
     return report
+
+
+def evaluate_sharded(model: Any, ds: Any, *, device: str = "auto", quiet: bool = True) -> Evaluation | None:
+    """``evaluate_cases`` over every case of ``ds``, spread over the torchrun processes (``napari_dmoe.sharding``;
+    one process without torchrun). Rank 0 gets the records and expert usage merged in case order, exactly what
+    one process makes, so the bootstrap that follows sees the same list; the other ranks get None. Cases that
+    fail are all listed in one error (a report without them would not be the split's)."""
+    from napari_dmoe.sharding import processes, run_batch
+
+    with processes(device) as info:
+        def work(index: int) -> Evaluation:
+            case = next(dataset_cases(ds, [index]))
+            evaluation = evaluate_cases(model, [case], device=str(info.device))
+            if not quiet and not info.enabled:  # one process: a line per case (rank 0 counts for several)
+                print(f"[{index + 1}/{len(ds)}] {case.id} ({case.group})", file=sys.stderr)
+            return evaluation
+
+        outcome = run_batch(len(ds), work, info, what="cases", stream=None if quiet else sys.stderr, every_s=10.0)
+    if outcome.failed:
+        listed = "; ".join(f"{ds.records[i].id}: {message}" for i, message in outcome.failures[:10])
+        raise ValueError(f"{outcome.failed} of {len(ds)} cases failed, no report written"
+                         + (f": {listed}" if listed else " (rank 0 lists them)"))
+    if not info.is_main:
+        return None
+    merged = Evaluation()
+    for _, evaluation in outcome.results:  # case order
+        merged.records += evaluation.records
+        for group, rows in evaluation.usage.items():
+            merged.usage.setdefault(group, []).extend(rows)
+    return merged
