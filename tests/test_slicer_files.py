@@ -152,3 +152,18 @@ def test_dicom_seg_read_back_on_its_series(tmp_path, registered_plugin):
     assert "not found" in lone.meta["warnings"][0]
     assert set(np.unique(lone.array)) == {0, 1, 2}
     np.testing.assert_allclose(lone.origin[1:], series.origin[1:], atol=1e-4)
+
+
+@pytest.mark.gui
+def test_seg_nrrd_opens_in_napari_with_slicer_colours(make_napari_viewer, tmp_path, registered_plugin):
+    volume = read_image(nifti(tmp_path))
+    labels = labels_for(volume.array.shape)
+    path = write_seg_nrrd(tmp_path / "from_slicer.seg.nrrd", labels, volume, class_names=["bg", "CTV", "rectum"],
+                          colors=[(0.9, 0.6, 0.4), (0.2, 0.4, 0.9)])
+    viewer = make_napari_viewer()
+    [layer] = viewer.open(str(path), plugin="napari-dmoe")
+    assert layer._type_string == "labels"
+    np.testing.assert_array_equal(layer.data, labels)
+    np.testing.assert_allclose(layer.colormap.map(np.array([1, 2]))[:, :3], [(0.9, 0.6, 0.4), (0.2, 0.4, 0.9)],
+                               atol=1e-6)
+    np.testing.assert_allclose(layer.scale, volume.spacing)

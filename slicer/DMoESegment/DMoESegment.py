@@ -136,7 +136,7 @@ class DMoESegmentWidget(ScriptedLoadableModuleWidget):
             return
         choices = {name: combo.currentText for name, combo in self.attribute_combos.items()}
         self.status.text = "Segmenting..."
-        slicer.app.setOverrideCursor(qt.Qt.WaitCursor)
+        qt.QApplication.setOverrideCursor(qt.Qt.WaitCursor)
         try:
             result = self.logic.segment(volume, self.models[self.model.currentIndex], choices,
                                         routing=self.routing.checked, force=self.force.checked)
@@ -144,7 +144,7 @@ class DMoESegmentWidget(ScriptedLoadableModuleWidget):
         except ValueError as err:
             self.status.text = str(err)
         finally:
-            slicer.app.restoreOverrideCursor()
+            qt.QApplication.restoreOverrideCursor()
 
 
 class DMoESegmentLogic(ScriptedLoadableModuleLogic):
