@@ -122,13 +122,14 @@ def summarise(data: dict) -> dict:
                 v = np.array([r[k] for r in rows])
                 agg[k] = {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if v.size > 1 else None,
                           "values": v.round(4).tolist()}
-            agg["groups"] = {g: {"mean": float(np.mean([r["groups"][g] for r in rows])),
-                                 "std": float(np.std([r["groups"][g] for r in rows], ddof=1)) if len(rows) > 1 else None}
-                             for g in rows[0]["groups"]}
+            values = {g: np.array([r["groups"][g] for r in rows]) for g in rows[0]["groups"]}
+            agg["groups"] = {g: {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if v.size > 1 else None}
+                             for g, v in values.items()}
             agg["worst_groups"] = [r["worst_group"] for r in rows]
             by_method[method] = agg
         test, dataset = key.split("/")[1], key.split("/")[0]
-        seeds = sorted(set(by_method.get("baseline", {}).get("seeds", [])) & set(by_method.get("dmoe", {}).get("seeds", [])))
+        seeds = sorted(set(by_method.get("baseline", {}).get("seeds", []))
+                       & set(by_method.get("dmoe", {}).get("seeds", [])))
         if seeds:
             ids, groups = data[(test, dataset, "baseline", seeds[0])][:2]
             for s in seeds:  # the same cases in the same order for every model
@@ -164,8 +165,8 @@ def markdown(summary: dict, steps: dict) -> str:
         p = summary["paired"].get(key)
         if p:
             d = {k: p[f"delta_{k}"] for k in ("dice", "worst_group_dice", "es_dice")}
-            lines += ["", f"dMoE - baseline on the same {p['n_cases']} cases ({len(p['seeds_used'])} seeds each; 95 % CI "
-                          "over cases and seeds): " + "; ".join(f"{k} {v['value']:+.3f} [{v['ci95'][0]:+.3f}, "
+            lines += ["", f"dMoE - baseline on the same {p['n_cases']} cases ({len(p['seeds_used'])} seeds each; "
+                          "95 % CI over cases and seeds): " + "; ".join(f"{k} {v['value']:+.3f} [{v['ci95'][0]:+.3f}, "
                                                              f"{v['ci95'][1]:+.3f}]" for k, v in d.items())
                       + f". Per case: mean {p['per_case']['mean']:+.3f}, median {p['per_case']['median']:+.3f}, "
                         f"{100 * p['per_case']['share_improved']:.0f} % of cases better; by group "
@@ -259,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     for (test, dataset, method, seed), (ids, groups, dice, _) in sorted(data.items(), key=str):
         for i, g, d in zip(ids, groups, dice.mean(axis=1)):
             cw.writerow([test, dataset, method, seed, i, g, f"{d:.4f}"])
-    atomic_write(args.out / "cases.csv.gz", lambda tmp: tmp.write_bytes(gzip.compress(cases.getvalue().encode(), mtime=0)))
+    packed = gzip.compress(cases.getvalue().encode(), mtime=0)
+    atomic_write(args.out / "cases.csv.gz", lambda tmp: tmp.write_bytes(packed))
     if summary["by_method"]:
         plot(summary, args.out / "seeds.png")
     print(text)
@@ -267,8 +269,10 @@ def main(argv: list[str] | None = None) -> int:
     for key, pr in summary["paired"].items():
         tag = key.replace("/", "_").replace("-", "_")
         parts += [f"{tag}_seeds={len(pr['seeds_used'])}",
-                  *(f"{tag}_delta_{k}={pr[f'delta_{k}']['value']:.4f} {tag}_delta_{k}_lo={pr[f'delta_{k}']['ci95'][0]:.4f} "
-                    f"{tag}_delta_{k}_hi={pr[f'delta_{k}']['ci95'][1]:.4f}" for k in ("dice", "worst_group_dice", "es_dice"))]
+                  *(f"{tag}_delta_{k}={pr[f'delta_{k}']['value']:.4f} "
+                    f"{tag}_delta_{k}_lo={pr[f'delta_{k}']['ci95'][0]:.4f} "
+                    f"{tag}_delta_{k}_hi={pr[f'delta_{k}']['ci95'][1]:.4f}"
+                    for k in ("dice", "worst_group_dice", "es_dice"))]
     print(" ".join(parts))
     return 0
 

@@ -26,9 +26,10 @@ and three seeds of more than two methods do not fit at any budget where they are
     python sample_data/seed_study.py run --budget 0.25 --datasets fundus --methods baseline dmoe
     python sample_data/seed_study.py run --budget 0.25 --datasets fundus --methods moe
 (the last ones as far as the session's time allowed; seed_analysis.py reports what finished).
-Training runs go one at a time (a model's evaluation overlaps the next training run) under ``nice -n 10``, one torch thread (on the loaded 2-core machine two threads
-stalled on each other: 20-35 s per 2D step against 2.5-12 s with one). Everything is resumable: a finished
-training run or report is never redone. Runs, logs and full reports go to runs/seeds/ (git-ignored).
+Training runs go one at a time (a model's evaluation overlaps the next training run) under ``nice -n 10``, one
+torch thread (on the loaded 2-core machine two threads stalled on each other: 20-35 s per 2D step against 2.5-12 s
+with one). Everything is resumable: a finished training run or report is never redone. Runs, logs and full
+reports go to runs/seeds/ (git-ignored).
 """
 from __future__ import annotations
 
@@ -119,7 +120,8 @@ def train(dataset: str, method: str, seed: int, budget: float) -> Path:
         return best
     steps, val_every = (max(1, round(v * budget)) for v in STEPS[dataset])
     _log(f"train {name}: {steps} steps, validation every {val_every}")
-    _call(["dmoe", "train", f"training/demo-{dataset}-{method}.yaml", "--set", f"data.root={DATA / 'train' / SUB[dataset]}",
+    _call(["dmoe", "train", f"training/demo-{dataset}-{method}.yaml",
+           "--set", f"data.root={DATA / 'train' / SUB[dataset]}",
            "--set", f"output_dir={out}", "--set", f"seed={seed}", "--set", f"recipe.steps={steps}",
            "--set", f"recipe.val_every={val_every}", "--events", str(events), "--quiet"], RUNS / f"{name}.log")
     return best
