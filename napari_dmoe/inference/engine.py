@@ -12,17 +12,16 @@ Geometry rules:
 - 3D model: the volume is resampled to ``spec.spacing`` when both spacings are known, padded at the end to
   multiples of 32 and at least 64 per axis (the 3D UNet's limits), scanned with windows of ``roi_size``
   (default ``spec.input_size``, shrunk to the padded volume) and mapped back to the original grid.
-- Windows: MONAI's ``sliding_window_inference`` calls the predictor synchronously, so a generator cannot yield
-  from inside it and routing records could not be tied to window positions. We therefore lay the windows out
-  ourselves (same scan as MONAI, interval rounded to a multiple of 4 for the routing maps; a test checks the
-  result against ``sliding_window_inference``) and blend with MONAI's ``compute_importance_map``.
+- Windows: laid out by ``plan.make_plan`` (MONAI's scan, interval rounded to a multiple of 4 for the routing
+  maps) and run by the one loop in ``windows.py`` (why not MONAI's ``sliding_window_inference``: see there), for
+  both this whole-image path and the streamed 3D path; blended with MONAI's ``compute_importance_map``.
 - Probabilities are blended (MONAI importance maps) and averaged across routers when the attribute is unknown;
   labels are the argmax of the stored (float16) probabilities.
 - Memory: results are written straight into their float16/uint8 output arrays one class (or expert) and plane at
   a time, so the float32 temporaries stay the size of one image; the input stack is dropped once it is on the
   work grid. Per-position routing maps cost E x 2 bytes per voxel each: ``routing="auto"`` keeps them only while
   they fit ``AUTO_ALL_BYTES`` (the mean map and dominant expert are always kept), ``"all"`` always, ``"mean"`` never.
-- 3D models stream (``inference_volume.py``): windows run in rows of equal z start, the float32 accumulators
+- 3D models stream (``volume.py``): windows run in rows of equal z start, the float32 accumulators
   cover only a slab of ``roi_z + 8`` planes, finished planes go straight to the outputs, and each window's input
   is made from the raw image (``volume_input.py``), so no float32 copy of the whole volume is ever made.
   2D models (and stacks of slices) use the whole-image path below, as does 3D with ``STREAM_3D = False``.
@@ -42,16 +41,17 @@ from napari_dmoe.inference.plan import (
     InferenceError, Plan, Progress, check_image, make_plan, prepare_image, resolve_routers,
 )
 from napari_dmoe.inference.runner import Runner
-from napari_dmoe.inference.volume import iter_volume
+from napari_dmoe.inference.volume import VolumeResult, iter_volume
 from napari_dmoe.inference.routing import RoutingAccumulator, importance
 from napari_dmoe.transforms import resize
 from napari_dmoe.inference.volume_input import VolumeInput
+from napari_dmoe.inference.windows import Counter, Window, batches, run_windows, window
 
 __all__ = ["InferenceError", "Progress", "Segmentation", "iter_segment", "segment"]
 
 AUTO_ALL_BYTES = 256 * 2**20  # routing="auto" keeps per-position maps while they take at most this
 ROUTING_MODES = ("auto", "all", "mean", "none")
-# 3D models stream (inference_volume.py); False runs them through the whole-volume path below, the reference
+# 3D models stream (volume.py); False runs them through the whole-volume path below, the reference
 # the tests compare the streamed results with
 STREAM_3D = True
 
@@ -104,89 +104,120 @@ def iter_segment(
     same order. ``attribute``: a value (one-attribute model), a dict name -> value, or None / "unknown" to
     average over all routers (``unknown="error"`` refuses instead). ``rgb``: None guesses from the last axis.
     ``routing``: ``True``/"auto", "all", "mean" (only the mean map over positions) or ``False``/"none".
-    ``channels_last`` / ``compile``: speed options for GPUs, see ``inference_runner``; a compile that fails or
+    ``channels_last`` / ``compile``: speed options for GPUs, see ``runner``; a compile that fails or
     disagrees with the eager network falls back to it with a warning.
     """
     routing_mode = _routing_mode(routing)
+    _check_options(overlap, sw_batch_size, blend)
+    spec, n_classes = model.spec, model.spec.n_classes
+    clock = _Clock()
+    with clock("preprocess"):
+        prep = _prepare(spec, image, attribute, spacing, rgb, device, roi_size, overlap, mode2d, unknown)
+    yield Progress("preprocess", 1, 1)
+
+    plan, warns = prep.plan, prep.warnings
+    runner = Runner(model.network, prep.device, amp, sw_batch_size, warns, channels_last=channels_last,
+                    compile=compile)
+    want_routing = routing_mode != "none" and spec.routing != "none"
+    runner.start()
+    try:
+        if prep.source is not None:  # streamed 3D: blends, maps back and writes the outputs as it goes
+            full, labels, maps, dominant = yield from iter_volume(
+                runner, clock, prep.source, plan, prep.routers, n_classes, blend=blend, sw_batch_size=sw_batch_size,
+                want_routing=want_routing, keep_positions=_keep_positions(routing_mode, warns),
+            )
+        else:
+            blended = yield from _run_whole(runner, clock, prep, n_classes, blend, sw_batch_size, want_routing)
+    finally:
+        runner.stop()
+    if prep.source is None:
+        yield Progress("postprocess", 0, 1)
+        full, labels, maps, dominant = _finish_whole(clock, *blended, plan, n_classes, want_routing, routing_mode,
+                                                     warns)
+    return Segmentation(labels=labels, probabilities=full, routing=maps, dominant_expert=dominant,
+                        attribute=prep.used, timings=clock.seconds, device=str(prep.device), warnings=warns,
+                        conversions=prep.notes, device_reason=prep.reason)
+
+
+def _check_options(overlap: float, sw_batch_size: int, blend: str) -> None:
     if not 0 <= overlap < 1:
         raise InferenceError(f"overlap={overlap} must be in [0, 1)")
     if sw_batch_size < 1:
         raise InferenceError(f"sw_batch_size={sw_batch_size} must be at least 1")
     if blend not in ("gaussian", "constant"):
         raise InferenceError(f"blend={blend!r}: expected 'gaussian' or 'constant'")
-    spec, network = model.spec, model.network
-    clock = _Clock()
-    with clock("preprocess"):
-        routers, used, routing_note = resolve_routers(spec, attribute, unknown)
-        try:
-            dev, reason = resolve_device(device)
-        except DeviceError as err:
-            raise InferenceError(str(err)) from None
-        stream = spec.spatial_dims == 3 and STREAM_3D
-        if stream:
-            image, shape, is_rgb, image_spacing = check_image(spec, image, spacing, rgb)
-            plan = make_plan(spec, shape, image_spacing, roi_size, overlap, mode2d)
-            source = VolumeInput(spec, image, is_rgb, plan)  # windows made on demand from the raw image
-            notes, warns = source.notes, source.warnings
-        else:
-            stack, image_spacing, squeeze, notes, warns = prepare_image(spec, image, spacing, rgb)
-            plan = make_plan(spec, stack.shape[2:], image_spacing, roi_size, overlap, mode2d, squeeze)
-            work = _to_work_grid(stack, plan)
-            del stack  # the work grid holds the image from here on
-        if spec.spatial_dims == 3 and spec.spacing is not None and image_spacing is None:
-            warns.append(f"the voxel size of this volume is unknown: it was used as it is, while the model "
-                         f"expects {'x'.join(f'{s:g}' for s in spec.spacing)} mm voxels; give the spacing (or "
-                         "open a NIfTI/DICOM file) for a correct result")
-        if routing_note:
-            warns.append(routing_note)
-    yield Progress("preprocess", 1, 1)
 
-    runner = Runner(network, dev, amp, sw_batch_size, warns, channels_last=channels_last, compile=compile)
-    n_classes = spec.n_classes
-    want_routing = routing_mode != "none" and spec.routing != "none"
-    if stream:
-        runner.start()
-        try:
-            full, labels, maps, dominant = yield from iter_volume(
-                runner, clock, source, plan, routers, n_classes, blend=blend, sw_batch_size=sw_batch_size,
-                want_routing=want_routing, keep_positions=_keep_positions(routing_mode, warns),
-            )
-        finally:
-            runner.stop()
-        return Segmentation(labels=labels, probabilities=full, routing=maps, dominant_expert=dominant,
-                            attribute=used, timings=clock.seconds, device=str(dev), warnings=warns,
-                            conversions=notes, device_reason=reason)
 
+@dataclass
+class _Prepared:
+    """Everything decided before the first window: routers, device, plan and the input (``source`` for streamed
+    3D, else ``work``: the whole stack on the padded work grid)."""
+
+    routers: list[int]
+    used: dict[str, str]
+    device: torch.device
+    reason: str
+    plan: Plan
+    notes: list[str]
+    warnings: list[str]
+    source: VolumeInput | None = None
+    work: torch.Tensor | None = None
+
+
+def _prepare(spec: Any, image: Any, attribute: Any, spacing: Sequence[float] | None, rgb: bool | None, device: str,
+             roi_size: Sequence[int] | None, overlap: float, mode2d: str, unknown: str) -> _Prepared:
+    routers, used, routing_note = resolve_routers(spec, attribute, unknown)
+    try:
+        dev, reason = resolve_device(device)
+    except DeviceError as err:
+        raise InferenceError(str(err)) from None
+    if spec.spatial_dims == 3 and STREAM_3D:
+        image, shape, is_rgb, image_spacing = check_image(spec, image, spacing, rgb)
+        plan = make_plan(spec, shape, image_spacing, roi_size, overlap, mode2d)
+        source = VolumeInput(spec, image, is_rgb, plan)  # windows made on demand from the raw image
+        prep = _Prepared(routers, used, dev, reason, plan, source.notes, source.warnings, source=source)
+    else:
+        stack, image_spacing, squeeze, notes, warns = prepare_image(spec, image, spacing, rgb)
+        plan = make_plan(spec, stack.shape[2:], image_spacing, roi_size, overlap, mode2d, squeeze)
+        prep = _Prepared(routers, used, dev, reason, plan, notes, warns, work=_to_work_grid(stack, plan))
+    if spec.spatial_dims == 3 and spec.spacing is not None and image_spacing is None:
+        prep.warnings.append(f"the voxel size of this volume is unknown: it was used as it is, while the model "
+                             f"expects {'x'.join(f'{s:g}' for s in spec.spacing)} mm voxels; give the spacing (or "
+                             "open a NIfTI/DICOM file) for a correct result")
+    if routing_note:
+        prep.warnings.append(routing_note)
+    return prep
+
+
+def _run_whole(runner: Runner, clock: "_Clock", prep: _Prepared, n_classes: int, blend: str, sw_batch_size: int,
+               want_routing: bool) -> Generator[Progress, None, tuple[torch.Tensor, torch.Tensor, RoutingAccumulator]]:
+    """Every window of every plane and router, blended: probability sums and weights on the padded work grid.
+    Batches never mix routers here (one router's pass over the stack after the other)."""
+    plan, work, routers = prep.plan, prep.work, prep.routers
     probs = torch.zeros((work.shape[0], n_classes, *plan.padded), dtype=torch.float32)
     weight = torch.zeros((1, *plan.padded), dtype=torch.float32)
     imp = importance(plan.roi, blend)
     for start in plan.starts:
-        weight[(slice(None), *_window(start, plan.roi))] += imp * len(routers)
+        weight[(slice(None), *window(start, plan.roi))] += imp * len(routers)
     routes = RoutingAccumulator(work.shape[0], plan.padded, plan.roi, plan.align, blend)
+    per_router = [batches([Window(z, r, s) for z in range(work.shape[0]) for s in plan.starts], sw_batch_size)
+                  for r in routers]
+    todo = [b for router_batches in per_router for b in router_batches]
 
-    windows = [(z, s) for z in range(work.shape[0]) for s in plan.starts]
-    batches = [windows[i : i + sw_batch_size] for i in range(0, len(windows), sw_batch_size)]
-    total, done = len(batches) * len(routers), 0
-    try:
-        runner.start()
-        for router in routers:
-            for batch in batches:
-                with clock("infer"):
-                    x = torch.stack([work[(z, slice(None), *_window(s, plan.roi))] for z, s in batch])
-                    p, records = runner.predict(x, router, want_routing)
-                    for b, (z, s) in enumerate(batch):
-                        probs[(z, slice(None), *_window(s, plan.roi))] += p[b] * imp
-                with clock("routing"):
-                    for position, w in records.items():
-                        for b, (z, s) in enumerate(batch):
-                            routes.add(position, z, s, w[b])
-                done += 1
-                yield Progress("infer", done, total)
-    finally:
-        runner.stop()
-    del work
+    def read(w: Window) -> torch.Tensor:
+        return work[(w.plane, slice(None), *window(w.start, plan.roi))]
 
-    yield Progress("postprocess", 0, 1)
+    def add(w: Window, p: torch.Tensor) -> None:
+        probs[(w.plane, slice(None), *window(w.start, plan.roi))] += p * imp
+
+    yield from run_windows(runner, clock, todo, read, add, routes, want_routing, Counter(len(todo)))
+    prep.work = None  # the work grid is no longer needed
+    return probs, weight, routes
+
+
+def _finish_whole(clock: "_Clock", probs: torch.Tensor, weight: torch.Tensor, routes: RoutingAccumulator,
+                  plan: Plan, n_classes: int, want_routing: bool, routing_mode: str, warns: list[str]) -> VolumeResult:
+    """Probabilities, labels and routing maps on the image grid, from the blended work-grid results."""
     with clock("postprocess"):
         probs /= weight.clamp_min_(1e-12)
         del weight
@@ -197,18 +228,7 @@ def iter_segment(
         maps, dominant = ({}, None)
         if want_routing:
             maps, dominant = _routing_maps(routes, plan, routing_mode, warns)
-    return Segmentation(
-        labels=labels,
-        probabilities=full,
-        routing=maps,
-        dominant_expert=dominant,
-        attribute=used,
-        timings=clock.seconds,
-        device=str(dev),
-        warnings=warns,
-        conversions=notes,
-        device_reason=reason,
-    )
+    return full, labels, maps, dominant
 
 
 class _Clock:
@@ -227,10 +247,6 @@ class _Clock:
 
     def __exit__(self, *exc: Any) -> None:
         self.seconds[self._stage] += time.perf_counter() - self._t0
-
-
-def _window(start: Sequence[int], roi: Sequence[int]) -> tuple[slice, ...]:
-    return tuple(slice(s, s + r) for s, r in zip(start, roi))
 
 
 def _to_work_grid(stack: np.ndarray, plan: Plan) -> torch.Tensor:

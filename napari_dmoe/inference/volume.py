@@ -23,6 +23,7 @@ from napari_dmoe.inference.plan import Plan, Progress
 from napari_dmoe.inference.routing import LinearStream, RoutingAccumulator, importance, shift_planes
 from napari_dmoe.transforms import resize
 from napari_dmoe.inference.volume_input import VolumeInput
+from napari_dmoe.inference.windows import Counter, Window, batches, run_windows, window
 
 VolumeResult = tuple[np.ndarray, np.ndarray, dict[str, np.ndarray], "np.ndarray | None"]
 
@@ -58,22 +59,15 @@ def iter_volume(
     out = _Outputs(plan, n_classes, keep_positions, prob_plane, routes)
     rows = [list(group) for _, group in itertools.groupby(plan.starts, key=lambda s: s[0])]
     # a batch never spans two rows (that would need a deeper slab), but may mix routers
-    items = [[(r, s) for r in routers for s in row] for row in rows]
-    batches = [[row[i : i + sw_batch_size] for i in range(0, len(row), sw_batch_size)] for row in items]
-    total, done = sum(map(len, batches)), 0
-    for k, row_batches in enumerate(batches):
-        for batch in row_batches:
-            with clock("infer"):
-                x = torch.stack([source.window(s, plan.roi) for _, s in batch])
-                p, records = runner.predict(x, [r for r, _ in batch], want_routing)
-                for b, (_, s) in enumerate(batch):
-                    slab[(slice(None), *_window((s[0] - base, *s[1:]), plan.roi))] += p[b, 1:] * imp
-            with clock("routing"):
-                for position, w in records.items():
-                    for b, (_, s) in enumerate(batch):
-                        routes.add(position, 0, s, w[b])
-            done += 1
-            yield Progress("infer", done, total)
+    todo = [batches([Window(0, r, s) for r in routers for s in row], sw_batch_size) for row in rows]
+    counter = Counter(sum(map(len, todo)))
+
+    def add(w: Window, p: torch.Tensor) -> None:  # into the slab, whose first plane is ``base``
+        slab[(slice(None), *window((w.start[0] - base, *w.start[1:]), plan.roi))] += p[1:] * imp
+
+    for k, row_batches in enumerate(todo):
+        yield from run_windows(runner, clock, row_batches, lambda w: source.window(w.start, plan.roi), add, routes,
+                               want_routing, counter)
         if k + 1 < len(rows):
             final = rows[k + 1][0][0]  # later windows all start at or after this plane
             out.flush(final, clock)
@@ -84,10 +78,6 @@ def iter_volume(
     yield Progress("postprocess", 0, 1)
     out.flush(plan.padded[0], clock)
     return out.result()
-
-
-def _window(start: tuple[int, ...], roi: tuple[int, ...]) -> tuple[slice, ...]:
-    return tuple(slice(s, s + r) for s, r in zip(start, roi))
 
 
 class _PlaneWeights:
@@ -101,7 +91,7 @@ class _PlaneWeights:
         roi = self.plan.roi
         for s in self.plan.starts:  # the whole-volume path's order, so the sums are the same
             if s[0] <= z < s[0] + roi[0]:
-                plane[_window(s[1:], roi[1:])] += self.imp[z - s[0]]
+                plane[window(s[1:], roi[1:])] += self.imp[z - s[0]]
         return plane
 
 
