@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -76,8 +77,8 @@ def _bitwise_others(base, tuned, heldout: Path) -> bool:
     return True
 
 
-def _one_run(base_path: Path, spec, mode: str, n: int, repeat: int, args, work: Path) -> tuple[Path, float]:
-    """Export N corrected rare-group cases like the widget, fine-tune with its config; (model, train seconds)."""
+def _one_run(base_path: Path, spec, mode: str, n: int, repeat: int, args, work: Path) -> tuple[Path, float, float]:
+    """Export N corrected rare-group cases like the widget, fine-tune with its config; (model, wall s, CPU s)."""
     import torch
 
     from napari_dmoe.finetune.prepare import (build_config, default_settings, export_pairs, free_memory,
@@ -98,9 +99,9 @@ def _one_run(base_path: Path, spec, mode: str, n: int, repeat: int, args, work: 
     config = build_config(base_path, spec, export, run / "train", settings)
     path = write_config(config, run / "finetune.yaml")
     torch.set_num_threads(args.threads)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     best = train(load_config(path), quiet=True, device="cpu")
-    return best, time.perf_counter() - t0
+    return best, time.perf_counter() - t0, time.process_time() - c0
 
 
 def _plot(results: list[dict], out: Path) -> None:
@@ -149,9 +150,15 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--size", type=int, default=224, help="side of the generated images (demo data: 224)")
     parser.add_argument("--out", default=None, help="folder for results.json and the plot (default: temporary)")
+    parser.add_argument("--merge", nargs="+", default=None, metavar="RESULTS_JSON",
+                        help="only report: merge the results.json of several runs (e.g. run in parallel)")
     args = parser.parse_args()
     if args.quick:
         args.n, args.repeats, args.steps, args.heldout = [5], 1, 4, 3
+    if args.merge:
+        runs = [r for f in args.merge for r in json.loads(Path(f).read_text())["runs"]]
+        out = Path(args.out or Path(args.merge[0]).parent)
+        return _report(runs, out, sorted({r["mode"] for r in runs}, key=MODES.index), sorted({r["n"] for r in runs}))
 
     import torch
 
@@ -175,35 +182,44 @@ def main() -> int:
     for n in args.n:
         for repeat in range(args.repeats):
             for mode in args.modes:
-                best, seconds = _one_run(base_path, base.spec, mode, n, repeat, args, work)
+                best, seconds, cpu = _one_run(base_path, base.spec, mode, n, repeat, args, work)
                 after = evaluate_on_pairs(best, heldout, split="test")
-                row = {"mode": mode, "n": n, "repeat": repeat, "seconds": seconds,
+                row = {"mode": mode, "n": n, "repeat": repeat, "seconds": seconds, "cpu_seconds": cpu,
+                       "lr": args.lr, "load": os.getloadavg()[0],
                        "after": after, "gain": {g: after[g] - before[g] for g in GROUPS}}
                 if mode == "group_local":
                     row["others_bitwise"] = _bitwise_others(base, load_model(best), heldout)
                 results.append(row)
                 print(json.dumps(row), flush=True)
     (out / "results.json").write_text(json.dumps({"before": before, "runs": results}, indent=1))
-    _plot(results, out / "finetune_local.png")
+    return _report(results, out, args.modes, args.n)
 
+
+def _report(results: list[dict], out: Path, modes: list[str], ns: list[int]) -> int:
+    """Table (mean +- sd over repeats), plot, and the key=value summary line (last)."""
+    _plot(results, out / "finetune_local.png")
     rows = []
-    for mode in args.modes:
-        for n in args.n:
+    for mode in modes:
+        for n in ns:
             rs = [r for r in results if r["mode"] == mode and r["n"] == n]
-            bitwise = {True: "yes", False: "NO"}.get(all(r.get("others_bitwise", False) for r in rs), "") \
-                if mode == "group_local" else "-"
-            rows.append([mode, n, *[_stats([r["gain"][g] for r in rs]) for g in GROUPS],
-                         f"{statistics.median(r['seconds'] for r in rs):.1f}", bitwise])
-    print(table(["mode", "N", *[f"{g} gain" for g in GROUPS], "train s (median)", "others bitwise"], rows))
-    print(f"plot: {out / 'finetune_local.png'}; runs: {out / 'results.json'}")
-    key = [r for r in results if r["mode"] == "group_local" and r["n"] == (10 if 10 in args.n else args.n[0])]
+            if not rs:
+                continue
+            bitwise = ("yes" if all(r.get("others_bitwise") for r in rs) else "NO") if mode == "group_local" else "-"
+            rows.append([mode, n, len(rs), *[_stats([r["gain"][g] for r in rs]) for g in GROUPS],
+                         f"{statistics.median(r['seconds'] for r in rs):.0f}",
+                         f"{statistics.median(r['cpu_seconds'] for r in rs):.0f}", bitwise])
+    print(table(["mode", "N", "repeats", *[f"{g} gain" for g in GROUPS], "wall s", "CPU s", "others bitwise"], rows))
+    print(f"plot: {out / 'finetune_local.png'}")
+    n_key = 10 if 10 in ns else ns[0]
+    key = [r for r in results if r["mode"] == "group_local" and r["n"] == n_key]
     others = [abs(r["gain"][g]) for r in key for g in GROUPS if g != RARE]
     print(summary({
-        "n": 10 if 10 in args.n else args.n[0], "repeats": args.repeats,
+        "n": n_key, "repeats": len(key),
         "local_gain_rare": statistics.mean(r["gain"][RARE] for r in key) if key else float("nan"),
         "local_max_abs_gain_others": max(others) if others else float("nan"),
-        "local_bitwise_others": all(r["others_bitwise"] for r in key) if key else "n/a",
-        "local_train_s": statistics.median(r["seconds"] for r in key) if key else float("nan"),
+        "local_bitwise_others": all(r.get("others_bitwise") for r in key) if key else "n/a",
+        "local_train_wall_s": statistics.median(r["seconds"] for r in key) if key else float("nan"),
+        "local_train_cpu_s": statistics.median(r["cpu_seconds"] for r in key) if key else float("nan"),
     }))
     return 0
 

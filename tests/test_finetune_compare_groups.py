@@ -138,3 +138,21 @@ def test_widget_defaults_to_group_local_and_asks_before_registering_a_worse_mode
     assert flagged and "Add it to the model lists anyway" in asked[-1]
     assert widget.new_model.is_file() and widget.new_model not in [e.path for e in recent_models()]
     assert "NOT added" in widget.status.text() and not widget.segment_button.isEnabled()
+
+
+def test_dmoe_info_prints_the_per_group_comparison():
+    from napari_dmoe.cli.info import format_spec
+
+    spec = tiny("transunet2d-tiny").spec
+    spec.local_experts = [[[1, 3]]]
+    spec.metrics = {"finetune_groups": [
+        {"group": "Asian", "corrected": False, "source": "reference set", "n": 4, "before": 0.86, "after": 0.86,
+         "agreement": 1.0, "flag": None},
+        {"group": "Black", "corrected": True, "source": "held-back pairs", "n": 2, "before": 0.78, "after": 0.90,
+         "flag": None},
+        {"group": "White", "corrected": False, "source": "no labels", "n": 0, "before": None, "after": None,
+         "agreement": 0.7, "flag": "changed"}]}
+    text = format_spec(spec)
+    assert "1 local expert(s)" in text
+    assert "Black: Dice 0.780 -> 0.900 (held-back pairs, n=2) (corrected)" in text
+    assert "White: no labels, masks agree 0.700 [CHANGED]" in text

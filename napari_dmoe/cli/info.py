@@ -38,7 +38,9 @@ def format_spec(spec: Any, title: str = "", n_params: int | None = None) -> str:
         f"  routing      : {routing}",
     ]
     if spec.routing != "none":
-        lines.append(f"  experts      : {spec.n_experts} (top-{spec.top_k}), {spec.n_routers} router(s)")
+        local = sum(len(layer) for layer in spec.local_experts or [])
+        lines.append(f"  experts      : {spec.n_experts} (top-{spec.top_k}), {spec.n_routers} router(s)"
+                     + (f", {local} local expert(s) (private copies of adapted groups)" if local else ""))
     for attr in spec.attributes:
         lines.append(f"  attribute    : {attr.name} = {', '.join(attr.values)}")
     lines += [
@@ -51,6 +53,8 @@ def format_spec(spec: Any, title: str = "", n_params: int | None = None) -> str:
         lines.append(f"  parameters   : {n_params:,}")
     lines += _block("provenance   : ", _provenance(spec.provenance) or ["none recorded"])
     lines += _block("validation   : ", _metrics(spec.metrics) or ["not evaluated"])
+    if isinstance(spec.metrics.get("finetune_groups"), list):
+        lines += _block("before/after : ", _finetune_groups(spec.metrics["finetune_groups"]) or ["none"])
     test = spec.metrics.get("test")
     if isinstance(test, dict):
         lines += _block(f"{'test (n=' + str(test.get('n', '?')) + ')':<13}: ", _test(test))
@@ -92,6 +96,20 @@ def _adaptation(record: Any) -> list[str]:
             "  other groups: may have changed (shared weights were trained)"]
 
 
+def _finetune_groups(rows: list) -> list[str]:
+    """The fine-tune's per-group comparison (``finetune.compare.group_rows``), one group a line."""
+    out = []
+    for r in rows:
+        if not isinstance(r, dict):
+            continue
+        text = (f"{r.get('group')}: Dice {_num(r.get('before'))} -> {_num(r.get('after'))} "
+                f"({r.get('source')}, n={r.get('n')})" if r.get("before") is not None else f"{r.get('group')}: no labels")
+        if r.get("agreement") is not None:
+            text += f", masks agree {_num(r['agreement'])}"
+        out.append(text + (" (corrected)" if r.get("corrected") else "") + (f" [{r['flag'].upper()}]" if r.get("flag") else ""))
+    return out
+
+
 def _metrics(metrics: dict) -> list[str]:
     """The validation summary of the saved step: overall line, then one line per class with its groups."""
     head = ", ".join(f"{k}={_num(metrics[k])}" for k in ("split", "step", "n", "dice", "es_dice") if k in metrics)
@@ -101,7 +119,8 @@ def _metrics(metrics: dict) -> list[str]:
             groups = ", ".join(f"{g} {_num(v)}" for g, v in (row.get("groups") or {}).items())
             out.append(f"{name}: Dice {_num(row.get('dice'))}, ES-Dice {_num(row.get('es_dice'))}"
                        + (f"; groups {groups}" if groups else ""))
-    other = [k for k in metrics if k not in ("split", "step", "n", "dice", "es_dice", "classes", "groups", "test")]
+    other = [k for k in metrics if k not in ("split", "step", "n", "dice", "es_dice", "classes", "groups", "test",
+                                             "finetune_groups")]
     out += [f"{k}={_num(metrics[k]) if not isinstance(metrics[k], (dict, list)) else json.dumps(metrics[k])}"
             for k in other]
     return out

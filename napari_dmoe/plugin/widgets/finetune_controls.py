@@ -218,6 +218,9 @@ class CompareTable(QTableWidget):
         super().__init__(0, len(self.COLUMNS), parent)
         self.setHorizontalHeaderLabels(self.COLUMNS)
         self.setEditTriggers(QAbstractItemView.NoEditTriggers)
+        self.verticalHeader().hide()
+        self.setToolTip("Every group of the model. 'masks agree': mean Dice between the base and the new model's "
+                        "masks on that group's images (no labels needed); 1.000 = unchanged")
 
     def show_groups(self, rows: Sequence[dict[str, Any]]) -> None:
         num = lambda v, f="{:.3f}": "-" if v is None else f.format(v)  # noqa: E731
@@ -229,7 +232,7 @@ class CompareTable(QTableWidget):
             texts = (row["group"] + (" (corrected)" if row.get("corrected") else ""),
                      f"{row['source']} ({row['n']})" if row.get("n") else row["source"],
                      num(row.get("before")), num(row.get("after")), num(row.get("change"), "{:+.3f}"),
-                     "-" if agree is None else f"{agree:.3f} ({row.get('agreement_n', 0)} images)",
+                     "-" if agree is None else f"{agree:.3f} (n={row.get('agreement_n', 0)})",
                      {"worse": "WORSE", "changed": "masks changed"}.get(row.get("flag"), "ok"))
             for c, text in enumerate(texts):
                 item = QTableWidgetItem(text)
@@ -237,6 +240,9 @@ class CompareTable(QTableWidget):
                     item.setForeground(QColor("#ff6b6b"))
                 self.setItem(r, c, item)
         self.resizeColumnsToContents()
+        # every group visible without scrolling: the point of the table is that none is hidden
+        self.setMinimumHeight(self.horizontalHeader().height() + sum(self.rowHeight(i) for i in range(len(rows)))
+                              + 2 * self.frameWidth() + self.horizontalScrollBar().sizeHint().height())
 
     def values(self) -> list[list[str]]:
         return [[self.item(r, c).text() for c in range(self.columnCount())] for r in range(self.rowCount())]
