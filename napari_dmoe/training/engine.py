@@ -149,19 +149,8 @@ def _train(config: Mapping[str, Any], info: dist_utils.DistInfo, writer: EventWr
         raise TrainingError(f"--resume: no resume state in {out} (expected {resume_state.SCALARS}); drop --resume "
                             "to start a new run")
     run: RunParts = build_run(config, info, command)
-    spec, network = run.spec, run.network
-    batch, world = int(config["recipe"]["batch_size"]), info.world_size
-    if batch % world:
-        raise TrainingError(f"recipe.batch_size={batch} must be divisible by the {world} processes (it is the "
-                            "global batch, split across processes)")
-    per_rank = batch // world
-    n_train = len(run.train_items)
-    steps_per_epoch = n_train // batch
-    if steps_per_epoch < 1:
-        raise TrainingError(f"the training split has {n_train} items, fewer than recipe.batch_size={batch}; "
-                            "lower the batch size or add data")
-    recipe_cfg = config["recipe"]
-    total = recipe_cfg["steps"] or recipe_cfg["epochs"] * steps_per_epoch
+    network, batch, world = run.network, int(config["recipe"]["batch_size"]), info.world_size
+    per_rank, steps_per_epoch, total = _sizes(config, len(run.train_items), world)
     recipe = resolve_recipe(config, total)
     val_every = recipe["val_every"] or steps_per_epoch
     ckpt_every = recipe["checkpoint_every"] or val_every
@@ -177,32 +166,14 @@ def _train(config: Mapping[str, Any], info: dist_utils.DistInfo, writer: EventWr
         if isinstance(m, DMoE):
             m.aux_loss_enabled = config["aux_loss"] > 0
 
-    step, best, best_step = 0, -math.inf, None
-    if resume_state.has_state(out):
-        if resume_state.peek(out).get("run") != run.identity:
-            raise TrainingError(f"{out} holds a run with a different data/model/method config; choose another "
-                                "output_dir (or delete its resume.json/resume.safetensors to start over)")
-        meta = resume_state.load_state(out, network, optimizer)
-        step, best, best_step = int(meta["step"]), float(meta["best"]), meta.get("best_step")
-        scheduler.load_state_dict(meta["scheduler"])
-        if use_amp and meta.get("scaler"):
-            scaler.load_state_dict(meta["scaler"])
-    model = network
-    if info.enabled:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        if info.device.type == "cuda":  # batch statistics over the global batch (SyncBatchNorm is CUDA-only)
-            network = torch.nn.SyncBatchNorm.convert_sync_batchnorm(network)
-            run.network = network
-        # Experts no token chose this step get no gradient: DDP must be told to expect unused parameters.
-        model = DDP(network, device_ids=[info.device.index] if info.device.type == "cuda" else None,
-                    find_unused_parameters=spec.routing != "none")
+    step, best, best_step = _resume(out, run, network, optimizer, scheduler, scaler if use_amp else None)
+    model, network = _distributed(run, network, info)
 
     sampler = DistributedSampler(run.train_items, num_replicas=world, rank=info.rank, shuffle=True, seed=seed,
                                  drop_last=True)
     writer.emit("start", step=step, total_steps=total, epoch=step // steps_per_epoch, world_size=world,
                 batch_size=batch, steps_per_epoch=steps_per_epoch, output_dir=str(out), method=config["method"],
-                routing=spec.routing, device=str(info.device), data=run.data_summary, resumed=step > 0)
+                routing=run.spec.routing, device=str(info.device), data=run.data_summary, resumed=step > 0)
     bar = ProgressBar(total, step, enabled=info.is_main and not quiet)
     started, done_at_start, avg_step = time.perf_counter(), step, None
     best_path, last_path = out / "best.safetensors", out / "last.safetensors"
@@ -232,15 +203,8 @@ def _train(config: Mapping[str, Any], info: dist_utils.DistInfo, writer: EventWr
                     best, best_step = _validate_and_save(run, network, info, writer, bar, step, epoch, best,
                                                          best_step, best_path, last_path, recipe)
                 if step % ckpt_every == 0 or step == total:
-                    if info.is_main:
-                        _save_last(run, network, step, epoch, best, best_step, last_path)
-                        resume_state.save_state(out, network, optimizer, {
-                            "step": step, "epoch": epoch, "best": best, "best_step": best_step, "run": run.identity,
-                            "scheduler": scheduler.state_dict(),
-                            "scaler": scaler.state_dict() if use_amp else None})
-                        writer.emit("checkpoint", step=step, epoch=epoch, path=str(last_path),
-                                    resume=str(out / resume_state.SCALARS))
-                    dist_utils.barrier(info)
+                    _checkpoint(out, run, network, optimizer, scheduler, scaler if use_amp else None, writer, info,
+                                {"step": step, "epoch": epoch, "best": best, "best_step": best_step})
                 if step >= total:
                     break
                 t0 = time.perf_counter()  # validation and checkpoints are not counted in the throughput
@@ -254,6 +218,65 @@ def _train(config: Mapping[str, Any], info: dist_utils.DistInfo, writer: EventWr
                 best_step=best_step, seconds=round(elapsed, 3),
                 throughput=(step - done_at_start) * batch / max(elapsed, 1e-9))
     return best_path
+
+
+def _sizes(config: Mapping[str, Any], n_train: int, world: int) -> tuple[int, int, int]:
+    """(batch per process, steps per epoch, total steps); refuses batches the data or processes cannot fill."""
+    recipe = config["recipe"]
+    batch = int(recipe["batch_size"])
+    if batch % world:
+        raise TrainingError(f"recipe.batch_size={batch} must be divisible by the {world} processes (it is the "
+                            "global batch, split across processes)")
+    steps_per_epoch = n_train // batch
+    if steps_per_epoch < 1:
+        raise TrainingError(f"the training split has {n_train} items, fewer than recipe.batch_size={batch}; "
+                            "lower the batch size or add data")
+    return batch // world, steps_per_epoch, recipe["steps"] or recipe["epochs"] * steps_per_epoch
+
+
+def _resume(out: Path, run: RunParts, network: torch.nn.Module, optimizer: Any, scheduler: Any,
+            scaler: Any) -> tuple[int, float, int | None]:
+    """(step, best ES-Dice, best step) of the resume state in ``out`` (loaded into the objects), else a fresh start.
+    ``scaler``: the AMP grad scaler when AMP is on, else None."""
+    if not resume_state.has_state(out):
+        return 0, -math.inf, None
+    if resume_state.peek(out).get("run") != run.identity:
+        raise TrainingError(f"{out} holds a run with a different data/model/method config; choose another "
+                            "output_dir (or delete its resume.json/resume.safetensors to start over)")
+    meta = resume_state.load_state(out, network, optimizer)
+    scheduler.load_state_dict(meta["scheduler"])
+    if scaler is not None and meta.get("scaler"):
+        scaler.load_state_dict(meta["scaler"])
+    return int(meta["step"]), float(meta["best"]), meta.get("best_step")
+
+
+def _distributed(run: RunParts, network: torch.nn.Module, info: dist_utils.DistInfo) -> tuple[Any, Any]:
+    """(the module to call, the network) for this process: DDP-wrapped under torchrun, the network otherwise."""
+    if not info.enabled:
+        return network, network
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    if info.device.type == "cuda":  # batch statistics over the global batch (SyncBatchNorm is CUDA-only)
+        network = torch.nn.SyncBatchNorm.convert_sync_batchnorm(network)
+        run.network = network
+    # Experts no token chose this step get no gradient: DDP must be told to expect unused parameters.
+    model = DDP(network, device_ids=[info.device.index] if info.device.type == "cuda" else None,
+                find_unused_parameters=run.spec.routing != "none")
+    return model, network
+
+
+def _checkpoint(out: Path, run: RunParts, network: torch.nn.Module, optimizer: Any, scheduler: Any, scaler: Any,
+                writer: EventWriter, info: dist_utils.DistInfo, at: dict[str, Any]) -> None:
+    """last.safetensors and the resume state (rank 0), then every process waits for them."""
+    if info.is_main:
+        last_path = out / "last.safetensors"
+        _save_last(run, network, at["step"], at["epoch"], at["best"], at["best_step"], last_path)
+        resume_state.save_state(out, network, optimizer, {
+            **at, "run": run.identity, "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None})
+        writer.emit("checkpoint", step=at["step"], epoch=at["epoch"], path=str(last_path),
+                    resume=str(out / resume_state.SCALARS))
+    dist_utils.barrier(info)
 
 
 def _step(model, network, data, run: RunParts, optimizer, scaler, recipe, config, info, use_amp) -> float:
