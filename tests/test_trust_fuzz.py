@@ -228,3 +228,12 @@ def test_pipes_are_refused_not_read(tmp_path):
         load_model(model)
     with pytest.raises(ImageReadError, match="not a regular file or folder"):
         read_image(Path("/dev/zero"))
+
+
+def test_dicom_with_a_damaged_length_field_is_read_within_bounds(tmp_path, originals):
+    """Found by test_truncated_and_damaged_files: one zeroed byte made pydicom ask Python for 4 GB."""
+    data = bytearray(originals[".dcm"])
+    data[int(0.15851471365089356 * (len(data) - 1))] = 0
+    path = tmp_path / "damaged.dcm"
+    path.write_bytes(bytes(data))
+    check_clean(path)

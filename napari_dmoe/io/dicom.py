@@ -8,6 +8,8 @@ projected on (normal, column, row) directions in the patient (LPS) frame; `affin
 """
 from __future__ import annotations
 
+import io
+import os
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -33,12 +35,31 @@ def folder_has_dicom(folder: str | Path) -> bool:
     return folder.is_dir() and any(is_dicom_file(p) for p in folder.iterdir())
 
 
+class _SizedReader(io.BufferedReader):
+    """A file whose reads never ask for more than it holds. pydicom reads an element with ``read(length)`` and
+    Python allocates ``length`` bytes before reading: a damaged length field (4 GB in a 40 KB file) would ask
+    for gigabytes."""
+
+    def __init__(self, path: Path) -> None:
+        raw = io.FileIO(path, "rb")
+        super().__init__(raw)
+        self._size = os.fstat(raw.fileno()).st_size
+
+    def read(self, size: int | None = -1) -> bytes:
+        if size is not None and size >= 0:
+            size = max(0, min(size, self._size - self.tell()))
+        return super().read(size)
+
+
 def _dcmread(path: Path, header_only: bool = False) -> Any:
     import pydicom
     from pydicom.errors import InvalidDicomError
 
     try:
-        return pydicom.dcmread(str(path), stop_before_pixels=header_only)
+        with _SizedReader(path) as f:
+            ds = pydicom.dcmread(f, stop_before_pixels=header_only)
+            ds.filename = str(path)  # what pydicom records when given a path (DICOM SEG export reads it)
+            return ds
     except (InvalidDicomError, EOFError, OSError, ValueError, KeyError) as err:
         raise ImageReadError(f"{path}: not a readable DICOM file ({err}); the file may be corrupt") from err
 
