@@ -90,8 +90,7 @@ def segment_file(model: Any, src: Path, dest: Path, attribute: Any, args: argpar
         from napari_dmoe.io.dicom_seg import require_dicom_source
 
         require_dicom_source(volume, dest)
-    gen = iter_segment(model, volume.array, attribute, spacing=volume.spacing if volume.meta.get("spacing_known",
-                       True) else None, device=args.device, overlap=args.overlap, sw_batch_size=args.window_batch,
+    gen = iter_segment(model, volume.array, attribute, spacing=volume.known_spacing, device=args.device, overlap=args.overlap, sw_batch_size=args.window_batch,
                        amp=not args.no_amp, channels_last=args.channels_last, compile=args.compile, rgb=volume.rgb,
                        routing="mean" if routing_dir else False)
 

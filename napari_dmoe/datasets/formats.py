@@ -48,11 +48,6 @@ def _channels_first(volume: Any) -> np.ndarray:
     return np.moveaxis(array, -1, 0) if volume.rgb else array[None]
 
 
-def _known_spacing(volume: Any) -> tuple[float, ...] | None:
-    """The voxel size the file states (NIfTI, DICOM), None for formats that do not store one (TIFF, PNG)."""
-    return tuple(volume.spacing) if volume.meta.get("spacing_known", False) else None
-
-
 class FairSegDataset(SegmentationDataset):
     """Harvard-FairSeg: one .npz per sample with `slo_fundus`, `disc_cup_mask` and attribute arrays.
 
@@ -240,7 +235,7 @@ class NiftiFolderDataset(SegmentationDataset):
 
     def load(self, rec: Record) -> tuple[np.ndarray, np.ndarray, tuple[float, ...] | None]:
         volume = read_image(rec.image)
-        return _channels_first(volume), read_image(rec.mask).array, _known_spacing(volume)
+        return _channels_first(volume), read_image(rec.mask).array, volume.known_spacing
 
 
 class GenericFolderDataset(SegmentationDataset):
@@ -279,7 +274,7 @@ class GenericFolderDataset(SegmentationDataset):
         if mask.rgb:
             raise DatasetError(f"{rec.mask}: mask is a colour image; save masks single-channel")
         volume = read_image(rec.image)
-        return _channels_first(volume), mask.array, _known_spacing(volume)
+        return _channels_first(volume), mask.array, volume.known_spacing
 
 
 __all__ = ["FairSegDataset", "HAM10000Dataset", "NiftiFolderDataset", "GenericFolderDataset", "resize_pair",

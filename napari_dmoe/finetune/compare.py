@@ -26,9 +26,8 @@ def pair_cases(csv_path: str | os.PathLike, names: list[str], split: str = "val"
         image = read_image(csv_path.parent / row["image"])
         labels = read_image(csv_path.parent / row["mask"]).array
         attribute = {n: row[n] for n in names}
-        spacing = image.spacing if image.meta.get("spacing_known") else None  # resampled as the Segment widget does
-        yield Case(row["image"], "/".join(attribute[n] for n in names), image.array, labels, attribute, spacing,
-                   bool(image.meta.get("rgb")))
+        yield Case(row["image"], "/".join(attribute[n] for n in names), image.array, labels, attribute,
+                   image.known_spacing, bool(image.meta.get("rgb")))  # resampled as the Segment widget does
 
 
 def evaluate_on_pairs(model_path: str | os.PathLike, csv_path: str | os.PathLike, split: str = "val",

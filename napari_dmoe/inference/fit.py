@@ -168,8 +168,7 @@ class FitError(ValueError):
 
 def volume_findings(spec: Any, volume: Any) -> list[Finding]:
     """``check_fit`` for an image read by ``io.images.read_image`` (its spacing only where the file states it)."""
-    spacing = volume.spacing if volume.meta.get("spacing_known", True) else None
-    return check_fit(spec, volume.array, spacing, rgb=volume.rgb, modality=image_modality(volume.meta))
+    return check_fit(spec, volume.array, volume.known_spacing, rgb=volume.rgb, modality=image_modality(volume.meta))
 
 
 def require_fit(spec: Any, volume: Any, source: Any) -> None:

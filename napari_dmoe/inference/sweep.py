@@ -191,8 +191,7 @@ def iter_folder_usage(model: Any, folder: str | Path, csv_path: str | Path, **op
         yield FolderProgress(i, len(rows), name, "reading")
         try:
             volume = read_image(folder / name)
-            spacing = volume.spacing if volume.meta.get("spacing_known", True) else None
-            gen = iter_segment(model, volume.array, attribute, spacing=spacing, rgb=volume.rgb,
+            gen = iter_segment(model, volume.array, attribute, spacing=volume.known_spacing, rgb=volume.rgb,
                                **{**options, "routing": "mean"})
             # a cancelled worker stops here and the engine puts the network back
             seg = yield from relay(gen, lambda step: FolderProgress(i, len(rows), name, step.stage))

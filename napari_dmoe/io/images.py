@@ -53,6 +53,12 @@ class Volume:
     def spatial_shape(self) -> tuple[int, ...]:
         return tuple(self.array.shape[: len(self.spacing)])
 
+    @property
+    def known_spacing(self) -> tuple[float, ...] | None:
+        """``spacing`` where the file states a voxel size (NIfTI, DICOM), None where it does not (PNG, TIFF):
+        the one reading of ``meta["spacing_known"]`` (see ``layer_spacing`` for a Volume made without it)."""
+        return layer_spacing(self.spacing, self.meta)
+
 
 def suffix_of(path: str | Path) -> str:
     """Lower-case suffix, with `.nii.gz` kept whole."""
