@@ -237,3 +237,31 @@ def test_dicom_with_a_damaged_length_field_is_read_within_bounds(tmp_path, origi
     path = tmp_path / "damaged.dcm"
     path.write_bytes(bytes(data))
     check_clean(path)
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A well-formed PNG header for a grey image of ``width`` x ``height`` with (almost) no pixel data."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+
+
+def test_png_and_tiff_sizes_are_bounded_before_decoding(tmp_path, originals, monkeypatch):
+    from napari_dmoe.limits import MAX_VOXELS_ENV
+
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(_png_claiming(60000, 60000))  # 3.6e9 pixels announced in 100 bytes
+    check_clean(bomb)
+    with pytest.raises(ImageReadError, match="exceeds limit .* decompression bomb"):  # Pillow's own guard first
+        read_image(bomb)
+    monkeypatch.setenv(MAX_VOXELS_ENV, "100")  # the user's own limit applies to small files too
+    for suffix in (".png", ".tif"):
+        path = tmp_path / f"small{suffix}"
+        path.write_bytes(originals[suffix])
+        with pytest.raises(ImageReadError, match="above the limit of 100 voxels"):
+            read_image(path)

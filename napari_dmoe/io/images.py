@@ -15,6 +15,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from napari_dmoe.limits import check_grid
+
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
 PLAIN_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
@@ -141,7 +143,14 @@ def _read_plain(path: Path) -> Volume:
     import imageio.v3 as iio
 
     try:
+        from PIL import Image
+
+        with Image.open(path) as im:  # the header only: refuse a size the memory limit forbids before decoding
+            width, height = im.size
+        check_grid((height, width), f"{path}: image size", ImageReadError)
         array = np.asarray(iio.imread(path))
+    except ImageReadError:
+        raise
     except Exception as err:  # imageio's plugins raise their own types
         raise ImageReadError(f"{path}: not a readable image ({err}); the file may be corrupt") from err
     warnings: list[str] = []
@@ -155,7 +164,10 @@ def _read_tiff(path: Path) -> Volume:
     try:
         with tifffile.TiffFile(path) as tif:
             series = tif.series[0]
+            check_grid(series.shape, f"{path}: TIFF size", ImageReadError)  # before the pixels are allocated
             array, axes = series.asarray(), series.axes
+    except ImageReadError:
+        raise
     except Exception as err:  # tifffile raises TiffFileError, ValueError, ...
         raise ImageReadError(f"{path}: not a readable TIFF file ({err}); the file may be corrupt") from err
     warnings: list[str] = []
