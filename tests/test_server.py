@@ -228,3 +228,38 @@ def test_ten_concurrent_requests_are_all_answered(server):
     assert not errors and sorted(results) == list(range(10))
     for i in (0, 7):  # each answer is the one for its own request, as a lone request gets it
         np.testing.assert_array_equal(results[i], server.segment("m2", images[i], attribute=races[i % 3]).labels)
+
+
+def test_models_say_what_they_were_trained_on():
+    from pathlib import Path
+
+    from napari_dmoe.io.checkpoint import read_spec
+    from napari_dmoe.server.models import ModelStore
+
+    demo = Path(__file__).resolve().parents[1] / "napari_dmoe" / "assets" / "models" / "prostate-dmoe.safetensors"
+    [info] = ModelStore([demo, demo], "cpu").describe()  # the same file twice: loaded once
+    spec = read_spec(demo)
+    assert info["id"] == "prostate-dmoe" and info["trained_on"] == spec.trained_on and spec.trained_on["modality"]
+    assert info["attributes"] == [{"name": a.name, "values": list(a.values)} for a in spec.attributes]
+    assert info["training"]["method"] == spec.provenance.get("method")
+
+
+def test_queue_runs_one_request_at_a_time_and_refuses_beyond_its_size():
+    import asyncio
+
+    from napari_dmoe.server.work import Busy, DeviceQueue
+
+    queue, active, peak = DeviceQueue(max_waiting=2), [], [0]
+
+    def job(i: int) -> int:
+        active.append(i)
+        peak[0] = max(peak[0], len(active))
+        time.sleep(0.05)
+        active.remove(i)
+        return i
+
+    async def three() -> list:
+        return await asyncio.gather(*(queue.run(job, i) for i in range(3)), return_exceptions=True)
+
+    results = asyncio.run(three())
+    assert results[:2] == [0, 1] and isinstance(results[2], Busy) and peak[0] == 1
