@@ -12,11 +12,14 @@ inference windows, routing-position names, fine-tune configs all ask here):
             return InputRule(divisor=8, min_size=16)       # or InputRule(fixed=(224, 224))
 
         @classmethod
-        def routing_positions(cls, arch_kwargs) -> list[str]:   # names its DMoE layers report
+        def routing_positions(cls, arch_kwargs) -> list[str]:   # the position= names its DMoE calls pass
             return ["stage0"]
 
-        def __init__(self, in_channels, n_classes, n_routers, n_experts, top_k, **arch_kwargs): ...
+        def __init__(self, in_channels, n_classes, n_routers, n_experts, top_k, width=8): ...
         def forward(self, x, attr=None): ...               # logits [B, n_classes, *spatial]
+
+Its size keywords (``width`` here) are named in the constructor: ``make_spec`` sends an override with such a
+name to ``arch_kwargs`` and any other to the spec. ``n_routers`` is 0 for a model without experts.
 
     register("mynet2d", MyNet)                            # or add one line to _BUILTIN below
 
