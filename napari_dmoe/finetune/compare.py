@@ -86,12 +86,12 @@ def group_rows(base: Any, trained: Any, val: list[Case], pairs: list[Case], refe
     the new model's masks on that group's images (reference images, else the user's pair images routed as that
     group), which needs no labels. ``flag``: "worse" (Dice fell by more than TOLERANCE) or "changed" (a group
     nobody corrected, without labels, whose masks moved by more than TOLERANCE)."""
-    from napari_dmoe.training.local import group_names
+    from napari_dmoe.finetune.prepare import all_groups
 
     spec = base.spec
     corrected = {c.group for c in pairs}
     rows = []
-    for group in group_names(spec):
+    for group in all_groups(spec):
         row: dict[str, Any] = {"group": group, "corrected": group in corrected, "flag": None}
         labelled = [c for c in val if c.group == group]
         row["source"] = "held-back pairs" if labelled else "reference set"

@@ -298,12 +298,17 @@ def corrected_groups(spec: Any, attributes: Sequence[Mapping[str, str]]) -> list
     return sorted({"/".join(str(a.get(n)) for n in names) for a in attributes})
 
 
-def uncorrected_groups(spec: Any, attributes: Sequence[Mapping[str, str]]) -> list[str]:
-    """Every group of the model that no corrected case covers (what a full fine-tune may silently harm)."""
+def all_groups(spec: Any) -> list[str]:
+    """Every group of a model: each combination of attribute values, in router order ("Black", "Black/Female")."""
     from itertools import product
 
+    return ["/".join(c) for c in product(*[a.values for a in spec.attributes])]
+
+
+def uncorrected_groups(spec: Any, attributes: Sequence[Mapping[str, str]]) -> list[str]:
+    """Every group of the model that no corrected case covers (what a full fine-tune may silently harm)."""
     covered = set(corrected_groups(spec, attributes))
-    return ["/".join(c) for c in product(*[a.values for a in spec.attributes]) if "/".join(c) not in covered]
+    return [g for g in all_groups(spec) if g not in covered]
 
 
 def default_trainable(spec: Any, attributes: Sequence[Mapping[str, str]]) -> str:
