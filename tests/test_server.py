@@ -99,6 +99,9 @@ def test_models_list_vocabularies_and_classes(server):
     assert listed["m3"]["class_names"] == ["background", "CTV"] and listed["m3"]["spatial_dims"] == 3
     assert "trained_on" in listed["m3"] and listed["m3"]["spec"]["arch"] == "resunet3d"
     assert server.health()["device"] == "cpu"
+    with urllib.request.urlopen(server.url + "/openapi.json", timeout=30) as reply:  # the API page's source
+        api = json.loads(reply.read())
+    assert {"/health", "/models", "/segment"} <= set(api["paths"])
 
 
 def test_2d_equals_dmoe_segment(server, models, tmp_path):
