@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -50,6 +51,15 @@ def test_group_local_finetune_leaves_the_other_group_bitwise(tmp_path):
     before_m, _ = _outputs(base, x, [1, 1, 1, 1])
     after_m, _ = _outputs(tuned, x, [1, 1, 1, 1])
     assert not torch.equal(before_m, after_m)  # group M learned something
+
+    # through the inference engine too: F is still answered by F's own router (the fallback table counts the base
+    # model's cases, so the groups the fine-tune had no case of are not taken for untrained)
+    from napari_dmoe.inference.engine import segment
+
+    assert model.spec.provenance["router_fallback"]["routers"] == {}
+    assert model.spec.provenance["router_counts"]["M"] > base_model.spec.provenance["router_counts"]["M"]
+    image = x[0, 0].numpy()
+    assert np.array_equal(segment(model, image, "F").probabilities, segment(base_model, image, "F").probabilities)
 
     # every tensor but M's router and M's local experts is the base's: shared weights AND BatchNorm statistics
     old, new = base_model.network.state_dict(), model.network.state_dict()

@@ -136,3 +136,18 @@ def inherit_local_experts(spec: ModelSpec, base_model: str | None) -> None:
         from napari_dmoe.io.checkpoint import read_spec
 
         spec.local_experts = read_spec(base_model).local_experts
+
+
+def with_base_counts(counts: dict[str, int], base_model: str | None) -> dict[str, int] | None:
+    """A fine-tune's training cases per router: its own plus the base model's. The router fallback is decided from
+    these; from the fine-tune's cases alone, every group it has no case of would count as untrained and be
+    answered by the corrected groups' routers at inference. None: the base records no counts (every router of
+    it is then taken as trained)."""
+    if not base_model:
+        return counts
+    from napari_dmoe.io.checkpoint import read_spec
+
+    prior = read_spec(base_model).provenance.get("router_counts")
+    if not isinstance(prior, dict) or set(prior) - set(counts) - {"all"}:
+        return None
+    return {g: int(n) + int(prior.get(g, 0)) for g, n in counts.items()}

@@ -18,7 +18,7 @@ from napari_dmoe.training.config import ConfigError, method_routing
 from napari_dmoe.training.data import EvalItems, TrainItems, class_names, group_counts, make_dataset, vocabulary
 from napari_dmoe.training.distributed import DistInfo
 from napari_dmoe.training.local import (adapted_routers, describe_adaptation, inherit_local_experts,
-                                       prepare_group_local)
+                                       prepare_group_local, with_base_counts)
 from napari_dmoe.training.losses import build_loss
 from napari_dmoe.training.pretrained import load_base_model, load_pretrained_vit, set_trainable
 from napari_dmoe.model.routers import fallback_table, router_counts
@@ -118,13 +118,15 @@ def build_run(config: Mapping[str, Any], info: DistInfo, command: str | None = N
         local = prepare_group_local(network, spec, routers, train_items, config["local_experts"])
     init["trainable_parameters"] = (local["trainable_parameters"] if local
                                     else set_trainable(network, config["trainable"]))
-    counts = router_counts(spec, summary["train"]["groups"])
+    counts = with_base_counts(router_counts(spec, summary["train"]["groups"]), config["model"]["base_model"])
     _, loss_name = method_routing(config["method"])
     routing = spec.routing
     provenance = {
         "method": config["method"], "config": json.loads(json.dumps(config)), "command": command,
         "seed": config["seed"], "git_commit": git_commit(), "world_size": info.world_size, "data": summary,
-        "router_counts": counts, "router_fallback": fallback_table(spec, counts, config["fallback_min_cases"]),
+        "router_counts": counts,
+        "router_fallback": fallback_table(spec, counts, config["fallback_min_cases"]) if counts is not None
+        else {"min_cases": config["fallback_min_cases"], "routers": {}},  # a base without counts: all trained
         "init": init, "loss": loss_name,
     }
     if config["model"]["base_model"] or local:  # a fine-tune: which groups it adapted, and how
