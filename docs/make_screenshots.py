@@ -21,32 +21,47 @@ def _wait(app, predicate, timeout: float = 300.0) -> None:
             raise TimeoutError("segmentation did not finish in time")
 
 
-def shoot(sample: str, out: Path, show_routing: bool) -> Path:
+def _busiest_expert(viewer) -> int:
+    """The expert that dominates most of the mask (the one worth showing alone)."""
+    import numpy as np
+
+    mask = next(l for l in viewer.layers if l.metadata.get("dmoe", {}).get("kind") == "mask")
+    dominant = next(l for l in viewer.layers if l.metadata.get("dmoe", {}).get("kind") == "dominant")
+    counts = np.bincount(np.asarray(dominant.data)[np.asarray(mask.data) > 0].ravel())
+    return int(np.argmax(counts[1:])) if counts.size > 1 else 0
+
+
+def shoot(sample: str, out: Path, routing: str | None, mismatch: str | None = None) -> Path:
+    """``routing``: None (the mask), "dominant" (dominant expert + legend) or "expert" (one expert's heatmap with
+    its colorbar). ``mismatch``: open this sample after ``sample`` and show the fit banner instead of a run."""
     import napari
     from qtpy.QtWidgets import QApplication
 
     from napari_dmoe.plugin.launch import build_viewer
 
-    viewer = napari.Viewer(title=f"napari-dmoe: {sample}", show=True)
+    viewer = napari.Viewer(title=f"napari-dmoe: {mismatch or sample}", show=True)
     viewer.window._qt_window.resize(1500, 900)  # napari has no public API for the window size
     viewer, widget, _ = build_viewer(viewer, sample=sample, inspector=True)
     app = QApplication.instance()
-    before = len(viewer.layers)
-    widget.segment()
-    _wait(app, lambda: widget.worker is None and len(viewer.layers) > before)
-    for layer in viewer.layers:
-        if "ground truth" in layer.name:
-            layer.visible = False
-    if show_routing:  # the dominant expert per pixel over the image, the mask as outlines on top
+    if mismatch:
+        viewer.open_sample("napari-dmoe", mismatch)
+        viewer.reset_view()  # the new image is far larger than the first sample
+    else:
+        before = len(viewer.layers)
+        widget.segment()
+        _wait(app, lambda: widget.worker is None and len(viewer.layers) > before)
+    if routing == "dominant":  # the dominant expert per pixel over the image, the mask as outlines on top
+        widget.experts.show_dominant()
+    elif routing == "expert":
+        widget.experts.show_expert(_busiest_expert(viewer))
+    if routing:
         for layer in viewer.layers:
-            if " dominant " in f" {layer.name} ":
-                layer.visible = True
-                layer.opacity = 0.6
-            elif " mask " in f" {layer.name} ":
+            if layer.metadata.get("dmoe", {}).get("kind") == "mask":
                 layer.contour = 2
-                viewer.layers.selection.active = layer
-    if viewer.dims.ndisplay == 2 and viewer.dims.ndim == 3:
-        viewer.dims.set_point(0, viewer.dims.range[0].stop / 2)
+    labels = list(viewer.dims.axis_labels)
+    if viewer.dims.ndisplay == 2 and "z" in labels:
+        z = labels.index("z")
+        viewer.dims.set_point(z, (viewer.dims.range[z].start + viewer.dims.range[z].stop) / 2)
     # the Segment widget in front of the inspector (tabified); napari has no public API for tab order
     from qtpy.QtWidgets import QTabBar
 
@@ -59,6 +74,8 @@ def shoot(sample: str, out: Path, show_routing: bool) -> Path:
     for toast in viewer.window._qt_window.findChildren(NapariQtNotification):
         toast.close()
     app.processEvents()
+    widget.parent().raise_()  # the Segment tab in front (a sample opened later can raise the inspector)
+    app.processEvents()
     viewer.screenshot(str(out), canvas_only=False, flash=False)
     viewer.close()
     return out
@@ -67,11 +84,22 @@ def shoot(sample: str, out: Path, show_routing: bool) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=HERE)
+    parser.add_argument("--only", nargs="*", help="file names of the shots to make (default: all)")
     args = parser.parse_args()
+    import os
+    import tempfile
+
+    # fresh widget settings (QSettings, recent models), so the pictures never depend on this user's choices
+    os.environ.setdefault("NAPARI_DMOE_CONFIG_DIR", tempfile.mkdtemp(prefix="dmoe-screenshots-"))
     args.out.mkdir(parents=True, exist_ok=True)
-    for sample, routing, name in [("fundus", False, "napari_fundus.png"), ("fundus", True, "napari_fundus_routing.png"),
-                                  ("prostate", False, "napari_prostate.png")]:
-        print("wrote", shoot(sample, args.out / name, routing))
+    shots = [("fundus", None, None, "napari_fundus.png"), ("fundus", "dominant", None, "napari_fundus_routing.png"),
+             ("prostate", None, None, "napari_prostate.png"),
+             ("prostate", "expert", None, "napari_prostate_routing.png"),
+             ("skin", None, "retina", "napari_mismatch.png")]
+    for sample, routing, mismatch, name in shots:
+        if args.only and name not in args.only:
+            continue
+        print("wrote", shoot(sample, args.out / name, routing, mismatch))
 
 
 if __name__ == "__main__":

@@ -128,6 +128,9 @@ def test_axis_labels_heatmap_colorbar_legend_and_one_expert(make_napari_viewer, 
     assert widget.experts.legend.count() == heat.data.shape[0] == 8
     widget.experts.show_expert(5)
     assert heat.visible and not dominant.visible and viewer.dims.current_step[0] == 5
+    assert viewer.text_overlay.visible and viewer.text_overlay.text.startswith("expert 5: gate weight")
+    colours = {tuple(np.round(dominant.get_color(e + 1), 3)) for e in range(8)}
+    assert len(colours) == 8  # every expert its own colour in the dominant-expert map
     widget.experts.show_dominant()
     assert dominant.visible and not heat.visible
 

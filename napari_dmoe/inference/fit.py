@@ -150,8 +150,8 @@ def check_fit(spec: Any, image: Any, spacing: Sequence[float] | None = None, *, 
                                             f"{kind(model_channels)} images"))
     trained, given = modality_family(rec.get("modality")), modality_family(modality)
     if trained and given and trained != given:
-        findings.append(Finding("modality", f"the image is {modality}; the model was trained on "
-                                            f"{rec.get('modality')} images"))
+        findings.append(Finding("modality", f"kind of image: {modality}, while the model was trained on "
+                                            f"{rec.get('modality')}"))
     findings += _spacing(rec.get("spacing"), spacing, dims)
     findings += _intensity(rec.get("intensity") or {}, image)
     return findings

@@ -171,6 +171,7 @@ class RoutingInspector(QWidget):
         self.figure.clear()
         labels, matrix = self.matrix()
         if not labels:
+            self._theme(None, None)
             self.hint.setText("No dMoE results yet: segment an image with the Segment widget "
                               "(the attribute sweep fills one row per attribute value).")
             self.canvas.draw_idle()
@@ -196,7 +197,7 @@ class RoutingInspector(QWidget):
         self._theme(ax, bar)
         self.canvas.draw_idle()
 
-    def _theme(self, ax: Any, bar: Any) -> None:
+    def _theme(self, ax: Any | None, bar: Any | None) -> None:
         """Colours of napari's current theme, so the plot does not glare in a dark napari."""
         from napari.utils.theme import get_theme
 
@@ -206,6 +207,8 @@ class RoutingInspector(QWidget):
         except (KeyError, ValueError, AttributeError):  # a custom theme without these colours
             return
         self.figure.set_facecolor(background)
+        if ax is None:  # nothing drawn yet: an empty plot in the theme's colour, not a white box
+            return
         for axes in (ax, bar.ax):
             axes.set_facecolor(background)
             axes.tick_params(colors=text, which="both")

@@ -137,6 +137,9 @@ class ExpertView(QWidget):
         choice = self.show_combo.currentText()
         dominant.visible = choice == "dominant expert"
         heat.visible = choice.startswith("expert ")
+        # the colorbar has no title of its own: say on the canvas what it measures
+        self.viewer.text_overlay.text = f"{choice}: gate weight (0 to 1, colour bar)" if heat.visible else ""
+        self.viewer.text_overlay.visible = heat.visible
         if heat.visible:
             heat.colorbar.visible = True
             axis = self.viewer.dims.ndim - heat.ndim  # the heatmap's leading (expert) axis in the viewer

@@ -49,13 +49,26 @@ def axis_labels(n_spatial: int, expert_axis: bool = False) -> tuple[str, ...]:
     return (("expert",) if expert_axis else ()) + ("z", "y", "x")[-n_spatial:]
 
 
+def expert_colormap(n_experts: int) -> Any:
+    """Clearly different colours per expert for the dominant-expert map (matplotlib's tab10/tab20; napari's default
+    label colours made neighbouring experts near-identical purples); 0 (no expert) stays transparent."""
+    from matplotlib import colormaps
+    from napari.utils.colormaps import DirectLabelColormap
+
+    table = colormaps["tab10" if n_experts <= 10 else "tab20"]
+    colors = {None: (0.0, 0.0, 0.0, 0.0), 0: (0.0, 0.0, 0.0, 0.0)}
+    colors.update({e + 1: tuple(table(e % table.N)) for e in range(n_experts)})
+    return DirectLabelColormap(color_dict=colors)
+
+
 def heat_colormap() -> Any:
     """Gate weight 0 -> transparent, 1 -> opaque yellow through orange-red: the image shows through where an
     expert does no work, and the heatmap reads on a grey CT (an additive dark colormap washes out there)."""
     from napari.utils.colormaps import Colormap
 
-    colors = [[0.0, 0.0, 0.0, 0.0], [0.55, 0.05, 0.45, 0.45], [0.95, 0.35, 0.1, 0.8], [1.0, 0.95, 0.3, 0.95]]
-    return Colormap(colors, name="dmoe gate weight", display_name="gate weight")
+    # faint below ~0.25 (every expert gets some weight somewhere), so the CT stays readable under the map
+    colors = [[0.0, 0.0, 0.0, 0.0], [0.85, 0.1, 0.1, 0.2], [1.0, 0.5, 0.0, 0.7], [1.0, 1.0, 0.3, 0.95]]
+    return Colormap(colors, controls=[0.0, 0.25, 0.6, 1.0], name="dmoe gate weight", display_name="gate weight")
 
 
 def spec_summary(spec: Any) -> dict[str, Any]:
@@ -164,7 +177,8 @@ def result_layers(seg: Any, spec: Any, model_path: str, source: SourceInfo, requ
             (dominant.astype(np.uint16) + 1).astype(np.uint8 if n_experts < 255 else np.uint16),
             {"name": layer_name(source.name, "dominant", tag), **geometry, "visible": False, "opacity": 0.6,
              "axis_labels": axis_labels(len(source.scale)),
-             "metadata": meta("dominant"), "features": {"index": list(range(n_experts + 1)), "expert": names}},
+             "colormap": expert_colormap(n_experts), "metadata": meta("dominant"),
+             "features": {"index": list(range(n_experts + 1)), "expert": names}},
             "labels",
         ))
     return layers
