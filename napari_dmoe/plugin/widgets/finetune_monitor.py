@@ -152,10 +152,12 @@ class CurvePlot(QWidget):
             width, height, buffer, with_data = result
             image = QImage(buffer, width, height, QImage.Format_RGBA8888)
             pixmap = QPixmap.fromImage(image)  # fromImage copies: the buffer may go
-            if 0 < self.image.width() < width:  # a narrow dock: shrink the plot, never cut its edges off
+            if self.image.width() > 0:  # fill the dock's width: smaller in a narrow dock, larger in a wide one
                 from qtpy.QtCore import Qt
 
-                pixmap = pixmap.scaledToWidth(self.image.width(), Qt.TransformationMode.SmoothTransformation)
+                pixmap = pixmap.scaledToWidth(min(self.image.width(), int(1.3 * width)),
+                                              Qt.TransformationMode.SmoothTransformation)
+            self.image.setFixedHeight(pixmap.height())  # the whole plot: titles and tick labels never cut off
             self.image.setPixmap(pixmap)
             self.draws += int(with_data)  # curves drawn (not counting empty axes)
         if not self.busy():
