@@ -172,3 +172,21 @@ def test_demo_model_weights_match_the_sample_script(tmp_path):
     assert all(torch.equal(before[k], after[k]) for k in before) and before.keys() == after.keys()
     with safe_open(str(copy), framework="pt") as f:
         assert json.loads(f.metadata()["dmoe_spec"])["trained_on"]["intensity"] is None
+
+
+@pytest.mark.slow
+def test_dmoe_segment_refuses_a_misfit_unless_forced(tmp_path):
+    import nibabel as nib
+
+    ct = tmp_path / "ct.nii.gz"
+    vol = np.random.default_rng(0).normal(-50, 300, (48, 48, 4)).astype(np.int16)  # a small CT-like volume
+    nib.save(nib.Nifti1Image(vol, np.diag([1.0, 1.0, 3.0, 1.0])), ct)
+    model = ASSETS / "fundus-dmoe.safetensors"
+    cmd = [sys.executable, "-m", "napari_dmoe.cli.main", "segment", str(model), str(ct), "-a", "Black", "-q"]
+    refused = subprocess.run([*cmd, "-o", str(tmp_path / "a.nii.gz")], capture_output=True, text=True)
+    assert refused.returncode != 0 and not (tmp_path / "a.nii.gz").exists()
+    assert "ct.nii.gz: does not fit the model" in refused.stderr and "3D volume" in refused.stderr
+    assert "--force" in refused.stderr
+    forced = subprocess.run([*cmd, "-o", str(tmp_path / "b.nii.gz"), "--force"], capture_output=True, text=True)
+    assert forced.returncode == 0, forced.stderr
+    assert nib.load(tmp_path / "b.nii.gz").shape == vol.shape
