@@ -143,6 +143,7 @@ def main() -> int:
     parser.add_argument("--n", type=int, nargs="+", default=[5, 10, 20], help="corrected cases of the rare group")
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--repeats", type=int, default=3, help="draws of the corrected cases (spread)")
+    parser.add_argument("--first-repeat", type=int, default=0, help="index of the first draw (split a run)")
     parser.add_argument("--heldout", type=int, default=12, help="held-out site-b cases per group")
     parser.add_argument("--steps", type=int, default=None, help="default: the widget's CPU default")
     parser.add_argument("--lr", type=float, default=None, help="default: the widget's CPU default")
@@ -180,7 +181,7 @@ def main() -> int:
 
     results = []
     for n in args.n:
-        for repeat in range(args.repeats):
+        for repeat in range(args.first_repeat, args.first_repeat + args.repeats):
             for mode in args.modes:
                 best, seconds, cpu = _one_run(base_path, base.spec, mode, n, repeat, args, work)
                 after = evaluate_on_pairs(best, heldout, split="test")
