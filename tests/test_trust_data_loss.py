@@ -211,3 +211,14 @@ def test_full_disk_during_a_checkpoint_keeps_the_previous_one(model, tmp_path, m
     monkeypatch.undo()
     assert resume.load_state(tmp_path, m.network, opt)["step"] == 1
     assert json.loads((tmp_path / resume.SCALARS).read_text())["step"] == 1
+
+
+def test_full_disk_while_segmenting_leaves_the_old_mask_and_the_input(model, tmp_path, monkeypatch, capsys):
+    src, out = png(tmp_path / "scan.png"), tmp_path / "mask.png"
+    assert segment(model, src, "-a", "Black", "-o", out) == 0
+    before, mask_before = src.read_bytes(), out.read_bytes()
+    _full_disk(monkeypatch)
+    assert segment(model, src, "-a", "White", "-o", out, "--overwrite", "--routing-out", tmp_path / "r") == 2
+    assert "no space left on device" in capsys.readouterr().err
+    assert src.read_bytes() == before and out.read_bytes() == mask_before
+    assert leftovers(tmp_path) == [] and not any((tmp_path / "r").iterdir())
