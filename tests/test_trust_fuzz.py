@@ -188,6 +188,7 @@ ABSURD = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_AS and /proc are Linux")
 def test_absurd_model_headers_are_refused_under_a_hard_memory_limit(tmp_path, originals):
     src = tmp_path / "src.safetensors"
