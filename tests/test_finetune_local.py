@@ -135,3 +135,28 @@ def test_old_model_files_without_local_experts_still_load(model_path):
     assert model.spec.local_experts is None
     assert all(layer.local_experts is None for layer in dmoe_layers(model.network))
     assert "local_experts" in json.dumps(model.spec.to_dict())
+
+
+def test_intersectional_adaptation_is_local_to_the_combination():
+    from napari_dmoe.model.spec import Attribute
+
+    spec = make_spec("transunet2d-tiny", "race", ["Asian", "Black", "White"], ["bg", "fg"], n_experts=4)
+    spec.attributes = [Attribute("race", ["Asian", "Black", "White"]), Attribute("sex", ["F", "M"])]
+    net = build_network(spec).eval()
+    counts = {"Asian/F": 0, "Asian/M": 0, "Black/F": 3, "Black/M": 0, "White/F": 0, "White/M": 0}
+    routers = adapted_routers(spec, None, counts)
+    assert routers == [spec.router_index(["Black", "F"])]  # the combination present, not all of Black
+    x = torch.randn(6, 1, 64, 64)
+    every = torch.arange(6)
+    with torch.no_grad():
+        before = net(x, every)
+    items = [{"image": torch.randn(1, 64, 64), "label": torch.zeros(64, 64, dtype=torch.long), "attr": routers[0]}]
+    prepare_group_local(net, spec, routers, items, n_local=1)
+    with torch.no_grad():
+        for p in net.parameters():
+            if p.requires_grad:
+                p.add_(0.5)
+        after = net(x, every)
+    others = [i for i in range(6) if i != routers[0]]
+    assert torch.equal(after[others], before[others])  # Black/M included: same race, other sex, untouched
+    assert not torch.equal(after[routers[0]], before[routers[0]])
