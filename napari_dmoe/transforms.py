@@ -11,7 +11,6 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from monai.transforms import NormalizeIntensity, ScaleIntensityRange
 
 # Luminance weights (ITU-R BT.709, the ones skimage.color.rgb2gray uses). Applied by hand because rgb2gray
 # rescales integer images to [0, 1], which would change the intensity scale the model's normalisation expects.
@@ -61,7 +60,8 @@ def normalize(
             mean = float(finite.mean()) if finite.size else 0.0
             std = float(finite.std()) if finite.size else 0.0
         # explicit statistics: NormalizeIntensity's own would turn into NaN as soon as one voxel is NaN
-        out = NormalizeIntensity(subtrahend=mean, divisor=std if std > 0 else 1.0)(image)
+        out = _float32(image) - mean
+        out /= std if std > 0 else 1.0  # MONAI NormalizeIntensity's arithmetic (importing MONAI costs seconds)
     elif kind == "minmax":
         if stats is not None:
             low, high = float(stats["low"]), float(stats["high"])
@@ -71,22 +71,34 @@ def normalize(
             high = float(finite.max()) if finite.size else 0.0
         if high <= low:  # constant image: map to 0 rather than dividing by zero
             return np.where(np.isfinite(image), 0.0, image).astype(np.float32)
-        out = ScaleIntensityRange(a_min=low, a_max=high, b_min=0.0, b_max=1.0)(image)
+        out = _scale_range(image, low, high)
     elif kind == "window":
         low, high = float(normalization["low"]), float(normalization["high"])
         if high <= low:
             raise TransformError(f"normalization window low={low} must be below high={high}")
-        out = ScaleIntensityRange(a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True)(image)
+        out = np.clip(_scale_range(image, low, high), 0.0, 1.0)
     elif kind == "scale":
         factor = float(normalization.get("factor", 1.0))
         if factor == 0:
             raise TransformError("normalization kind 'scale' needs a non-zero 'factor'")
-        out = ScaleIntensityRange(a_min=0.0, a_max=factor, b_min=0.0, b_max=1.0)(image)
+        out = _scale_range(image, 0.0, factor)
     else:
         raise TransformError(
             f"normalization kind {kind!r} is not known; expected one of 'zscore', 'minmax', 'window', 'scale'"
         )
     return np.asarray(out, dtype=np.float32)
+
+
+def _float32(image: Any) -> np.ndarray:
+    return np.array(image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else image, dtype=np.float32)
+
+
+def _scale_range(image: Any, low: float, high: float) -> np.ndarray:
+    """[low, high] -> [0, 1], MONAI ScaleIntensityRange's arithmetic in float32 (without importing MONAI: the
+    first mask waits for every import)."""
+    out = _float32(image) - low
+    out /= high - low
+    return out
 
 
 def for_bit_depth(normalization: Mapping[str, Any], dtype: Any) -> tuple[dict[str, Any], list[str]]:

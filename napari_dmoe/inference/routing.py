@@ -14,13 +14,16 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from monai.data.utils import compute_importance_map
 
 from napari_dmoe.transforms import resize
 
 
 def importance(roi: Sequence[int], blend: str) -> torch.Tensor:
     """MONAI's blending weights for one window (``gaussian`` or ``constant``), float32 on the CPU."""
+    if blend == "constant":  # MONAI's constant map, without importing MONAI (seconds of a first mask)
+        return torch.ones(tuple(int(r) for r in roi), dtype=torch.float32)
+    from monai.data.utils import compute_importance_map
+
     return compute_importance_map(tuple(int(r) for r in roi), mode=blend, sigma_scale=0.125, device="cpu")
 
 

@@ -134,6 +134,9 @@ class Runner:
         compiled = getattr(self.network, _ATTR, None)
         if compiled is None:
             try:
+                from napari_dmoe.model.moe import keep_eager_under_compile
+
+                keep_eager_under_compile()
                 compiled = torch.compile(self.network)
             except Exception as err:  # noqa: BLE001 (any compile failure means: run eagerly)
                 return self._give_up(f"torch.compile is not available here ({type(err).__name__}: {err})")

@@ -197,6 +197,16 @@ def _spec_from_metadata(path: Path, metadata: dict[str, str]) -> ModelSpec:
         raise CheckpointError(f"{path}: invalid model spec: {err}") from None
 
 
+class _SkipInit(torch.overrides.TorchFunctionMode):
+    """No ``torch.nn.init`` calls while counting on the meta device: they only cost time there, and a meta
+    ``normal_`` imports ``torch._dynamo`` (about a second of every first mask)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__module__", None) == "torch.nn.init":
+            return args[0] if args else (kwargs or {}).get("tensor")
+        return func(*args, **(kwargs or {}))
+
+
 def _check_network_size(path: Path, spec: ModelSpec) -> None:
     """Bound the spec's sizes, then count the parameters of the network it describes on torch's meta device
     (no memory): more values than the file stores means the header lies, and building it could exhaust memory."""
@@ -208,7 +218,7 @@ def _check_network_size(path: Path, spec: ModelSpec) -> None:
     except SpecError as err:
         raise CheckpointError(f"{path}: invalid model spec: {err}") from None
     try:
-        with torch.device("meta"):
+        with torch.device("meta"), _SkipInit():
             network = build_network(spec)
     except SpecError as err:  # a valid-looking spec whose sizes the network code rejects
         raise CheckpointError(f"{path}: the spec does not describe a buildable network: {err}") from None

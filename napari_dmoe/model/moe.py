@@ -174,9 +174,8 @@ class DMoE(nn.Module):
         logits = torch.baddbmm(bias[attr].unsqueeze(1), x, weight[attr].transpose(1, 2))
         return logits[..., :e], logits[..., e:]
 
-    # Eager under torch.compile (the rest of the network compiles): the per-expert token counts are data and the
-    # position name differs per call, so a compiled graph would be rebuilt again and again.
-    @torch.compiler.disable
+    # Eager under torch.compile (keep_eager_under_compile, called before compiling): the per-expert token counts are
+    # data and the position name differs per call, so a compiled graph would be rebuilt again and again.
     def forward(
         self, x: Tensor, attr: Tensor, *, position: str | None = None, grid: Sequence[int] | None = None
     ) -> Tensor:
@@ -289,3 +288,12 @@ def apply_local_experts(network: nn.Module, tables: Sequence[Sequence[Sequence[i
     for layer, pairs in zip(layers, tables):
         layer.add_local_experts([tuple(p) for p in pairs], copy=False)
     return network
+
+
+def keep_eager_under_compile() -> None:
+    """Run every DMoE layer eagerly under ``torch.compile`` (the rest of the network compiles). Applied right before
+    compiling, not as a decorator: ``torch.compiler.disable`` imports ``torch._dynamo``, about a second of every
+    ``dmoe`` start and every first mask that never compiles."""
+    if not getattr(DMoE.forward, "_dmoe_eager", False):
+        DMoE.forward = torch.compiler.disable(DMoE.forward)
+        DMoE.forward._dmoe_eager = True  # type: ignore[attr-defined]

@@ -7,12 +7,12 @@ traceback. Unexpected exceptions are logged with their traceback and reported th
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Generator, NamedTuple, Sequence
 
 import numpy as np
+
+from napari_dmoe.io.model_cache import ModelCache  # noqa: F401 (the widgets' cache lives in the core)
 
 log = logging.getLogger(__name__)
 
@@ -43,26 +43,6 @@ class JobResult:
     segmentations: dict[str, Any] = field(default_factory=dict)
     requests: dict[str, dict[str, str]] = field(default_factory=dict)
     error: str | None = None
-
-
-class ModelCache:
-    """The last loaded model, reloaded when the file changes on disk (a fine-tune writes a new checkpoint).
-
-    One per widget (state belongs to a viewer, not to the process). Used only from the single running job.
-    """
-
-    def __init__(self) -> None:
-        self._key: tuple[str, int] | None = None
-        self._model: Any = None
-
-    def get(self, path: str) -> Any:
-        from napari_dmoe.io.checkpoint import load_model
-
-        key = (str(Path(path).resolve()), os.stat(path).st_mtime_ns) if os.path.exists(path) else None
-        if key is None or key != self._key:
-            self._model = load_model(path)  # raises CheckpointError for a missing or bad file
-            self._key = key
-        return self._model
 
 
 def _as_array(data: Any) -> np.ndarray:
