@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 
 pytest.importorskip("napari")
-from qtpy.QtCore import Qt  # noqa: E402
-
-from inference_models import make_image  # noqa: E402
+from inference_models import make_image
+from qtpy.QtCore import Qt
 
 LEFT = Qt.MouseButton.LeftButton
 pytestmark = pytest.mark.gui
@@ -154,7 +153,7 @@ def test_sweep_shows_one_mask_and_says_what_its_dice_means(make_napari_viewer, q
 def test_no_gpu_is_one_plain_sentence_and_several_gpus_are_listed(make_napari_viewer, monkeypatch):
     import torch
 
-    import napari_dmoe.devices as devices
+    from napari_dmoe import devices
     from napari_dmoe.plugin.widgets.controls import DevicePicker
 
     picker = DevicePicker()

@@ -8,7 +8,8 @@ starting with that letter) and left out when it does not map, so an unknown stay
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 FROM_SAMPLE, FROM_DICOM, FROM_USER, NOT_KNOWN = "from sample", "from DICOM header", "set by you", "not known"
 _AGE_UNITS = {"Y": 1.0, "M": 1 / 12, "W": 7 / 365.25, "D": 1 / 365.25}

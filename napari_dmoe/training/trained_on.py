@@ -7,7 +7,7 @@ taken on a regular stride.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 

@@ -3,12 +3,22 @@ the expert legend and one-expert view, and the sweep table with what its Dice me
 from __future__ import annotations
 
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
-    QAbstractItemView, QComboBox, QGridLayout, QHBoxLayout, QHeaderView, QLabel, QProgressBar, QTableWidget,
-    QTableWidgetItem, QVBoxLayout, QWidget,
+    QAbstractItemView,
+    QComboBox,
+    QGridLayout,
+    QHBoxLayout,
+    QHeaderView,
+    QLabel,
+    QProgressBar,
+    QTableWidget,
+    QTableWidgetItem,
+    QVBoxLayout,
+    QWidget,
 )
 
 from napari_dmoe.model.spec import attribute_text
@@ -152,7 +162,8 @@ class ExpertView(QWidget):
 
         found = {}
         for _, kwargs, _ in layers:
-            layer = self.viewer.layers[kwargs["name"]] if kwargs["name"] in self.viewer.layers else None
+            name = kwargs["name"]
+            layer = self.viewer.layers[name] if name in self.viewer.layers else None  # noqa: SIM401 (no .get)
             kind = layer.metadata.get(RESULT_KEY, {}).get("kind") if layer is not None else None
             if kind in ("experts", "dominant"):
                 found[kind] = layer

@@ -24,6 +24,10 @@ from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtWidgets import QComboBox, QFormLayout, QHBoxLayout, QLabel, QPushButton, QVBoxLayout, QWidget
 from superqt import QCollapsible
 
+from napari_dmoe.io.images import layer_spacing
+from napari_dmoe.model.registry import routing_positions
+from napari_dmoe.model.spec import attribute_text
+from napari_dmoe.plugin.widgets import settings
 from napari_dmoe.plugin.widgets.controls import (
     FROM_USER,
     AdvancedOptions,
@@ -32,15 +36,11 @@ from napari_dmoe.plugin.widgets.controls import (
     ModelPicker,
     OptionError,
 )
-from napari_dmoe.plugin.widgets import settings
-from napari_dmoe.plugin.widgets.remote import RemoteOption
 from napari_dmoe.plugin.widgets.jobs import JobResult, ModelCache, SegmentRequest, Step, advance, run_sweep
 from napari_dmoe.plugin.widgets.panels import ExpertView, FitBanner, RunProgress, SweepTable, run_summary
 from napari_dmoe.plugin.widgets.placement import replace_layers
+from napari_dmoe.plugin.widgets.remote import RemoteOption
 from napari_dmoe.plugin.widgets.results import RESULT_KEY, SourceInfo, is_result, result_layers
-from napari_dmoe.io.images import layer_spacing
-from napari_dmoe.model.registry import routing_positions
-from napari_dmoe.model.spec import attribute_text
 
 if TYPE_CHECKING:
     import napari
@@ -52,7 +52,7 @@ RUN, RUN_ANYWAY, CANCEL, CANCELLING = "Segment", "Segment anyway", "Cancel", "Ca
 class SegmentWidget(QWidget):
     """Dock widget: model, image, attribute(s), device, advanced options, Segment / Cancel, attribute sweep."""
 
-    def __init__(self, napari_viewer: "napari.viewer.Viewer") -> None:
+    def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
         super().__init__()
         # napari hands plugins a proxy that warns on private access; we only use public API but need identity
         # comparisons of layers, which the proxy's fresh wrappers would break
@@ -263,7 +263,7 @@ class SegmentWidget(QWidget):
 
     def selected_image(self) -> Image | None:
         name = self.images.currentText()
-        return self.viewer.layers[name] if name in self.viewer.layers else None
+        return self.viewer.layers[name] if name in self.viewer.layers else None  # noqa: SIM401 (no .get)
 
     # -- run / cancel --------------------------------------------------------------------------------------
     def _on_run_clicked(self) -> None:
