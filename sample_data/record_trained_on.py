@@ -26,7 +26,7 @@ LANES = {"fundus": ("fairseg", "fundus photo (SLO)"), "prostate": ("prostate", "
 
 def record(lane: str, data: Path) -> dict:
     from napari_dmoe.training.config import load_config
-    from napari_dmoe.training.distributed import DistInfo
+    from napari_dmoe.distributed import DistInfo
     from napari_dmoe.training.setup import build_run
 
     sub, modality = LANES[lane]
