@@ -1,6 +1,6 @@
 """The cases of a batch across torchrun processes: ``dmoe segment --csv`` and ``dmoe evaluate`` run unchanged
 under ``torchrun --nproc_per_node N`` (one GPU per process on GPUs, CPU processes with Gloo otherwise), with the
-process group of training (``training.distributed``). Without torchrun it is the plain one-process loop.
+process group of training (``napari_dmoe.distributed``). Without torchrun it is the plain one-process loop.
 
 - Sharding: rank 0 says which cases are left (a resumed run skips finished ones; one process looks, so ranks
   never disagree over a shared file system) and broadcasts it; rank r takes every N-th of them, round robin.
@@ -27,7 +27,7 @@ __all__ = ["BatchOutcome", "processes", "run_batch"]
 @contextmanager
 def processes(device: str = "auto") -> Iterator[Any]:
     """The torchrun process group (none for one process) and this process's device, as training sets them up."""
-    from napari_dmoe.training.distributed import cleanup, setup
+    from napari_dmoe.distributed import cleanup, setup
 
     info = setup(device)
     try:
@@ -79,7 +79,7 @@ def run_batch(total: int, work: Callable[[int], Any], info: Any, *, done: Callab
               errors: tuple[type[BaseException], ...] = (ValueError, OSError), what: str = "cases",
               stream: TextIO | None = sys.stderr, every_s: float = 5.0) -> BatchOutcome:
     """Run ``work(i)`` for the cases ``i < total`` that are not ``done(i)`` (judged by rank 0), spread over the
-    processes of ``info`` (a ``training.distributed.DistInfo``). ``stream``: rank 0's progress lines (None: quiet).
+    processes of ``info`` (a ``distributed.DistInfo``). ``stream``: rank 0's progress lines (None: quiet).
     """
     import torch.distributed as dist
 

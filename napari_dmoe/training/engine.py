@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from napari_dmoe.io.checkpoint import save_model
 from napari_dmoe.model.moe import DMoE
 
-from napari_dmoe.training import distributed as dist_utils
+from napari_dmoe import distributed as dist_utils
 from napari_dmoe.training import lock as run_lock
 from napari_dmoe.training import resume as resume_state
 from napari_dmoe.training.config import resolve_recipe

@@ -16,7 +16,7 @@ from napari_dmoe.model.spec import ModelSpec, SpecError
 
 from napari_dmoe.training.config import ConfigError, method_routing
 from napari_dmoe.training.data import EvalItems, TrainItems, class_names, group_counts, make_dataset, vocabulary
-from napari_dmoe.training.distributed import DistInfo
+from napari_dmoe.distributed import DistInfo
 from napari_dmoe.training.local import (adapted_routers, describe_adaptation, inherit_local_experts,
                                        prepare_group_local, with_base_counts)
 from napari_dmoe.training.losses import build_loss
