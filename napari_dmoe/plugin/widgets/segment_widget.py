@@ -187,7 +187,8 @@ class SegmentWidget(QWidget):
 
     def _on_image_changed(self, *_: Any) -> None:
         layer = self.selected_image()
-        self._match_model(self._layer_attributes())
+        meta = layer.metadata.get("dmoe_attributes") if layer is not None else None  # our samples name theirs
+        self._match_model({str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {})
         if layer is not self._shown_layer:  # values, fit and sweep rows belong to one image
             self._shown_layer = layer
             self.attributes.apply(self._found_attributes(layer))
@@ -254,12 +255,6 @@ class SegmentWidget(QWidget):
                 self.models.refresh(select=str(entry.path))  # bundled: not added to the recent list
                 self.status.setText(f"Picked the demo model {entry.name} for this image ({', '.join(sorted(names))}).")
                 return
-
-    def _layer_attributes(self) -> dict[str, str]:
-        """Attribute values stored with the image (our sample data and readers put them in the metadata)."""
-        layer = self.selected_image()
-        meta = layer.metadata.get("dmoe_attributes") if layer is not None else None
-        return {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
 
     def selected_image(self) -> Image | None:
         name = self.images.currentText()
