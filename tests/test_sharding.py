@@ -146,3 +146,31 @@ def test_sharded_evaluate_equals_one_process(tmp_path, model):
     assert reports["two"]["n_images"] == 7
     assert reports["two"] == reports["one"]  # every number, the bootstrap CIs too
     assert (tmp_path / "two" / "report.csv").read_text() == (tmp_path / "one" / "report.csv").read_text()
+
+
+def test_evaluate_continues_from_the_records_of_a_stopped_run(tmp_path, model):
+    from training_data import tiny_config, write_fairseg
+
+    root = write_fairseg(tmp_path / "fairseg", n_train=2, n_test=6)
+    cfg = tiny_config(tmp_path / "data.yaml", tmp_path / "unused",
+                      {"format": "fairseg", "root": str(root), "attributes": "race", "crop": None})
+    out = tmp_path / "ev"
+
+    def evaluate(procs):
+        cmd = [*(TORCHRUN if procs > 1 else [sys.executable]), DMOE, "evaluate", str(model), str(cfg), "--out",
+               str(out), "--n-boot", "100", "--device", "cpu"]
+        proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=240)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return json.loads((out / "report.json").read_text()), proc
+
+    full, _ = evaluate(1)
+    records = sorted((out / "cases").glob("*.json"))
+    assert len(records) == 6
+    for path in records[1::2]:  # as if the run had been killed before these cases
+        path.unlink()
+    (out / "report.json").unlink()
+    kept = {p: p.stat().st_mtime_ns for p in records[0::2]}
+    resumed, proc = evaluate(2)
+    assert "3 of 6 cases already done: skipped" in proc.stderr
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept  # not evaluated again
+    assert resumed == full  # the merged records give the same report, bootstrap CIs included

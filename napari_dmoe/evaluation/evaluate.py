@@ -24,7 +24,7 @@ def evaluate_dataset(model: Any, ds: Any, out: str | Path, *, device: str = "aut
     spec, out = model.spec, Path(out)
     names = [a.name for a in spec.attributes]
 
-    result = evaluate_sharded(model, ds, device=device, quiet=quiet)
+    result = evaluate_sharded(model, ds, device=device, quiet=quiet, resume_dir=out / "cases")
     if result is None:  # a torchrun process other than rank 0: rank 0 has every record and writes the report
         return {}
     foreground = list(spec.class_names[1:])
@@ -44,30 +44,39 @@ def evaluate_dataset(model: Any, ds: Any, out: str | Path, *, device: str = "aut
     return report
 
 
-def evaluate_sharded(model: Any, ds: Any, *, device: str = "auto", quiet: bool = True) -> Evaluation | None:
+def evaluate_sharded(model: Any, ds: Any, *, device: str = "auto", quiet: bool = True,
+                     resume_dir: str | Path | None = None) -> Evaluation | None:
     """``evaluate_cases`` over every case of ``ds``, spread over the torchrun processes (``napari_dmoe.sharding``;
     one process without torchrun). Rank 0 gets the records and expert usage merged in case order, exactly what
     one process makes, so the bootstrap that follows sees the same list; the other ranks get None. Cases that
-    fail are all listed in one error (a report without them would not be the split's)."""
+    fail are all listed in one error (a report without them would not be the split's). With ``resume_dir`` each
+    finished case is kept there (``evaluation.resume``) and a rerun skips the cases kept for this model."""
+    from napari_dmoe.evaluation.resume import CaseStore
     from napari_dmoe.sharding import processes, run_batch
+
+    store = CaseStore(resume_dir, model, ds) if resume_dir is not None else None
 
     with processes(device) as info:
         def work(index: int) -> Evaluation:
             case = next(dataset_cases(ds, [index]))
             evaluation = evaluate_cases(model, [case], device=str(info.device))
+            if store is not None:
+                store.put(index, evaluation)
             if not quiet and not info.enabled:  # one process: a line per case (rank 0 counts for several)
                 print(f"[{index + 1}/{len(ds)}] {case.id} ({case.group})", file=sys.stderr)
             return evaluation
 
-        outcome = run_batch(len(ds), work, info, what="cases", stream=None if quiet else sys.stderr, every_s=10.0)
+        outcome = run_batch(len(ds), work, info, what="cases", stream=None if quiet else sys.stderr, every_s=10.0,
+                            done=None if store is None else lambda i: store.get(i) is not None)
     if outcome.failed:
         listed = "; ".join(f"{ds.records[i].id}: {message}" for i, message in outcome.failures[:10])
         raise ValueError(f"{outcome.failed} of {len(ds)} cases failed, no report written"
                          + (f": {listed}" if listed else " (rank 0 lists them)"))
     if not info.is_main:
         return None
-    merged = Evaluation()
-    for _, evaluation in outcome.results:  # case order
+    merged, ran = Evaluation(), dict(outcome.results)
+    for index in range(len(ds)):  # case order; the cases a killed run finished come from its records
+        evaluation = ran[index] if index in ran else store.get(index)
         merged.records += evaluation.records
         for group, rows in evaluation.usage.items():
             merged.usage.setdefault(group, []).extend(rows)
