@@ -102,6 +102,8 @@ def gui(model: str, sample: str, value: str) -> dict[str, float]:
         return sum(layer.metadata.get("dmoe", {}).get("kind") == "mask" for layer in viewer.layers)
 
     for key in ("click_cold", "click_warm"):
+        for layer in [la for la in viewer.layers if "dmoe" in la.metadata]:  # else the second mask replaces the first
+            viewer.layers.remove(layer)
         before = masks()
         t = time.perf_counter()
         widget.run_button.click()
