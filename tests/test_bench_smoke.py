@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # subprocesses or real training: over ~5 s each
+
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 

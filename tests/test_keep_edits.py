@@ -45,6 +45,7 @@ def replace_edit(layer):
     layer.data = np.where(layer.data == 1, 2, layer.data).astype(layer.data.dtype)
 
 
+@pytest.mark.slow
 @pytest.mark.gui
 @pytest.mark.parametrize("edit", [paint_edit, inplace_edit, replace_edit])
 def test_edited_mask_survives_a_rerun(make_napari_viewer, qtbot, model_path, edit, notifications):

@@ -47,7 +47,7 @@ def test_samples_do_not_import_torch_or_download():
         "import sys, socket\n"
         "def refuse(*a, **k): raise RuntimeError('network access')\n"
         "socket.socket.connect = refuse\n"
-        "from napari_dmoe import _sample_data as s\n"
+        "from napari_dmoe.plugin import samples as s\n"
         "for f in (s.fundus_sample, s.prostate_sample, s.skin_sample, s.retina_photo):\n"
         "    assert len(f()) >= 1\n"
         "assert 'torch' not in sys.modules and 'napari' not in sys.modules\n"

@@ -13,6 +13,8 @@ from napari_dmoe.io.checkpoint import save_model
 from napari_dmoe.cli.main import main
 from napari_dmoe.model import build_network, make_spec
 
+pytestmark = pytest.mark.slow  # subprocesses or real training: over ~5 s each
+
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):

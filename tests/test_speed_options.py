@@ -74,6 +74,7 @@ def test_a_compiled_network_that_disagrees_is_not_used(monkeypatch):
     assert calls == [3], "the one image is padded to the window batch, and the compiled form is dropped after it"
 
 
+@pytest.mark.slow
 def test_real_torch_compile_matches_eager_and_keeps_routing():
     """The real thing on the CPU (inductor needs a C++ compiler; the suite's machines have gcc)."""
     model = tiny("transunet2d-tiny")

@@ -18,6 +18,8 @@ from napari_dmoe.training.config import load_config
 from napari_dmoe.training.engine import train
 from training_data import tiny_config, write_fairseg, write_folder, write_ham10000, write_nifti
 
+pytestmark = pytest.mark.slow  # subprocesses or real training: over ~5 s each
+
 DMOE = [sys.executable, "-m", "napari_dmoe.cli.main"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # same thread count as the in-process runs (bit-exact checks)
 

@@ -194,7 +194,7 @@ def _count(pairs: Sequence[TrainingPair], spec: Any) -> dict[str, dict[str, int]
 
 def _write_nifti(path: Path, array: np.ndarray, spacing: Sequence[float]) -> None:
     """A (z, y, x) array as NIfTI with voxel size ``spacing`` (z, y, x), oriented so that ``read_image`` gives
-    back exactly this array: LPS voxel order, its canonical one (``data/io.py``)."""
+    back exactly this array: LPS voxel order, its canonical one (``io/nifti.py``)."""
     if len(spacing) != 3 or not all(math.isfinite(s) and s > 0 for s in spacing):
         raise FinetuneError(f"layer scale {tuple(spacing)} is not a voxel size (three positive numbers, z, y, x); "
                             "fix the image layer's scale")
