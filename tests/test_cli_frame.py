@@ -97,6 +97,7 @@ def test_info_shows_the_shipped_models_test_results_readably(capsys):
     assert '{"' not in out, "no raw JSON in the text form"
 
 
+@pytest.mark.slow
 def test_info_as_a_real_process(tmp_path):
     path, spec = tiny_model_file(tmp_path / "m.safetensors")
     done = run_cli("info", path, "--json")
@@ -207,6 +208,7 @@ def test_import_official_end_to_end(tmp_path, capsys, preset, values, classes, h
     assert main(argv + ["--force"]) == 0
 
 
+@pytest.mark.slow
 def test_import_official_as_a_real_process(tmp_path):
     src, out = tmp_path / "best.pth", tmp_path / "m.safetensors"
     official_checkpoint(src, "resunet3d-tiny", ["T1", "T2"], ["background", "prostate"])

@@ -32,6 +32,7 @@ def fairseg_config(tmp_path):
                        {"format": "fairseg", "root": str(root), "attributes": "race", "crop": None})
 
 
+@pytest.mark.slow
 def test_evaluate_subprocess_writes_report_plots_and_heatmap(tmp_path, fairseg_config):
     model = _model(tmp_path / "dmoe.safetensors")
     out = tmp_path / "ev"
@@ -56,6 +57,7 @@ def test_evaluate_subprocess_writes_report_plots_and_heatmap(tmp_path, fairseg_c
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_baseline_has_no_heatmap_and_compare_table(tmp_path, fairseg_config, capsys):
     a, b = _model(tmp_path / "base.safetensors", routing="none"), _model(tmp_path / "dmoe.safetensors")
     assert main(["evaluate", str(a), str(fairseg_config), "--out", str(tmp_path / "a"), "--n-boot", "20",

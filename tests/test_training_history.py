@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from napari_dmoe.training.history import HISTORY, PLOT, RunHistory, read_history
 from training_data import tiny_config, write_fairseg
 
@@ -13,6 +15,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_train_with_stdout_in_a_file_writes_lines_history_and_plot(tmp_path):
     root = write_fairseg(tmp_path / "fairseg", n_train=8, n_test=3)
     cfg = tiny_config(tmp_path / "c.yaml", tmp_path / "run",

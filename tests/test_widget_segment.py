@@ -34,6 +34,7 @@ def run_and_wait(qtbot, widget, button=None, timeout=20000):
     qtbot.waitUntil(lambda: widget.worker is None, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_segment_adds_aligned_layers_with_provenance(make_napari_viewer, qtbot, model_path):
     from napari_dmoe.io.checkpoint import load_model
     from napari_dmoe.inference.engine import segment
