@@ -17,12 +17,12 @@ from napari_dmoe.finetune.prepare import (
     FinetuneSettings,
     TrainingPair,
     build_config,
-    compare_metrics,
     default_settings,
     export_pairs,
     split_validation,
     write_config,
 )
+from napari_dmoe.finetune.compare import compare_metrics
 from napari_dmoe.finetune.events import EventReader, RunState
 from napari_dmoe.finetune.process import TrainingProcess, train_command
 from napari_dmoe.model import make_spec

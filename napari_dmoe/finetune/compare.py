@@ -7,9 +7,10 @@ Each pair goes through ``evaluation.evaluate_cases``, the engine the user will u
 from __future__ import annotations
 
 import csv
+import math
 import os
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 from napari_dmoe.evaluation.cases import Case
 from napari_dmoe.finetune.provenance import shareable
@@ -139,3 +140,16 @@ def compare_and_save(base: str, trained: str, csv_path: str, out_model: str, pro
     save_model(out_model, model.network, spec)
     return {"before": before, "after": after, "groups": rows, "flagged": flagged,
             "model": str(Path(out_model).resolve())}
+
+
+def compare_metrics(before: Mapping[str, float], after: Mapping[str, float]) -> list[tuple[str, float, float, float]]:
+    """Rows ``(group, before, after, change)`` for every group in either mapping, sorted, plus "all" last
+    when present. Missing values are NaN."""
+    groups = sorted((set(before) | set(after)) - {"all"})
+    if "all" in before or "all" in after:
+        groups.append("all")
+    rows = []
+    for g in groups:
+        b, a = float(before.get(g, math.nan)), float(after.get(g, math.nan))
+        rows.append((g, b, a, a - b))
+    return rows

@@ -394,14 +394,3 @@ def write_config(config: Mapping[str, Any], path: str | os.PathLike) -> Path:
 
 
 # -- before / after ---------------------------------------------------------------------------------------
-def compare_metrics(before: Mapping[str, float], after: Mapping[str, float]) -> list[tuple[str, float, float, float]]:
-    """Rows ``(group, before, after, change)`` for every group in either mapping, sorted, plus "all" last
-    when present. Missing values are NaN."""
-    groups = sorted((set(before) | set(after)) - {"all"})
-    if "all" in before or "all" in after:
-        groups.append("all")
-    rows = []
-    for g in groups:
-        b, a = float(before.get(g, math.nan)), float(after.get(g, math.nan))
-        rows.append((g, b, a, a - b))
-    return rows
