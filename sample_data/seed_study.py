@@ -24,8 +24,14 @@ and three seeds of more than two methods do not fit at any budget where they are
     python sample_data/seed_study.py shipped --datasets fundus        # done first, alongside the aborted attempt
     python sample_data/seed_study.py shipped --datasets prostate &    # evaluation only, alongside the training
     python sample_data/seed_study.py run --budget 0.25 --datasets fundus --methods baseline dmoe
-    python sample_data/seed_study.py run --budget 0.25 --datasets fundus --methods moe
-(the last ones as far as the session's time allowed; seed_analysis.py reports what finished).
+    python sample_data/seed_study.py run --budget 0.25 --datasets fundus --methods moe       # seed 1, then:
+    python sample_data/seed_study.py run --runs runs/seeds/full --budget 1 --seeds 1234 --datasets fundus \
+        --methods baseline     # the demo's own baseline run (full budget, seed 1234), to pair with the shipped dMoE
+    python sample_data/seed_study.py run --budget 0.25 --datasets fundus --methods moe       # seeds 2 and 3
+    python sample_data/seed_analysis.py
+    python sample_data/seed_analysis.py --runs runs/seeds/full --out sample_data/results/seeds/full-budget
+(the full-budget folder also gets the shipped dMoE's reports as fundus-dmoe-s1234; the last runs as far as the
+session's time allowed: seed_analysis.py reports what finished).
 Training runs go one at a time (a model's evaluation overlaps the next training run) under ``nice -n 10``, one
 torch thread (on the loaded 2-core machine two threads stalled on each other: 20-35 s per 2D step against 2.5-12 s
 with one). Everything is resumable: a finished training run or report is never redone. Runs, logs and full
@@ -128,6 +134,7 @@ def train(dataset: str, method: str, seed: int, budget: float) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global RUNS
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("step", choices=["data", "run", "shipped", "analyse"])
     p.add_argument("--budget", type=float, default=1.0, help="fraction of the demo configs' steps (same for all)")
@@ -135,12 +142,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--datasets", nargs="+", choices=sorted(SUB), default=["fundus", "prostate"])
     p.add_argument("--methods", nargs="+", choices=["baseline", "febs", "moe", "dmoe"],
                    default=["baseline", "dmoe", "moe"])
+    p.add_argument("--runs", type=Path, default=RUNS, help="folder for runs, logs and reports (another per budget)")
     args = p.parse_args(argv)
+    RUNS = args.runs.resolve()
     RUNS.mkdir(parents=True, exist_ok=True)
     if args.step == "analyse":
         from seed_analysis import main as analyse
 
-        return analyse([])
+        return analyse(["--runs", str(RUNS)])
     generate()
     if args.step == "shipped":
         for dataset in args.datasets:
