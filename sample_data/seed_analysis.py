@@ -115,6 +115,9 @@ def summarise(data: dict) -> dict:
             out["runs"].append(row)
     for row in out["runs"]:
         out["by_method"].setdefault(f"{row['dataset']}/{row['test']}", {}).setdefault(row["method"], []).append(row)
+    site_a_first = lambda kv: (kv[0].split("/")[0], kv[0].split("/")[1] != "test-a")  # noqa: E731
+    out["by_method"] = dict(sorted(out["by_method"].items(), key=site_a_first))
+    out["shipped"] = dict(sorted(out["shipped"].items(), key=site_a_first))
     for key, by_method in out["by_method"].items():
         for method, rows in by_method.items():
             agg = {"seeds": [r["seed"] for r in rows]}
