@@ -126,7 +126,7 @@ def _child(*args: str, xvfb: bool = False) -> tuple[float, str]:
     if xvfb:
         cmd = ["xvfb-run", "-a", "-s", "-screen 0 1280x1024x24", *cmd]
     t = time.perf_counter()
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, preexec_fn=_pin, timeout=600)
+    proc = subprocess.run(cmd, check=False, env=_env(), capture_output=True, text=True, preexec_fn=_pin, timeout=600)
     wall = time.perf_counter() - t
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")

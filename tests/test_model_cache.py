@@ -6,8 +6,8 @@ import shutil
 import threading
 
 import pytest
-
 from inference_models import make_model
+
 from napari_dmoe.io.checkpoint import CheckpointError
 from napari_dmoe.io.model_cache import ModelCache
 

@@ -46,7 +46,7 @@ def read_history(path: str | Path) -> list[dict[str, Any]]:
 
 
 def _clock(seconds: float) -> str:
-    seconds = int(round(seconds))
+    seconds = round(seconds)
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 

@@ -12,7 +12,7 @@ from typing import Any, Generator, NamedTuple, Sequence
 
 import numpy as np
 
-from napari_dmoe.io.model_cache import ModelCache  # noqa: F401 (the widgets' cache lives in the core)
+from napari_dmoe.io.model_cache import ModelCache  # (the widgets' cache lives in the core)
 
 log = logging.getLogger(__name__)
 
