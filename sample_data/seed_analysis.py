@@ -168,7 +168,7 @@ def markdown(summary: dict, steps: dict) -> str:
         p = summary["paired"].get(key)
         if p:
             d = {k: p[f"delta_{k}"] for k in ("dice", "worst_group_dice", "es_dice")}
-            lines += ["", f"dMoE - baseline on the same {p['n_cases']} cases ({len(p['seeds_used'])} seeds each; "
+            lines += ["", f"dMoE - baseline on the same {p['n_cases']} cases ({len(p['seeds_used'])} seed(s) each; "
                           "95 % CI over cases and seeds): " + "; ".join(f"{k} {v['value']:+.3f} [{v['ci95'][0]:+.3f}, "
                                                              f"{v['ci95'][1]:+.3f}]" for k, v in d.items())
                       + f". Per case: mean {p['per_case']['mean']:+.3f}, median {p['per_case']['median']:+.3f}, "
