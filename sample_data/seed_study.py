@@ -20,18 +20,19 @@ The study as run (2026-11-30, 2 CPU cores shared with 7 other jobs, load 10-13; 
 step and 230-320 s per 400-image evaluation). A first attempt at budget 0.1875 (150 2D steps) was stopped during
 its first run: 150 steps leave the 2D models half-trained (validation Dice 0.38 until step 114, 0.71 at step 133),
 and three seeds of more than two methods do not fit at any budget where they are trained. So: budget 0.25
-(200 of 800 2D steps), 2D baseline and dMoE only, in this order:
+(200 of 800 2D steps) for 2D baseline and dMoE; when the machine quietened (load 4, 0.6 s per step), one
+quarter-budget MoE run and full-budget runs; in this order:
     python sample_data/seed_study.py shipped --datasets fundus        # done first, alongside the aborted attempt
     python sample_data/seed_study.py shipped --datasets prostate &    # evaluation only, alongside the training
     python sample_data/seed_study.py run --budget 0.25 --datasets fundus --methods baseline dmoe
-    python sample_data/seed_study.py run --budget 0.25 --datasets fundus --methods moe       # seed 1, then:
+    python sample_data/seed_study.py run --budget 0.25 --datasets fundus --methods moe   # seed 1 trained only
     python sample_data/seed_study.py run --runs runs/seeds/full --budget 1 --seeds 1234 --datasets fundus \
         --methods baseline     # the demo's own baseline run (full budget, seed 1234), to pair with the shipped dMoE
-    python sample_data/seed_study.py run --budget 0.25 --datasets fundus --methods moe       # seeds 2 and 3
+    python sample_data/seed_study.py run --runs runs/seeds/full --budget 1 --seeds 1 --datasets fundus \
+        --methods baseline dmoe                                  # the dMoE run was stopped at step 60: out of time
     python sample_data/seed_analysis.py
     python sample_data/seed_analysis.py --runs runs/seeds/full --out sample_data/results/seeds/full-budget
-(the full-budget folder also gets the shipped dMoE's reports as fundus-dmoe-s1234; the last runs as far as the
-session's time allowed: seed_analysis.py reports what finished).
+(the full-budget folder also got the shipped dMoE's reports, copied as reports/<test>/fundus-dmoe-s1234).
 Training runs go one at a time (a model's evaluation overlaps the next training run) under ``nice -n 10``, one
 torch thread (on the loaded 2-core machine two threads stalled on each other: 20-35 s per 2D step against 2.5-12 s
 with one). Everything is resumable: a finished training run or report is never redone. Runs, logs and full
