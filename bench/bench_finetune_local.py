@@ -44,13 +44,13 @@ def _pairs(seed: int, race: str, n: int, size: int, site: str = "b") -> list:
     return out
 
 
-def _heldout_csv(folder: Path, spec, n_per_group: int, size: int) -> Path:
+def _heldout_csv(folder: Path, spec, n_per_group: int, size: int, seed_base: int = 9000) -> Path:
     """Held-out site-b cases of every group, as a pairs CSV whose rows are all split "test"."""
     import csv
 
     from napari_dmoe.finetune.prepare import export_pairs
 
-    pairs = [p for g in GROUPS for p in _pairs(9000 + GROUPS.index(g), g, n_per_group, size)]
+    pairs = [p for g in GROUPS for p in _pairs(seed_base + GROUPS.index(g), g, n_per_group, size)]
     export = export_pairs(pairs, folder, spec, [True] * len(pairs))
     rows = list(csv.DictReader(open(export.csv_path, newline="")))
     for row in rows:
@@ -87,11 +87,11 @@ def _one_run(base_path: Path, spec, mode: str, n: int, repeat: int, args, work: 
     from napari_dmoe.training.engine import train
 
     run = work / f"{mode}-n{n}-r{repeat}"
-    pairs = _pairs(100 + repeat, RARE, n, args.size)
+    pairs = _pairs((300 if args.validation else 100) + repeat, RARE, n, args.size)
     export = export_pairs(pairs, run / "data", spec, split_validation(n, 0.2, seed=repeat))
-    settings = default_settings("cpu", free_memory("cpu"), 2)
-    settings.trainable = mode
-    settings.local_experts = args.local_experts
+    settings = default_settings("cpu", free_memory("cpu"), 2, trainable=mode)
+    if args.local_experts:
+        settings.local_experts = args.local_experts
     if args.steps:
         settings.steps = args.steps
     if args.lr:
@@ -147,8 +147,10 @@ def main() -> int:
     parser.add_argument("--heldout", type=int, default=12, help="held-out site-b cases per group")
     parser.add_argument("--steps", type=int, default=None, help="default: the widget's CPU default")
     parser.add_argument("--lr", type=float, default=None, help="default: the widget's CPU default")
-    parser.add_argument("--local-experts", type=int, default=1)
+    parser.add_argument("--local-experts", type=int, default=None, help="default: the widget's default")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--validation", action="store_true",
+                        help="choose settings: other draws of corrected cases and other held-out cases than the test")
     parser.add_argument("--size", type=int, default=224, help="side of the generated images (demo data: 224)")
     parser.add_argument("--out", default=None, help="folder for results.json and the plot (default: temporary)")
     parser.add_argument("--merge", nargs="+", default=None, metavar="RESULTS_JSON",
@@ -173,7 +175,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="dmoe-ftlocal-"))
     out = Path(args.out) if args.out else work
     out.mkdir(parents=True, exist_ok=True)
-    heldout = _heldout_csv(work / "heldout", base.spec, args.heldout, args.size)
+    heldout = _heldout_csv(work / "heldout", base.spec, args.heldout, args.size, 8000 if args.validation else 9000)
     before = evaluate_on_pairs(base_path, heldout, split="test")
     print(f"machine: {machine()}")
     print(f"base {base_path.name}; held-out site-b Dice before: "
@@ -186,7 +188,8 @@ def main() -> int:
                 best, seconds, cpu = _one_run(base_path, base.spec, mode, n, repeat, args, work)
                 after = evaluate_on_pairs(best, heldout, split="test")
                 row = {"mode": mode, "n": n, "repeat": repeat, "seconds": seconds, "cpu_seconds": cpu,
-                       "lr": args.lr, "load": os.getloadavg()[0],
+                       "lr": args.lr, "local_experts": args.local_experts, "validation": args.validation,
+                       "load": os.getloadavg()[0],
                        "after": after, "gain": {g: after[g] - before[g] for g in GROUPS}}
                 if mode == "group_local":
                     row["others_bitwise"] = _bitwise_others(base, load_model(best), heldout)

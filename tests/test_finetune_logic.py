@@ -55,6 +55,9 @@ def test_default_settings_follow_free_memory():
     cpu = default_settings("cpu", 64 * GiB, 2)
     assert not cpu.amp and cpu.batch_size <= 4 and cpu.steps < big.steps
     assert default_settings("cpu", None).batch_size >= 1  # unknown memory still gives usable defaults
+    local = default_settings("cpu", 64 * GiB, 2, trainable="group_local")  # its own lr and local experts
+    assert local.trainable == "group_local" and local.lr > cpu.lr and local.local_experts >= 1
+    assert (local.steps, local.batch_size) == (cpu.steps, cpu.batch_size) and cpu.local_experts == 1
 
 
 def test_split_holds_back_at_least_one_and_leaves_one():

@@ -80,8 +80,9 @@ class ExportSummary:
 
 
 # -- defaults from memory ---------------------------------------------------------------------------------
-def default_settings(device: str, free_bytes: int | None, spatial_dims: int = 2) -> FinetuneSettings:
-    """Settings a first fine-tune can start from, chosen from the free memory of ``device``.
+def default_settings(device: str, free_bytes: int | None, spatial_dims: int = 2,
+                     trainable: str = "all") -> FinetuneSettings:
+    """Settings a first fine-tune can start from, chosen from the free memory of ``device`` (and ``trainable``).
 
     The batch grows with free memory (a 3D patch costs about 16x a 2D one); CPUs get short runs and no AMP,
     because mixed precision only pays off on a GPU. ``free_bytes`` None (unknown) is treated as 4 GiB.
@@ -93,8 +94,11 @@ def default_settings(device: str, free_bytes: int | None, spatial_dims: int = 2)
     gpu = not device.startswith("cpu")
     if not gpu:
         batch = min(batch, 4)  # CPU throughput does not grow with the batch
-    return FinetuneSettings(steps=200 if gpu else 50, lr=0.001 if gpu else 0.002, batch_size=batch,
-                            device=device, amp=device.startswith("cuda"))
+    # group_local: lr 0.1, 1 local expert won a validation sweep at site b (BENCHMARKS.md, fine-tune at a new site):
+    # its few private weights start as the base's and barely move at lr <= 0.01; 4 local experts did not gain more
+    local = trainable == "group_local"
+    return FinetuneSettings(steps=200 if gpu else 50, lr=0.1 if local else 0.001 if gpu else 0.002,
+                            batch_size=batch, device=device, amp=device.startswith("cuda"), trainable=trainable)
 
 
 def free_memory(device: str) -> int | None:

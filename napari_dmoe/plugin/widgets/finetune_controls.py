@@ -147,6 +147,8 @@ class SettingsForm(QWidget):
         self.lr.setDecimals(5)
         self.lr.setRange(1e-5, 1.0)
         self.lr.setSingleStep(0.0005)
+        self.lr.setToolTip("Left at this default, a group-local run uses its own, larger default (it trains only "
+                           "small weights private to the corrected groups)")
         self.batch = QSpinBox()
         self.batch.setRange(1, 256)
         self.patch = QLineEdit()

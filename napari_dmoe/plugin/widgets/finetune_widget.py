@@ -170,6 +170,7 @@ class FinetuneWidget(QWidget):
             device = "cuda" if self.devices.problems.get("cuda") is None else "cpu"
         dims = self.spec.spatial_dims if self.spec else 2
         defaults = default_settings(device, free_memory(device), dims)
+        self._defaults = defaults  # what the form shows; an untouched lr then follows the resolved mode (_request)
         self.settings.apply(defaults)
         self.settings.set_spec(self.spec)
 
@@ -269,7 +270,7 @@ class FinetuneWidget(QWidget):
 
     def _request(self) -> RunRequest:
         """The run as the form describes it; FinetuneError names what is missing or wrong."""
-        from napari_dmoe.finetune.prepare import pairs_from_layers
+        from napari_dmoe.finetune.prepare import default_settings, pairs_from_layers
 
         if self.spec is None:
             raise FinetuneError("pick a base model first (demo list, recent or Browse...)")
@@ -278,6 +279,12 @@ class FinetuneWidget(QWidget):
                                           bool(extra))
         settings = self.settings.settings(self.devices.device() or "cpu", self.spec.spatial_dims)
         settings.trainable = self._mode(settings.trainable, [p.attributes for p in pairs])
+        shown = getattr(self, "_defaults", None)
+        if shown is not None:  # group-local has its own lr and local experts (finetune.default_settings)
+            mode = default_settings(shown.device, None, self.spec.spatial_dims, settings.trainable)
+            settings.local_experts = mode.local_experts
+            if abs(settings.lr - shown.lr) < 1e-9:
+                settings.lr = mode.lr
         return RunRequest(self.models.path(), self.spec, pairs, is_val, settings, Path(self.output.text()), extra)
 
     def _mode(self, chosen: str, attributes: list[dict[str, str]]) -> str:
