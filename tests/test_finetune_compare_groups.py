@@ -156,3 +156,36 @@ def test_dmoe_info_prints_the_per_group_comparison():
     assert "1 local expert(s)" in text
     assert "Black: Dice 0.780 -> 0.900 (held-back pairs, n=2) (corrected)" in text
     assert "White: no labels, masks agree 0.700 [CHANGED]" in text
+
+
+@pytest.mark.gui
+@pytest.mark.slow
+def test_untouched_lr_follows_the_resolved_mode(make_napari_viewer, tmp_path, monkeypatch):
+    """The form shows the full fine-tune's lr; left as is, a group-local run gets group-local's own default."""
+    pytest.importorskip("napari")
+    from qtpy.QtWidgets import QMessageBox
+
+    from napari_dmoe.finetune.prepare import default_settings
+    from napari_dmoe.io.checkpoint import save_model
+    from napari_dmoe.plugin.widgets.finetune_widget import FinetuneWidget
+
+    base = tiny("transunet2d-tiny")
+    viewer = make_napari_viewer()
+    for i in range(2):
+        viewer.add_image(make_image((64, 64)), name=f"scan{i}", metadata={"dmoe_attributes": {"race": "Black"}})
+        viewer.add_labels(np.ones((64, 64), np.int32), name=f"scan{i} truth")
+    widget = FinetuneWidget(viewer)
+    widget.models.set_path(save_model(tmp_path / "base.safetensors", base.network, base.spec))
+    widget.devices.combo.setCurrentIndex(widget.devices.combo.findData("cpu"))
+    for i in range(2):
+        widget.add_pair(image=f"scan{i}", labels=f"scan{i} truth", validation=i == 1)
+    full, local = default_settings("cpu", None), default_settings("cpu", None, trainable="group_local")
+    assert widget.settings.lr.value() == pytest.approx(full.lr)
+    auto = widget._request().settings
+    assert (auto.trainable, auto.lr, auto.local_experts) == ("group_local", local.lr, local.local_experts)
+    widget.settings.trainable.setCurrentIndex(3)  # all weights: keeps the shown lr (asked first: yes)
+    monkeypatch.setattr(QMessageBox, "question", lambda *a, **k: QMessageBox.Yes)
+    assert (widget._request().settings.trainable, widget._request().settings.lr) == ("all", pytest.approx(full.lr))
+    widget.settings.trainable.setCurrentIndex(0)
+    widget.settings.lr.setValue(0.03)  # the user's own lr is kept
+    assert widget._request().settings.lr == pytest.approx(0.03)
