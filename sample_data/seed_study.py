@@ -30,6 +30,7 @@ quarter-budget MoE run and full-budget runs; in this order:
         --methods baseline     # the demo's own baseline run (full budget, seed 1234), to pair with the shipped dMoE
     python sample_data/seed_study.py run --runs runs/seeds/full --budget 1 --seeds 1 --datasets fundus \
         --methods baseline dmoe                                  # the dMoE run was stopped at step 60: out of time
+    python sample_data/seed_study.py run --budget 0.25 --seeds 2 3 --datasets fundus --methods moe
     python sample_data/seed_analysis.py
     python sample_data/seed_analysis.py --runs runs/seeds/full --out sample_data/results/seeds/full-budget
 (the full-budget folder also got the shipped dMoE's reports, copied as reports/<test>/fundus-dmoe-s1234).
