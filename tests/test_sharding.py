@@ -74,6 +74,11 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _labels(out: Path) -> list[Path]:
+    """Finished label files: pathlib's glob also matches the hidden temporary a killed write leaves behind."""
+    return [p for p in out.glob("*_labels.png") if not p.name.startswith(".")]
+
+
 def _written(stdout: str) -> list[str]:
     return sorted(line.split(" -> ")[1].split(" (")[0] for line in stdout.splitlines() if " -> " in line)
 
@@ -83,7 +88,7 @@ def test_sharded_segment_writes_each_output_once_and_gathers_failures(tmp_path, 
     proc = _segment(model, tmp_path / "images", csv, tmp_path / "out")
     assert proc.returncode == 1, proc.stderr[-3000:]  # one case failed: the batch says so, on every rank
     expected = [str(tmp_path / "out" / f"img{i:02d}_labels.png") for i in range(7) if i != 4]
-    assert _written(proc.stdout) == expected  # each case done by one process, once
+    assert _written(proc.stdout) == expected, proc.stdout  # each case done by one process, once
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [Path(e).name for e in expected]
     assert proc.stdout.count("6 of 7 images segmented") == 1  # rank 0 alone sums up
     summary = proc.stderr[proc.stderr.index("1 of 7 images failed:"):]
@@ -103,7 +108,7 @@ def test_killed_sharded_run_resumes_without_redoing_finished_cases(tmp_path, mod
     proc = _segment(model, tmp_path / "images", csv, out, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 180
     try:
-        while time.time() < deadline and len(list(out.glob("*_labels.png"))) < 4:
+        while time.time() < deadline and len(_labels(out)) < 4:
             assert proc.poll() is None, "the batch ended before it could be killed"
             time.sleep(0.02)
     finally:
@@ -114,16 +119,16 @@ def test_killed_sharded_run_resumes_without_redoing_finished_cases(tmp_path, mod
         for pid in tree:  # dead, not dying: a worker may finish the write (rename) it is in
             while _alive(pid):
                 time.sleep(0.01)
-    finished = {p.name: p.stat().st_mtime_ns for p in out.glob("*_labels.png")}
+    finished = {p.name: p.stat().st_mtime_ns for p in _labels(out)}
     assert 4 <= len(finished) < n
     rerun = _segment(model, tmp_path / "images", csv, out)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert f"{len(finished)} of {n} images already done: skipped" in rerun.stderr
     redone = [Path(p).name for p in _written(rerun.stdout)]
     assert not set(redone) & set(finished) and len(redone) == n - len(finished)
-    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*_labels.png") if p.name in finished} == finished
-    assert len(list(out.glob("*_labels.png"))) == n
-    for p in out.glob("*_labels.png"):  # complete files (a killed write leaves only a hidden temporary)
+    assert {p.name: p.stat().st_mtime_ns for p in _labels(out) if p.name in finished} == finished
+    assert len(_labels(out)) == n
+    for p in _labels(out):  # complete files (a killed write leaves only a hidden temporary)
         assert np.asarray(Image.open(p)).shape == (160, 160)
 
 

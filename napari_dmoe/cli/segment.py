@@ -201,7 +201,10 @@ def segment_batch(model: Any, rows: list[tuple[str, Any]], cases: list[Any], out
             except (ValueError, OSError) as err:  # one bad case must not stop the batch: reported, counted
                 print(f"dmoe segment: error: {name}: {' '.join(str(err).split())}", file=sys.stderr, flush=True)
                 raise
-            print(f"{case.source} -> {case.marker} ({_describe(result)})", flush=True)
+            # one write per line: processes share stdout, and under PYTHONUNBUFFERED print's text and newline
+            # would be two writes that another process's line can fall between
+            sys.stdout.write(f"{case.source} -> {case.marker} ({_describe(result)})\n")
+            sys.stdout.flush()
 
         outcome = run_batch(len(cases), work, info, done=lambda i: cases[i].skip, what="images",
                             stream=None if args.quiet else sys.stderr)
