@@ -144,7 +144,23 @@ def make_prostate(seed: int, stage: str | None = None, shape: Sequence[int] = (9
     hu[vesicles] = HU["vesicle"] + (6 if stage in ("T3", "T4") else 0)
     hu[prostate] = HU["prostate"]
 
-    # CTV by stage (the fairness design: the extent follows the stage, the image only hints at it)
+    ctv = _ctv(stage, prostate, vesicles, bladder, bladder_lumen, rectum, rectum_lumen, hu, y > shift[1] - 24,
+               spacing, rng)
+    ctv &= np.broadcast_to(body, shape)
+
+    image = _acquire(hu, acq, spacing, rng)
+    affine = np.diag([*spacing, 1.0])
+    affine[:3, 3] = origin
+    organs = {"prostate": prostate, "vesicles": vesicles, "bladder": bladder, "rectum": rectum}
+    return ProstateCase(image=image, label=ctv.astype(np.uint8), spacing=spacing, affine=affine, stage=stage,
+                        organs=organs)
+
+
+def _ctv(stage: str, prostate: np.ndarray, vesicles: np.ndarray, bladder: np.ndarray, bladder_lumen: np.ndarray,
+         rectum: np.ndarray, rectum_lumen: np.ndarray, hu: np.ndarray, anterior: np.ndarray,
+         spacing: tuple[float, ...], rng: np.random.Generator) -> np.ndarray:
+    """The CTV by stage (the fairness design: the extent follows the stage, the image only hints at it); marks
+    T4 invasion in ``hu``. ``anterior``: the half of the pelvis in front of the rectum's back wall."""
     ctv = prostate.copy()
     if stage == "T2":
         ctv |= vesicles & _within(prostate, 10.0, spacing)
@@ -156,21 +172,19 @@ def make_prostate(seed: int, stage: str | None = None, shape: Sequence[int] = (9
             invaded = bladder & near
             hu[invaded & bladder_lumen & _within(bladder & ~bladder_lumen, 3.0, spacing)] = HU["wall"] + 6
         else:  # anterior rectal wall: slightly denser wall, lumen spared
-            invaded = rectum & ~rectum_lumen & near & np.broadcast_to(y > shift[1] - 24, shape)
+            invaded = rectum & ~rectum_lumen & near & np.broadcast_to(anterior, hu.shape)
             hu[invaded] = HU["wall"] + 6
         ctv |= invaded
-    ctv &= np.broadcast_to(body, shape)
+    return ctv
 
-    # partial volume blur, then correlated CT noise
+
+def _acquire(hu: np.ndarray, acq: Mapping[str, float], spacing: tuple[float, ...],
+             rng: np.random.Generator) -> np.ndarray:
+    """The scanner: partial volume blur, correlated CT noise and the site's calibration offset, as int16 HU."""
     hu = ndimage.gaussian_filter(hu, sigma=[acq["blur"] / s * min(spacing) for s in spacing])
-    hu += ndimage.gaussian_filter(rng.normal(0, acq["noise"], shape).astype(np.float32), 0.6)
-    hu += acq["hu_offset"]  # scanner calibration
-    image = np.clip(np.round(hu), -1024, 3071).astype(np.int16)
-    affine = np.diag([*spacing, 1.0])
-    affine[:3, 3] = origin
-    organs = {"prostate": prostate, "vesicles": vesicles, "bladder": bladder, "rectum": rectum}
-    return ProstateCase(image=image, label=ctv.astype(np.uint8), spacing=spacing, affine=affine, stage=stage,
-                        organs=organs)
+    hu += ndimage.gaussian_filter(rng.normal(0, acq["noise"], hu.shape).astype(np.float32), 0.6)
+    hu += acq["hu_offset"]
+    return np.clip(np.round(hu), -1024, 3071).astype(np.int16)
 
 
 def write_prostate(out: str | Path, n: int = 60, seed: int = 0, shape: Sequence[int] = (96, 96, 32),
