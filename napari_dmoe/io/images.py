@@ -158,6 +158,23 @@ def _read_plain(path: Path) -> Volume:
     return _finish_plain(path, array, rgb, suffix_of(path).lstrip("."), warnings)
 
 
+# A damaged header can claim far more pixels than the file holds, and tifffile allocates the claimed size before
+# it finds the strips missing (a 520-byte file asked for 200 MiB). Uncompressed pixels must fit in the file;
+# compressed ones may expand at most this much (an all-zero deflated mask reaches about 1000x), above a floor.
+TIFF_MAX_RATIO = 4096
+TIFF_FLOOR_BYTES = 16 * 2**20
+
+
+def _check_tiff_bytes(path: Path, declared: int, compressed: bool) -> None:
+    size = path.stat().st_size
+    allowed = max(TIFF_FLOOR_BYTES, size * TIFF_MAX_RATIO) if compressed else size
+    if declared > allowed:
+        raise ImageReadError(
+            f"{path}: the TIFF header declares {declared} bytes of pixels but the file has {size} bytes"
+            f"{' (compressed)' if compressed else ''}; the file is damaged or truncated"
+        )
+
+
 def _read_tiff(path: Path) -> Volume:
     import tifffile
 
@@ -165,6 +182,8 @@ def _read_tiff(path: Path) -> Volume:
         with tifffile.TiffFile(path) as tif:
             series = tif.series[0]
             check_grid(series.shape, f"{path}: TIFF size", ImageReadError)  # before the pixels are allocated
+            _check_tiff_bytes(path, int(np.prod(series.shape)) * series.dtype.itemsize,
+                              compressed=int(tif.pages[0].compression) != 1)
             array, axes = series.asarray(), series.axes
     except ImageReadError:
         raise
