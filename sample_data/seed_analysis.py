@@ -2,9 +2,11 @@
 """Analyse the seed study (``sample_data/seed_study.py``): mean and spread over seeds, and dMoE against the baseline
 on the same test cases.
 
-Reads runs/seeds/reports/<test>/<dataset>-<method>-s<seed>/report.csv (per-case Dice from ``dmoe evaluate``) and
-writes to sample_data/results/seeds/: runs.csv (one row per model and test), summary.json, seed_study.md,
-seeds.png and cases.csv.gz (per-case mean Dice of every model: enough to redo the paired analysis).
+Reads <runs>/reports/<test>/<dataset>-<method>-s<seed>/report.csv (per-case Dice from ``dmoe evaluate``; one or
+more runs folders) and writes to sample_data/results/seeds/: runs.csv (one row per model and test), summary.json,
+seed_study.md, seeds.png and cases.csv.gz (per-case mean Dice of every model: enough to redo the paired analysis).
+``--checkpoint last`` reads the ``-last`` reports instead: each run's final weights rather than the checkpoint its
+validation split chose (a sensitivity check of that choice, not the study's protocol).
 
 Per model, as in the benchmark: Dice = mean over classes of the mean over cases; per-group Dice likewise; worst
 group = the lowest; ES-Dice = mean over classes of FairSeg's ES-Dice (napari_dmoe.evaluation.metrics). Across seeds:
@@ -28,16 +30,19 @@ import numpy as np
 from napari_dmoe.evaluation.metrics import PerImage, equity_scaled, group_means
 
 ROOT = Path(__file__).resolve().parents[1]
-NAME = re.compile(r"^(?P<dataset>[a-z]+)-(?P<method>[a-z]+)-(?:s(?P<seed>\d+)|(?P<shipped>shipped))$")
+NAME = re.compile(r"^(?P<dataset>[a-z]+)-(?P<method>[a-z]+)-(?:s(?P<seed>\d+)|(?P<shipped>shipped))(?P<last>-last)?$")
 N_BOOT = 2000
+# (method, reference): dMoE against the baseline is the study's question; against MoE (same experts, one router) it
+# asks whether the attribute routing, not the capacity, makes the difference
+CONTRASTS = [("dmoe", "baseline"), ("dmoe", "moe"), ("moe", "baseline"), ("febs", "baseline")]
 
 
-def load(reports: Path) -> dict:
+def load(reports: Path, checkpoint: str = "best") -> dict:
     """(test, dataset, method, seed or 'shipped') -> (ids, groups, dice[case, class], class names)."""
     out = {}
     for path in sorted(reports.glob("*/*/report.csv")):
         m = NAME.match(path.parent.name)
-        if not m:
+        if not m or bool(m["last"]) != (checkpoint == "last"):
             continue
         with open(path, newline="") as fh:
             rows = list(csv.DictReader(fh))
@@ -73,7 +78,8 @@ def _fast(codes: np.ndarray, n_groups: int, dice: np.ndarray) -> tuple[float, fl
 
 
 def paired(base: list[np.ndarray], dmoe: list[np.ndarray], groups: list[str], seed: int = 0) -> dict:
-    """dMoE - baseline on the same cases; ``base``/``dmoe``: one dice[case, class] array per seed."""
+    """A method minus its reference on the same cases (named for the main contrast, dMoE - baseline); ``base``/
+    ``dmoe``: one dice[case, class] array per seed."""
     names = sorted(set(groups))
     codes = np.array([names.index(g) for g in groups])
     per_case = np.mean([d.mean(axis=1) for d in dmoe], axis=0) - np.mean([b.mean(axis=1) for b in base], axis=0)
@@ -105,7 +111,7 @@ def paired(base: list[np.ndarray], dmoe: list[np.ndarray], groups: list[str], se
 
 
 def summarise(data: dict) -> dict:
-    out: dict = {"runs": [], "by_method": {}, "paired": {}, "shipped": {}}
+    out: dict = {"runs": [], "by_method": {}, "paired": {}, "contrasts": {}, "shipped": {}}
     for (test, dataset, method, seed), (ids, groups, dice, classes) in sorted(data.items(), key=str):
         row = {"test": test, "dataset": dataset, "method": method, "seed": seed, "n": len(ids),
                **metrics(groups, dice, classes)}
@@ -131,16 +137,26 @@ def summarise(data: dict) -> dict:
             agg["worst_groups"] = [r["worst_group"] for r in rows]
             by_method[method] = agg
         test, dataset = key.split("/")[1], key.split("/")[0]
-        seeds = sorted(set(by_method.get("baseline", {}).get("seeds", []))
-                       & set(by_method.get("dmoe", {}).get("seeds", [])))
-        if seeds:
-            ids, groups = data[(test, dataset, "baseline", seeds[0])][:2]
+        for method, ref in CONTRASTS:
+            seeds = sorted(set(by_method.get(ref, {}).get("seeds", []))
+                           & set(by_method.get(method, {}).get("seeds", [])))
+            if not seeds:
+                continue
+            ids, groups = data[(test, dataset, ref, seeds[0])][:2]
             for s in seeds:  # the same cases in the same order for every model
-                assert data[(test, dataset, "dmoe", s)][0] == ids
-            out["paired"][key] = {"seeds_used": seeds, **paired(
-                [data[(test, dataset, "baseline", s)][2] for s in seeds],
-                [data[(test, dataset, "dmoe", s)][2] for s in seeds], groups)}
+                assert data[(test, dataset, method, s)][0] == ids
+            out["contrasts"].setdefault(key, {})[f"{method}-{ref}"] = {"seeds_used": seeds, **paired(
+                [data[(test, dataset, ref, s)][2] for s in seeds],
+                [data[(test, dataset, method, s)][2] for s in seeds], groups)}
+        if "dmoe-baseline" in out["contrasts"].get(key, {}):
+            out["paired"][key] = out["contrasts"][key]["dmoe-baseline"]
     return out
+
+
+def _label(contrast: str) -> str:
+    names = {"dmoe": "dMoE", "moe": "MoE", "febs": "FEBS", "baseline": "baseline"}
+    method, ref = contrast.split("-")
+    return f"{names.get(method, method)} - {names.get(ref, ref)}"
 
 
 def _ms(agg: dict) -> str:
@@ -153,7 +169,9 @@ def markdown(summary: dict, steps: dict) -> str:
         dataset, test = key.split("/")
         groups = list(next(iter(by_method.values()))["groups"])
         n = next(r["n"] for r in summary["runs"] if f"{r['dataset']}/{r['test']}" == key)
-        lines += [f"### {dataset}, {test} ({n} cases), mean ± sd over seeds; {steps.get(dataset, '?')} steps per run",
+        final = "; final weights, not the validation-chosen checkpoint" if summary.get("checkpoint") == "last" else ""
+        lines += [f"### {dataset}, {test} ({n} cases), mean ± sd over seeds; {steps.get(dataset, '?')} steps per run"
+                  + final,
                   "", "| method | seeds | Dice | " + " | ".join(f"{g} Dice" for g in groups)
                   + " | worst-group Dice | ES-Dice |", "|---|---|---|" + "---|" * len(groups) + "---|---|"]
         for method, agg in by_method.items():
@@ -165,10 +183,9 @@ def markdown(summary: dict, steps: dict) -> str:
             lines.append(f"| dmoe, shipped demo model (800/1500 steps, seed 1234) | 1 | {shipped['dice']:.3f} | "
                          + " | ".join(f"{shipped['groups'][g]:.3f}" for g in groups)
                          + f" | {shipped['worst_group_dice']:.3f} | {shipped['es_dice']:.3f} |")
-        p = summary["paired"].get(key)
-        if p:
+        for contrast, p in summary["contrasts"].get(key, {}).items():
             d = {k: p[f"delta_{k}"] for k in ("dice", "worst_group_dice", "es_dice")}
-            lines += ["", f"dMoE - baseline on the same {p['n_cases']} cases ({len(p['seeds_used'])} seed(s) each; "
+            lines += ["", f"{_label(contrast)} on the same {p['n_cases']} cases ({len(p['seeds_used'])} seed(s) each; "
                           "95 % CI over cases and seeds): " + "; ".join(f"{k} {v['value']:+.3f} [{v['ci95'][0]:+.3f}, "
                                                              f"{v['ci95'][1]:+.3f}]" for k, v in d.items())
                       + f". Per case: mean {p['per_case']['mean']:+.3f}, median {p['per_case']['median']:+.3f}, "
@@ -233,16 +250,26 @@ def _steps(runs: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--runs", type=Path, default=ROOT / "runs" / "seeds")
+    p.add_argument("--runs", type=Path, nargs="+", default=[ROOT / "runs" / "seeds"],
+                   help="one or more runs folders of seed_study.py (their reports are pooled)")
     p.add_argument("--out", type=Path, default=ROOT / "sample_data" / "results" / "seeds")
+    p.add_argument("--checkpoint", choices=["best", "last"], default="best",
+                   help="best: the checkpoint each run's validation chose (the protocol); last: the final weights")
     args = p.parse_args(argv)
     from napari_dmoe.io.files import atomic_write, atomic_write_text
 
-    data = load(args.runs / "reports")
+    data, steps = {}, {}
+    for runs in args.runs:
+        found = load(runs / "reports", args.checkpoint)
+        if clash := set(found) & set(data):
+            raise SystemExit(f"{runs}: the same model is also in another runs folder: {sorted(clash, key=str)[0]}")
+        data.update(found)
+        steps.update(_steps(runs))
     if not data:
-        raise SystemExit(f"no reports under {args.runs / 'reports'}: run sample_data/seed_study.py first")
+        raise SystemExit(f"no {args.checkpoint} reports under {', '.join(str(r / 'reports') for r in args.runs)}: "
+                         "run sample_data/seed_study.py first")
     summary = summarise(data)
-    steps = _steps(args.runs)
+    summary["checkpoint"] = args.checkpoint
     summary["steps"] = steps
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out / "summary.json", json.dumps(summary, indent=1))
@@ -269,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         plot(summary, args.out / "seeds.png")
     print(text)
     parts = ["bench=seed_study"]
-    for key, pr in summary["paired"].items():
+    for key, pr in summary["paired"].items():  # dMoE - baseline
         tag = key.replace("/", "_").replace("-", "_")
         parts += [f"{tag}_seeds={len(pr['seeds_used'])}",
                   *(f"{tag}_delta_{k}={pr[f'delta_{k}']['value']:.4f} "

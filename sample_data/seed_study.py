@@ -6,6 +6,7 @@ split (site A) and on a second site (B) that no model is trained on.
     python sample_data/seed_study.py run --budget 0.25 --seeds 1 2 3 --datasets fundus --methods baseline dmoe moe
     python sample_data/seed_study.py shipped                   # the shipped demo models on the same tests
     python sample_data/seed_study.py analyse                   # -> sample_data/results/seeds/ (seed_analysis.py)
+    python sample_data/seed_study.py last                      # also evaluate each finished run's final weights
 
 Protocol (fixed before any test figure of this study was seen):
 - Recipe: training/demo-<dataset>-<method>.yaml unchanged (data, model, lr, augmentation, aux loss, model selection
@@ -101,6 +102,10 @@ def generate() -> None:
                 ",".join([*r, "split" if i == 0 else "test"]) + "\n" for i, r in enumerate(rows)))
 
 
+def _read(path: Path) -> str:
+    return path.read_text() if path.is_file() else ""
+
+
 def _eval_args(dataset: str, test: str) -> list[str]:
     args = ["--set", f"data.root={DATA / test / SUB[dataset]}"]
     if dataset == "prostate":
@@ -138,7 +143,7 @@ def train(dataset: str, method: str, seed: int, budget: float) -> Path:
 def main(argv: list[str] | None = None) -> int:
     global RUNS
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("step", choices=["data", "run", "shipped", "analyse"])
+    p.add_argument("step", choices=["data", "run", "shipped", "last", "analyse"])
     p.add_argument("--budget", type=float, default=1.0, help="fraction of the demo configs' steps (same for all)")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--datasets", nargs="+", choices=sorted(SUB), default=["fundus", "prostate"])
@@ -153,6 +158,13 @@ def main(argv: list[str] | None = None) -> int:
 
         return analyse(["--runs", str(RUNS)])
     generate()
+    if args.step == "last":  # a sensitivity check of the checkpoint choice, made after the runs, for every run alike
+        for dataset in args.datasets:
+            for seed in args.seeds:
+                for method in args.methods:
+                    name = f"{dataset}-{method}-s{seed}"
+                    if '"event": "done"' in _read(RUNS / f"{name}.events.jsonl"):
+                        evaluate(RUNS / name / "last.safetensors", dataset, method, f"{name}-last")
     if args.step == "shipped":
         for dataset in args.datasets:
             evaluate(SHIPPED[dataset], dataset, "dmoe", f"{dataset}-dmoe-shipped")

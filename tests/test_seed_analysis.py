@@ -63,3 +63,33 @@ def test_paired_comparison_recovers_a_known_shift(tmp_path: Path) -> None:
     assert summary["by_method"]["fundus/test-a"]["dmoe"]["dice"]["std"] < 0.01
     assert (tmp_path / "out/seeds.png").stat().st_size > 10_000
     assert "| dmoe | 3 |" in (tmp_path / "out/seed_study.md").read_text()
+
+
+@pytest.mark.slow
+def test_runs_folders_pool_contrasts_and_the_final_weights(tmp_path: Path) -> None:
+    """Two runs folders are pooled; every contrast with shared seeds is computed; ``--checkpoint last`` reads only the
+    ``-last`` reports; one model in two folders is refused rather than silently picked."""
+    rng = np.random.default_rng(3)
+    truth = rng.uniform(0.6, 0.9, (len(GROUPS), 2))
+    shift = {"baseline": 0.0, "moe": 0.02, "dmoe": 0.05}
+    for seed in (1, 2):
+        for method, folder in (("baseline", "a"), ("moe", "b"), ("dmoe", "b")):
+            noise = rng.normal(0, 0.01, truth.shape)
+            _write(tmp_path / folder / "reports/test-a" / f"fundus-{method}-s{seed}", truth + shift[method] + noise)
+            _write(tmp_path / folder / "reports/test-a" / f"fundus-{method}-s{seed}-last", truth - shift[method] + noise)
+    mod = _module()
+    runs = [str(tmp_path / "a"), str(tmp_path / "b")]
+    assert mod.main(["--runs", *runs, "--out", str(tmp_path / "best")]) == 0
+    best = json.loads((tmp_path / "best/summary.json").read_text())
+    contrasts = best["contrasts"]["fundus/test-a"]
+    assert set(contrasts) == {"dmoe-baseline", "dmoe-moe", "moe-baseline"}
+    assert contrasts["dmoe-moe"]["delta_dice"]["value"] == pytest.approx(0.03, abs=0.01)
+    assert best["paired"]["fundus/test-a"] == contrasts["dmoe-baseline"]
+    assert "dMoE - MoE on the same" in (tmp_path / "best/seed_study.md").read_text()
+    assert mod.main(["--runs", *runs, "--out", str(tmp_path / "last"), "--checkpoint", "last"]) == 0
+    last = json.loads((tmp_path / "last/summary.json").read_text())
+    assert last["checkpoint"] == "last"
+    assert last["paired"]["fundus/test-a"]["delta_dice"]["value"] == pytest.approx(-0.05, abs=0.01)
+    _write(tmp_path / "a/reports/test-a/fundus-dmoe-s1", truth)
+    with pytest.raises(SystemExit, match="also in another runs folder"):
+        mod.main(["--runs", *runs, "--out", str(tmp_path / "clash")])
