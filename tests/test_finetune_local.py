@@ -160,3 +160,32 @@ def test_intersectional_adaptation_is_local_to_the_combination():
     others = [i for i in range(6) if i != routers[0]]
     assert torch.equal(after[others], before[others])  # Black/M included: same race, other sex, untouched
     assert not torch.equal(after[routers[0]], before[routers[0]])
+
+
+@pytest.mark.slow
+def test_a_finetune_that_beats_nothing_keeps_the_base_weights(tmp_path):
+    """``recipe.validate_first`` validates the starting weights; a run none of whose steps beats them (lr 1e-12:
+    nothing can; group_local keeps the norm statistics frozen too) keeps them as best.safetensors and says so in the
+    done event, which the widget's run state reads."""
+    base_cfg = load_config(tiny_config(tmp_path / "base.yaml", tmp_path / "base", _folder(tmp_path / "a")))
+    base = train(base_cfg, quiet=True, device="cpu")
+    cfg = load_config(tiny_config(tmp_path / "ft.yaml", tmp_path / "ft", _folder(tmp_path / "b"),
+                                  model={"base_model": str(base)},
+                                  recipe={"steps": 4, "batch_size": 2, "val_every": 2, "lr": 1e-12,
+                                          "validate_first": True}), ["trainable=group_local"])
+    events = tmp_path / "ft.events.jsonl"
+    best = train(cfg, quiet=True, device="cpu", events=str(events))
+    lines = [json.loads(line) for line in events.read_text().splitlines()]
+    vals = [e["step"] for e in lines if e["event"] == "val"]
+    assert vals[0] == 0 and len(vals) == 3  # the base, then steps 2 and 4
+    done = next(e for e in lines if e["event"] == "done")
+    assert done["best_step"] == 0
+    old, new = load_model(base).network.state_dict(), load_model(best).network.state_dict()
+    assert set(old) <= set(new) and all(torch.equal(old[k], new[k]) for k in old)  # + the local experts' copies
+
+    from napari_dmoe.finetune.events import RunState
+
+    state = RunState()
+    for e in lines:
+        state.apply(e)
+    assert state.done and state.best_step == 0

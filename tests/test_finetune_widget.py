@@ -91,6 +91,7 @@ def test_finetune_on_layers_end_to_end(make_napari_viewer, qtbot, base_model, tm
 
     widget.settings.steps.setValue(3)
     widget.settings.batch.setValue(2)
+    widget.settings.keep_base.setChecked(False)  # a random base and a few steps both score 0: compare anyway
     meter = StallMeter()
     process = widget.start()
     assert process is not None and widget.run_button.text() == "Cancel"
@@ -143,6 +144,7 @@ def test_cancel_keeps_last_checkpoint_and_stops_process(make_napari_viewer, qtbo
     fill_pairs(widget, 3)
     widget.settings.steps.setValue(400)  # validation + checkpoint every 80 steps
     widget.settings.batch.setValue(1)
+    widget.settings.keep_base.setChecked(False)  # else the validated base is the first checkpoint (step 0)
     process = widget.start()
     last = tmp_path / "runs"
     qtbot.waitUntil(lambda: any(process.state.checkpoints), timeout=TRAIN_TIMEOUT_MS)
@@ -160,6 +162,29 @@ def test_cancel_keeps_last_checkpoint_and_stops_process(make_napari_viewer, qtbo
     assert model.spec.provenance["step"] >= 80
     assert widget.status.text().startswith("Cancelled") and str(widget.last_checkpoint) in widget.status.text()
     assert widget.new_model is None and widget.run_button.text() == "Start fine-tune"
+
+
+def test_a_run_that_beats_nothing_offers_no_new_model(make_napari_viewer, qtbot, base_model, tmp_path):
+    """The default: the base is validated first; a random base and a 2-step run both score 0 on the held-back pair,
+    so the base is kept, no model is made or registered, and the status says what to do."""
+    from napari_dmoe.io.model_registry import recent_models
+
+    viewer = make_napari_viewer()
+    add_cases(viewer, 2)
+    widget = make_widget(viewer, base_model, tmp_path)
+    fill_pairs(widget, 2)
+    assert widget.settings.keep_base.isChecked()
+    widget.settings.steps.setValue(2)
+    widget.settings.batch.setValue(1)
+    process = widget.start()
+    assert process is not None, widget.status.text()
+    qtbot.waitUntil(lambda: widget.process is None, timeout=TRAIN_TIMEOUT_MS)
+    assert widget.errors.isHidden(), widget.errors.toPlainText()
+    assert process.state.val["all"][0] == (0, 0.0) and process.state.best_step == 0
+    assert widget.new_model is None and not list(widget.run_dir.glob("*-finetuned-*.safetensors"))
+    assert not any("finetuned" in str(e.path) for e in recent_models())
+    assert widget.status.text().startswith("No fine-tune step beat the base model")
+    assert "last.safetensors" in widget.status.text() and widget.run_button.text() == "Start fine-tune"
 
 
 def test_failing_subprocess_shows_readable_message(make_napari_viewer, qtbot, base_model, tmp_path):
@@ -215,6 +240,7 @@ def test_3d_finetune_through_the_widget(make_napari_viewer, qtbot, model3d, tmp_
     widget.settings.steps.setValue(2)
     widget.settings.batch.setValue(1)
     widget.settings.lr.setValue(0.01)
+    widget.settings.keep_base.setChecked(False)  # a random base and a few steps both score 0: compare anyway
     process = widget.start()
     assert process is not None, widget.status.text()
     qtbot.waitUntil(lambda: widget.process is None, timeout=TRAIN_TIMEOUT_MS)

@@ -71,6 +71,7 @@ class RunState:
     val: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # group -> [(step, dice)]
     checkpoints: list[str] = field(default_factory=list)
     best: str | None = None
+    best_step: int | None = None  # 0: no step beat the starting weights on the validation cases
     done: bool = False
     error: str | None = None
     started: float = field(default_factory=time.monotonic)
@@ -103,6 +104,8 @@ class RunState:
         elif kind == "done":
             self.done = True
             self.best = str(event.get("best_path") or event.get("best") or self.best or "") or None
+            if isinstance(event.get("best_step"), int):
+                self.best_step = event["best_step"]
         elif kind == "error":
             self.error = str(event.get("message") or event.get("error") or "training failed")
 

@@ -61,6 +61,7 @@ class FinetuneSettings:
     local_experts: int = 1
     amp: bool = False
     val_every: int | None = None  # None: about 5 validations over the run
+    keep_base: bool = True  # validate the base model too; a step is kept only if it beats it on the held-back pairs
 
 
 @dataclass
@@ -384,6 +385,8 @@ def build_config(base_model: str | os.PathLike, spec: Any, export: ExportSummary
             "batch_size": int(batch),
             "amp": bool(settings.amp),
             "val_every": int(val_every),
+            # the base model is validated too and kept unless a step beats it on the held-back cases
+            "validate_first": bool(settings.keep_base),
         },
     }
 

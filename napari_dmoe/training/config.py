@@ -104,6 +104,8 @@ SCHEMA: dict[str, Any] = {
         "amp": Field("bool", True, optional=False),
         "grad_clip": Field("number"),
         "val_every": Field("int"),  # steps; None: once per epoch
+        # also validate the starting weights (step 0): a later step is kept only if it beats them (fine-tunes)
+        "validate_first": Field("bool", False, optional=False),
         "checkpoint_every": Field("int"),  # steps; None: at every validation
         "num_workers": Field("int", 0, optional=False),
         "sw_overlap": Field("number", 0.25, optional=False),

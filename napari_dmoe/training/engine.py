@@ -178,6 +178,9 @@ def _train(config: Mapping[str, Any], info: dist_utils.DistInfo, writer: EventWr
     started, done_at_start, avg_step = time.perf_counter(), step, None
     best_path, last_path = out / "best.safetensors", out / "last.safetensors"
     set_train_mode(network, config["trainable"])  # norm layers stay in eval when their weights are frozen
+    if step == 0 and recipe["validate_first"]:
+        best, best_step = _validate_and_save(run, network, info, writer, bar, 0, 0, best, best_step, best_path,
+                                             last_path, recipe)
     try:
         while step < total:
             epoch, offset = divmod(step, steps_per_epoch)

@@ -113,8 +113,9 @@ class RunHistory:
         atomic_write(self.folder / PLOT, lambda tmp: plot_progress(self.records, tmp))
 
     def _on_done(self, r: dict[str, Any]) -> None:
+        at = " = the starting weights: no step beat them" if r.get("best_step") == 0 else ""
         self._say(f"done: {r.get('step')} steps in {_clock(float(r.get('seconds') or 0))}; best model "
-                  f"{r.get('best_path')} (validation ES-Dice {_fmt(r.get('best_es_dice'))})")
+                  f"{r.get('best_path')} (validation ES-Dice {_fmt(r.get('best_es_dice'))}{at})")
 
     def _on_error(self, r: dict[str, Any]) -> None:
         self._say(f"stopped: {r.get('message')}")

@@ -159,6 +159,9 @@ class SettingsForm(QWidget):
                                   "experts learn; every other group keeps exactly the base model's masks. The other "
                                   "choices change weights every group shares and may make the others worse")
         self.amp = QCheckBox("mixed precision (CUDA only)")
+        self.keep_base = QCheckBox("keep the base model unless training beats it")
+        self.keep_base.setToolTip("The base model is validated on the held-back pairs first; when no training step "
+                                  "scores higher there, no new model is made")
         self.val_fraction = QDoubleSpinBox()
         self.val_fraction.setRange(0.05, 0.9)
         self.val_fraction.setSingleStep(0.05)
@@ -172,6 +175,7 @@ class SettingsForm(QWidget):
         form.addRow("patch size", self.patch)
         form.addRow("train", self.trainable)
         form.addRow(self.amp)
+        form.addRow(self.keep_base)
         form.addRow("validation share", self.val_fraction)
         self.apply(FinetuneSettings())
 
@@ -180,6 +184,7 @@ class SettingsForm(QWidget):
         self.lr.setValue(settings.lr)
         self.batch.setValue(settings.batch_size)
         self.amp.setChecked(settings.amp)
+        self.keep_base.setChecked(settings.keep_base)
         if settings.patch_size:
             self.patch.setText(",".join(str(s) for s in settings.patch_size))
 
@@ -207,7 +212,8 @@ class SettingsForm(QWidget):
             raise FinetuneError(f"patch size {text!r}: give {spatial_dims} positive integers separated by commas")
         return FinetuneSettings(steps=self.steps.value(), lr=float(self.lr.value()), batch_size=self.batch.value(),
                                 patch_size=patch, device=device, trainable=TRAINABLE[self.trainable.currentText()],
-                                amp=self.amp.isChecked() and device.startswith(("cuda", "auto")))
+                                amp=self.amp.isChecked() and device.startswith(("cuda", "auto")),
+                                keep_base=self.keep_base.isChecked())
 
 
 class CompareTable(QTableWidget):

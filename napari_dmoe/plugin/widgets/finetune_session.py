@@ -187,6 +187,11 @@ class FinetuneSession(QObject):
         if failure or self.last_checkpoint is None:
             self._fail("Fine-tune failed", failure or "the engine wrote no checkpoint", process.stderr_tail())
             return
+        if state.best_step == 0:  # the base model, validated first, was never beaten: offer nothing new
+            self._finish("No fine-tune step beat the base model on the held-back pairs, so the base model is kept "
+                         "and no new model was added. Add more corrected pairs, or train longer; the final weights "
+                         f"are in {Path(self._launch['output']) / 'last.safetensors'} if you want to look at them.")
+            return
         self._start_compare(self.last_checkpoint)
 
     def _start_compare(self, trained: Path) -> None:
