@@ -34,7 +34,26 @@ quarter-budget MoE run and full-budget runs; in this order:
     python sample_data/seed_study.py run --budget 0.25 --seeds 2 3 --datasets fundus --methods moe
     python sample_data/seed_analysis.py
     python sample_data/seed_analysis.py --runs runs/seeds/full --out sample_data/results/seeds/full-budget
-(the full-budget folder also got the shipped dMoE's reports, copied as reports/<test>/fundus-dmoe-s1234).
+(the full-budget folder also got the shipped dMoE's reports, copied as reports/<test>/fundus-dmoe-shipped).
+Second session (2026-11-30, evening: the machine quiet, 0.4-0.5 s per 2D or 3D step), the full budget for every
+method, seeds 1234 (the demo configs' own), 1 and 2; two lanes side by side, one torch thread each:
+    python sample_data/seed_study.py run --runs runs/seeds/full --budget 1 --seeds 1234 1 2 --datasets fundus \
+        --methods baseline dmoe moe          # lane A (baseline 1234 and 1 were already done, so skipped)
+    python sample_data/seed_study.py run --runs runs/seeds/full3d --budget 1 --seeds 1234 1 2 --datasets prostate \
+        --methods baseline dmoe              # lane B
+    python sample_data/seed_study.py run --runs runs/seeds/full3d --budget 1 --seeds 1234 1 2 --datasets prostate \
+        --methods moe                        # lane A, then
+    python sample_data/seed_study.py run --runs runs/seeds/full --budget 1 --seeds 1234 1 2 --datasets fundus \
+        --methods febs                       # lane B, then the same for prostate (runs/seeds/full3d)
+    python sample_data/seed_study.py last --runs runs/seeds/full --seeds 1234 1 2 --datasets fundus \
+        --methods baseline dmoe moe febs     # and the same for prostate: the final weights, a sensitivity check
+    python sample_data/seed_analysis.py --runs runs/seeds/full runs/seeds/full3d \
+        --out sample_data/results/seeds/full-budget
+    python sample_data/seed_analysis.py --runs runs/seeds/full runs/seeds/full3d --checkpoint last \
+        --out sample_data/results/seeds/full-budget-last
+(the shipped prostate dMoE's reports were copied into runs/seeds/full3d/reports likewise). In one lane, the whole
+full-budget study is ``run --runs runs/seeds/full --budget 1 --seeds 1234 1 2 --methods baseline dmoe moe febs``
+(about 3 hours of a quiet 2-core machine), then ``last`` and the two analyses.
 Training runs go one at a time (a model's evaluation overlaps the next training run) under ``nice -n 10``, one
 torch thread (on the loaded 2-core machine two threads stalled on each other: 20-35 s per 2D step against 2.5-12 s
 with one). Everything is resumable: a finished training run or report is never redone. Runs, logs and full
