@@ -7,6 +7,8 @@ config (``build_config``) with its CPU defaults (``default_settings``), the one 
 (every weight), ``routers_experts`` (every router and the shared experts) and ``group_local`` (only the Black
 router and its private expert copy). Per-group mean foreground Dice on held-out site-b cases of every group, before
 and after, the gain, and the training wall time; ``--repeats`` draws of the corrected cases give the spread.
+"base kept" counts the runs in which no step beat the base model on the held-back cases (the widget's
+``validate_first``): those keep the base weights and gain exactly 0.
 For group_local it also checks that the other groups' class probabilities are bitwise the base model's.
 
     nice -n 10 python bench/bench_finetune_local.py --quick         # 1 repeat, N=5, 4 steps (checks the script)
@@ -190,7 +192,9 @@ def main() -> int:
                 row = {"mode": mode, "n": n, "repeat": repeat, "seconds": seconds, "cpu_seconds": cpu,
                        "lr": args.lr, "local_experts": args.local_experts, "validation": args.validation,
                        "load": os.getloadavg()[0],
-                       "after": after, "gain": {g: after[g] - before[g] for g in GROUPS}}
+                       "after": after, "gain": {g: after[g] - before[g] for g in GROUPS},
+                       # 0: no step beat the base on the held-back cases, so the base was kept (validate_first)
+                       "best_step": load_model(best).spec.provenance.get("step")}
                 if mode == "group_local":
                     row["others_bitwise"] = _bitwise_others(base, load_model(best), heldout)
                 results.append(row)
@@ -209,10 +213,11 @@ def _report(results: list[dict], out: Path, modes: list[str], ns: list[int]) -> 
             if not rs:
                 continue
             bitwise = ("yes" if all(r.get("others_bitwise") for r in rs) else "NO") if mode == "group_local" else "-"
-            rows.append([mode, n, len(rs), *[_stats([r["gain"][g] for r in rs]) for g in GROUPS],
+            kept = sum(r.get("best_step") == 0 for r in rs)
+            rows.append([mode, n, len(rs), kept, *[_stats([r["gain"][g] for r in rs]) for g in GROUPS],
                          f"{statistics.median(r['seconds'] for r in rs):.0f}",
                          f"{statistics.median(r['cpu_seconds'] for r in rs):.0f}", bitwise])
-    print(table(["mode", "N", "repeats", *[f"{g} gain" for g in GROUPS], "wall s", "CPU s", "others bitwise"], rows))
+    print(table(["mode", "N", "repeats", "base kept", *[f"{g} gain" for g in GROUPS], "wall s", "CPU s", "others bitwise"], rows))
     print(f"plot: {out / 'finetune_local.png'}")
     n_key = 10 if 10 in ns else ns[0]
     key = [r for r in results if r["mode"] == "group_local" and r["n"] == n_key]
@@ -224,6 +229,7 @@ def _report(results: list[dict], out: Path, modes: list[str], ns: list[int]) -> 
         "local_bitwise_others": all(r.get("others_bitwise") for r in key) if key else "n/a",
         "local_train_wall_s": statistics.median(r["seconds"] for r in key) if key else float("nan"),
         "local_train_cpu_s": statistics.median(r["cpu_seconds"] for r in key) if key else float("nan"),
+        "local_base_kept": sum(r.get("best_step") == 0 for r in key),
     }))
     return 0
 
