@@ -119,6 +119,8 @@ def summarise(data: dict) -> dict:
             out["shipped"][f"{dataset}/{test}"] = row
         else:
             out["runs"].append(row)
+    order = ["baseline", "febs", "moe", "dmoe"]  # tables and plots: the reference first, dMoE last
+    out["runs"].sort(key=lambda r: (order.index(r["method"]) if r["method"] in order else len(order), str(r["seed"])))
     for row in out["runs"]:
         out["by_method"].setdefault(f"{row['dataset']}/{row['test']}", {}).setdefault(row["method"], []).append(row)
     site_a_first = lambda kv: (kv[0].split("/")[0], kv[0].split("/")[1] != "test-a")  # noqa: E731
@@ -210,9 +212,11 @@ def plot(summary: dict, path: Path) -> Path:
     from matplotlib.figure import Figure
 
     keys = list(summary["by_method"])
-    fig = Figure(figsize=(4.6 * max(len(keys), 1), 3.6), dpi=100)
+    cols = min(2, max(len(keys), 1))  # two panels a row: site A and site B of one dataset side by side
+    rows = -(-max(len(keys), 1) // cols)
+    fig = Figure(figsize=(5.2 * cols, 3.4 * rows + 0.4), dpi=100)
     FigureCanvasAgg(fig)
-    axes = np.atleast_1d(fig.subplots(1, max(len(keys), 1)))
+    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False).ravel())
     colours = {"baseline": "#888888", "febs": "#4c9be8", "moe": "#f0a030", "dmoe": "#d0413e"}
     for ax, key in zip(axes, keys):
         runs = [r for r in summary["runs"] if f"{r['dataset']}/{r['test']}" == key]
@@ -233,8 +237,11 @@ def plot(summary: dict, path: Path) -> Path:
         lo = min(min(r["groups"].values()) for r in runs)
         ax.set_ylim(max(0.0, lo - 0.1), 1.0)
         ax.set_title(key.replace("/", ", "), fontsize=9)
-        ax.set_ylabel("per-group Dice (bars: seed mean, dots: seeds)")
+        ax.set_ylabel("per-group test Dice")
+    for ax in axes[len(keys):]:
+        ax.set_visible(False)
     axes[0].legend(fontsize=7, loc="lower left")
+    fig.suptitle("bars: mean over seeds; dots: one per seed", fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
     return path
