@@ -120,7 +120,8 @@ def summarise(data: dict) -> dict:
         else:
             out["runs"].append(row)
     order = ["baseline", "febs", "moe", "dmoe"]  # tables and plots: the reference first, dMoE last
-    out["runs"].sort(key=lambda r: (order.index(r["method"]) if r["method"] in order else len(order), str(r["seed"])))
+    out["runs"].sort(key=lambda r: (r["test"], r["dataset"],
+                                    order.index(r["method"]) if r["method"] in order else len(order), str(r["seed"])))
     for row in out["runs"]:
         out["by_method"].setdefault(f"{row['dataset']}/{row['test']}", {}).setdefault(row["method"], []).append(row)
     site_a_first = lambda kv: (kv[0].split("/")[0], kv[0].split("/")[1] != "test-a")  # noqa: E731
