@@ -232,7 +232,9 @@ def plot(summary: dict, path: Path) -> Path:
                 ax.plot(x, [r["groups"][g] for g in groups], "o", color="k", ms=2.5)
         shipped = summary["shipped"].get(key)
         if shipped:
-            ax.plot(np.arange(len(groups)), [shipped["groups"][g] for g in groups], "*", color="#d0413e", ms=9,
+            j = methods.index("dmoe") if "dmoe" in methods else (len(methods) - 1) / 2  # over the dMoE bars
+            ax.plot(np.arange(len(groups)) + (j - (len(methods) - 1) / 2) * width,
+                    [shipped["groups"][g] for g in groups], "*", color="#d0413e", mec="k", mew=0.5, ms=10,
                     label="shipped dmoe")
         ax.set_xticks(np.arange(len(groups)), groups)
         lo = min(min(r["groups"].values()) for r in runs)
