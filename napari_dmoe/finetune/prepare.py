@@ -1,10 +1,9 @@
 """Fine-tune from napari layers, the Qt-free part: export pairs, split, settings, the YAML config, comparison.
 
 The GUI writes the user's (image, labels, attribute) pairs to a run folder in the generic folder + CSV format
-the training engine reads (``data.format: folder`` with a ``split`` column that holds the validation cases back);
-3D pairs go as NIfTI with the image layer's scale as voxel size, so the engine resamples them to the model's
-spacing exactly as the Segment widget does with that layer,
-writes a config that fine-tunes from the chosen base model, and runs ``dmoe train`` in a subprocess
+the training engine reads (``data.format: folder`` with a ``split`` column that holds the validation cases back;
+3D pairs as NIfTI with the layer's scale as voxel size, resampled to the model's spacing as the Segment widget
+does), writes a config that fine-tunes from the chosen base model, and runs ``dmoe train`` in a subprocess
 (``finetune/process.py``). Nothing here imports Qt, napari or torch at module level.
 """
 from __future__ import annotations
@@ -61,7 +60,7 @@ class FinetuneSettings:
     local_experts: int = 1
     amp: bool = False
     val_every: int | None = None  # None: about 5 validations over the run
-    keep_base: bool = True  # validate the base model too; a step is kept only if it beats it on the held-back pairs
+    keep_base: bool = True  # a step replaces the base model only if it scores higher on the held-back pairs
 
 
 @dataclass
@@ -385,8 +384,7 @@ def build_config(base_model: str | os.PathLike, spec: Any, export: ExportSummary
             "batch_size": int(batch),
             "amp": bool(settings.amp),
             "val_every": int(val_every),
-            # the base model is validated too and kept unless a step beats it on the held-back cases
-            "validate_first": bool(settings.keep_base),
+            "validate_first": bool(settings.keep_base),  # the base is kept unless a step beats it
         },
     }
 
@@ -398,6 +396,3 @@ def write_config(config: Mapping[str, Any], path: str | os.PathLike) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     return atomic_write_text(path, yaml.safe_dump(dict(config), sort_keys=False))
-
-
-# -- before / after ---------------------------------------------------------------------------------------
