@@ -67,7 +67,8 @@ class FinetuneWidget(QWidget):
 
         s = self.settings  # kept between napari sessions (QSettings), restored over the device defaults
         stored.persist("finetune/settings", {"steps": s.steps, "lr": s.lr, "batch": s.batch, "train": s.trainable,
-                                             "amp": s.amp, "keep_base": s.keep_base, "validation_share": s.val_fraction, "runs": self.output})
+                                             "amp": s.amp, "keep_base": s.keep_base,
+                                             "validation_share": s.val_fraction, "runs": self.output})
 
     # -- layout --------------------------------------------------------------------------------------------
     def _build(self) -> None:
