@@ -217,7 +217,8 @@ def _report(results: list[dict], out: Path, modes: list[str], ns: list[int]) -> 
             rows.append([mode, n, len(rs), kept, *[_stats([r["gain"][g] for r in rs]) for g in GROUPS],
                          f"{statistics.median(r['seconds'] for r in rs):.0f}",
                          f"{statistics.median(r['cpu_seconds'] for r in rs):.0f}", bitwise])
-    print(table(["mode", "N", "repeats", "base kept", *[f"{g} gain" for g in GROUPS], "wall s", "CPU s", "others bitwise"], rows))
+    print(table(["mode", "N", "repeats", "base kept", *[f"{g} gain" for g in GROUPS], "wall s", "CPU s",
+                 "others bitwise"], rows))
     print(f"plot: {out / 'finetune_local.png'}")
     n_key = 10 if 10 in ns else ns[0]
     key = [r for r in results if r["mode"] == "group_local" and r["n"] == n_key]

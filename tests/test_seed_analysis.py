@@ -76,7 +76,8 @@ def test_runs_folders_pool_contrasts_and_the_final_weights(tmp_path: Path) -> No
         for method, folder in (("baseline", "a"), ("moe", "b"), ("dmoe", "b")):
             noise = rng.normal(0, 0.01, truth.shape)
             _write(tmp_path / folder / "reports/test-a" / f"fundus-{method}-s{seed}", truth + shift[method] + noise)
-            _write(tmp_path / folder / "reports/test-a" / f"fundus-{method}-s{seed}-last", truth - shift[method] + noise)
+            last = tmp_path / folder / "reports/test-a" / f"fundus-{method}-s{seed}-last"
+            _write(last, truth - shift[method] + noise)
     mod = _module()
     runs = [str(tmp_path / "a"), str(tmp_path / "b")]
     assert mod.main(["--runs", *runs, "--out", str(tmp_path / "best")]) == 0
