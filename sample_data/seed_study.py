@@ -35,7 +35,7 @@ quarter-budget MoE run and full-budget runs; in this order:
     python sample_data/seed_analysis.py
     python sample_data/seed_analysis.py --runs runs/seeds/full --out sample_data/results/seeds/full-budget
 (the full-budget folder also got the shipped dMoE's reports, copied as reports/<test>/fundus-dmoe-shipped).
-Second session (2026-11-30, evening: the machine quiet, 0.4-0.5 s per 2D or 3D step), the full budget for every
+Second session (2026-11-30, evening: the machine quiet, 0.5-0.6 s per 2D step, 0.35-0.8 s per 3D step), the full budget for every
 method, seeds 1234 (the demo configs' own), 1 and 2; two lanes side by side, one torch thread each:
     python sample_data/seed_study.py run --runs runs/seeds/full --budget 1 --seeds 1234 1 2 --datasets fundus \
         --methods baseline dmoe moe          # lane A (baseline 1234 and 1 were already done, so skipped)
@@ -121,8 +121,10 @@ def generate() -> None:
                 ",".join([*r, "split" if i == 0 else "test"]) + "\n" for i, r in enumerate(rows)))
 
 
-def _read(path: Path) -> str:
-    return path.read_text() if path.is_file() else ""
+def _finished(name: str) -> bool:
+    """The training run ``name`` ended normally (its events file holds the engine's "done" event)."""
+    events = RUNS / f"{name}.events.jsonl"
+    return events.is_file() and '"event": "done"' in events.read_text()
 
 
 def _eval_args(dataset: str, test: str) -> list[str]:
@@ -148,7 +150,7 @@ def train(dataset: str, method: str, seed: int, budget: float) -> Path:
     out = RUNS / name
     best = out / "best.safetensors"
     events = RUNS / f"{name}.events.jsonl"
-    if best.is_file() and events.is_file() and '"event": "done"' in events.read_text():
+    if best.is_file() and _finished(name):
         return best
     steps, val_every = (max(1, round(v * budget)) for v in STEPS[dataset])
     _log(f"train {name}: {steps} steps, validation every {val_every}")
@@ -182,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
             for seed in args.seeds:
                 for method in args.methods:
                     name = f"{dataset}-{method}-s{seed}"
-                    if '"event": "done"' in _read(RUNS / f"{name}.events.jsonl"):
+                    if _finished(name):
                         evaluate(RUNS / name / "last.safetensors", dataset, method, f"{name}-last")
     if args.step == "shipped":
         for dataset in args.datasets:
