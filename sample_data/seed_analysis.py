@@ -111,7 +111,7 @@ def paired(base: list[np.ndarray], dmoe: list[np.ndarray], groups: list[str], se
 
 
 def summarise(data: dict) -> dict:
-    out: dict = {"runs": [], "by_method": {}, "paired": {}, "contrasts": {}, "shipped": {}}
+    out: dict = {"runs": [], "by_method": {}, "contrasts": {}, "shipped": {}}
     for (test, dataset, method, seed), (ids, groups, dice, classes) in sorted(data.items(), key=str):
         row = {"test": test, "dataset": dataset, "method": method, "seed": seed, "n": len(ids),
                **metrics(groups, dice, classes)}
@@ -151,8 +151,6 @@ def summarise(data: dict) -> dict:
             out["contrasts"].setdefault(key, {})[f"{method}-{ref}"] = {"seeds_used": seeds, **paired(
                 [data[(test, dataset, ref, s)][2] for s in seeds],
                 [data[(test, dataset, method, s)][2] for s in seeds], groups)}
-        if "dmoe-baseline" in out["contrasts"].get(key, {}):
-            out["paired"][key] = out["contrasts"][key]["dmoe-baseline"]
     return out
 
 
@@ -306,8 +304,10 @@ def main(argv: list[str] | None = None) -> int:
         plot(summary, args.out / "seeds.png")
     print(text)
     parts = ["bench=seed_study"]
-    for key, pr in summary["paired"].items():  # dMoE - baseline
-        tag = key.replace("/", "_").replace("-", "_")
+    for key, by_contrast in summary["contrasts"].items():
+        if "dmoe-baseline" not in by_contrast:
+            continue
+        pr, tag = by_contrast["dmoe-baseline"], key.replace("/", "_").replace("-", "_")
         parts += [f"{tag}_seeds={len(pr['seeds_used'])}",
                   *(f"{tag}_delta_{k}={pr[f'delta_{k}']['value']:.4f} "
                     f"{tag}_delta_{k}_lo={pr[f'delta_{k}']['ci95'][0]:.4f} "

@@ -55,7 +55,7 @@ def test_paired_comparison_recovers_a_known_shift(tmp_path: Path) -> None:
     mod = _module()
     assert mod.main(["--runs", str(tmp_path), "--out", str(tmp_path / "out")]) == 0
     summary = json.loads((tmp_path / "out/summary.json").read_text())
-    paired = summary["paired"]["fundus/test-a"]
+    paired = summary["contrasts"]["fundus/test-a"]["dmoe-baseline"]
     assert paired["seeds_used"] == [1, 2, 3] and paired["per_case"]["share_improved"] > 0.95
     for key in ("delta_dice", "delta_worst_group_dice"):
         lo, hi = paired[key]["ci95"]
@@ -85,12 +85,11 @@ def test_runs_folders_pool_contrasts_and_the_final_weights(tmp_path: Path) -> No
     contrasts = best["contrasts"]["fundus/test-a"]
     assert set(contrasts) == {"dmoe-baseline", "dmoe-moe", "moe-baseline"}
     assert contrasts["dmoe-moe"]["delta_dice"]["value"] == pytest.approx(0.03, abs=0.01)
-    assert best["paired"]["fundus/test-a"] == contrasts["dmoe-baseline"]
     assert "dMoE - MoE on the same" in (tmp_path / "best/seed_study.md").read_text()
     assert mod.main(["--runs", *runs, "--out", str(tmp_path / "last"), "--checkpoint", "last"]) == 0
     last = json.loads((tmp_path / "last/summary.json").read_text())
     assert last["checkpoint"] == "last"
-    assert last["paired"]["fundus/test-a"]["delta_dice"]["value"] == pytest.approx(-0.05, abs=0.01)
+    assert last["contrasts"]["fundus/test-a"]["dmoe-baseline"]["delta_dice"]["value"] == pytest.approx(-0.05, abs=0.01)
     _write(tmp_path / "a/reports/test-a/fundus-dmoe-s1", truth)
     with pytest.raises(SystemExit, match="also in another runs folder"):
         mod.main(["--runs", *runs, "--out", str(tmp_path / "clash")])
