@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from napari_dmoe.finetune.events import EventReader, RunState
+from napari_dmoe.threads import ENV_RESERVE
 
 TRAIN_EVENTS = "events.jsonl"
 COMPARE_JSON = "compare.json"
@@ -51,6 +52,8 @@ class TrainingProcess:
     def start(self) -> None:
         env = dict(os.environ if self.env is None else self.env)
         env.setdefault("PYTHONUNBUFFERED", "1")
+        # the child's automatic thread count keeps one core free for napari, which draws while it trains
+        env.setdefault(ENV_RESERVE, "1")
         with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
             # own process group: terminate() reaches any data-loader workers the engine starts
             self.proc = subprocess.Popen(self.cmd, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env,

@@ -27,6 +27,7 @@ from napari_dmoe.io.checkpoint import save_model
 from napari_dmoe.model.moe import DMoE
 
 from napari_dmoe import distributed as dist_utils
+from napari_dmoe.threads import describe_current
 from napari_dmoe.training import lock as run_lock
 from napari_dmoe.training import resume as resume_state
 from napari_dmoe.training.config import resolve_recipe
@@ -169,11 +170,13 @@ def _train(config: Mapping[str, Any], info: dist_utils.DistInfo, writer: EventWr
     step, best, best_step = _resume(out, run, network, optimizer, scheduler, scaler if use_amp else None)
     model, network = _distributed(run, network, info)
 
+    threads = describe_current()  # chosen by the front end (napari_dmoe.threads), or by a Python caller
     sampler = DistributedSampler(run.train_items, num_replicas=world, rank=info.rank, shuffle=True, seed=seed,
                                  drop_last=True)
     writer.emit("start", step=step, total_steps=total, epoch=step // steps_per_epoch, world_size=world,
                 batch_size=batch, steps_per_epoch=steps_per_epoch, output_dir=str(out), method=config["method"],
-                routing=run.spec.routing, device=str(info.device), data=run.data_summary, resumed=step > 0)
+                routing=run.spec.routing, device=str(info.device), data=run.data_summary, resumed=step > 0,
+                threads=threads.threads, threads_reason=f"{threads.source}: {threads.reason}")
     bar = ProgressBar(total, step, enabled=info.is_main and not quiet)
     started, done_at_start, avg_step = time.perf_counter(), step, None
     best_path, last_path = out / "best.safetensors", out / "last.safetensors"

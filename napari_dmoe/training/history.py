@@ -80,7 +80,7 @@ class RunHistory:
         atomic_write(self.folder / HISTORY, lambda tmp: tmp.write_text(text, encoding="utf-8"))
         self._mark = (start, time.time())
         self._say(f"training {self.total} steps (batch {r.get('batch_size')}, {r.get('world_size', 1)} "
-                  f"process(es), {r.get('device')}){f', resumed at step {start}' if start else ''}; "
+                  f"process(es), {r.get('device')}{_threads(r)}){f', resumed at step {start}' if start else ''}; "
                   f"history: {self.folder / HISTORY}")
 
     def _on_step(self, r: dict[str, Any]) -> None:
@@ -137,6 +137,12 @@ class RunHistory:
     def _say(self, text: str) -> None:
         if self.lines is not None:
             print(f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {text}", file=self.lines, flush=True)
+
+
+def _threads(r: dict[str, Any]) -> str:
+    """", 1 CPU thread (auto: ...)" from the start event (older event files have none)."""
+    n = r.get("threads")
+    return "" if n is None else f", {n} CPU thread{'s' * (n != 1)} ({r.get('threads_reason')})"
 
 
 def _fmt(value: Any) -> str:
