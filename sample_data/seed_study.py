@@ -77,7 +77,21 @@ RUNS = ROOT / "runs" / "seeds"
 SUB = {"fundus": "fairseg", "prostate": "prostate"}
 STEPS = {"fundus": (800, 100), "prostate": (1500, 250)}  # the demo configs' recipe.steps and val_every
 TEST_SEEDS = {"test-a": 2026, "site-b": 2027}
+# Validation-only sets (issue 26): recipes are screened on these, never on the tests above. val-a: a larger site-A
+# validation set than a run's own 10 % split; val-v: site V, neither A nor B (napari_dmoe/synthetic/fundus.py).
+VAL_SEEDS = {"val-a": (2029, "a"), "val-v": (2028, "v")}
+RECIPE = "demo"  # training/<RECIPE>-<dataset>-<method>.yaml
+EXTRA: list[str] = []  # --set overrides of a screened candidate, the same for every method
 SHIPPED = {d: ROOT / "napari_dmoe" / "assets" / "models" / f"{d}-dmoe.safetensors" for d in SUB}
+
+
+def _validation_sets() -> None:
+    """Fundus validation sets (400 images each), written by the generator's own function: the CLI knows sites a, b."""
+    from napari_dmoe.synthetic.fundus import write_fairseg
+
+    for name, (seed, site) in VAL_SEEDS.items():
+        if not (DATA / name / "fairseg" / "test.txt").is_file():
+            write_fairseg(DATA / name / "fairseg", n_train=0, n_test=400, seed=seed, size=128, site=site)
 
 
 def _log(text: str) -> None:
@@ -98,8 +112,9 @@ def _call(cmd: list[str], log: Path) -> None:
     _log(f"  {time.time() - start:.0f} s: {' '.join(cmd[:3])} ...")
 
 
-def generate() -> None:
-    """Training data (the demo lanes' own commands, generator seed 0) and the fresh test splits."""
+def generate(datasets: list[str] | None = None) -> None:
+    """Training data (the demo lanes' own commands, generator seed 0) and the fresh test splits (of ``datasets``,
+    default all)."""
     gen = [sys.executable, "sample_data/generate.py"]
     sizes = {"fundus": ["--size", "128"], "prostate": ["--size", "64x64x32", "--spacing", "3x3x3"]}
     jobs = [(DATA / "train", "fundus", ["--n", "600", "--n-test", "400", "--seed", "0"]),
@@ -109,7 +124,7 @@ def generate() -> None:
         jobs += [(DATA / name, "fundus", ["--n", "0", "--n-test", "400", "--seed", str(seed), *site]),
                  (DATA / name, "prostate", ["--n", "80", "--seed", str(seed), *site])]
     for out, kind, args in jobs:
-        if (out / SUB[kind] / "provenance.json").is_file():
+        if (out / SUB[kind] / "provenance.json").is_file() or kind not in (datasets or SUB):
             continue
         _call([*gen, kind, "--out", str(out), *sizes[kind], *args], RUNS / "data.log")
         if kind == "prostate" and out.name in TEST_SEEDS:  # every case of a test folder is in the test split
@@ -134,14 +149,15 @@ def _eval_args(dataset: str, test: str) -> list[str]:
     return args
 
 
-def evaluate(model: Path, dataset: str, method: str, name: str) -> None:
-    """``dmoe evaluate`` of one model on both fresh tests (skipped when the report exists)."""
-    for test in TEST_SEEDS:
+def evaluate(model: Path, dataset: str, method: str, name: str, tests: list[str] | None = None) -> None:
+    """``dmoe evaluate`` of one model on both fresh tests, or on ``tests`` (skipped when the report exists)."""
+    for test in tests or list(TEST_SEEDS):
         out = RUNS / "reports" / test / name
         if (out / "report.csv").is_file():
             continue
-        _call(["dmoe", "evaluate", str(model), f"training/demo-{dataset}-{method}.yaml", *_eval_args(dataset, test),
-               "--out", str(out), "--name", method, "--n-boot", "200", "--quiet"], RUNS / f"{name}.log")
+        config = f"training/{RECIPE}-{dataset}-{method}.yaml"
+        _call(["dmoe", "evaluate", str(model), config, *_eval_args(dataset, test), "--out", str(out),
+               "--name", method, "--n-boot", "200", "--quiet"], RUNS / f"{name}.log")
 
 
 def train(dataset: str, method: str, seed: int, budget: float) -> Path:
@@ -154,11 +170,21 @@ def train(dataset: str, method: str, seed: int, budget: float) -> Path:
         return best
     steps, val_every = (max(1, round(v * budget)) for v in STEPS[dataset])
     _log(f"train {name}: {steps} steps, validation every {val_every}")
-    _call(["dmoe", "train", f"training/demo-{dataset}-{method}.yaml",
+    _call(["dmoe", "train", f"training/{RECIPE}-{dataset}-{method}.yaml", *EXTRA,
            "--set", f"data.root={DATA / 'train' / SUB[dataset]}",
            "--set", f"output_dir={out}", "--set", f"seed={seed}", "--set", f"recipe.steps={steps}",
            "--set", f"recipe.val_every={val_every}", "--events", str(events), "--quiet"], RUNS / f"{name}.log")
     return best
+
+
+def _evaluate_run(best: Path, dataset: str, method: str, seed: int, on: str) -> None:
+    name = f"{dataset}-{method}-s{seed}"
+    if on == "tests":
+        evaluate(best, dataset, method, name)
+        return
+    _validation_sets()
+    evaluate(best, dataset, method, name, list(VAL_SEEDS))
+    evaluate(best.parent / "last.safetensors", dataset, method, f"{name}-last", list(VAL_SEEDS))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -171,14 +197,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", nargs="+", choices=["baseline", "febs", "moe", "dmoe"],
                    default=["baseline", "dmoe", "moe"])
     p.add_argument("--runs", type=Path, default=RUNS, help="folder for runs, logs and reports (another per budget)")
+    p.add_argument("--recipe", default="demo", help="config family: training/<recipe>-<dataset>-<method>.yaml")
+    p.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override of a screened candidate, for every method alike")
+    p.add_argument("--on", choices=["tests", "validation"], default="tests",
+                   help="evaluate on the fresh tests (A, B) or only on the validation sets (val-a, val-v), best "
+                        "and last weights both: screening never looks at a test")
     args = p.parse_args(argv)
-    RUNS = args.runs.resolve()
+    global RECIPE
+    RECIPE, RUNS = args.recipe, args.runs.resolve()
+    EXTRA[:] = [x for kv in args.extra for x in ("--set", kv)]
     RUNS.mkdir(parents=True, exist_ok=True)
     if args.step == "analyse":
         from seed_analysis import main as analyse
 
         return analyse(["--runs", str(RUNS)])
-    generate()
+    generate(args.datasets)
     if args.step == "last":  # a sensitivity check of the checkpoint choice, made after the runs, for every run alike
         for dataset in args.datasets:
             for seed in args.seeds:
@@ -191,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
             evaluate(SHIPPED[dataset], dataset, "dmoe", f"{dataset}-dmoe-shipped")
     if args.step == "run":
         _log(f"run: budget {args.budget}, seeds {args.seeds}, {args.datasets} x {args.methods}")
-        (RUNS / "budget.json").write_text(json.dumps({"budget": args.budget, "steps": STEPS}))
+        (RUNS / "budget.json").write_text(json.dumps({"budget": args.budget, "steps": STEPS, "recipe": RECIPE,
+                                                      "set": args.extra, "on": args.on}))
         pending = threading.Thread()  # a model's evaluation overlaps the next training run (never two of either)
         pending.start()
         for dataset in args.datasets:  # seed-major: a partial study is still balanced across methods
@@ -199,8 +234,7 @@ def main(argv: list[str] | None = None) -> int:
                 for method in args.methods:
                     best = train(dataset, method, seed, args.budget)
                     pending.join()
-                    pending = threading.Thread(target=evaluate, args=(best, dataset, method,
-                                                                      f"{dataset}-{method}-s{seed}"))
+                    pending = threading.Thread(target=_evaluate_run, args=(best, dataset, method, seed, args.on))
                     pending.start()
         pending.join()
     return 0

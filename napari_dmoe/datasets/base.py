@@ -134,6 +134,7 @@ class SegmentationDataset(Dataset):
     a voxel size). ``spacing``: target voxel size in mm per spatial axis (3D: z, y, x), see the module doc."""
 
     mask_table: dict[int, int] | None = None  # raw mask value -> class; None: any class in range is fine
+    label_hint = ""  # appended to an unexpected-mask-value error: where the allowed values come from
 
     def __init__(self, vocab: Any, size: Sequence[int] | None = None, n_classes: int | None = None,
                  on_missing: str = "skip", on_unknown: str = "error",
@@ -293,7 +294,7 @@ def check_dataset(ds: SegmentationDataset, raise_on_error: bool = True) -> Datas
             report.errors.append(f"{rec.mask}: mask size {raw.shape} does not match image size {image.shape[1:]}")
         bad = ds.unexpected_values(raw)
         if bad:
-            report.errors.append(f"{rec.mask}: mask has unexpected values {bad[:10]}")
+            report.errors.append(f"{rec.mask}: mask has unexpected values {bad[:10]}{ds.label_hint}")
     if unknown:
         report.unknown_spacing = len(unknown)
         report.warnings.append(

@@ -15,7 +15,7 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
-FORMATS = ("fairseg", "ham10000", "nifti", "folder")
+FORMATS = ("fairseg", "ham10000", "nifti", "folder", "nnunet")  # nnunet: nnU-Net raw / Decathlon + CSV
 METHODS = {  # method -> (routing, loss)
     "baseline": ("none", "dice_ce"),
     "moe": ("moe", "dice_ce"),
@@ -72,7 +72,7 @@ SCHEMA: dict[str, Any] = {
         "class_names": Field("list"),
         "train_list": Field("str"),  # fairseg name lists (relative to root)
         "test_list": Field("str"),
-        "csv": Field("str"),  # nifti: attributes CSV (default attributes.csv); folder: the pairs CSV
+        "csv": Field("str"),  # nifti, nnunet: attributes CSV (default attributes.csv); folder: the pairs CSV
         "split_column": Field("str"),  # nifti/folder: CSV column holding train/val/test
         "val_fraction": Field("number", 0.1, optional=False),
         "test_fraction": Field("number", 0.1, optional=False),
@@ -94,6 +94,7 @@ SCHEMA: dict[str, Any] = {
     "recipe": {
         "name": Field("str", "paper2d", choices=RECIPES, optional=False),
         "lr": Field("number"),  # None: recipe default
+        "optimizer": Field("str", choices=("sgd", "adamw")),  # None: the recipe's (paper2d SGD, 3d AdamW)
         "weight_decay": Field("number"),
         "momentum": Field("number", 0.9, optional=False),
         "poly_power": Field("number", 0.9, optional=False),
@@ -110,12 +111,31 @@ SCHEMA: dict[str, Any] = {
         "num_workers": Field("int", 0, optional=False),
         "sw_overlap": Field("number", 0.25, optional=False),
     },
+    # choose the number of steps (and whether to keep the base) by k-fold cross-validation over every training
+    # case, then train on all of them (training/crossval.py; the group-local fine-tune's default). 0: off
+    "crossval": {
+        "folds": Field("int", 0, optional=False),
+        "steps": Field("list"),  # candidate step counts; None: recipe.steps only
+    },
     "augment": {
         "flip": Field("bool", True, optional=False),
         "rotate90": Field("bool", False, optional=False),
         "rotate_degrees": Field("number", 0.0, optional=False),
         "intensity": Field("number", 0.0, optional=False),  # random shift/scale of intensities, fraction
         "prob": Field("number", 0.5, optional=False),
+        # Site robustness (scanner and clinic), MONAI array transforms; 0 / null = off. Each applies with ``prob``.
+        "contrast": Field("number", 0.0, optional=False),  # scale intensities about their mean by 1 +- this
+        "gamma": Field("list"),  # [low, high] gamma range (MONAI RandAdjustContrast), e.g. [0.7, 1.5]
+        "blur": Field("number", 0.0, optional=False),  # Gaussian blur, sigma up to this (pixels)
+        "noise": Field("number", 0.0, optional=False),  # Gaussian noise, std up to this (normalised units)
+        "bias_field": Field("number", 0.0, optional=False),  # smooth multiplicative bias field, coefficient range
+        "low_res": Field("number", 0.0, optional=False),  # resolution loss: down to this zoom (0.5) and back up
+        "colour": Field("number", 0.0, optional=False),  # RGB: per-channel gain 1 +- this (colour jitter)
+        "site_prob": Field("number", 0.25, optional=False),  # probability of each site transform above
+    },
+    "sampling": {
+        # 0: every image equally often; 1: every group equally often; 0.5: groups in proportion to sqrt(count)
+        "group_balance": Field("number", 0.0, optional=False),
     },
 }
 
@@ -260,6 +280,11 @@ def parse_label_map(value: Any) -> dict[int, int]:
 def _check_semantics(config: dict[str, Any]) -> None:
     """Checks across keys and value ranges."""
     recipe, data = config["recipe"], config["data"]
+    folds, candidates = config["crossval"]["folds"], config["crossval"]["steps"]
+    if folds < 0 or folds == 1 or (candidates is not None and not all(isinstance(s, int) and s >= 0
+                                                                      for s in candidates)):
+        raise ConfigError("config key 'crossval': folds must be 0 (off) or at least 2, and steps a list of step "
+                          f"counts (0 or more), got folds={folds}, steps={candidates}")
     for key in ("batch_size", "steps", "epochs", "val_every", "checkpoint_every"):
         if recipe[key] is not None and recipe[key] < 1:
             raise ConfigError(f"config key 'recipe.{key}': must be at least 1, got {recipe[key]}")
@@ -275,6 +300,7 @@ def _check_semantics(config: dict[str, Any]) -> None:
     if config["model"]["top_k"] > config["model"]["n_experts"]:
         raise ConfigError("config key 'model.top_k': must not exceed model.n_experts")
     config["data"]["attributes"] = attribute_vocabularies(data["attributes"])
+    _check_augment(config["augment"], config["sampling"])
     if data["label_map"] is not None:
         data["label_map"] = parse_label_map(data["label_map"])
     if data["size"] is not None and not all(isinstance(s, int) and s > 0 for s in data["size"]):
@@ -282,6 +308,24 @@ def _check_semantics(config: dict[str, Any]) -> None:
     if data["class_names"] is not None and (len(data["class_names"]) < 2
                                             or not all(isinstance(c, str) for c in data["class_names"])):
         raise ConfigError("config key 'data.class_names': expected at least two names, background first")
+
+
+def _check_augment(augment: Mapping[str, Any], sampling: Mapping[str, Any]) -> None:
+    for key in ("contrast", "blur", "noise", "bias_field", "colour", "intensity"):
+        if augment[key] < 0:
+            raise ConfigError(f"config key 'augment.{key}': must be 0 (off) or more, got {augment[key]}")
+    if not 0 <= augment["low_res"] < 1:
+        raise ConfigError(f"config key 'augment.low_res': the smallest zoom, in [0, 1) (0 = off), "
+                          f"got {augment['low_res']}")
+    if not 0 <= augment["site_prob"] <= 1:
+        raise ConfigError(f"config key 'augment.site_prob': a probability in [0, 1], got {augment['site_prob']}")
+    gamma = augment["gamma"]
+    if gamma is not None and (len(gamma) != 2 or not all(isinstance(g, (int, float)) and g > 0 for g in gamma)
+                              or gamma[0] > gamma[1]):
+        raise ConfigError(f"config key 'augment.gamma': expected [low, high] with 0 < low <= high, got {gamma}")
+    if not 0 <= sampling["group_balance"] <= 1:
+        raise ConfigError("config key 'sampling.group_balance': must be in [0, 1] (0 = as the data come, 1 = every "
+                          f"group equally often), got {sampling['group_balance']}")
 
 
 def attribute_vocabularies(value: Any) -> list[dict[str, Any]]:
@@ -318,13 +362,13 @@ def resolve_recipe(config: Mapping[str, Any], total_steps: int) -> dict[str, Any
     warmup + cosine."""
     r = dict(config["recipe"])
     if r["name"] == "paper2d":
-        r["optimizer"] = "sgd"
+        r["optimizer"] = r.get("optimizer") or "sgd"
         r["lr"] = r["lr"] if r["lr"] is not None else 0.01 * r["batch_size"] / 24
         r["weight_decay"] = r["weight_decay"] if r["weight_decay"] is not None else 1e-4
         r["warmup_steps"] = r["warmup_steps"] or 0
         r["schedule"] = "poly"
     else:
-        r["optimizer"] = "adamw"
+        r["optimizer"] = r.get("optimizer") or "adamw"
         r["lr"] = r["lr"] if r["lr"] is not None else 1e-4
         r["weight_decay"] = r["weight_decay"] if r["weight_decay"] is not None else 1e-5
         r["warmup_steps"] = r["warmup_steps"] if r["warmup_steps"] is not None else max(1, total_steps // 20)

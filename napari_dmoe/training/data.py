@@ -41,6 +41,10 @@ def class_names(config: Mapping[str, Any]) -> list[str]:
     data = config["data"]
     if data["class_names"] is not None:
         return list(data["class_names"])
+    if data["format"] == "nnunet":  # dataset.json's labels, in label order
+        from napari_dmoe.datasets.nnunet import class_names as nnunet_classes
+
+        return nnunet_classes(data["root"])
     return list(DEFAULT_CLASSES.get(data["format"], ["background", "foreground"]))
 
 
@@ -71,6 +75,16 @@ def make_dataset(config: Mapping[str, Any], split: str, size: Sequence[int] | No
         ds = FairSegDataset(root, vocab, names=listing, size=size, crop=data["crop"])
         keep = _fraction_split([r.id for r in ds.records], {"val": data["val_fraction"]}, seed)
         return _subset(ds, keep, split)
+    if fmt == "nnunet":
+        from napari_dmoe.datasets.nnunet import NnUNetRawDataset
+
+        csv_name = data["csv"] or "attributes.csv"
+        ds = NnUNetRawDataset(root, vocab, csv_path=csv_name, size=size, spacing=spacing)
+        if data["class_names"] is not None and len(data["class_names"]) != ds.n_classes:
+            raise ConfigError(f"config key 'data.class_names': {len(data['class_names'])} names but "
+                              f"{root / 'dataset.json'} has {ds.n_classes} labels {ds.info['labels']}")
+        table = root / csv_name if not Path(csv_name).is_absolute() else Path(csv_name)
+        return _subset(ds, _split_of(ds, data, seed, table, "case_id"), split)
     if fmt == "nifti":
         from napari_dmoe.datasets.formats import NiftiFolderDataset
 
@@ -140,14 +154,28 @@ class TrainItems(Dataset):
     """Normalised, augmented training items; reseeded per item from (seed, epoch, index)."""
 
     def __init__(self, ds: SegmentationDataset, spec: ModelSpec, augment: Mapping[str, Any], seed: int,
-                 crop: bool) -> None:
-        self.ds, self.spec, self.seed, self.epoch = ds, spec, seed, 0
+                 crop: bool, group_balance: float = 0.0) -> None:
+        self.ds, self.spec, self.seed, self._epoch = ds, spec, seed, 0
         self.transform = _augmentations(spec, augment, crop)
+        self.group_balance = float(group_balance)
+        self._order: np.ndarray | None = None
+        self.epoch = 0
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        self._epoch = int(value)
+        self._order = balanced_order(self.ds, self.group_balance, self.seed, self._epoch)
 
     def __len__(self) -> int:
         return len(self.ds)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        # group-balanced sampling: position -> a record drawn for this epoch (the sampler still shuffles positions)
+        index = int(self._order[index]) if self._order is not None else index
         # normalised on the file's grid, then resampled: the order (and resize) of the inference engine
         item, spacing = self.ds.read(index, resample=False)
         image, label = normalize(item["image"], self.spec.normalization), item["label"]
@@ -158,6 +186,20 @@ class TrainItems(Dataset):
         out = self.transform(data)
         out = out[0] if isinstance(out, list) else out  # RandCropByPosNegLabeld returns a list of samples
         return {**item, "image": _numpy(out["image"], np.float32), "label": _numpy(out["label"], np.int64)[0]}
+
+
+def balanced_order(ds: SegmentationDataset, balance: float, seed: int, epoch: int) -> np.ndarray | None:
+    """Records to show at each position of an epoch, drawn with weight count(group) ** -balance (None: as they
+    come). 1 shows every group equally often, 0.5 each in proportion to the square root of its count: the rare
+    groups' few images are seen more often without being repeated as often as full balance needs. Seeded by
+    (seed, epoch), so a resumed run draws the same images."""
+    if balance <= 0 or not len(ds):
+        return None
+    groups = ["/".join(r.values) for r in ds.records]
+    counts = Counter(groups)
+    weights = np.array([counts[g] ** -balance for g in groups], float)
+    rng = np.random.default_rng([seed % 2**32, epoch, 7919])
+    return rng.choice(len(groups), size=len(groups), replace=True, p=weights / weights.sum())
 
 
 class EvalItems(Dataset):
@@ -207,4 +249,32 @@ def _augmentations(spec: ModelSpec, augment: Mapping[str, Any], crop: bool) -> A
     if augment["intensity"]:
         steps += [RandScaleIntensityd("image", factors=augment["intensity"], prob=p),
                   RandShiftIntensityd("image", offsets=augment["intensity"], prob=p)]
-    return Compose(steps)
+    return Compose(steps + _site_augmentations(augment, float(augment["site_prob"]), dims))
+
+
+def _site_augmentations(augment: Mapping[str, Any], p: float, dims: int) -> list[Any]:
+    """Scanner and clinic differences (MONAI array transforms on the image only): colour, contrast, gamma, bias
+    field, resolution loss, blur, noise, in the order an acquisition adds them (noise last, after the optics)."""
+    from monai.transforms import (RandAdjustContrastd, RandBiasFieldd, RandGaussianNoised, RandGaussianSmoothd,
+                                  RandScaleIntensityd, RandScaleIntensityFixedMeand, RandSimulateLowResolutiond)
+
+    img, steps = "image", []
+    if augment["colour"]:  # RGB colour jitter: an independent gain per channel
+        steps.append(RandScaleIntensityd(img, factors=augment["colour"], prob=p, channel_wise=True))
+    if augment["contrast"]:
+        steps.append(RandScaleIntensityFixedMeand(img, factors=augment["contrast"], prob=p, preserve_range=False))
+    if augment["gamma"]:
+        steps.append(RandAdjustContrastd(img, gamma=tuple(augment["gamma"]), prob=p))
+    if augment["bias_field"]:
+        steps.append(RandBiasFieldd(img, coeff_range=(0.0, augment["bias_field"]), prob=p))
+    if augment["low_res"]:
+        up = "trilinear" if dims == 3 else "bilinear"  # MONAI's default (trilinear) refuses 2D images
+        steps.append(RandSimulateLowResolutiond(img, zoom_range=(augment["low_res"], 1.0), prob=p,
+                                                upsample_mode=up))
+    if augment["blur"]:
+        sigma = (0.25, float(augment["blur"]))
+        sigmas = {"sigma_x": sigma, "sigma_y": sigma, **({"sigma_z": sigma} if dims == 3 else {})}
+        steps.append(RandGaussianSmoothd(img, prob=p, **sigmas))
+    if augment["noise"]:
+        steps.append(RandGaussianNoised(img, prob=p, std=augment["noise"], sample_std=True))
+    return steps

@@ -22,7 +22,7 @@ from napari_dmoe.training.local import (adapted_routers, describe_adaptation, in
 from napari_dmoe.training.losses import build_loss
 from napari_dmoe.training.pretrained import load_base_model, load_pretrained_vit, set_trainable
 from napari_dmoe.model.routers import fallback_table, router_counts
-from napari_dmoe.training.trained_on import FORMAT_MODALITY, describe_training_data
+from napari_dmoe.training.trained_on import FORMAT_MODALITY, describe_training_data, feature_record
 
 
 @dataclass
@@ -36,13 +36,21 @@ class RunParts:
     data_summary: dict[str, Any]
     identity: Any  # the config parts a resumed run must share with the original
     provenance: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+    _features: tuple[int, Any] | None = None  # (step, record): best and last of one step share it
 
     def spec_for(self, step: int, metrics: Mapping[str, Any] | None, **extra: Any) -> ModelSpec:
-        """The spec to save with the weights at ``step``: provenance, and validation metrics when given."""
+        """The spec to save with the weights at ``step``: provenance, validation metrics when given, and the
+        network's features on its training images (``trained_on.feature_record``) for the fit check."""
         spec = copy.deepcopy(self.spec)
         spec.provenance = {**self.provenance, "step": step, **extra}
         if metrics:
             spec.metrics = {"split": "val", "step": step, **metrics}
+        if self._features is None or self._features[0] != step:
+            val = self.val_items.ds if self.val_items is not None else None
+            self._features = (step, feature_record(self.network, self.spec, self.train_items.ds, val, self.seed))
+        if self._features[1] is not None and spec.trained_on is not None:
+            spec.trained_on = {**spec.trained_on, "features": self._features[1]}
         return spec
 
 
@@ -94,6 +102,8 @@ def build_run(config: Mapping[str, Any], info: DistInfo, command: str | None = N
                           "(or model.overrides.spacing)")
     train_ds = make_dataset(config, "train", size, spacing)
     val_ds = make_dataset(config, "val", size, spacing)
+    if config["crossval"]["folds"]:  # cross-validation holds each case back in turn: every case trains at the end
+        train_ds.records, val_ds.records = train_ds.records + val_ds.records, []
     if len(train_ds) == 0:
         raise ConfigError(f"config key 'data.root': no training items found in {config['data']['root']}")
     reports = {"train": check_dataset(train_ds), "val": check_dataset(val_ds) if len(val_ds) else None}
@@ -111,7 +121,8 @@ def build_run(config: Mapping[str, Any], info: DistInfo, command: str | None = N
         init.update(load_base_model(network, config["model"]["base_model"]))
     summary = {"train": _summary(train_ds, reports["train"]), "val": _summary(val_ds, reports["val"]),
                "warnings": [w for r in reports.values() if r for w in r.warnings]}
-    train_items = TrainItems(train_ds, spec, config["augment"], int(config["seed"]), crop=spec.spatial_dims == 3)
+    train_items = TrainItems(train_ds, spec, config["augment"], int(config["seed"]), crop=spec.spatial_dims == 3,
+                             group_balance=config["sampling"]["group_balance"])
     local = None
     if config["trainable"] == "group_local":
         routers = adapted_routers(spec, config["adapt_groups"], summary["train"]["groups"])
@@ -144,4 +155,5 @@ def build_run(config: Mapping[str, Any], info: DistInfo, command: str | None = N
         val_items=EvalItems(val_ds, spec) if len(val_ds) else None,
         loss=build_loss(loss_name, spec.n_classes, gamma=config["febs_gamma"]).to(info.device),
         to_router=to_router, data_summary=summary, identity=identity, provenance=provenance,
+        seed=int(config["seed"]),
     )
