@@ -128,7 +128,7 @@ def test_import_official_bad_input(tmp_path, capsys):
     existing, _ = tiny_model_file(tmp_path / "there.safetensors")
     before = existing.read_bytes()
     assert main(["import-official", str(src), *IMPORT_ARGS, "--out", str(existing)]) == 2
-    assert_one_line_error(capsys.readouterr().err, "import-official", "exists", "--force")
+    assert_one_line_error(capsys.readouterr().err, "import-official", "exists", "--overwrite")
     assert existing.read_bytes() == before
 
     args = [str(src), *IMPORT_ARGS, "--out", str(tmp_path / "m.safetensors")]
@@ -204,7 +204,7 @@ def test_import_official_end_to_end(tmp_path, capsys, preset, values, classes, h
         assert torch.equal(reference(x, attr), model.network(x, attr))
 
     assert main(argv) == 2  # --out now exists
-    assert "--force" in capsys.readouterr().err
+    assert "--overwrite" in capsys.readouterr().err
     assert main(argv + ["--force"]) == 0
 
 

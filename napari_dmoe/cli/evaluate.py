@@ -23,6 +23,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the 95%% CIs (default 1000)")
     p.add_argument("--name", default=None, help="method name in the report (default: the model's method)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier report in --out (never an input: the model, the config, the data's tables)")
     p.set_defaults(func=run)
 
 
@@ -31,6 +33,7 @@ def run(args: argparse.Namespace) -> int:
     from napari_dmoe.training.config import load_config
 
     config = load_config(args.dataset_config, args.overrides, training=False)
+    check_report_outputs(Path(args.out), args, config)  # before the model loads: a refusal costs nothing
     model = load_model(args.model)
     name = args.name or model.spec.provenance.get("method") or Path(args.model).stem
     report = evaluate(model, config, args.split, Path(args.out), device=args.device, n_boot=args.n_boot,
@@ -41,6 +44,24 @@ def run(args: argparse.Namespace) -> int:
     print(f"{name}: {report['n_images']} images, Dice {summary['dice']:.4f}, ES-Dice {summary['es_dice']:.4f} "
           f"-> {Path(args.out) / 'report.json'}")
     return 0
+
+
+REPORT_FILES = ("report.json", "report.csv", "violin_dice.png", "expert_usage.png")  # evaluation.evaluate writes
+
+
+def check_report_outputs(out: Path, args: argparse.Namespace, config: dict) -> None:
+    """The report files may not replace an input (the model, the config, a table the dataset reads) nor, without
+    ``--overwrite``, an earlier report: one output policy for every verb (``io.outputs``)."""
+    from napari_dmoe.io.outputs import OutputError, check_single
+
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--out {out} is a file; give a folder for the report")
+    data = config["data"]
+    root = Path(data["root"])
+    tables = [root / data[k] for k in ("csv", "train_list", "test_list") if data.get(k)]
+    tables += [root / "attributes.csv", root / "HAM10000_metadata.csv"]
+    check_single([out / name for name in REPORT_FILES], [Path(args.model), Path(args.dataset_config), *tables],
+                 getattr(args, "overwrite", False), what="report file")
 
 
 def evaluate(model: Any, config: dict, split: str, out: Path, device: str = "auto", n_boot: int = 1000,

@@ -27,7 +27,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--in-channels", type=int, default=None,
                    help="2D only: channels of the input images, e.g. 1 for grey (default: as the checkpoint)")
     p.add_argument("--out", required=True, help="where to write the model (.safetensors)")
-    p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    p.add_argument("--overwrite", "--force", dest="overwrite", action="store_true",
+                   help="replace --out if it exists (never SRC: the source checkpoint is an input)")
     p.set_defaults(func=run)
 
 
@@ -47,8 +48,9 @@ def run(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"{src}: no such checkpoint file; give the path of the official .pth file")
     if out.suffix != ".safetensors":
         raise CheckpointError(f"--out {out}: model files end in .safetensors, e.g. {out.with_suffix('.safetensors')}")
-    if out.exists() and not args.force:
-        raise CheckpointError(f"--out {out}: the file exists; choose another name or pass --force to overwrite")
+    from napari_dmoe.io.outputs import check_single
+
+    check_single([out], [src], args.overwrite, what="--out")  # never the source, even with --overwrite
     from napari_dmoe.model.official import import_official  # after the cheap checks: it imports the networks
 
     network, spec = import_official(src, args.arch, args.attribute_name, args.attribute_values, args.class_names,

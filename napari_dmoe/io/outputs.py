@@ -6,14 +6,18 @@
   and a batch skips the case with a note, so a killed batch continues where it stopped.
 - Two cases of one batch whose outputs would share a name (``a.png`` and ``sub/a.png``, a duplicated row) are
   refused before any work, naming both rows; we do not invent names the user would have to guess.
-- A case is complete when its final output exists: writers go through ``files.atomic_write`` and the file that
-  marks completion (the label map) is written last, so a half-written case never looks done.
+- A case is complete when its final output exists and is a whole file of its format (an empty or cut file is
+  not): writers go through ``files.atomic_write`` and the file that marks completion (the label map) is written
+  last, so a half-written case never looks done. Temporary files a killed run left beside an output are removed.
+- Planning is linear: the inputs are indexed once, each case costs a constant number of file-system calls.
 
-Used by ``dmoe segment`` (single and batch), ``dmoe compare`` and, for sharded runs, ``dmoe evaluate``.
+Used by every verb that writes: ``dmoe segment`` (single and batch), ``compare``, ``evaluate``,
+``finetune-compare`` and ``import-official``.
 """
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -40,32 +44,59 @@ class PlannedCase:
         return self.outputs[-1]
 
 
-def _same(a: Path, b: Path) -> bool:
-    """True when ``a`` and ``b`` name one file: the same path once resolved, or the same inode (hard link)."""
+class _Inputs:
+    """The inputs of a run, indexed once (resolved paths, inodes, folders) so each output is checked in a
+    constant number of file-system calls: a batch of N cases costs O(N), not O(N^2) (issue 28: 1,000 rows took
+    minutes before the first image)."""
+
+    def __init__(self, inputs: Iterable[str | os.PathLike]) -> None:
+        self.files: dict[Path, Path] = {}
+        self.inodes: dict[tuple[int, int], Path] = {}
+        self.folders: dict[Path, Path] = {}
+        for item in inputs:
+            src = Path(item)
+            try:
+                st = os.stat(src)
+            except OSError:  # not there (yet): only its name can clash
+                st = None
+            if st is not None and stat.S_ISDIR(st.st_mode):
+                self.folders.setdefault(_resolved(src), src)
+                continue
+            self.files.setdefault(_resolved(src), src)
+            if st is not None:
+                self.inodes.setdefault((st.st_dev, st.st_ino), src)
+
+    def check(self, output: str | os.PathLike, what: str = "output") -> None:
+        out = Path(output)
+        real = _resolved(out)
+        if self.folders:
+            for parent in real.parents:
+                folder = self.folders.get(parent)
+                if folder is not None:
+                    raise OutputError(f"{what} {out} lies inside the input folder {folder} (it would be read with "
+                                      "it next time); write it elsewhere")
+        src = self.files.get(real) or self.folders.get(real)
+        if src is None and self.inodes:
+            try:
+                st = os.stat(out)
+                src = self.inodes.get((st.st_dev, st.st_ino))
+            except OSError:
+                src = None
+        if src is not None:
+            raise OutputError(f"{what} {out} is the input {src}; napari-dmoe never writes over an input, choose "
+                              "another output name")
+
+
+def _resolved(path: Path) -> Path:
     try:
-        if a.resolve() == b.resolve():
-            return True
-        return a.exists() and b.exists() and os.path.samefile(a, b)
-    except OSError:
-        return False
+        return path.resolve()
+    except (OSError, RuntimeError):  # a symlink loop: its absolute name is all we can compare
+        return Path(os.path.abspath(path))
 
 
 def protect_inputs(output: str | os.PathLike, inputs: Iterable[str | os.PathLike], what: str = "output") -> None:
     """Refuse ``output`` when it is an input (a file, its symlink or hard link) or lies inside an input folder."""
-    out = Path(output)
-    for item in inputs:
-        src = Path(item)
-        if _same(out, src):
-            raise OutputError(f"{what} {out} is the input {src}; napari-dmoe never writes over an input, choose "
-                              "another output name")
-        if src.is_dir():
-            try:
-                inside = out.resolve().is_relative_to(src.resolve())
-            except OSError:
-                inside = False
-            if inside:
-                raise OutputError(f"{what} {out} lies inside the input folder {src} (it would be read with it next "
-                                  "time); write it elsewhere")
+    _Inputs(inputs).check(output, what)
 
 
 def check_new(output: str | os.PathLike, overwrite: bool, what: str = "output") -> None:
@@ -78,18 +109,33 @@ def check_new(output: str | os.PathLike, overwrite: bool, what: str = "output") 
                           "file without being told)")
 
 
-def check_single(outputs: Sequence[str | os.PathLike], inputs: Iterable[str | os.PathLike], overwrite: bool) -> None:
-    """A one-case run: no output may be an input, no existing output is replaced without ``overwrite``."""
-    inputs = list(inputs)
+def check_single(outputs: Sequence[str | os.PathLike], inputs: Iterable[str | os.PathLike], overwrite: bool,
+                 what: str = "output") -> list[Path]:
+    """A one-case run (any verb that writes files): no output may be an input, no existing output is replaced
+    without ``overwrite``, two outputs may not be one file. Removes what a killed earlier run left beside the
+    outputs (``files.clean_leftovers``) and returns it."""
+    from napari_dmoe.io.files import clean_leftovers
+
+    guard = _Inputs(inputs)
+    seen: dict[Path, Path] = {}
     for out in outputs:
-        protect_inputs(out, inputs)
-        check_new(out, overwrite)
+        real = _resolved(Path(out))
+        if real in seen:
+            raise OutputError(f"{what} {out} and {seen[real]} are one file; give two different names")
+        seen[real] = Path(out)
+        guard.check(out, what)
+        check_new(out, overwrite, what)
+    return clean_leftovers(outputs)
 
 
 def plan_batch(cases: list[PlannedCase], inputs: Iterable[str | os.PathLike], overwrite: bool) -> list[PlannedCase]:
     """Check a batch before any work: collisions between cases (refused, naming both), outputs that are inputs
-    (refused), finished cases (``skip`` with a note unless ``overwrite``). Returns ``cases``."""
-    inputs = [*inputs, *(c.source for c in cases)]
+    (refused), finished cases (``skip`` with a note unless ``overwrite``), outputs that exist but are not complete
+    (an empty file is redone; another file is refused unless ``overwrite``), leftovers of a killed run (removed).
+    A constant number of file-system calls per case. Returns ``cases``."""
+    from napari_dmoe.io.files import clean_leftovers
+
+    guard = _Inputs([*inputs, *(c.source for c in cases)])
     seen_keys: dict[str, PlannedCase] = {}
     seen_paths: dict[Path, PlannedCase] = {}
     for case in cases:
@@ -104,20 +150,113 @@ def plan_batch(cases: list[PlannedCase], inputs: Iterable[str | os.PathLike], ov
             if other is not None and other is not case:
                 raise OutputError(_collision(other, case, str(out)))
             seen_paths[key] = case
-            protect_inputs(out, inputs)
+            guard.check(out)
             if Path(out).is_dir():
                 raise OutputError(f"output {out} ({case.where}) is a folder; remove or rename it")
-        if is_complete(case) and not overwrite:
-            case.skip = True
-            case.notes.append(f"{case.marker} exists: skipped (pass --overwrite to redo it)")
+        _judge_marker(case, overwrite)
+    for path in clean_leftovers(out for case in cases for out in case.outputs):
+        note = f"removed {path.name}, a temporary file a stopped run left behind"
+        owner = seen_paths.get(Path(os.path.abspath(path.parent)) / _final_name(path))
+        if owner is not None:
+            owner.notes.insert(0, note)  # a skipped case's last note says why it is skipped
     return cases
 
 
+def _final_name(tmp: Path) -> str:
+    return tmp.name.split("-", 2)[-1]
+
+
+def _judge_marker(case: PlannedCase, overwrite: bool) -> None:
+    """Skip a finished case; redo one whose marker is empty; refuse one whose marker is not a whole file."""
+    if overwrite:
+        return
+    state = completeness(case.marker)
+    if state == "complete":
+        case.skip = True
+        case.notes.append(f"{case.marker} exists: skipped (pass --overwrite to redo it)")
+    elif state == "empty":  # holds nothing: a stopped run's or a failed tool's file; replacing it loses nothing
+        case.notes.append(f"{case.marker} exists but is empty (0 bytes): segmented again")
+    elif state != "missing":
+        raise OutputError(f"{case.marker} ({case.where}) exists but is not a complete {state} file; remove it, or "
+                          "pass --overwrite to replace it")
+
+
 def is_complete(case: PlannedCase) -> bool:
-    """Its marker (last output, written last and atomically) exists."""
-    return case.marker.is_file()
+    """Its marker (last output, written last and atomically) exists and is a whole file of its format."""
+    return completeness(case.marker) == "complete"
+
+
+# leading bytes of each format we write, and (PNG) the chunk a whole file ends with
+_MAGIC = {".png": (b"\x89PNG\r\n\x1a\n",), ".gz": (b"\x1f\x8b",),
+          ".tif": (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"), ".nrrd": (b"NRRD",)}
+_MAGIC[".tiff"] = _MAGIC[".tif"]
+_PNG_END = b"IEND\xaeB`\x82"
+
+
+def completeness(path: str | os.PathLike) -> str:
+    """"missing", "empty", "complete", or the format name when the file is not a whole file of its format
+    (checked by its first bytes, and a PNG by its last chunk): a 0-byte or cut label map never counts as done."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except OSError:
+        return "missing"
+    if size == 0:
+        return "empty"
+    name = path.name.lower()
+    suffix = ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower()
+    try:
+        with open(path, "rb") as f:
+            head = f.read(352)
+            tail = b""
+            if suffix == ".png":
+                f.seek(max(0, size - 8))
+                tail = f.read(8)
+    except OSError:
+        return suffix.lstrip(".") or "file"
+    if suffix in (".nii", ".nii.gz"):
+        ok = _nifti_whole(path, size, gz=suffix == ".nii.gz")
+    elif suffix == ".dcm":
+        ok = head[128:132] == b"DICM"
+    elif suffix in _MAGIC:
+        ok = head.startswith(_MAGIC[suffix]) and (suffix != ".png" or tail == _PNG_END)
+    else:
+        ok = True
+    return "complete" if ok else suffix.lstrip(".")
 
 
 def _collision(a: PlannedCase, b: PlannedCase, target: str) -> str:
     return (f"{a.where} ({a.source}) and {b.where} ({b.source}) would both write {target}; rename one of the "
             "images or remove the duplicate row")
+
+
+def _nifti_whole(path: Path, size: int, gz: bool) -> bool:
+    """A NIfTI-1 file holds the bytes its header promises: for .nii.gz the gzip trailer's length (mod 2**32) must
+    match the header's, which a cut file fails (reading the header and the last 8 bytes, never the voxels)."""
+    import struct
+    import zlib
+
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(4096)
+            if gz:
+                f.seek(max(0, size - 4))
+                isize = int.from_bytes(f.read(4), "little")
+        head = zlib.decompressobj(31).decompress(raw, 352) if gz else raw
+    except (OSError, zlib.error):
+        return False
+    if len(head) < 348:
+        return False
+    order = "<" if struct.unpack("<i", head[:4])[0] == 348 else ">"
+    if struct.unpack(order + "i", head[:4])[0] != 348 or head[344:347] not in (b"n+1", b"ni1"):
+        return False
+    dims = struct.unpack(order + "8h", head[40:56])
+    bitpix = struct.unpack(order + "h", head[72:74])[0]
+    offset = int(struct.unpack(order + "f", head[108:112])[0]) if head[344:347] == b"n+1" else 352
+    if not 1 <= dims[0] <= 7 or bitpix <= 0:
+        return False
+    voxels = 1
+    for n in dims[1:dims[0] + 1]:
+        voxels *= max(int(n), 0)
+    expected = max(offset, 348) + voxels * bitpix // 8
+    return (isize == expected % 2**32) if gz else size >= expected
