@@ -114,20 +114,19 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> M
     """Rebuild the network described by the file's spec and load its weights (strict, bit-exact)."""
     path = _check_file(Path(path))
     spec = _spec_from_metadata(path, _read_metadata(path))
-    _check_network_size(path, spec)  # before anything is allocated: the header is data from elsewhere
+    # before anything is allocated: the header is data from elsewhere
+    network: torch.nn.Module | None = _check_network_size(path, spec)
     try:
         tensors = load_file(str(path), device="cpu")
     except SafetensorError as err:
         raise _corrupt(path, err) from None
     _check_finite(path, tensors)
-    from napari_dmoe.model import build_network  # here, so file problems are reported before model code runs
+    network = _fill_meta(network, tensors)  # the network built once, its weights the file's tensors
+    if network is None:  # the meta build could not take the file's tensors: build for real, name any mismatch
+        from napari_dmoe.model import build_network
 
-    try:
         network = build_network(spec)
-    except SpecError as err:  # a valid-looking spec whose sizes the network code rejects
-        raise CheckpointError(f"{path}: the spec does not describe a buildable network: {err}") from None
-    state = _match_weights(path, network, tensors)
-    network.load_state_dict(state, strict=True)
+        network.load_state_dict(_match_weights(path, network, tensors), strict=True)
     network.to(torch.device(device)).eval()
     return Model(spec=spec, network=network, path=path)
 
@@ -207,9 +206,10 @@ class _SkipInit(torch.overrides.TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def _check_network_size(path: Path, spec: ModelSpec) -> None:
+def _check_network_size(path: Path, spec: ModelSpec) -> torch.nn.Module:
     """Bound the spec's sizes, then count the parameters of the network it describes on torch's meta device
-    (no memory): more values than the file stores means the header lies, and building it could exhaust memory."""
+    (no memory): more values than the file stores means the header lies, and building it could exhaust memory.
+    Returns that meta network (no weights yet) for ``_fill_meta``."""
     from napari_dmoe.model import build_network
     from napari_dmoe.model.bounds import check_bounds
 
@@ -227,6 +227,29 @@ def _check_network_size(path: Path, spec: ModelSpec) -> None:
     if needed > 2 * stored + 2**20:  # small differences are named tensor by tensor after the (cheap) build
         raise CheckpointError(f"{path}: the spec describes a network of {needed} values but the file stores {stored}; "
                               "the header does not match the weights, re-save the model with napari-dmoe")
+    return network
+
+
+def _fill_meta(network: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> torch.nn.Module | None:
+    """The meta network with the file's tensors as its weights (no second build, no copy), or None where it cannot
+    take them: names, shapes or dtypes that differ, or a tensor the constructor made that is not in the file (a
+    non-persistent buffer). The caller then builds for real, which also names any mismatch."""
+    # torch's own allocations are 64-byte aligned, a file's tensors need not be: kernels then take other paths
+    # and outputs differ in the last bits from a network that loaded by copying
+    tensors = {k: t if t.data_ptr() % 64 == 0 else t.clone() for k, t in tensors.items()}
+    try:
+        state = _match_weights(Path(), network, tensors)
+    except CheckpointError:
+        return None
+    expected = network.state_dict(keep_vars=True)
+    if any(state[name].dtype != t.dtype for name, t in expected.items()):
+        return None
+    network.load_state_dict(state, strict=True, assign=True)
+    for module in network.modules():
+        for value in [*module._parameters.values(), *module._buffers.values(), *vars(module).values()]:
+            if isinstance(value, torch.Tensor) and value.is_meta:
+                return None
+    return network
 
 
 def _check_finite(path: Path, tensors: dict[str, torch.Tensor]) -> None:
@@ -240,11 +263,15 @@ def _check_finite(path: Path, tensors: dict[str, torch.Tensor]) -> None:
 
 def _match_weights(path: Path, network: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
     """The full state dict for ``network`` from the file's tensors, or a CheckpointError naming the mismatch."""
-    expected = network.state_dict()
-    # names that share storage in the network: the file holds one of each group (see _unique_tensors)
+    expected = network.state_dict(keep_vars=True)
+    # names that share storage in the network: the file holds one of each group (see _unique_tensors); on the
+    # meta device (no storage) the names of one shared tensor object
     groups: dict[tuple, list[str]] = {}
     for name, t in expected.items():
-        key = (t.data_ptr(), t.dtype, tuple(t.shape), t.stride()) if t.numel() else (name,)
+        if t.is_meta:
+            key: tuple = ("meta", id(t))
+        else:
+            key = (t.data_ptr(), t.dtype, tuple(t.shape), t.stride()) if t.numel() else (name,)
         groups.setdefault(key, []).append(name)
     state: dict[str, Any] = {}
     missing: list[str] = []

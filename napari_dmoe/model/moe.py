@@ -220,7 +220,7 @@ class DMoE(nn.Module):
                 expert.load_state_dict(self.experts[e].state_dict())
             self.local_experts.append(expert)
         self.local_table += pairs
-        remap = torch.arange(self.n_experts).repeat(self.n_attr, 1)
+        remap = torch.arange(self.n_experts, device="cpu").repeat(self.n_attr, 1)  # not meta when sized there
         for slot, (r, e) in enumerate(self.local_table):
             remap[r, e] = self.n_experts + slot
         # derived from local_table (the spec): a plain attribute, neither saved nor counted as a buffer
