@@ -24,7 +24,7 @@ def test_save_mask_of_a_2d_image_defaults_to_png(make_napari_viewer, qtbot, mode
     run_and_wait(qtbot, widget)
     [mask] = results(viewer)
     monkeypatch.chdir(tmp_path)  # a layer made in napari has no source folder: the working folder is offered
-    assert sm.default_path(mask) == tmp_path / "scan_mask.png"
+    assert sm.default_path(mask) == tmp_path / "scan_mask_race-Black_tiny.png"
     asked = []
 
     def dialog(parent, title, default, filters):
@@ -33,7 +33,8 @@ def test_save_mask_of_a_2d_image_defaults_to_png(make_napari_viewer, qtbot, mode
 
     monkeypatch.setattr(QFileDialog, "getSaveFileName", dialog)
     written = widget.save_mask()
-    assert asked == [(str(tmp_path / "scan_mask.png"), "PNG (*.png)")] and written == tmp_path / "m.png"
+    assert asked == [(str(tmp_path / "scan_mask_race-Black_tiny.png"), "PNG (*.png)")]
+    assert written == tmp_path / "m.png"
     np.testing.assert_array_equal(np.asarray(Image.open(written)), mask.data)
 
 
@@ -47,7 +48,8 @@ def test_save_mask_of_a_dicom_series_writes_seg_and_marks_edits(make_napari_view
     widget.attributes.set_value("race", "Black")
     run_and_wait(qtbot, widget, timeout=60000)
     [mask] = results(viewer)
-    assert sm.default_path(mask) == tmp_path / "ct_mask.dcm"  # beside the series folder, not inside it
+    # beside the series folder, not inside it; the attribute and the model in the name
+    assert sm.default_path(mask) == tmp_path / "ct_mask_race-Black_tiny3d.dcm"
 
     seg = hd.seg.segread(widget.save_mask(sm.default_path(mask)))
     assert {s.SegmentAlgorithmType for s in seg.SegmentSequence} == {"AUTOMATIC"}

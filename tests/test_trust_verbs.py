@@ -244,3 +244,148 @@ def test_long_output_name_through_the_cli(model, tmp_path):
     out = tmp_path / ("m" * 246 + ".png")
     assert main(["segment", str(model), str(src), "-a", "Black", "-o", str(out), "-q", "--device", "cpu"]) == 0
     assert np.asarray(Image.open(out)).shape == (40, 48)
+
+
+# -- 9. batch planning is linear in the rows ------------------------------------------------------------------
+class _FsCalls:
+    """Counts the file-system calls (stat, lstat, open, scandir) made while it is installed."""
+
+    def __init__(self, monkeypatch):
+        import builtins
+
+        self.n = 0
+        for owner, name in ((os, "stat"), (os, "lstat"), (os, "scandir"), (builtins, "open")):
+            monkeypatch.setattr(owner, name, self._counted(getattr(owner, name)))
+
+    def _counted(self, fn):
+        def call(*args, **kwargs):
+            self.n += 1
+            return fn(*args, **kwargs)
+        return call
+
+
+def _plan_calls(folder, n, done_every, monkeypatch):
+    """File-system calls to plan ``n`` rows (every ``done_every``-th one finished, every 7th a series folder)."""
+    from napari_dmoe.cli.segment import plan_batch_outputs
+
+    src, out = folder / "in", folder / "out"
+    src.mkdir(exist_ok=True)
+    out.mkdir(exist_ok=True)
+    rows = []
+    for i in range(n):
+        name = f"1.2.840.{i}" if i % 7 == 0 else f"img{i}.png"
+        if i % 7 == 0:
+            (src / name).mkdir(exist_ok=True)
+        if i % done_every == 0:
+            marker = out / (f"{name}_labels.nii.gz" if i % 7 == 0 else f"img{i}_labels.png")
+            marker.write_bytes(b"")  # empty: judged, then redone
+        rows.append((name, None))
+    with monkeypatch.context() as m:
+        calls = _FsCalls(m)
+        cases = plan_batch_outputs(rows, src, out, False, [folder / "model.safetensors", folder / "cases.csv"], False)
+    assert len(cases) == n
+    return calls.n
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(n=st.integers(20, 160), done_every=st.integers(1, 5))
+def test_batch_planning_costs_a_constant_number_of_file_system_calls_per_row(tmp_path_factory, monkeypatch, n,
+                                                                             done_every):
+    small = _plan_calls(tmp_path_factory.mktemp("a"), n, done_every, monkeypatch)
+    large = _plan_calls(tmp_path_factory.mktemp("b"), 4 * n, done_every, monkeypatch)
+    # linear: 4x the rows cost about 4x the calls (quadratic planning costs 16x); and few calls a row
+    assert large <= 4.5 * small + 200, (small, large)
+    assert large / (4 * n) < 60, large
+
+
+# -- 12. DICOM series folders named by their UIDs -----------------------------------------------------------------
+@pytest.mark.parametrize("dicom_seg", [False, True])
+def test_uid_named_series_folders_are_planned_as_dicom(tmp_path, dicom_seg):
+    from napari_dmoe.cli.segment import plan_batch_outputs
+
+    src = tmp_path / "in"
+    for uid in ("1.2.840.113619.2.55.3.1", "1.2.840.113619.2.55.3.2"):  # same "stem" once a suffix is stripped
+        (src / uid).mkdir(parents=True)
+    rows = [("1.2.840.113619.2.55.3.1", None), ("1.2.840.113619.2.55.3.2", None)]
+    cases = plan_batch_outputs(rows, src, tmp_path / "out", dicom_seg, [], False)
+    ext = ".dcm" if dicom_seg else ".nii.gz"
+    assert [c.marker.name for c in cases] == [f"{r[0]}_labels{ext}" for r in rows]
+
+
+@pytest.mark.slow
+def test_a_single_uid_named_series_is_segmented_in_a_batch(tmp_path, capsys):
+    """A 3D model, one CT series folder named by its UID: labels as NIfTI (and DICOM SEG with --dicom-seg)."""
+    from test_dicom_seg import make_series
+
+    from inference_models import tiny
+    from napari_dmoe.io.checkpoint import save_model
+
+    m = tiny("resunet3d-tiny")
+    model = save_model(tmp_path / "m3d.safetensors", m.network, m.spec)
+    (tmp_path / "in").mkdir()
+    make_series(tmp_path / "in" / "1.2.826.0.1.3680043.8.498.1", n=8, size=32)
+    attr = m.spec.attributes[0]
+    csv = tmp_path / "cases.csv"
+    csv.write_text(f"image,{attr.name}\n1.2.826.0.1.3680043.8.498.1,{attr.values[0]}\n")
+    before = snapshot(*sorted((tmp_path / "in").rglob("*.dcm")))
+    for extra, ext in (([], ".nii.gz"), (["--dicom-seg"], ".dcm")):
+        assert main(["segment", str(model), str(tmp_path / "in"), "--csv", str(csv), "-o", str(tmp_path / "out"),
+                     "-q", "--device", "cpu", "--force", *extra]) == 0, capsys.readouterr().err
+        assert (tmp_path / "out" / f"1.2.826.0.1.3680043.8.498.1_labels{ext}").is_file()
+    assert snapshot(*sorted((tmp_path / "in").rglob("*.dcm"))) == before
+
+
+# -- 10, 11. voxel limits -----------------------------------------------------------------------------------------
+def _seg_nrrd_claiming(path, sizes, payload: bytes, encoding="gzip"):
+    header = (f"NRRD0004\ntype: unsigned char\ndimension: 3\nspace: left-posterior-superior\nsizes: "
+              f"{' '.join(map(str, sizes))}\nspace directions: (1,0,0) (0,1,0) (0,0,1)\nkinds: domain domain domain\n"
+              f"encoding: {encoding}\nspace origin: (0,0,0)\n\n")
+    path.write_bytes(header.encode() + payload)
+    return path
+
+
+def test_seg_nrrd_size_is_bounded_before_anything_is_allocated(tmp_path, monkeypatch):
+    import gzip
+    import tracemalloc
+
+    from napari_dmoe.io.images import ImageReadError, read_image
+
+    zeros = gzip.compress(b"\0" * 2**22)  # 4 MiB of zeros, a few kB on disk
+    path = _seg_nrrd_claiming(tmp_path / "big.seg.nrrd", (2048, 2048, 1300), zeros)
+    tracemalloc.start()
+    with pytest.raises(ImageReadError, match="header field sizes.*above the limit"):
+        read_image(path)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 50 * 2**20, peak
+    monkeypatch.setenv("DMOE_MAX_VOXELS", "inf")  # lifted limit: the file still cannot hold what it claims
+    with pytest.raises(ImageReadError, match="file holds"):
+        read_image(path)
+    monkeypatch.setenv("DMOE_MAX_VOXELS", "1000")
+    small = _seg_nrrd_claiming(tmp_path / "small.seg.nrrd", (16, 16, 8), gzip.compress(b"\0" * 2048))
+    with pytest.raises(ImageReadError, match="above the limit"):
+        read_image(small)
+    monkeypatch.delenv("DMOE_MAX_VOXELS")
+    assert read_image(small).array.shape == (8, 16, 16)
+
+
+@pytest.mark.parametrize("value, ok", [("inf", True), ("Infinity", True), ("1e12", True), ("nan", False),
+                                       ("-inf", False), ("0", False), ("lots", False)])
+def test_max_voxels_inf_lifts_the_limit_and_bad_values_are_named(tmp_path, monkeypatch, value, ok):
+    import nibabel as nib
+    from pydicom.data import get_testdata_file
+
+    from napari_dmoe.io.images import read_image
+
+    monkeypatch.setenv("DMOE_MAX_VOXELS", value)
+    nib.save(nib.Nifti1Image(np.zeros((6, 5, 4), np.float32), np.eye(4)), tmp_path / "x.nii.gz")
+    from napari_dmoe.transforms import resampled_shape
+
+    if ok:
+        for path in (tmp_path / "x.nii.gz", get_testdata_file("CT_small.dcm")):
+            volume = read_image(path)
+            assert volume.array.size > 0
+            assert resampled_shape(volume.array.shape, volume.spacing, [s / 2 for s in volume.spacing])
+    else:
+        with pytest.raises(ValueError, match=f"DMOE_MAX_VOXELS={value!r}"):
+            read_image(tmp_path / "x.nii.gz")

@@ -7,9 +7,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-IMAGE_SUFFIXES = (".nii", ".nii.gz", ".dcm", ".png", ".jpg", ".jpeg", ".tif", ".tiff")
-
-
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "segment", help="segment an image (or a folder of images with a CSV of attributes)",
@@ -50,74 +47,60 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def parse_attribute(values: list[str], spec: Any) -> Any:
-    """-a arguments -> what segment() takes: None (unknown), a value, or a dict name -> value."""
-    if not values or values == ["unknown"]:
-        return None
-    pairs = [v.split("=", 1) for v in values]
-    if all(len(p) == 1 for p in pairs) and len(values) == 1:
-        return values[0]
-    if any(len(p) == 1 for p in pairs):
-        raise ValueError("with several attributes, give each as NAME=VALUE (e.g. -a race=Black -a age=60-79)")
-    names = [a.name for a in spec.attributes]
-    out: dict[str, str] = {}
-    for name, value in pairs:
-        if name not in names:
-            raise ValueError(f"the model has no attribute {name!r}; its attributes are {names}")
-        if name in out and out[name] != value:  # the last one silently winning would route the wrong patient
-            raise ValueError(f"conflicting values for attribute {name!r}: {out[name]!r} and {value!r}; give it once")
-        out[name] = value
-    return out
-
-
 def _default_suffix(volume: Any) -> str:
     return ".nii.gz" if volume.meta.get("format") in ("nifti", "dicom") or len(volume.spacing) == 3 else ".png"
 
 
+def engine_settings(args: argparse.Namespace, routing: bool) -> Any:
+    """The engine options of the command line, as the one settings object every front end uses."""
+    from napari_dmoe.inference.request import EngineSettings
+
+    return EngineSettings(device=args.device, overlap=args.overlap, window_batch=args.window_batch,
+                          amp=not args.no_amp, channels_last=args.channels_last, compile=args.compile,
+                          routing="mean" if routing else "none")
+
+
 def segment_file(model: Any, src: Path, dest: Path, attribute: Any, args: argparse.Namespace,
                  routing_dir: Path | None = None) -> Any:
-    """Segment one file and write its labels (and routing maps); return the Segmentation."""
-    from napari_dmoe.io.images import read_image, write_labels
+    """Segment one file and write its labels (and routing maps); return the ``SegmentResult``."""
     from napari_dmoe.generators import drain
-    from napari_dmoe.inference.engine import iter_segment
+    from napari_dmoe.inference.fit import image_modality
+    from napari_dmoe.inference.request import SegmentRequest, iter_run
+    from napari_dmoe.io.images import read_image, write_labels
 
     volume = read_image(src)
-    if not getattr(args, "force", False):  # refuse before the inference; the message names what differs
-        from napari_dmoe.inference.fit import require_fit
-
-        require_fit(model.spec, volume, src)
     if str(dest).lower().endswith(".dcm"):  # refuse before the inference, not after it
         from napari_dmoe.io.dicom_seg import require_dicom_source
 
         require_dicom_source(volume, dest)
-    gen = iter_segment(model, volume.array, attribute, spacing=volume.known_spacing, device=args.device, overlap=args.overlap, sw_batch_size=args.window_batch,
-                       amp=not args.no_amp, channels_last=args.channels_last, compile=args.compile, rgb=volume.rgb,
-                       routing="mean" if routing_dir else False)
+    request = SegmentRequest(volume.array, attribute, volume.known_spacing, rgb=volume.rgb,
+                             modality=image_modality(volume.meta), force=getattr(args, "force", False),
+                             settings=engine_settings(args, routing_dir is not None), source=str(src))
 
     def show(step: Any) -> None:
         if not args.quiet and step.total:
             print(f"\r  {src.name}: {step.stage} {step.done}/{step.total}", end="", file=sys.stderr, flush=True)
 
-    result = drain(gen, show)
+    result = drain(iter_run(model, request), show)  # the fit check runs first: a refusal costs no inference
     if not args.quiet:
         print(file=sys.stderr)
     if routing_dir is not None and result.routing:  # before the labels: their presence marks a finished case
-        write_routing(routing_dir, src, result, volume)
+        write_routing(routing_dir, src, result.segmentation, volume)
     write_labels(dest, result.labels, like=volume, class_names=model.spec.class_names,
-                 algorithm=_algorithm(model, result) if str(dest).lower().endswith(".dcm") else None)
-    for note in [*volume.meta.get("warnings", []), *result.conversions, *result.warnings]:
+                 algorithm=_algorithm(result) if str(dest).lower().endswith(".dcm") else None)
+    prov = result.provenance
+    notes = [*volume.meta.get("warnings", []), *prov.conversions, *prov.warnings]
+    notes += [f"segmented with --force although: {finding}" for finding in prov.fit_findings]
+    for note in notes:
         print(f"  note: {src.name}: {note}", file=sys.stderr)
     return result
 
 
-def _algorithm(model: Any, result: Any) -> Any:
+def _algorithm(result: Any) -> Any:
     """What DICOM SEG records about the model: its file name and the attribute used."""
     from napari_dmoe.io.dicom_seg import SegAlgorithm
 
-    from napari_dmoe.model.spec import attribute_text
-
-    attr = attribute_text(result.attribute)
-    return SegAlgorithm(model=Path(str(getattr(model, "path", "") or "")).name, attribute=attr)
+    return SegAlgorithm(model=result.provenance.model, attribute=result.provenance.attribute_text)
 
 
 def write_routing(folder: Path, src: Path, result: Any, volume: Any) -> None:
@@ -141,6 +124,8 @@ def write_routing(folder: Path, src: Path, result: Any, volume: Any) -> None:
 def _stem(path: Path) -> str:
     from napari_dmoe.io.images import suffix_of
 
+    if path.is_dir():  # a DICOM series folder, often named by its UID ("1.2.840.5"): no suffix to strip
+        return path.name
     suffix = suffix_of(path)
     return path.name[: -len(suffix)] if suffix else path.name
 
@@ -168,7 +153,9 @@ def run(args: argparse.Namespace) -> int:
         check_single([out, *_routing_files(routing_dir, src)], inputs, overwrite)
     model = load_model(args.model)
     if args.csv is None:
-        attribute = parse_attribute(args.attribute, model.spec)
+        from napari_dmoe.model.routers import PatientAttribute
+
+        attribute = PatientAttribute.parse(args.attribute, model.spec)
         result = segment_file(model, src, out, attribute, args, routing_dir)
         print(f"{src} -> {out} ({_describe(result)})")
         return 0
@@ -221,22 +208,32 @@ def segment_batch(model: Any, rows: list[tuple[str, Any]], cases: list[Any], out
 def plan_batch_outputs(rows: list[tuple[str, Any]], src: Path, out: Path, dicom_seg: bool, inputs: list[Path],
                        overwrite: bool) -> list[Any]:
     """Each CSV row's labels file in ``out`` (``<stem>_labels.<ext>``), checked by ``io.outputs.plan_batch``:
-    two rows whose images share a stem are refused before any work, finished cases are skipped."""
-    from napari_dmoe.io.images import suffix_of
+    two rows whose images share a stem are refused before any work, finished cases are skipped.
+
+    A DICOM series folder keeps its whole name (folders are often named by their UIDs, ``1.2.840.113619.2.5``:
+    no suffix to strip) and, like a DICOM file (``.dcm``, or any file with the DICOM preamble), gets NIfTI labels
+    (DICOM SEG with ``dicom_seg``). A constant number of file-system calls per row: planning is linear."""
+    from napari_dmoe.io.dicom import is_dicom_file
+    from napari_dmoe.io.images import NIFTI_SUFFIXES, PLAIN_SUFFIXES, suffix_of
     from napari_dmoe.io.outputs import PlannedCase, plan_batch
 
     cases = []
     for row, (name, _) in enumerate(rows, start=1):
         path = src / name
-        suffix, stem = suffix_of(path), _stem(path)
-        dicom = suffix in (".dcm", "")  # a .dcm file or a series folder
-        ext = ".dcm" if dicom and dicom_seg else ".nii.gz" if dicom or suffix in (".nii", ".nii.gz") else ".png"
+        if path.is_dir():  # a DICOM series folder: its name is not a file name with a suffix
+            dicom, stem, suffix = True, path.name, ""
+        else:
+            suffix, stem = suffix_of(path), _stem(path)
+            dicom = suffix in (".dcm", "") or (suffix not in (*NIFTI_SUFFIXES, *PLAIN_SUFFIXES) and is_dicom_file(path))
+            if dicom and suffix not in (".dcm", ""):  # a UID-named DICOM file: the whole name is its stem
+                stem = path.name
+        ext = ".dcm" if dicom and dicom_seg else ".nii.gz" if dicom or suffix in NIFTI_SUFFIXES else ".png"
         cases.append(PlannedCase(where=f"CSV row {row}", source=path, outputs=[out / f"{stem}_labels{ext}"],
                                  key=stem))
     return plan_batch(cases, inputs, overwrite)
 
 
 def _describe(result: Any) -> str:
-    from napari_dmoe.model.spec import attribute_text
-
-    return f"{attribute_text(result.attribute)}; {result.device}; {sum(result.timings.values()):.2f} s"
+    forced = "; forced" if result.provenance.forced else ""
+    return (f"{result.provenance.attribute_text}; {result.provenance.device}; "
+            f"{sum(result.segmentation.timings.values()):.2f} s{forced}")

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from napari_dmoe.client import SEGMENT_COLORS  # shared with the Slicer module (the client is torch-free)
+from napari_dmoe.colors import SEGMENT_COLORS  # shared with the Slicer module
 from napari_dmoe.io.images import ImageReadError, ImageWriteError, Volume
 
 SUFFIX = ".seg.nrrd"
@@ -85,6 +85,38 @@ def write_seg_nrrd(path: str | Path, labels: np.ndarray, like: Volume | None = N
     return path
 
 
+# the most a deflate stream expands (1032:1); bzip2 can expand far more, so it is bounded by the voxel limit alone
+_GZIP_RATIO = 1032
+
+
+def _check_seg_nrrd_size(path: Path) -> None:
+    """The header's ``sizes`` within ``DMOE_MAX_VOXELS`` and, raw or gzip, within what the file can hold: a small
+    file claiming gigabytes is refused from its header (issue 28: a 5 MB file reached 5.4 GB)."""
+    import math
+
+    import nrrd
+
+    from napari_dmoe.limits import check_grid
+
+    try:
+        with open(path, "rb") as f:
+            header = nrrd.read_header(f)
+            data_start = f.tell()
+        sizes = [int(n) for n in np.atleast_1d(header["sizes"])]
+    except Exception as err:  # pynrrd raises NRRDError, ValueError, KeyError, UnicodeDecodeError, ...
+        raise ImageReadError(f"{path}: not a readable Slicer segmentation header ({' '.join(str(err).split())})") from err
+    check_grid(sizes, f"{path}: header field sizes", ImageReadError)
+    if header.get("data file") or header.get("datafile"):
+        raise ImageReadError(f"{path}: its voxels are in a separate data file; save the segmentation as one "
+                             ".seg.nrrd file in Slicer")
+    encoding = str(header.get("encoding", "raw")).lower()
+    room = max(0, path.stat().st_size - data_start)
+    have = {"raw": room, "gzip": room * _GZIP_RATIO, "gz": room * _GZIP_RATIO}.get(encoding)
+    if have is not None and math.prod(sizes) > have:  # at least one byte a voxel
+        raise ImageReadError(f"{path}: header field sizes says {tuple(sizes)} voxels but the file holds {room} bytes "
+                             f"of {encoding} data; the file is truncated or its header is wrong")
+
+
 def read_seg_nrrd(path: str | Path) -> Volume:
     """A Slicer .seg.nrrd as a label Volume in napari's axis-aligned LPS view; ``meta["segments"]`` lists
     ``{"value", "name", "color"}``. Overlapping segments (several layers) are refused: napari labels hold one
@@ -95,6 +127,7 @@ def read_seg_nrrd(path: str | Path) -> Volume:
     path = Path(path)
     if not path.is_file():
         raise ImageReadError(f"{path}: no such file; check the path")
+    _check_seg_nrrd_size(path)  # before slicerio allocates the voxels the header claims
     try:
         seg = slicerio.read_segmentation(str(path))
     except Exception as err:  # pynrrd / slicerio raise several types for a bad file

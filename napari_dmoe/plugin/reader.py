@@ -62,6 +62,8 @@ def read_layers(path: str | list[str]) -> list[tuple]:
         "translate": tuple(volume.origin),
         "metadata": layer_metadata(volume),
     }
+    if data.ndim - int(volume.rgb) == 3:  # a named slider: beside a 2D result's expert stack it still says "z"
+        kwargs["axis_labels"] = ("z", "y", "x")
     if is_labels:
         return [(data, kwargs, "labels")]
     kwargs["rgb"] = volume.rgb
@@ -88,6 +90,8 @@ def _read_segmentation(path: str) -> tuple | None:
     kwargs: dict[str, Any] = {"name": Path(path).name.split(".")[0] or Path(path).name,
                               "scale": tuple(volume.spacing), "translate": tuple(volume.origin),
                               "metadata": layer_metadata(volume)}
+    if volume.array.ndim == 3:
+        kwargs["axis_labels"] = ("z", "y", "x")
     segments = volume.meta.get("segments") or []
     if segments:  # Slicer's colours, so the mask looks in napari as it did in Slicer
         colors = {None: (0.0, 0.0, 0.0, 0.0), 0: (0.0, 0.0, 0.0, 0.0)}

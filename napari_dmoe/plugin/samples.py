@@ -40,7 +40,8 @@ def prostate_sample() -> LayerData:
     case = make_prostate(SAMPLE_SEED, stage="T3")
     image, label, spacing = case.napari_order()
     meta = _attrs("stage", case.stage, "CT")
-    common = {"scale": spacing, "metadata": meta}
+    # named slider: beside a 2D result's expert stack (the same first axis) the slider still says "z"
+    common = {"scale": spacing, "metadata": meta, "axis_labels": ("z", "y", "x")}
     return [
         (image, {"name": "prostate CT (synthetic)", "contrast_limits": (-200, 300), **common}, "image"),
         (label, {**_truth("CTV"), **common}, "labels"),

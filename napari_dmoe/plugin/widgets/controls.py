@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping
 
-from qtpy.QtCore import Signal
+from qtpy.QtCore import QObject, Qt, Signal
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -19,7 +19,9 @@ from qtpy.QtWidgets import (
     QLabel,
     QLineEdit,
     QPushButton,
+    QScrollArea,
     QSpinBox,
+    QVBoxLayout,
     QWidget,
 )
 from superqt import QCollapsible
@@ -30,17 +32,68 @@ UNKNOWN = "unknown"
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
+def scroll_body(owner: QWidget) -> QVBoxLayout:
+    """Fill ``owner`` with a vertical scroll area and return the layout of its contents: a dock taller than the
+    screen scrolls instead of being cut off or squeezing napari's canvas."""
+    area = QScrollArea(owner)
+    area.setWidgetResizable(True)
+    area.setFrameShape(QScrollArea.Shape.NoFrame)
+    area.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)  # wrap to the dock's width instead
+    body = QWidget()
+    area.setWidget(body)
+    outer = QVBoxLayout(owner)
+    outer.setContentsMargins(0, 0, 0, 0)
+    outer.addWidget(area)
+    owner.scroll_area = area  # tests and screenshots scroll it
+    return QVBoxLayout(body)
+
+
 class OptionError(ValueError):
     """A value typed into the widget cannot be used; the message says what to type instead."""
 
 
-class ModelPicker(QWidget):
-    """Bundled demo models and recent files in a dropdown, plus "Browse..." for any model file."""
+class ModelList(QObject):
+    """The one live list of models (bundled, then recent: ``io.model_registry``) that every model picker shows, so
+    a model one widget adds (a fine-tune's new model, a file browsed to) is listed in every other widget at once.
+    One per Qt application (held by it, found by name), as the recent list it mirrors is one per user."""
 
-    changed = Signal(str)  # path of the chosen model ("" when none)
+    changed = Signal()
+    NAME = "napari-dmoe-model-list"
+
+    @classmethod
+    def shared(cls) -> ModelList:
+        from qtpy.QtWidgets import QApplication
+
+        app = QApplication.instance()
+        found = app.findChild(cls, cls.NAME) if app is not None else None
+        if found is None:
+            found = cls(app)
+            found.setObjectName(cls.NAME)
+        return found
+
+    def entries(self) -> list[Any]:
+        from napari_dmoe.io.model_registry import list_models
+
+        return list_models()
+
+    def add(self, path: str | Path) -> None:
+        """Remember ``path`` in the recent list and tell every picker (RegistryError when it is not a file)."""
+        from napari_dmoe.io.model_registry import add_recent
+
+        add_recent(path)
+        self.changed.emit()
+
+
+class ModelPicker(QWidget):
+    """Bundled demo models and recent files in a dropdown (the shared ``ModelList``), plus "Browse..." for any
+    model file."""
+
+    changed = Signal(str)  # path of the shown model ("" when none), however it came to be shown
+    chosen = Signal(str)  # path of a model the user chose (dropdown, Browse..., ``set_path``): worth remembering
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
+        self.models = ModelList.shared()
         self.combo = QComboBox()
         self.combo.setToolTip("Demo models shipped with napari-dmoe and models you opened recently")
         self.browse = QPushButton("Browse...")
@@ -50,17 +103,24 @@ class ModelPicker(QWidget):
         layout.addWidget(self.browse)
         self.browse.clicked.connect(self._browse)
         self.combo.currentIndexChanged.connect(lambda _: self.changed.emit(self.path()))
+        self.combo.activated.connect(lambda _: self.chosen.emit(self.path()))
+        self.models.changed.connect(self._on_list_changed)
         self.refresh()
 
     def path(self) -> str:
         return self.combo.currentData() or ""
 
-    def refresh(self, select: str | None = None) -> None:
-        from napari_dmoe.io.model_registry import list_models
+    def _on_list_changed(self) -> None:
+        """Another widget added a model: list it, keep this picker's choice (and say nothing if it stays)."""
+        current = self.path()
+        self.refresh(select=current or None, quiet=True)
+        if self.path() != current:
+            self.changed.emit(self.path())
 
+    def refresh(self, select: str | None = None, quiet: bool = False) -> None:
         self.combo.blockSignals(True)
         self.combo.clear()
-        for entry in list_models():
+        for entry in self.models.entries():
             self.combo.addItem(entry.label, str(entry.path))
             self.combo.setItemData(self.combo.count() - 1, str(entry.path), 3)  # 3 = ToolTipRole
         if select is not None and str(select) not in [self.combo.itemData(i) for i in range(self.combo.count())]:
@@ -70,17 +130,20 @@ class ModelPicker(QWidget):
         if select is not None:
             self.combo.setCurrentIndex(max(self.combo.findData(str(select)), 0))
         self.combo.blockSignals(False)
-        self.changed.emit(self.path())
+        if not quiet:
+            self.changed.emit(self.path())
 
     def set_path(self, path: str | Path) -> None:
-        """Select ``path`` (remembered in the recent list when it is a readable file)."""
-        from napari_dmoe.io.model_registry import RegistryError, add_recent
+        """Select ``path`` (remembered in the shared recent list when it is a readable file), as the user's choice."""
+        from napari_dmoe.io.model_registry import RegistryError
 
+        resolved = str(Path(path).expanduser().resolve())
         try:
-            add_recent(path)
+            self.models.add(path)  # every picker lists it; this one also selects it below
         except RegistryError:
             pass  # still selected below, so the user gets the loader's precise error about the file
-        self.refresh(select=str(Path(path).expanduser().resolve()))
+        self.refresh(select=resolved)
+        self.chosen.emit(self.path())
 
     def _browse(self) -> None:
         path, _ = QFileDialog.getOpenFileName(self, "Open a napari-dmoe model", "", "dMoE models (*.safetensors)")

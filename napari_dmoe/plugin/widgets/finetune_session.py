@@ -208,7 +208,8 @@ class FinetuneSession(QObject):
 
     def _compare_ended(self, process: Any) -> None:
         from napari_dmoe.finetune.process import COMPARE_JSON
-        from napari_dmoe.io.model_registry import RegistryError, add_recent
+        from napari_dmoe.io.model_registry import RegistryError
+        from napari_dmoe.plugin.widgets.controls import ModelList
 
         result_path = self.run_dir / COMPARE_JSON
         if process.returncode != 0 or not result_path.is_file():
@@ -221,7 +222,7 @@ class FinetuneSession(QObject):
         self.comparison["registered"] = registered
         if registered:
             try:
-                add_recent(self.new_model)  # the Segment widget's model list reads the recent list
+                ModelList.shared().add(self.new_model)  # listed at once in every widget's model picker
             except RegistryError as err:
                 show_warning(f"The new model could not be added to the recent list: {err}")
         self.compared.emit(self.comparison)

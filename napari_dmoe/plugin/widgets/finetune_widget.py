@@ -25,7 +25,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from napari_dmoe.plugin.widgets.controls import DevicePicker, ModelPicker
+from napari_dmoe.plugin.widgets.controls import DevicePicker, ModelPicker, scroll_body
 from napari_dmoe.plugin.widgets.finetune_controls import CompareTable, PairTable, SettingsForm
 from napari_dmoe.plugin.widgets.finetune_monitor import CurvePlot
 from napari_dmoe.plugin.widgets.finetune_session import FinetuneSession, RunRequest
@@ -105,7 +105,7 @@ class FinetuneWidget(QWidget):
         csv_row = QHBoxLayout()
         csv_row.addWidget(self.extra_csv, 1)
         csv_row.addWidget(browse)
-        layout = QVBoxLayout(self)
+        layout = scroll_body(self)  # about 1000 px of content: it scrolls on a laptop screen
         layout.addLayout(form)
         layout.addWidget(QLabel("training pairs (image, corrected labels, attribute)"))
         layout.addWidget(self.pairs)
@@ -352,9 +352,7 @@ class FinetuneWidget(QWidget):
         self.compare.show_groups(comparison.get("groups") or [])
         if not comparison.get("registered", True):
             return  # the user declined a model that got worse for a group: it stays out of the lists
-        self.models.refresh(select=self.session.base)  # the list now holds the new model too
-        if self.segment_widget is not None:
-            self.segment_widget.models.refresh(select=str(comparison["model"]))
+        # the new model is already in every model picker (the shared list); this one keeps the base model
         self.segment_button.setEnabled(True)
 
     def _on_finished(self, text: str) -> None:

@@ -26,9 +26,11 @@ from napari_dmoe.plugin.widgets.controls import UNKNOWN
 from napari_dmoe.plugin.widgets.jobs import Step
 
 BANNER_STYLE = "background: #8a1c1c; color: white; padding: 6px; border-radius: 4px; font-weight: bold;"
-SWEEP_COLUMNS = ("A", "B", "Dice", "changed px", "changed %")
+OVERLAY_END = "gate weight (0 to 1, colour bar)"
+SWEEP_COLUMNS = ("A", "B", "Dice", "changed\npx", "changed\n% of mask")
 SWEEP_NOTE = ("Dice here is the agreement between the masks made under two attribute values (1 = identical), "
-              "not accuracy: there is no ground truth in this comparison.")
+              "not accuracy: there is no ground truth. Changed %: pixels whose label differs, out of those either "
+              "mask calls foreground.")
 
 
 class FitBanner(QLabel):
@@ -124,6 +126,8 @@ class ExpertView(QWidget):
         heat, dominant = layers.get("experts"), layers.get("dominant")
         self.setVisible(heat is not None and dominant is not None)
         if heat is None or dominant is None:
+            if self.viewer.text_overlay.text.endswith(OVERLAY_END):  # our caption of another image's heatmap
+                self.viewer.text_overlay.visible = False
             return
         n = int(heat.data.shape[0])
         self.show_combo.blockSignals(True)
@@ -148,7 +152,7 @@ class ExpertView(QWidget):
         dominant.visible = choice == "dominant expert"
         heat.visible = choice.startswith("expert ")
         # the colorbar has no title of its own: say on the canvas what it measures
-        self.viewer.text_overlay.text = f"{choice}: gate weight (0 to 1, colour bar)" if heat.visible else ""
+        self.viewer.text_overlay.text = f"{choice}: {OVERLAY_END}" if heat.visible else ""
         self.viewer.text_overlay.visible = heat.visible
         if heat.visible:
             heat.colorbar.visible = True
@@ -202,6 +206,21 @@ class SweepTable(QWidget):
     def clear(self) -> None:
         self.table.setRowCount(0)
         self.title.setText("")
+
+    def show_masks(self, masks: dict[str, Any], n_classes: int, title: str) -> None:
+        """Pairwise agreement of ``masks`` (tag -> label map). The change is a share of the masks' foreground
+        (either mask), not of the image: a Dice of 0.6 must not read as "0.6 % changed" on a small structure."""
+        import numpy as np
+
+        from napari_dmoe.inference.sweep import pairwise_agreement
+
+        table = pairwise_agreement(masks, n_classes=n_classes)
+        arrays = {tag: np.asarray(m) > 0 for tag, m in masks.items()}
+        rows = []
+        for a, b, dice, changed, _ in table.pairs():
+            foreground = np.count_nonzero(arrays[a] | arrays[b])
+            rows.append((a, b, dice, changed, 100.0 * changed / foreground if foreground else 0.0))
+        self.fill(rows, title)
 
     def fill(self, pairs: Sequence[tuple], title: str) -> None:
         self.table.setSortingEnabled(False)

@@ -1,5 +1,6 @@
-"""Placing result layers in a viewer: replace the previous result of the same image and attribute, keep a mask
-the user edited (renamed, never lost), and name the heatmaps' expert axis. No Qt; napari's viewer API only.
+"""Placing result layers in a viewer: replace the previous result of the same image, model and attribute, keep a
+mask the user edited (renamed, never lost), and keep the result of another model file that has the same name (two
+runs' ``best.safetensors``). No Qt; napari's viewer API only.
 """
 from __future__ import annotations
 
@@ -16,9 +17,21 @@ from napari_dmoe.plugin.widgets.results import (
 )
 
 
+def name_sliders(viewer: Any, layer: Any) -> None:
+    """Name the sliders after ``layer``'s own axis names (the image the Segment widget works on): a 3D image and a
+    2D result's expert stack share the first slider, which napari names after the newest of the two."""
+    labels = tuple(str(a) for a in layer.axis_labels)
+    if all(a.lstrip("-").isdigit() for a in labels) or len(labels) > viewer.dims.ndim:
+        return  # napari's default names: nothing to say
+    names = list(viewer.dims.axis_labels)
+    names[len(names) - len(labels):] = labels
+    viewer.dims.axis_labels = tuple(names)
+
+
 def replace_layers(viewer: Any, layers: list) -> list[tuple[str, str]]:
-    """Add result layers; a result layer of the same name (same image and attribute) is replaced, unless the
-    user edited its data since we made it: that one is renamed "<name> (edited)" and kept.
+    """Add result layers; a result layer of the same name (same image, model name and attribute) is replaced,
+    unless the user edited its data since we made it (renamed "<name> (edited)" and kept) or another model file
+    of the same name made it (renamed "<name> (other file)" and kept).
 
     Returns (old name, new name) of every edited layer kept. Editable layers get a digest of their data once
     added (what napari holds, so a dtype conversion on adding can never look like an edit).
@@ -32,6 +45,8 @@ def replace_layers(viewer: Any, layers: list) -> list[tuple[str, str]]:
                 old.name = edited_name(name, viewer.layers)
                 old.metadata[RESULT_KEY]["edited"] = True
                 kept.append((name, old.name))
+            elif old.metadata[RESULT_KEY].get("model") != kwargs["metadata"][RESULT_KEY].get("model"):
+                old.name = edited_name(name, viewer.layers, "other file")  # same stem, another file: not ours
             else:
                 viewer.layers.remove(old)
         layer = getattr(viewer, f"add_{kind}")(data, **kwargs)

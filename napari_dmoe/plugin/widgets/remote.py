@@ -104,6 +104,12 @@ class RemoteOption(QWidget):
 
         return ModelSpec.from_dict(info["spec"])
 
+    @property
+    def model_ref(self) -> str | None:
+        """The chosen server model as result provenance names it (``<url>/models/<id>``), or None."""
+        info = self._current()
+        return f"{self.url.text().rstrip('/')}/models/{info['id']}" if self.remote and info is not None else None
+
     def job(self, request: SegmentRequest, attributes: Sequence[dict[str, str]]) -> tuple | None:
         """``(function, *args)`` for a worker that runs on the server, or None to run locally."""
         info = self._current()

@@ -1,8 +1,9 @@
 """Turn a Segmentation into napari layer data tuples, aligned with the source layer and carrying provenance.
 
 No Qt and no torch: plain numpy and dicts, so the layer contents are testable without a viewer.
-Layer names are deterministic and lead with what the layer is ("mask [race=Black] <image>"), so the layers of one
-run are told apart in a narrow layer list, and a re-run replaces the layers of the same image and attribute
+Layer names are deterministic and lead with what the layer is, then the model and the attribute, then the image
+("mask [fundus-dmoe: race=Black] <image>"), so the layers of one run are told apart in a narrow layer list, two
+models' results on one image coexist, and a re-run replaces the layers of the same image, model and attribute
 instead of piling up (see ``placement.replace_layers``). A result the user
 edited must never be replaced: editable layers carry a digest of the data we made (``data_digest``), and a layer
 whose data no longer matches it is kept under another name (``is_edited``, ``edited_name``).
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
@@ -38,9 +40,14 @@ class SourceInfo:
     rgb: bool = False
 
 
-def layer_name(source: str, kind: str, tag: str) -> str:
+def model_label(model_path: str) -> str:
+    """How a layer name calls a model: the file's stem, or a server's model id (``<url>/models/<id>``)."""
+    return Path(str(model_path).rstrip("/")).name.removesuffix(".safetensors") or str(model_path)
+
+
+def layer_name(source: str, kind: str, tag: str, model: str = "") -> str:
     label = {"mask": "mask", "experts": "experts", "dominant": "dominant expert"}[kind]
-    return f"{label} [{tag}] {source}"
+    return f"{label} [{model}: {tag}] {source}" if model else f"{label} [{tag}] {source}"
 
 
 def axis_labels(n_spatial: int, expert_axis: bool = False) -> tuple[str, ...]:
@@ -141,7 +148,7 @@ def result_layers(seg: Any, spec: Any, model_path: str, source: SourceInfo, requ
     The heatmaps are one stacked Image layer ``[experts, *grid]`` (first axis = expert) instead of E layers,
     so the layer list stays short; the dominant-expert labels hold expert index + 1 (0 stays transparent).
     """
-    tag = attribute_text(request)
+    tag, model = attribute_text(request), model_label(model_path)
     notes: list[str] = []
     position, heat, dominant = _routing_for(seg, position, notes)
     prov = provenance(seg, spec, model_path, source, request, position)
@@ -151,12 +158,12 @@ def result_layers(seg: Any, spec: Any, model_path: str, source: SourceInfo, requ
     base = {k: v for k, v in source.metadata.items() if k != RESULT_KEY}
 
     def meta(kind: str) -> dict[str, Any]:
-        return {**base, RESULT_KEY: {**prov, "kind": kind, "tag": tag}}
+        return {**base, RESULT_KEY: {**prov, "kind": kind, "tag": tag, "model_name": model}}
 
     classes = list(spec.class_names)
     layers: list[LayerDataTuple] = [(
         seg.labels,
-        {"name": layer_name(source.name, "mask", tag), **geometry, "opacity": 0.5, "metadata": meta("mask"),
+        {"name": layer_name(source.name, "mask", tag, model), **geometry, "opacity": 0.5, "metadata": meta("mask"),
          "axis_labels": axis_labels(len(source.scale)),
          "features": {"index": list(range(len(classes))), "class": classes}},
         "labels",
@@ -166,7 +173,7 @@ def result_layers(seg: Any, spec: Any, model_path: str, source: SourceInfo, requ
         extra = heat.ndim - len(source.scale)  # the leading expert axis
         layers.append((
             heat,
-            {"name": layer_name(source.name, "experts", tag), "scale": (1.0,) * extra + tuple(source.scale),
+            {"name": layer_name(source.name, "experts", tag, model), "scale": (1.0,) * extra + tuple(source.scale),
              "translate": (0.0,) * extra + tuple(source.translate), "visible": False, "colormap": heat_colormap(),
              "contrast_limits": (0.0, 1.0), "blending": "translucent", "metadata": meta("experts"),
              "axis_labels": axis_labels(len(source.scale), expert_axis=True)},
@@ -175,7 +182,7 @@ def result_layers(seg: Any, spec: Any, model_path: str, source: SourceInfo, requ
         names = ["none"] + [f"expert {e}" for e in range(n_experts)]
         layers.append((
             (dominant.astype(np.uint16) + 1).astype(np.uint8 if n_experts < 255 else np.uint16),
-            {"name": layer_name(source.name, "dominant", tag), **geometry, "visible": False, "opacity": 0.6,
+            {"name": layer_name(source.name, "dominant", tag, model), **geometry, "visible": False, "opacity": 0.6,
              "axis_labels": axis_labels(len(source.scale)),
              "colormap": expert_colormap(n_experts), "metadata": meta("dominant"),
              "features": {"index": list(range(n_experts + 1)), "expert": names}},
@@ -213,9 +220,9 @@ def is_edited(metadata: Mapping[str, Any], data: Any) -> bool:
         return True
 
 
-def edited_name(name: str, taken: Any) -> str:
+def edited_name(name: str, taken: Any, why: str = "edited") -> str:
     """``"<name> (edited)"``, or ``"<name> (edited 2)"``, ... when that is taken too."""
-    candidate, n = f"{name} (edited)", 2
+    candidate, n = f"{name} ({why})", 2
     while candidate in taken:
-        candidate, n = f"{name} (edited {n})", n + 1
+        candidate, n = f"{name} ({why} {n})", n + 1
     return candidate

@@ -35,12 +35,14 @@ from napari_dmoe.plugin.widgets.controls import (
     DevicePicker,
     ModelPicker,
     OptionError,
+    scroll_body,
 )
 from napari_dmoe.plugin.widgets.jobs import JobResult, ModelCache, SegmentRequest, Step, advance, run_sweep
 from napari_dmoe.plugin.widgets.panels import ExpertView, FitBanner, RunProgress, SweepTable, run_summary
-from napari_dmoe.plugin.widgets.placement import replace_layers
+from napari_dmoe.plugin.widgets.placement import name_sliders, replace_layers
 from napari_dmoe.plugin.widgets.remote import RemoteOption
-from napari_dmoe.plugin.widgets.results import RESULT_KEY, SourceInfo, is_result, result_layers
+from napari_dmoe.plugin.widgets.results import RESULT_KEY, SourceInfo, is_result, model_label, result_layers
+from napari_dmoe.plugin.widgets.save_mask import ask_which
 
 if TYPE_CHECKING:
     import napari
@@ -69,8 +71,9 @@ class SegmentWidget(QWidget):
         saved = settings.read("segment/model", "")
         if saved and Path(saved).is_file():
             self.models.refresh(select=saved)
-        self._refresh_images()
+        # the saved model first, so an image's attributes switch models only when that model does not take them
         self._on_model_changed(self.models.path())
+        self._refresh_images()
 
     # -- layout --------------------------------------------------------------------------------------------
     def _build(self) -> None:
@@ -88,8 +91,10 @@ class SegmentWidget(QWidget):
         self.status = QLabel()
         self.status.setWordWrap(True)
         self.save_button = QPushButton("Save mask...")
-        self._save_tip = ("Save the selected mask (or the last one made): DICOM SEG for a DICOM series, "
-                          "NIfTI in the source geometry for NIfTI, PNG for a 2D image")
+        self._save_tip = ("Save the mask of the image, model and attribute shown above (asks when there are "
+                          "several): DICOM SEG for a DICOM series, NIfTI in the source geometry for NIfTI, PNG for "
+                          "a 2D image")
+        self.ask_mask = ask_which  # which mask to save when it is not clear (injectable: tests answer it)
         self.save_button.setEnabled(False)  # until there is a mask
         self.sweep_panel = SweepTable()
         self.sweep_table = self.sweep_panel.table
@@ -117,7 +122,7 @@ class SegmentWidget(QWidget):
         sweep_layout.addWidget(self.sweep_panel)
         sweep.addWidget(body)
         sweep.expand(animate=False)
-        layout = QVBoxLayout(self)
+        layout = scroll_body(self)
         layout.addLayout(form)
         layout.addWidget(self.advanced)
         layout.addWidget(self.run_button)
@@ -129,6 +134,8 @@ class SegmentWidget(QWidget):
         layout.addStretch(1)
 
         self.models.changed.connect(self._on_model_changed)
+        # only what the user picks is remembered (not a model picked to match an image's attributes)
+        self.models.chosen.connect(lambda path: settings.write("segment/model", path))
         self.remote.changed.connect(lambda: self._on_model_changed(self.models.path()))
         self.images.currentIndexChanged.connect(self._on_image_changed)
         self.attributes.changed.connect(self._on_attribute_changed)
@@ -153,8 +160,6 @@ class SegmentWidget(QWidget):
                 show_error(f"Cannot use this model: {err}")
                 self.status.setText(f"Model not usable: {err}")
         spec = self.spec
-        if spec is not None and not self.remote.remote:
-            settings.write("segment/model", path)
         self.attributes.set_spec(spec, self._found_attributes(self.selected_image()))
         self.advanced.set_positions(routing_positions(spec) if spec else [])
         self.sweep_panel.clear()
@@ -188,12 +193,17 @@ class SegmentWidget(QWidget):
     def _on_image_changed(self, *_: Any) -> None:
         layer = self.selected_image()
         meta = layer.metadata.get("dmoe_attributes") if layer is not None else None  # our samples name theirs
+        if layer is not self._shown_layer and self.worker is None:
+            self.status.setText("")  # the previous image's line (a model picked for this one is said below)
         self._match_model({str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {})
-        if layer is not self._shown_layer:  # values, fit and sweep rows belong to one image
+        if layer is not self._shown_layer:  # values, fit, sweep rows, status and legend belong to one image
             self._shown_layer = layer
             self.attributes.apply(self._found_attributes(layer))
             self.sweep_panel.clear()
             self._check_fit()
+            self.experts.set_layers(self._routing_layers(layer))
+            if layer is not None:
+                name_sliders(self.viewer, layer)
         self._update_save()
         self._set_running(self.worker is not None)
 
@@ -227,7 +237,7 @@ class SegmentWidget(QWidget):
                                      modality=image_modality(layer.metadata))
             except Exception:  # an odd layer must not break the widget; the engine's own checks still run
                 log.exception("fit check failed")
-        self.fit_banner.show_findings(findings, f"the model '{Path(self.models.path()).stem}'")
+        self.fit_banner.show_findings(findings, f"the model '{model_label(self.model_ref())}'")
         self._set_running(self.worker is not None)
 
     def _update_save(self, *_: Any) -> None:
@@ -255,6 +265,20 @@ class SegmentWidget(QWidget):
                 self.models.refresh(select=str(entry.path))  # bundled: not added to the recent list
                 self.status.setText(f"Picked the demo model {entry.name} for this image ({', '.join(sorted(names))}).")
                 return
+
+    def model_ref(self) -> str:
+        """The model results are made with, as their provenance names it: the server's model, else the file."""
+        return self.remote.model_ref or self.models.path()
+
+    def _routing_layers(self, layer: Any) -> dict[str, Any]:
+        """kind -> the newest heatmaps / dominant-expert layer made from ``layer`` (empty when none)."""
+        found: dict[str, Any] = {}
+        for other in self.viewer.layers:
+            prov = other.metadata.get(RESULT_KEY) if is_result(other.metadata) else None
+            if layer is not None and prov and prov.get("source_layer") == layer.name and \
+                    prov.get("kind") in ("experts", "dominant"):
+                found[prov["kind"]] = other
+        return found
 
     def selected_image(self) -> Image | None:
         name = self.images.currentText()
@@ -377,20 +401,20 @@ class SegmentWidget(QWidget):
             self.show_sweep(result, source.name)
 
     def save_mask(self, path: str | Path | None = None) -> Path | None:
-        """Save the selected result mask (else the newest one) to ``path``, asked with a dialog when None, in the
-        source's own format by default; returns the path written, or None when cancelled or refused."""
+        """Save the mask of the image, model and attribute this widget shows (after a sweep: the attribute chosen
+        above, not the last value swept; ``ask_mask`` when there are several) to ``path``, asked with a dialog when
+        None, in the source's own format by default; returns the path written, or None when cancelled or refused."""
         from napari_dmoe.plugin.widgets.save_mask import save_dialog
 
-        written = save_dialog(self, self.viewer, path)
+        layer = self.selected_image()
+        shown = (layer.name if layer is not None else None, attribute_text(self.attributes.values()), self.model_ref())
+        written = save_dialog(self, self.viewer, path, shown, self.ask_mask)
         if written is not None:
             self.status.setText(f"Saved to {written}")
         return written
 
     def show_sweep(self, result: JobResult, source: str = "the image") -> None:
         """Fill the sweep table with pairwise agreement (Dice, changed pixels) between the masks."""
-        from napari_dmoe.inference.sweep import pairwise_agreement
-
         masks = {tag: seg.labels for tag, seg in result.segmentations.items()}
-        table = pairwise_agreement(masks, n_classes=result.model.spec.n_classes)
-        self.sweep_panel.fill(table.pairs(), f"Agreement of the masks of '{source}' over "
-                                             f"{self.sweep_attribute.currentText()}")
+        self.sweep_panel.show_masks(masks, result.model.spec.n_classes, f"Agreement of the masks of '{source}' "
+                                    f"over {self.sweep_attribute.currentText()}")
