@@ -1,9 +1,11 @@
 """Write the "trained on" record into the shipped demo models without retraining them.
 
 The record is computed exactly as ``dmoe train`` does (``training.setup.build_run`` on the lane's config,
-``training/demo-<lane>-dmoe.yaml``), from the synthetic data regenerated with the settings and seeds of
-``sample_data/train_demo_models.sh``. Only the header changes: the script checks that every tensor of the rewritten
-file is bitwise equal to the original's before it replaces the model.
+``training/demo-<lane>-dmoe.yaml``, and ``trained_on.feature_record`` with the shipped weights on the same
+training and validation splits, as ``RunParts.spec_for`` does for every saved model), from the synthetic data
+regenerated with the settings and seeds of ``sample_data/train_demo_models.sh``. Only the header changes: the
+script checks that every tensor of the rewritten file is bitwise equal to the original's before it replaces the
+model.
 
     python sample_data/generate.py fundus --out DATA --n 600 --n-test 400 --size 128 --seed 0
     python sample_data/generate.py prostate --out DATA --n 160 --size 64x64x32 --spacing 3x3x3 --seed 0
@@ -24,15 +26,21 @@ ROOT = Path(__file__).resolve().parent.parent
 LANES = {"fundus": ("fairseg", "fundus photo (SLO)"), "prostate": ("prostate", "CT"), "skin": ("ham10000", "dermoscopy")}
 
 
-def record(lane: str, data: Path) -> dict:
-    from napari_dmoe.training.config import load_config
+def record(lane: str, data: Path, model_path: Path) -> dict:
     from napari_dmoe.distributed import DistInfo
+    from napari_dmoe.io.checkpoint import load_model
+    from napari_dmoe.training.config import load_config
     from napari_dmoe.training.setup import build_run
+    from napari_dmoe.training.trained_on import feature_record
 
     sub, modality = LANES[lane]
     config = load_config(ROOT / "training" / f"demo-{lane}-dmoe.yaml",
                          [f"data.root={data / sub}", f"data.modality={modality}"])
-    return build_run(config, DistInfo()).spec.trained_on
+    run = build_run(config, DistInfo())
+    shipped = load_model(model_path)
+    val = run.val_items.ds if run.val_items is not None else None
+    features = feature_record(shipped.network, shipped.spec, run.train_items.ds, val, int(config["seed"]))
+    return {**run.spec.trained_on, "features": features}
 
 
 def rewrite(path: Path, trained_on: dict) -> None:
@@ -61,10 +69,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--write", action="store_true", help="rewrite napari_dmoe/assets/models/<lane>-dmoe")
     args = parser.parse_args(argv)
     for lane in args.lanes:
-        rec = record(lane, args.data)
-        print(lane, json.dumps(rec))
+        path = ROOT / "napari_dmoe" / "assets" / "models" / f"{lane}-dmoe.safetensors"
+        rec = record(lane, args.data, path)
+        features = rec["features"] or {}
+        print(lane, json.dumps({**rec, "features": {k: v for k, v in features.items() if k != "layers"}}))
         if args.write:
-            rewrite(ROOT / "napari_dmoe" / "assets" / "models" / f"{lane}-dmoe.safetensors", rec)
+            rewrite(path, rec)
     return 0
 
 

@@ -66,13 +66,15 @@ def test_fit_without_record_checks_the_spec_only():
     assert [f.kind for f in check_fit(spec, np.zeros((4, 40, 40), np.float32), None)] == ["dims"]
 
 
-def test_fit_flags_a_voxel_size_far_off():
+def test_fit_flags_a_voxel_size_much_coarser_only():
     spec3d = make_spec("resunet3d-tiny", "stage", ["T1", "T2"], ["background", "CTV"])
     spec3d.trained_on = {"spatial_dims": 3, "channels": 1, "spacing": [3.0, 3.0, 3.0], "modality": "CT"}
     vol = np.zeros((32, 64, 64), np.int16)
     assert check_fit(spec3d, vol, (3.0, 2.0, 2.0), modality="CT") == []
-    found = check_fit(spec3d, vol, (3.0, 0.5, 0.5), modality="CT")
-    assert [f.kind for f in found] == ["spacing"] and "0.5" in found[0].message
+    # finer than training: the engine resamples to 3 mm and loses nothing (issue 23: 1.2 mm clinical CT)
+    assert check_fit(spec3d, vol, (3.0, 0.5, 0.5), modality="CT") == []
+    found = check_fit(spec3d, vol, (3.0, 8.0, 8.0), modality="CT")
+    assert [f.kind for f in found] == ["spacing"] and "8x8" in found[0].message and "coarser" in found[0].message
 
 
 def test_modality_families():
@@ -110,6 +112,7 @@ def test_demo_models_carry_their_record():
         assert rec["modality"] == modality and rec["spatial_dims"] == dims and rec["channels"] == channels
         stats = rec["intensity"]
         assert stats["p1"] <= stats["p50"] <= stats["p99"] and stats["n_cases"] >= 16
+        assert rec["features"]["threshold"] > 0 and rec["features"]["layers"]  # tests/test_ood.py checks the rest
     assert read_spec(ASSETS / "prostate-dmoe.safetensors").trained_on["spacing"] == [3.0, 3.0, 3.0]
 
 
@@ -157,6 +160,12 @@ def test_dmoe_train_records_what_it_trained_on(tmp_path):
     assert rec["modality"] == "fundus photo (SLO)" and rec["spatial_dims"] == 2 and rec["channels"] == 1
     assert rec["intensity"]["n_cases"] == rec["intensity"]["of_cases"] >= 6
     assert rec["intensity"]["case_p50"][0] <= rec["intensity"]["p50"] <= rec["intensity"]["case_p50"][1] + 1e-6
+    # the network's own features on its training images, and the threshold from the held-out ones
+    from napari_dmoe.inference.ood import parse_record
+
+    features = rec["features"]
+    assert features["n_train"] == rec["intensity"]["of_cases"] and features["n_validation"] >= 1
+    assert parse_record(features).threshold > 0
 
 
 def test_demo_model_weights_match_the_sample_script(tmp_path):

@@ -1,8 +1,9 @@
 """Does this image fit this model? Compare an image with what the model was trained on (``spec.trained_on``).
 
 ``check_fit`` returns findings, each a plain sentence: 2D model on a volume, colour vs grey, a different modality
-(when both the model and the image say what they are), a voxel size far from the training data's, intensities
-outside the range of the training images. The widget shows them as a warning banner; ``dmoe segment`` refuses
+(when both the model and the image say what they are), a voxel size much coarser than the training data's (a finer
+one is resampled without loss), intensities outside the range of the training images, and, given a loaded model
+whose record holds its features on the training images, an image unlike them as the model sees it (``ood.py``). The widget shows them as a warning banner; ``dmoe segment`` refuses
 unless ``--force``. Models without a record (files written before it existed) are checked for dimensions and
 channels only, from their spec.
 """
@@ -119,27 +120,32 @@ def _spacing(train: Sequence[float] | None, spacing: Sequence[float] | None, dim
     image = [float(s) for s in spacing][-len(train):]
     if len(image) != len(train) or len(spacing) != dims:
         return []
+    # coarser only: the engine resamples to the model's voxel size, and finer voxels lose no detail on the way
     ratios = [i / t for i, t in zip(image, train) if t > 0 and i > 0]
-    if not ratios or max(max(ratios), 1 / min(ratios)) <= SPACING_FACTOR:
+    if not ratios or max(ratios) <= SPACING_FACTOR:
         return []
     fmt = "x".join
-    return [Finding("spacing", f"voxel size {fmt(f'{s:g}' for s in image)} mm is far from the training data's "
-                               f"{fmt(f'{s:g}' for s in train)} mm (more than {SPACING_FACTOR:g}x along an axis)")]
+    return [Finding("spacing", f"voxel size {fmt(f'{s:g}' for s in image)} mm is much coarser than the training "
+                               f"data's {fmt(f'{s:g}' for s in train)} mm (more than {SPACING_FACTOR:g}x along an "
+                               "axis): detail the model relies on is missing")]
 
 
 def check_fit(spec: Any, image: Any, spacing: Sequence[float] | None = None, *, rgb: bool | None = None,
               modality: str | None = None) -> list[Finding]:
     """Findings that say how ``image`` (napari layout, raw intensities) differs from ``spec``'s training data.
 
+    ``spec``: a model's spec, or a loaded model (``.spec``, ``.network``); a model whose record holds features is
+    also judged on them, as it sees the image (``ood.feature_findings``: score and threshold in the message).
     ``spacing``: per spatial axis in mm, None when unknown. ``modality``: what the image is, when known (DICOM
     Modality, a sample's label; see ``image_modality``). An empty list means nothing was found.
     """
+    model, spec = spec, getattr(spec, "spec", spec)
     rec = spec.trained_on or {}
     dims, channels = _layout(np.shape(image), rgb)
     findings: list[Finding] = []
     model_dims = rec.get("spatial_dims") or spec.spatial_dims
     if dims != model_dims:
-        what = "3D volume" if dims == 3 else "2D image"
+        what = {3: "3D volume", 2: "2D image"}.get(dims, f"{dims}-D array, not an image")
         extra = "; it would be segmented slice by slice" if model_dims == 2 else ""
         findings.append(Finding("dims", f"the model was trained on {model_dims}D images; this is a {what}{extra}"))
     model_channels = rec.get("channels") or spec.in_channels
@@ -155,6 +161,10 @@ def check_fit(spec: Any, image: Any, spacing: Sequence[float] | None = None, *, 
                                             f"{rec.get('modality')}"))
     findings += _spacing(rec.get("spacing"), spacing, dims)
     findings += _intensity(rec.get("intensity") or {}, image)
+    if rec.get("features") is not None and getattr(model, "network", None) is not None:
+        from napari_dmoe.inference.ood import feature_findings  # torch: only when a network is given
+
+        findings += feature_findings(model, image, spacing, rgb)
     return findings
 
 

@@ -15,8 +15,9 @@ NORMALIZATIONS = ("zscore", "minmax", "window", "scale")
 # ModelSpec.trained_on: modality ("fundus photo", "CT", "dermoscopy"; None when not stated), spatial_dims (2|3),
 # channels, intensity ({mean, std, p1, p50, p99} pooled over the sampled training cases as read, before
 # normalisation, plus case_p50/case_p99 = [min, max] over cases, n_cases, of_cases), spacing (median voxel size in
-# mm of the cases that state one, else None)
-TRAINED_ON_KEYS = ("modality", "spatial_dims", "channels", "intensity", "spacing")
+# mm of the cases that state one, else None), features (the model's own features on its training images and a
+# threshold: inference/ood.py, which checks it before use)
+TRAINED_ON_KEYS = ("modality", "spatial_dims", "channels", "intensity", "spacing", "features")
 
 
 UNKNOWN = "unknown"  # an attribute value nobody knows: inference averages over the routers it could be
