@@ -110,6 +110,74 @@ def paired(base: list[np.ndarray], dmoe: list[np.ndarray], groups: list[str], se
     }
 
 
+def load_old(path: Path) -> dict:
+    """An earlier study's cases.csv.gz -> the ``load`` mapping, with one "class": each case's mean Dice over classes
+    (what that file keeps). Dice and per-group Dice are linear in it, so they match the earlier study exactly;
+    ES-Dice (per class in the study) is not recomputed from it."""
+    with gzip.open(path, "rt", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    out: dict = {}
+    for r in rows:
+        if r["seed"] == "shipped":
+            continue
+        key = (r["test"], r["dataset"], r["method"], int(r["seed"]))
+        ids, groups, dice = out.setdefault(key, ([], [], []))[:3]
+        ids.append(r["id"]), groups.append(r["group"]), dice.append([float(r["mean_dice"])])
+    return {k: (ids, groups, np.array(d), ["mean"]) for k, (ids, groups, d) in out.items()}
+
+
+def old_vs_new(data: dict, old: dict) -> dict:
+    """Each method's new-recipe runs against its old-recipe runs of the same seeds on the same cases (paired by
+    case; CIs over cases and seeds), on the per-case mean Dice both studies keep."""
+    out: dict = {}
+    for test, dataset, method in sorted({k[:3] for k in data}):
+        seeds = sorted(s for (t, d, m, s) in data if (t, d, m) == (test, dataset, method) and s != "shipped"
+                       and (t, d, m, s) in old)
+        if not seeds:
+            continue
+        ids, groups = data[(test, dataset, method, seeds[0])][:2]
+        new = [data[(test, dataset, method, s)][2].mean(axis=1, keepdims=True) for s in seeds]
+        ref = []
+        for s in seeds:
+            o_ids, _, o_dice, _ = old[(test, dataset, method, s)]
+            pos = {i: k for k, i in enumerate(o_ids)}
+            if set(pos) != set(ids):
+                raise SystemExit(f"old and new {test} cases differ for {dataset}-{method}-s{s}: not the same test set")
+            ref.append(o_dice[[pos[i] for i in ids]])
+        result = paired(ref, new, groups)
+        result.pop("delta_es_dice")  # not comparable from per-case mean Dice (see load_old)
+        codes_names = sorted(set(groups))
+        codes = np.array([codes_names.index(g) for g in groups])
+        result["per_seed"] = {str(s): {"old": {g: float(o[codes == k].mean()) for k, g in enumerate(codes_names)},
+                                       "new": {g: float(n[codes == k].mean()) for k, g in enumerate(codes_names)}}
+                              for s, o, n in zip(seeds, ref, new)}
+        out.setdefault(f"{dataset}/{test}", {})[method] = {"seeds_used": seeds, **result}
+    return out
+
+
+def goals(summary: dict) -> dict:
+    """Issue 26's goals, per dataset and test, for the study's dMoE and baseline runs of the same seeds."""
+    out: dict = {}
+    for key, by_method in summary["by_method"].items():
+        runs = {(r["method"], r["seed"]): r for r in summary["runs"] if f"{r['dataset']}/{r['test']}" == key}
+        seeds = sorted({s for m, s in runs if m == "dmoe"} & {s for m, s in runs if m == "baseline"}, key=str)
+        if not seeds:
+            continue
+        rows = []
+        for s in seeds:
+            d, b = runs[("dmoe", s)], runs[("baseline", s)]
+            rows.append({"seed": s, "worst_dmoe": d["worst_group_dice"], "worst_baseline": b["worst_group_dice"],
+                         "dmoe_worst_at_least_baseline": d["worst_group_dice"] >= b["worst_group_dice"],
+                         "largest_group_drop": max(b["groups"][g] - d["groups"][g] for g in d["groups"]),
+                         "lowest_group_any_method": min(min(r["groups"].values()) for (m, ss), r in runs.items()
+                                                        if ss == s)})
+        out[key] = {"seeds": rows,
+                    "all_seeds_dmoe_worst_at_least_baseline": all(r["dmoe_worst_at_least_baseline"] for r in rows),
+                    "no_group_below_0.7": all(r["lowest_group_any_method"] >= 0.7 for r in rows),
+                    "no_group_drop_over_0.02": all(r["largest_group_drop"] <= 0.02 for r in rows)}
+    return out
+
+
 def summarise(data: dict) -> dict:
     out: dict = {"runs": [], "by_method": {}, "contrasts": {}, "shipped": {}}
     for (test, dataset, method, seed), (ids, groups, dice, classes) in sorted(data.items(), key=str):
@@ -195,6 +263,7 @@ def markdown(summary: dict, steps: dict) -> str:
                       + ". Worst-group difference per seed pair: "
                       + ", ".join(f"{v:+.3f}" for v in p["per_seed_worst_group_delta"]) + "."]
         lines.append("")
+    lines += _goals_markdown(summary.get("goals", {})) + _old_new_markdown(summary.get("old_vs_new"))
     for key, s in summary["shipped"].items():
         if key not in summary["by_method"]:
             groups = list(s["groups"])
@@ -204,6 +273,39 @@ def markdown(summary: dict, steps: dict) -> str:
                       f"| {s['dice']:.3f} | " + " | ".join(f"{s['groups'][g]:.3f}" for g in groups)
                       + f" | {s['worst_group_dice']:.3f} ({s['worst_group']}) | {s['es_dice']:.3f} |", ""]
     return "\n".join(lines)
+
+
+def _goals_markdown(goal: dict) -> list[str]:
+    lines = []
+    for key, g in goal.items():
+        lines += [f"Goals, {key.replace('/', ', ')}: dMoE worst group >= baseline's in every seed: "
+                  f"{'yes' if g['all_seeds_dmoe_worst_at_least_baseline'] else 'NO'}; no group of any method below "
+                  f"0.7: {'yes' if g['no_group_below_0.7'] else 'NO'}; no group under dMoE more than 0.02 below "
+                  f"the baseline: {'yes' if g['no_group_drop_over_0.02'] else 'NO'}. Per seed (dMoE worst / baseline "
+                  "worst / largest group drop / lowest group of any method): "
+                  + "; ".join(f"{r['seed']}: {r['worst_dmoe']:.3f} / {r['worst_baseline']:.3f} / "
+                              f"{r['largest_group_drop']:+.3f} / {r['lowest_group_any_method']:.3f}"
+                              for r in g["seeds"]) + ".", ""]
+    return lines
+
+
+def _old_new_markdown(old_new: dict | None) -> list[str]:
+    if not old_new:
+        return []
+    lines = [f"### new recipe - old recipe, same seeds and cases (old: {old_new['old']}; per-case mean Dice)", ""]
+    for key, by_method in old_new["contrasts"].items():
+        for method, p in by_method.items():
+            d = {k: p[f"delta_{k}"] for k in ("dice", "worst_group_dice")}
+            seeds = ", ".join(f"{s}: " + " ".join(f"{g} {v['old']:.3f}->{v['new']:.3f}" for g, v in
+                                                   zip(ps["old"], [{"old": ps["old"][g], "new": ps["new"][g]}
+                                                                   for g in ps["old"]]))
+                              for s, ps in p["per_seed"].items())
+            lines += [f"- {key.replace('/', ', ')}, {method} (seeds {p['seeds_used']}): "
+                      + "; ".join(f"{k} {v['value']:+.3f} [{v['ci95'][0]:+.3f}, {v['ci95'][1]:+.3f}]"
+                                  for k, v in d.items())
+                      + f"; by group " + ", ".join(f"{g} {v:+.3f}" for g, v in p["per_case"]["by_group"].items())
+                      + f". Per seed, old->new: {seeds}."]
+    return lines + [""]
 
 
 def plot(summary: dict, path: Path) -> Path:
@@ -263,6 +365,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=ROOT / "sample_data" / "results" / "seeds")
     p.add_argument("--checkpoint", choices=["best", "last"], default="best",
                    help="best: the checkpoint each run's validation chose (the protocol); last: the final weights")
+    p.add_argument("--old", type=Path, help="an earlier study's cases.csv.gz: pair each method's runs with its "
+                   "runs there of the same seeds (old recipe against new)")
     args = p.parse_args(argv)
     from napari_dmoe.io.files import atomic_write, atomic_write_text
 
@@ -279,6 +383,10 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarise(data)
     summary["checkpoint"] = args.checkpoint
     summary["steps"] = steps
+    summary["goals"] = goals(summary)
+    if args.old is not None:
+        summary["old_vs_new"] = {"old": str(args.old.relative_to(ROOT) if args.old.is_relative_to(ROOT)
+                                            else args.old), "contrasts": old_vs_new(data, load_old(args.old))}
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out / "summary.json", json.dumps(summary, indent=1))
     text = markdown(summary, steps)

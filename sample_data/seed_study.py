@@ -182,6 +182,8 @@ def _evaluate_run(best: Path, dataset: str, method: str, seed: int, on: str) -> 
     if on == "tests":
         evaluate(best, dataset, method, name)
         return
+    if on == "both":  # the tests first: they are the study; the validation reports choose the checkpoint rule
+        evaluate(best, dataset, method, name)
     _validation_sets()
     evaluate(best, dataset, method, name, list(VAL_SEEDS))
     evaluate(best.parent / "last.safetensors", dataset, method, f"{name}-last", list(VAL_SEEDS))
@@ -200,9 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--recipe", default="demo", help="config family: training/<recipe>-<dataset>-<method>.yaml")
     p.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
                    help="config override of a screened candidate, for every method alike")
-    p.add_argument("--on", choices=["tests", "validation"], default="tests",
-                   help="evaluate on the fresh tests (A, B) or only on the validation sets (val-a, val-v), best "
-                        "and last weights both: screening never looks at a test")
+    p.add_argument("--on", choices=["tests", "validation", "both"], default="tests",
+                   help="evaluate on the fresh tests (A, B), or only on the validation sets (val-a, val-v) with best "
+                        "and last weights both (screening never looks at a test), or both")
     args = p.parse_args(argv)
     global RECIPE
     RECIPE, RUNS = args.recipe, args.runs.resolve()

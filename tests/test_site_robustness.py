@@ -1,0 +1,114 @@
+"""Issue 26's recipe options: site augmentations (MONAI array transforms), group-balanced sampling, and the
+validation-only synthetic site V."""
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from napari_dmoe.synthetic import FUNDUS_SITES, make_fundus
+from napari_dmoe.training.config import ConfigError, load_config
+from napari_dmoe.training.data import TrainItems, _augmentations, balanced_order, make_dataset
+from training_data import tiny_config, write_fairseg
+
+SITE = {"contrast": 0.3, "gamma": [0.7, 1.5], "blur": 1.0, "noise": 0.04, "bias_field": 0.3, "low_res": 0.6}
+
+
+def _config(tmp_path: Path, **sections: dict) -> dict:
+    root = write_fairseg(tmp_path / "fairseg", n_train=24, n_test=4)
+    data = {"format": "fairseg", "root": str(root), "attributes": "race", "crop": None}
+    return load_config(tiny_config(tmp_path / "c.yaml", tmp_path / "run", data, **sections))
+
+
+class _Spec:
+    def __init__(self, dims: int) -> None:
+        self.spatial_dims, self.input_size = dims, (8,) * dims
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_site_augmentations_change_the_image_not_the_label(dims: int) -> None:
+    augment = {"flip": False, "rotate90": False, "rotate_degrees": 0.0, "intensity": 0.0, "prob": 0.5,
+               "colour": 0.0, "site_prob": 1.0, **SITE}
+    transform = _augmentations(_Spec(dims), augment, crop=False)
+    rng = np.random.default_rng(0)
+    shape = (16,) * dims
+    image = rng.uniform(0.2, 0.8, (1, *shape)).astype(np.float32)
+    label = (rng.random((1, *shape)) > 0.5).astype(np.int64)
+    outs = []
+    for seed in (1, 1, 2):
+        transform.set_random_state(seed=seed)
+        out = transform({"image": image.copy(), "label": label.copy()})
+        outs.append(np.asarray(out["image"]))
+        assert np.asarray(out["image"]).shape == image.shape
+        assert np.array_equal(np.asarray(out["label"]), label)  # intensity and blur only: labels untouched
+    assert not np.allclose(outs[0], image) and np.array_equal(outs[0], outs[1])  # seeded: same seed, same sample
+    assert not np.allclose(outs[0], outs[2])
+
+
+def test_colour_jitter_scales_each_channel() -> None:
+    augment = {"flip": False, "rotate90": False, "rotate_degrees": 0.0, "intensity": 0.0, "prob": 0.5,
+               "contrast": 0.0, "gamma": None, "blur": 0.0, "noise": 0.0, "bias_field": 0.0, "low_res": 0.0,
+               "colour": 0.3, "site_prob": 1.0}
+    transform = _augmentations(_Spec(2), augment, crop=False)
+    transform.set_random_state(seed=3)
+    image = np.ones((3, 8, 8), np.float32)
+    out = np.asarray(transform({"image": image, "label": np.zeros((1, 8, 8), np.int64)})["image"])
+    gains = out.reshape(3, -1).mean(1)
+    assert np.all(np.abs(gains - 1) <= 0.3 + 1e-6) and len(set(np.round(gains, 5))) == 3
+
+
+def test_recipe_options_are_checked(tmp_path: Path) -> None:
+    root = write_fairseg(tmp_path / "fairseg", n_train=6, n_test=2)
+    data = {"format": "fairseg", "root": str(root), "attributes": "race", "crop": None}
+    for key, value, message in [("augment", {"gamma": [1.5, 0.7]}, "augment.gamma"),
+                                ("augment", {"low_res": 1.0}, "augment.low_res"),
+                                ("augment", {"noise": -0.1}, "augment.noise"),
+                                ("augment", {"site_prob": 2}, "augment.site_prob"),
+                                ("sampling", {"group_balance": 1.5}, "sampling.group_balance")]:
+        cfg = tiny_config(tmp_path / "c.yaml", tmp_path / "run", data, **{key: value})
+        with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+            load_config(cfg)
+    config = load_config(tiny_config(tmp_path / "c.yaml", tmp_path / "run", data))
+    assert config["sampling"]["group_balance"] == 0.0 and config["augment"]["noise"] == 0.0  # off by default
+
+
+def test_group_balanced_sampling(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    ds = make_dataset(config, "train", (32, 32))
+    groups = ["Black"] * 6 + ["White"] * 54  # 10 % / 90 %, as records with the dataset's fields
+    from napari_dmoe.datasets.base import Record
+
+    ds.records = [Record(f"x{i}", Path("x"), Path("x"), (g,)) for i, g in enumerate(groups)]
+    assert balanced_order(ds, 0.0, 1, 0) is None
+    draws = Counter(groups[i] for e in range(20) for i in balanced_order(ds, 1.0, 1, e))
+    assert 0.4 < draws["Black"] / sum(draws.values()) < 0.6  # full balance: about half and half
+    half = Counter(groups[i] for e in range(20) for i in balanced_order(ds, 0.5, 1, e))
+    assert 0.15 < half["Black"] / sum(half.values()) < 0.35  # sqrt: 6**0.5 : 54**0.5 = 1 : 3, i.e. 25 %
+    assert np.array_equal(balanced_order(ds, 1.0, 1, 3), balanced_order(ds, 1.0, 1, 3))  # resumes repeat it
+    assert not np.array_equal(balanced_order(ds, 1.0, 1, 3), balanced_order(ds, 1.0, 1, 4))
+
+
+def test_train_items_follow_the_balanced_order(tmp_path: Path) -> None:
+    config = _config(tmp_path, sampling={"group_balance": 1.0})
+    from napari_dmoe.distributed import setup
+    from napari_dmoe.training.setup import build_run
+
+    items = build_run(config, setup("cpu")).train_items
+    assert items.group_balance == 1.0
+    items.epoch = 2
+    order = items._order
+    assert order is not None and [items[i]["id"] for i in range(3)] == [items.ds.records[j].id for j in order[:3]]
+
+
+def test_site_v_is_neither_a_nor_b() -> None:
+    assert set(FUNDUS_SITES) >= {"a", "b", "v"}
+    imgs = {site: make_fundus(3, race="White", size=64, index=0, site=site).image for site in "abv"}
+    assert not np.array_equal(imgs["v"], imgs["a"]) and not np.array_equal(imgs["v"], imgs["b"])
+    # brighter than B and a narrower view than A (larger labelled disc), as its SITES entry says
+    v = [make_fundus(5, race="White", size=96, index=i, site="v") for i in range(24)]
+    a = [make_fundus(5, race="White", size=96, index=i) for i in range(24)]
+    b = [make_fundus(5, race="White", size=96, index=i, site="b") for i in range(12)]
+    assert np.mean([s.image.mean() for s in v]) > np.mean([s.image.mean() for s in b]) + 5
+    assert np.mean([(s.mask != 0).sum() for s in v]) > 1.05 * np.mean([(s.mask != 0).sum() for s in a])
