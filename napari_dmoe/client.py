@@ -17,10 +17,13 @@ LPS view that napari-dmoe's reader gives. The server reorients other volumes to 
 """
 from __future__ import annotations
 
+import http.client
 import json
+import math
+import socket
 import struct
-import urllib.error
-import urllib.request
+import threading
+import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -31,6 +34,9 @@ CONTENT_TYPE = "application/x-dmoe"
 # plain numeric types only; everything travels little-endian
 DTYPES = ("|b1", "|u1", "|i1", "<u2", "<i2", "<u4", "<i4", "<u8", "<i8", "<f2", "<f4", "<f8")
 MAX_HEADER_BYTES = 1 << 20
+MAX_DEPTH = 16  # JSON nesting a header may have (ours needs 4); deeper is refused before json.loads recurses
+MAX_DIMS = 8  # axes an array may have
+AUTH_FIRST_BYTES = 1 << 20  # a larger request is preceded by one small authenticated call (once per Client)
 
 
 class ClientError(ValueError):
@@ -50,9 +56,21 @@ class WireError(ValueError):
     """A message is not in the dMoE wire format (bad magic, header or array sizes)."""
 
 
+class Cancelled(ClientError):
+    """``Client.abort()`` closed the connection of a request in progress."""
+
+
 # -- wire format -------------------------------------------------------------------------------------------------
-def _wire_dtype(dtype: Any) -> np.dtype:
-    dt = np.dtype(dtype)
+def _wire_dtype(dtype: Any, declared: bool = False) -> np.dtype:
+    """The wire dtype of an array to send (any byte order: converted), or of a ``declared`` one in a message,
+    which must already be little-endian: reading '>f4' bytes as '<f4' would give garbage, so it is refused."""
+    if declared and (not isinstance(dtype, str) or dtype not in DTYPES):
+        raise WireError(f"dtype {dtype!r} is not one of {list(DTYPES)}: the wire format carries little-endian "
+                        "numbers only ('<f4', not '>f4'); swap the bytes before sending")
+    try:
+        dt = np.dtype(dtype)
+    except TypeError as err:
+        raise WireError(f"dtype {dtype!r} is not a numpy dtype ({err})") from None
     if dt.kind not in "buif":
         raise WireError(f"dtype {dt} cannot be sent; use a numeric array")
     dt = dt.newbyteorder("<") if dt.byteorder not in ("|", "<") else dt
@@ -80,13 +98,54 @@ def decode_header(body: bytes) -> tuple[dict[str, Any], int]:
     (n,) = struct.unpack("<I", body[4:8])
     if n > MAX_HEADER_BYTES or 8 + n > len(body):
         raise WireError(f"header length {n} does not fit the message of {len(body)} bytes")
+    text = bytes(body[8 : 8 + n])
+    if _depth(text) > MAX_DEPTH:
+        raise WireError(f"header nests deeper than {MAX_DEPTH} levels; a dMoE header is a flat object")
     try:
-        header = json.loads(body[8 : 8 + n].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        header = json.loads(text.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
         raise WireError(f"header is not valid JSON ({err})") from None
     if not isinstance(header, dict):
         raise WireError("header must be a JSON object")
     return header, 8 + n
+
+
+def _depth(text: bytes) -> int:
+    """Deepest bracket nesting of a JSON text (brackets inside strings skipped), without recursion."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for byte in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):  # [ {
+            depth += 1
+            deepest = max(deepest, depth)
+        elif byte in (0x5D, 0x7D):
+            depth -= 1
+    return deepest
+
+
+def array_shape(info: Any) -> tuple[str, np.dtype, tuple[int, ...], int]:
+    """Name, dtype, shape and byte size of one ``arrays`` entry, checked; sizes are Python integers, so a shape
+    like [2**32, 2**32, 1] is a large number to refuse, never an int64 overflow."""
+    try:
+        name, raw_shape = str(info["name"]), info["shape"]
+        dt = _wire_dtype(info["dtype"], declared=True)
+    except (KeyError, TypeError) as err:
+        raise WireError(f"array entry {info!r} needs name, dtype and shape ({err})") from None
+    if not isinstance(raw_shape, list) or len(raw_shape) > MAX_DIMS or not all(
+            isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2**62 for s in raw_shape):
+        raise WireError(f"array {name!r}: shape {raw_shape!r} must be a list of at most {MAX_DIMS} non-negative "
+                        "integers")
+    shape = tuple(raw_shape)
+    return name, dt, shape, math.prod(shape) * dt.itemsize
 
 
 def decode_arrays(body: bytes, header: Mapping[str, Any], offset: int) -> dict[str, np.ndarray]:
@@ -97,14 +156,7 @@ def decode_arrays(body: bytes, header: Mapping[str, Any], offset: int) -> dict[s
     out: dict[str, np.ndarray] = {}
     view = memoryview(body)
     for info in infos:
-        try:
-            name, dt = str(info["name"]), _wire_dtype(info["dtype"])
-            shape = tuple(int(s) for s in info["shape"])
-        except (KeyError, TypeError, ValueError) as err:
-            raise WireError(f"array entry {info!r} needs name, dtype and shape ({err})") from None
-        if any(s < 0 for s in shape):
-            raise WireError(f"array {name!r} has a negative size in shape {shape}")
-        nbytes = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+        name, dt, shape, nbytes = array_shape(info)
         if offset + nbytes > len(body):
             raise WireError(f"array {name!r} {shape} {dt.str} needs {nbytes} bytes; the message is too short")
         out[name] = np.frombuffer(view[offset : offset + nbytes], dtype=dt).reshape(shape)
@@ -145,19 +197,7 @@ def ijk_to_ras_from_geometry(spacing: Sequence[float], origin: Sequence[float],
 
 # -- what napari's and Slicer's front ends show (here, so it is tested without Slicer) ---------------------------
 UNKNOWN = "unknown"
-# segment colours (matplotlib's tab10 without grey), RGB 0..1 as Slicer stores them; cycled for many classes. The
-# .seg.nrrd writer and the Slicer module both use them, so a class looks the same in either
-SEGMENT_COLORS = (
-    (0.839, 0.153, 0.157), (0.122, 0.467, 0.706), (0.173, 0.627, 0.173), (1.0, 0.498, 0.055),
-    (0.580, 0.404, 0.741), (0.549, 0.337, 0.294), (0.890, 0.467, 0.761), (0.737, 0.741, 0.133),
-    (0.090, 0.745, 0.812),
-)
-
-
-def segment_table(class_names: Sequence[str]) -> list[tuple[int, str, tuple[float, float, float]]]:
-    """(label value, segment name, colour) for each foreground class 1..n."""
-    return [(k, str(name).strip() or f"label {k}", SEGMENT_COLORS[(k - 1) % len(SEGMENT_COLORS)])
-            for k, name in enumerate(class_names) if k > 0]
+# segment names and colours: napari_dmoe/colors.py (a leaf the Slicer module loads by path too)
 
 
 def attribute_request(choices: Mapping[str, str]) -> dict[str, str] | None:
@@ -200,6 +240,8 @@ class RemoteSegmentation:
     origin: list[float] | None = None
     direction: list[list[float]] | None = None
     device_reason: str = ""
+    forced: bool = False  # the image did not fit the model and was segmented because the request said force
+    fit_findings: list[str] = field(default_factory=list)
 
 
 class Client:
@@ -208,48 +250,118 @@ class Client:
     Every failure raises ``ClientError`` (unreachable server, not a dMoE server) or ``ServerError`` (refused:
     wrong token, bad input, too large, busy) with the server's one-line message."""
 
-    def __init__(self, url: str, token: str | None = None, timeout: float = 600.0) -> None:
+    def __init__(self, url: str, token: str | None = None, timeout: float | None = None) -> None:
         url = url.strip().rstrip("/")
         if not url.startswith(("http://", "https://")):
             url = "http://" + url
+        parts = urllib.parse.urlsplit(url)
+        try:
+            parts.port  # noqa: B018 - raises on a port that is not a number
+        except ValueError as err:
+            raise ClientError(f"server address {url!r} is not valid ({err})") from None
+        if not parts.hostname:
+            raise ClientError(f"server address {url!r} has no host name")
         self.url, self.token, self.timeout = url, (token or "").strip() or None, timeout
+        self._parts = parts
+        self._open: set[http.client.HTTPConnection] = set()
+        self._lock = threading.Lock()
+        self._aborted = False
+        self._access_checked = False
 
-    def _request(self, path: str, body: bytes | None = None) -> tuple[bytes, str]:
+    def timeout_for(self, values: int = 0) -> float:
+        """Seconds to wait for the server's answer: ``timeout`` when given, else in proportion to the work: 30 s
+        for a listing, 60 s + 4 s per million values of a volume to segment (a CPU server's pace; a GPU answers
+        sooner). A server silent for that long is reported as not answering."""
+        if self.timeout is not None:
+            return float(self.timeout)
+        return 30.0 if not values else 60.0 + 4.0 * values / 1e6
+
+    def abort(self) -> None:
+        """Close the connections of requests in progress (from another thread): they raise ``Cancelled``, and the
+        server, seeing its client gone, drops the work. An aborted client refuses further requests: make a new one."""
+        with self._lock:
+            self._aborted = True
+            for conn in list(self._open):
+                if conn.sock is not None:
+                    try:
+                        conn.sock.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+
+    def _request(self, path: str, body: bytes | None = None, timeout: float | None = None,
+                 always_auth: bool = False) -> tuple[bytes, str]:
         headers = {"Accept": f"{CONTENT_TYPE}, application/json"}
         if body is not None:
             headers["Content-Type"] = CONTENT_TYPE
-        if self.token:
-            headers["Authorization"] = f"Bearer {self.token}"
-        req = urllib.request.Request(self.url + path, data=body, headers=headers,
-                                     method="POST" if body is not None else "GET")
+        if self.token or always_auth:  # always_auth: an empty token asks a token server for its 401 now
+            headers["Authorization"] = f"Bearer {self.token or ''}"
+        kind = http.client.HTTPSConnection if self._parts.scheme == "https" else http.client.HTTPConnection
+        conn = kind(self._parts.hostname, self._parts.port, timeout=timeout or self.timeout_for())
+        with self._lock:
+            if self._aborted:
+                raise Cancelled("cancelled: the request to the dMoE server was stopped")
+            self._open.add(conn)
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as reply:
-                return reply.read(), reply.headers.get("Content-Type", "")
-        except urllib.error.HTTPError as err:
-            raise ServerError(err.code, _error_message(err.read(), err.reason)) from None
-        except urllib.error.URLError as err:
-            if isinstance(err.reason, (BrokenPipeError, ConnectionResetError)):
-                raise ClientError(f"the dMoE server at {self.url} closed the connection while the request was being "
-                                  "sent: most likely the volume is over its size limit (dmoe serve --max-request-mb)"
-                                  ) from None
-            raise ClientError(f"cannot reach the dMoE server at {self.url} ({err.reason}); is `dmoe serve` running "
-                              "there, and is the address right?") from None
-        except (TimeoutError, OSError) as err:
-            raise ClientError(f"no answer from the dMoE server at {self.url} ({err})") from None
+            status, reason, data, ctype = self._exchange(conn, self._parts.path + path, body, headers)
+        except (OSError, http.client.HTTPException) as err:
+            if self._aborted:
+                raise Cancelled("cancelled: the request to the dMoE server was stopped") from None
+            raise self._connection_error(err, body is not None) from None
+        finally:
+            with self._lock:
+                self._open.discard(conn)
+            conn.close()
+        if status >= 400:
+            raise ServerError(status, _error_message(data, reason))
+        return data, ctype
 
-    def _json(self, path: str) -> Any:
-        data, _ = self._request(path)
+    @staticmethod
+    def _exchange(conn: http.client.HTTPConnection, path: str, body: bytes | None,
+                  headers: dict[str, str]) -> tuple[int, str, bytes, str]:
         try:
-            return json.loads(data)
-        except json.JSONDecodeError:
-            raise ClientError(f"{self.url}{path} did not answer JSON: is this a dMoE server?") from None
+            conn.request("POST" if body is not None else "GET", path or "/", body=body, headers=headers)
+        except (BrokenPipeError, ConnectionResetError):
+            if conn.sock is None:
+                raise
+            # the server answered (401, 413, 503) before reading the whole body: read that answer if it is there
+        reply = conn.getresponse()
+        return reply.status, reply.reason, reply.read(), reply.headers.get("Content-Type", "")
+
+    def _connection_error(self, err: Exception, sending: bool) -> ClientError:
+        if isinstance(err, TimeoutError) or "timed out" in str(err):
+            return ClientError(f"no answer from the dMoE server at {self.url} in time ({err}); it may be busy with "
+                               "a large volume: pass a longer timeout, e.g. Client(url, token, timeout=1800)")
+        if sending and isinstance(err, (BrokenPipeError, ConnectionResetError, http.client.RemoteDisconnected)):
+            return ClientError(f"the dMoE server at {self.url} closed the connection while the request was being "
+                               "sent: the volume is most likely over its size limit (dmoe serve --max-request-mb) "
+                               "or the server was too busy to take it")
+        return ClientError(f"cannot reach the dMoE server at {self.url} ({err}); is `dmoe serve` running there, "
+                           "and is the address right?")
+
+    def _json(self, path: str, always_auth: bool = False) -> dict[str, Any]:
+        data, _ = self._request(path, always_auth=always_auth)
+        try:
+            reply = json.loads(data)
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+            reply = None
+        if not isinstance(reply, dict):
+            raise ClientError(f"{self.url}{path} did not answer a JSON object: is this a dMoE server?")
+        return reply
 
     def health(self) -> dict[str, Any]:
-        return self._json("/health")
+        """The server's status, version, device and models. Sends the token (an empty one if none was given), so
+        a server that requires one answers 401 here rather than after a large upload."""
+        reply = self._json("/health", always_auth=True)
+        self._access_checked = True
+        return reply
 
     def list_models(self) -> list[dict[str, Any]]:
         """The server's models: id, class names, attributes (name, values), what each was trained on, ..."""
-        return self._json("/models")["models"]
+        models = self._json("/models").get("models")
+        if not isinstance(models, list) or not all(isinstance(m, dict) and "id" in m for m in models):
+            raise ClientError(f"{self.url}/models did not list models: is this a dMoE server?")
+        self._access_checked = True
+        return models
 
     def segment(self, model: str, volume: np.ndarray, *, spacing: Sequence[float] | None = None,
                 origin: Sequence[float] | None = None, direction: Sequence[Sequence[float]] | None = None,
@@ -264,11 +376,23 @@ class Client:
                   "origin": None if origin is None else [float(o) for o in origin],
                   "direction": None if direction is None else np.asarray(direction, float).tolist(),
                   "routing": bool(routing), "rgb": rgb, "modality": modality, "force": bool(force)}
-        data, kind = self._request("/segment", encode(header, {"image": np.asarray(volume)}))
+        return self.send(header, {"image": np.asarray(volume)})
+
+    def send(self, header: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> RemoteSegmentation:
+        """POST a ready /segment message: ``header`` and ``arrays`` as ``SegmentRequest.to_wire`` makes them
+        (how the napari widget's remote mode sends the engine request it would run locally)."""
+        model = str(header.get("model", ""))
+        body = encode(dict(header), dict(arrays))
+        if len(body) > AUTH_FIRST_BYTES and not self._access_checked:
+            self.health()  # a wrong token is told in one round trip, not after uploading the volume
+        values = sum(int(np.asarray(a).size) for a in arrays.values())
+        data, kind = self._request("/segment", body, timeout=self.timeout_for(values))
         try:
             head, arrays = decode(data)
         except WireError as err:
             raise ClientError(f"{self.url}/segment answered something else than a dMoE result ({err})") from None
+        if "labels" not in arrays:
+            raise ClientError(f"{self.url}/segment answered a message without labels: is this a dMoE server?")
         mean = arrays.get("routing_mean")
         return RemoteSegmentation(
             labels=arrays["labels"], routing={"mean": mean} if mean is not None else {},
@@ -277,12 +401,13 @@ class Client:
             warnings=list(head.get("warnings") or []), conversions=list(head.get("conversions") or []),
             class_names=list(head.get("class_names") or []), model=str(head.get("model", model)),
             spacing=head.get("spacing"), origin=head.get("origin"), direction=head.get("direction"),
-            device_reason=str(head.get("device_reason", "")))
+            device_reason=str(head.get("device_reason", "")), forced=bool(head.get("forced", False)),
+            fit_findings=list(head.get("fit_findings") or []))
 
 
 def _error_message(body: bytes, reason: Any) -> str:
     try:
         data = json.loads(body)
-        return str(data.get("error") or data.get("detail") or data)
-    except (json.JSONDecodeError, AttributeError):
+        return " ".join(str(data.get("error") or data.get("detail") or data).split())[:500]
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, AttributeError):
         return str(reason)

@@ -276,7 +276,7 @@ def test_every_recipe_in_training_folder_validates(tmp_path):
 
 
 def test_inference_uses_the_router_fallback():
-    from napari_dmoe.inference.plan import resolve_routers
+    from napari_dmoe.model.routers import resolve_routers
 
     spec = make_spec("transunet2d-tiny", "race", ["A", "B", "C"], ["bg", "fg"])
     spec.provenance = {"router_fallback": fallback_table(spec, {"A": 9, "B": 1, "C": 7}, min_cases=5)}

@@ -123,12 +123,13 @@ def test_nifti_dims_that_the_file_cannot_hold_are_refused_before_allocating(tmp_
 
 # -- attributes ---------------------------------------------------------------------------------------------------
 def test_conflicting_attributes_on_the_command_line_are_refused(tmp_path, capsys):
-    from napari_dmoe.cli.segment import parse_attribute
+    from napari_dmoe.model.routers import PatientAttribute
 
     spec = tiny("transunet2d-tiny").spec
     with pytest.raises(ValueError, match="conflicting values for attribute 'race': 'Black' and 'White'"):
-        parse_attribute(["race=Black", "race=White"], spec)
-    assert parse_attribute(["race=Black", "race=Black"], spec) == {"race": "Black"}  # said twice, same value
+        PatientAttribute.parse(["race=Black", "race=White"], spec)
+    said_twice = PatientAttribute.parse(["race=Black", "race=Black"], spec)
+    assert said_twice.mapping == {"race": "Black"} and said_twice.text == "race=Black"
 
 
 # -- NaN models ---------------------------------------------------------------------------------------------------

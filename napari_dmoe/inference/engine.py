@@ -38,8 +38,9 @@ import torch
 from napari_dmoe.devices import DeviceError, resolve_device
 from napari_dmoe.generators import drain
 from napari_dmoe.inference.plan import (
-    InferenceError, Plan, Progress, check_image, make_plan, prepare_image, resolve_routers,
+    InferenceError, Plan, Progress, check_image, make_plan, prepare_image,
 )
+from napari_dmoe.model.routers import AttributeValueError, resolve_routers
 from napari_dmoe.inference.runner import Runner
 from napari_dmoe.inference.volume import VolumeResult, iter_volume
 from napari_dmoe.inference.routing import RoutingAccumulator, importance
@@ -166,7 +167,10 @@ class _Prepared:
 
 def _prepare(spec: Any, image: Any, attribute: Any, spacing: Sequence[float] | None, rgb: bool | None, device: str,
              roi_size: Sequence[int] | None, overlap: float, mode2d: str, unknown: str) -> _Prepared:
-    routers, used, routing_note = resolve_routers(spec, attribute, unknown)
+    try:
+        routers, used, routing_note = resolve_routers(spec, attribute, unknown)
+    except AttributeValueError as err:
+        raise InferenceError(str(err)) from None
     try:
         dev, reason = resolve_device(device)
     except DeviceError as err:

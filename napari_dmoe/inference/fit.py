@@ -97,12 +97,33 @@ def _outside(value: float, bounds: Sequence[float], margin: float) -> bool:
     return value < bounds[0] - margin or value > bounds[1] + margin
 
 
-def _intensity(train: Mapping[str, Any], image: Any) -> list[Finding]:
-    if not train or "case_p50" not in train:
-        return []
+def _as_model_sees(normalization: Mapping[str, Any] | None, image: Any) -> tuple[float, list[Finding]]:
+    """The factor that brings ``image`` to the training images' units after the engine's documented bit-depth
+    conversion (``transforms.for_bit_depth``: a 16-bit PNG is divided by its own full scale, not by 255), so the
+    image is judged as the model will see it (issue 28: full-range 16-bit images were refused before the scaling
+    that fits them). A conversion the engine refuses is a finding."""
+    from napari_dmoe.transforms import TransformError, for_bit_depth
+
+    normalization = dict(normalization or {})
+    if normalization.get("kind") != "scale":
+        return 1.0, []
+    try:
+        converted, _ = for_bit_depth(normalization, np.asarray(image).dtype, image)
+    except TransformError as err:
+        return 1.0, [Finding("intensity", str(err))]
+    return float(normalization.get("factor", 1.0)) / float(converted.get("factor", 1.0)), []
+
+
+def _intensity(train: Mapping[str, Any], image: Any, normalization: Mapping[str, Any] | None = None) -> list[Finding]:
+    ratio, refused = _as_model_sees(normalization, image)
+    if refused or not train or "case_p50" not in train:
+        return refused
     stats = intensity_stats([image])
     if not stats:
         return []
+    if ratio != 1.0:  # percentiles scale with the image: the statistics of the image as the model sees it
+        stats = {k: ([v[0] * ratio, v[1] * ratio] if k.startswith("case_") else v * ratio)
+                 for k, v in stats.items() if k != "n_cases"}
     margin = INTENSITY_MARGIN * max(float(train["p99"]) - float(train["p1"]), 1e-6)
     off = [name for name, key in (("median", "case_p50"), ("99th percentile", "case_p99"))
            if _outside(stats[key][0], train[key], margin)]
@@ -128,6 +149,37 @@ def _spacing(train: Sequence[float] | None, spacing: Sequence[float] | None, dim
     return [Finding("spacing", f"voxel size {fmt(f'{s:g}' for s in image)} mm is much coarser than the training "
                                f"data's {fmt(f'{s:g}' for s in train)} mm (more than {SPACING_FACTOR:g}x along an "
                                "axis): detail the model relies on is missing")]
+
+
+SQUASH_FACTOR = 2.0  # a whole-image resize that distorts the aspect ratio more than this is flagged
+MIN_GRID = 8  # fewer voxels than this along an axis, once resampled, hold nothing a model can segment
+
+
+def _grid(spec: Any, shape: Sequence[int], spacing: Sequence[float] | None, dims: int, rgb: bool) -> list[Finding]:
+    """What the engine's plan does to the image's grid: resampling to the model's voxel size that leaves almost
+    nothing (0.001 mm voxels), or a whole-image resize that squashes it (128x5000 to 224x224)."""
+    from napari_dmoe.inference.plan import make_plan
+
+    spatial = tuple(int(n) for n in (shape[:-1] if rgb else shape))
+    if dims != spec.spatial_dims:  # a 2D model on a volume: judged plane by plane
+        spatial, spacing = spatial[-spec.spatial_dims:], (None if spacing is None else tuple(spacing)[-spec.spatial_dims:])
+    try:
+        plan = make_plan(spec, spatial, spacing, None, 0.25)
+    except (ValueError, OverflowError):  # the engine refuses these itself, with its own message
+        return []
+    fmt = "x".join
+    if min(plan.resampled) < MIN_GRID <= min(spatial):
+        return [Finding("spacing", f"at the model's voxel size ({fmt(f'{t:g}' for t in spec.spacing)} mm) the image's "
+                                   f"{fmt(map(str, spatial))} voxels of {fmt(f'{s:g}' for s in spacing)} mm become "
+                                   f"{fmt(map(str, plan.resampled))}: too few to segment; check the voxel size")]
+    if plan.mode == "resize":
+        ratios = [n / s for n, s in zip(plan.resampled, spec.input_size)]
+        squash = max(ratios) / min(ratios)
+        if squash > SQUASH_FACTOR:
+            return [Finding("shape", f"the whole {fmt(map(str, spatial))} image is resized to the model's input of "
+                                     f"{fmt(map(str, spec.input_size))}, squashing it {squash:.3g}x more along one "
+                                     "axis than the other; crop it to the region of interest first")]
+    return []
 
 
 def check_fit(spec: Any, image: Any, spacing: Sequence[float] | None = None, *, rgb: bool | None = None,
@@ -160,7 +212,8 @@ def check_fit(spec: Any, image: Any, spacing: Sequence[float] | None = None, *, 
         findings.append(Finding("modality", f"kind of image: {modality}, while the model was trained on "
                                             f"{rec.get('modality')}"))
     findings += _spacing(rec.get("spacing"), spacing, dims)
-    findings += _intensity(rec.get("intensity") or {}, image)
+    findings += _intensity(rec.get("intensity") or {}, image, spec.normalization)
+    findings += _grid(spec, np.shape(image), spacing, dims, channels > 1)
     if rec.get("features") is not None and getattr(model, "network", None) is not None:
         from napari_dmoe.inference.ood import feature_findings  # torch: only when a network is given
 
@@ -174,7 +227,23 @@ def describe(findings: Sequence[Finding]) -> str:
 
 
 class FitError(ValueError):
-    """The image does not fit the model; the message names the file, what differs and how to go ahead."""
+    """The image does not fit the model; the message names the file, what differs and how to go ahead.
+
+    ``findings`` stay on the error so a front end can show them or say its own way to force (``hint``)."""
+
+    def __init__(self, source: Any, findings: Sequence[Finding] = (), model: str = "",
+                 how: str = "pass --force to segment it anyway") -> None:
+        self.source, self.findings, self.model = source, list(findings), model
+        if not self.findings:  # a ready-made message
+            super().__init__(str(source))
+            return
+        which = f"the model {model!r}" if model else "the model"
+        super().__init__(f"{source}: does not fit {which} ({describe(self.findings)}); check the model and the "
+                         f"image, or {how}")
+
+    def hint(self, how: str) -> "FitError":
+        """The same refusal, saying ``how`` this front end segments anyway."""
+        return FitError(self.source, self.findings, self.model, how)
 
 
 def volume_findings(spec: Any, volume: Any) -> list[Finding]:
@@ -186,5 +255,4 @@ def require_fit(spec: Any, volume: Any, source: Any) -> None:
     """Raise FitError naming ``source`` and every finding, unless the image fits the model."""
     findings = volume_findings(spec, volume)
     if findings:
-        raise FitError(f"{source}: does not fit the model ({describe(findings)}); check the model and the image, "
-                       "or pass --force to segment it anyway")
+        raise FitError(source, findings)

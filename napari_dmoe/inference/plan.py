@@ -4,12 +4,12 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping, NamedTuple, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
 from napari_dmoe.model.registry import input_rule
-from napari_dmoe.model.spec import ModelSpec, SpecError, attribute_text, is_unknown
+from napari_dmoe.model.spec import ModelSpec
 from napari_dmoe.transforms import TransformError, for_bit_depth, normalize, resampled_shape, sanitize, to_channels
 
 MIN_PIXELS = 8  # smaller images carry too little context for any of the networks
@@ -40,78 +40,6 @@ class Plan:
     align: int
     squeeze: bool  # True: one image; False: a stack of slices for a 2D model
     mode: str  # "resize" | "sliding" (2D) | "volume" (3D)
-
-
-class Routers(NamedTuple):
-    """The routers to run (their probabilities are averaged), the attribute used as a mapping name -> value
-    (an unknown value reads "unknown (averaged over N values)"; shown as text by ``spec.attribute_text``), a note
-    when an under-trained router was replaced by an average of trained ones ("" otherwise)."""
-
-    indices: list[int]
-    used: dict[str, str]
-    note: str
-
-
-def resolve_routers(spec: ModelSpec, attribute: Any, unknown: str = "average") -> Routers:
-    """Which routers to run for ``attribute`` (a value, a mapping name -> value, or None / "unknown")."""
-    if unknown not in ("average", "error"):
-        raise InferenceError(f"unknown={unknown!r}: expected 'average' or 'error'")
-    names = [a.name for a in spec.attributes]
-    if spec.routing != "dmoe":  # one router (plain MoE) or none: the attribute does not change the result
-        if not is_unknown(attribute) and not isinstance(attribute, Mapping):
-            _index(spec, attribute)  # still refuse values outside the vocabulary
-        note = "plain MoE: one router for everybody" if spec.routing == "moe" else "model without experts"
-        return Routers([0], {n: f"not used ({note})" for n in names}, "")
-    if is_unknown(attribute):
-        if unknown == "error":
-            raise InferenceError(f"no attribute given; this model needs {_vocab(spec)}")
-        attribute = {n: None for n in names}
-    if isinstance(attribute, Mapping):
-        extra = sorted(set(attribute) - set(names))
-        missing = [n for n in names if n not in attribute]
-        if extra or missing:
-            raise InferenceError(
-                f"attribute names {extra or missing} do not match this model's attributes {names}; give "
-                f"{_vocab(spec)} (use 'unknown' for a value you do not know)"
-            )
-        values = [attribute[n] for n in names]
-    elif isinstance(attribute, (str, int)):
-        if len(names) != 1:
-            raise InferenceError(f"this model has {len(names)} attributes {names}: give a dict name -> value")
-        values = [attribute]
-    else:
-        raise InferenceError(f"attribute must be a value, a dict name -> value or None, got {type(attribute).__name__}")
-    if any(is_unknown(v) for v in values):  # partly unknown: average over the routers that fit the known values
-        if unknown == "error":
-            raise InferenceError(f"attribute values {values} include unknown ones; this model needs {_vocab(spec)}")
-        for attr, v in zip(spec.attributes, values):
-            if not is_unknown(v) and str(v) not in attr.values:
-                raise InferenceError(f"{attr.name}={v!r} is not in this model's vocabulary {attr.values}")
-        choices = [attr.values if is_unknown(v) else [str(v)] for attr, v in zip(spec.attributes, values)]
-        routers = [_index(spec, list(c)) for c in itertools.product(*choices)]
-        used = {n: (f"unknown (averaged over {len(a.values)} values)" if is_unknown(v) else str(v))
-                for n, a, v in zip(names, spec.attributes, values)}
-        return Routers(routers, used, "")
-    index = _index(spec, [str(v) for v in values])
-    used = {n: str(v) for n, v in zip(names, values)}
-    # Routers (near) untrained in training fall back to averaging trained ones (model/routers.py).
-    from napari_dmoe.model.routers import fallback_routers
-
-    routers = fallback_routers(spec, index)
-    note = "" if routers == [index] else (f"the router of {attribute_text(used)} had too few training cases; "
-                                         f"averaged over routers {routers}")
-    return Routers(routers, used, note)
-
-
-def _index(spec: ModelSpec, values: Any) -> int:
-    try:
-        return spec.router_index(values if not isinstance(values, int) else str(values))
-    except SpecError as err:
-        raise InferenceError(f"{err}; valid: {_vocab(spec)}") from None
-
-
-def _vocab(spec: ModelSpec) -> str:
-    return ", ".join(f"{a.name} in {a.values}" for a in spec.attributes)
 
 
 def check_image(
@@ -176,9 +104,9 @@ def prepare_image(
         notes.append(f"2D model on a volume: segmented slice by slice ({stack.shape[0]} slices)")
         if spacing is not None:
             spacing = spacing[1:]
-    normalization, more = for_bit_depth(spec.normalization, image.dtype)  # a 16-bit PNG is not 8-bit
-    notes += more
     try:
+        normalization, more = for_bit_depth(spec.normalization, image.dtype, image)  # a 16-bit PNG is not 8-bit
+        notes += more
         for z in range(stack.shape[0]):
             stack[z] = normalize(stack[z], normalization)
     except TransformError as err:

@@ -173,7 +173,7 @@ def iter_folder_usage(model: Any, folder: str | Path, csv_path: str | Path, **op
     from napari_dmoe.generators import relay
     from napari_dmoe.io.images import read_image
     from napari_dmoe.inference.engine import iter_segment
-    from napari_dmoe.inference.plan import resolve_routers
+    from napari_dmoe.model.routers import resolve_routers
 
     spec = model.spec
     if spec.routing == "none":

@@ -31,6 +31,8 @@ class SegmentHeader(BaseModel):
     modality: Optional[str] = Field(None, description="what the image is (DICOM Modality, e.g. CT), when known")
     force: bool = Field(False, description="segment an image that does not fit the model's training data "
                         "(dmoe segment --force); the reply lists what differs as warnings")
+    settings: Optional[dict[str, Any]] = Field(
+        None, description="engine options: overlap, window_batch, blend, unknown, mode2d (dmoe segment's defaults)")
     arrays: list[ArrayInfo]
 
     @field_validator("spacing")
@@ -54,6 +56,17 @@ class SegmentHeader(BaseModel):
 
         if abs(np.linalg.det(np.asarray(value))) < 1e-3:
             raise ValueError("direction matrix is degenerate (two axes point the same way)")
+        d = np.asarray(value)
+        if np.abs(d @ d.T - np.eye(n)).max() > 1e-3:
+            raise ValueError("direction rows must be unit vectors at right angles (orthonormal); a sheared or "
+                             "scaled volume cannot be placed: resample it, or harden its transform first")
+        return value
+
+    @field_validator("origin")
+    @classmethod
+    def _finite(cls, value: Optional[list[float]]) -> Optional[list[float]]:
+        if value is not None and (len(value) not in (2, 3) or not all(math.isfinite(v) for v in value)):
+            raise ValueError("origin needs 2 or 3 finite numbers (mm per axis, z y x)")
         return value
 
     @model_validator(mode="after")
@@ -61,11 +74,15 @@ class SegmentHeader(BaseModel):
         if [a.name for a in self.arrays] != ["image"]:
             raise ValueError("a /segment request carries exactly one array, named 'image'")
         image = self.arrays[0]
-        for name, value in (("spacing", self.spacing), ("direction", self.direction)):
+        if len(image.shape) < 2:
+            raise ValueError(f"image has shape {image.shape}: a 1-D array is not an image; send (y, x), (z, y, x) "
+                             "or either with a trailing colour axis")
+        for name, value in (("spacing", self.spacing), ("origin", self.origin), ("direction", self.direction)):
             if value is not None and not len(image.shape) - 1 <= len(value) <= len(image.shape):
                 raise ValueError(f"{name} has {len(value)} axes but the image has shape {image.shape}")
-        if self.spacing is not None and self.direction is not None and len(self.spacing) != len(self.direction):
-            raise ValueError("spacing and direction must have one entry per spatial axis each")
+        given = [len(v) for v in (self.spacing, self.origin, self.direction) if v is not None]
+        if len(set(given)) > 1:
+            raise ValueError("spacing, origin and direction must have one entry per spatial axis each")
         return self
 
 
@@ -79,9 +96,11 @@ class ModelsReply(BaseModel):
 
 
 class HealthReply(BaseModel):
+    """Without a token (when the server has one) only ``status``: a liveness check that publishes nothing."""
+
     status: str
-    version: str
-    device: str
-    device_reason: str
-    models: list[str]
-    queued: int
+    version: Optional[str] = None
+    device: Optional[str] = None
+    device_reason: Optional[str] = None
+    models: Optional[list[str]] = None
+    queued: Optional[int] = None

@@ -339,7 +339,8 @@ class AdvancedOptions(QCollapsible):
         return sizes
 
     def options(self, spatial_dims: int) -> dict[str, Any]:
-        """Keywords for the inference engine."""
-        return {"roi_size": self.roi_size(spatial_dims), "overlap": float(self.overlap.value()),
-                "sw_batch_size": int(self.batch.value()), "amp": self.amp.isChecked(),
-                "routing": self.maps.isChecked()}
+        """The engine settings chosen here (``inference.request.EngineSettings`` fields)."""
+        roi = self.roi_size(spatial_dims)
+        return {"roi_size": tuple(roi) if roi else None, "overlap": float(self.overlap.value()),
+                "window_batch": int(self.batch.value()), "amp": self.amp.isChecked(),
+                "routing": "auto" if self.maps.isChecked() else "none"}

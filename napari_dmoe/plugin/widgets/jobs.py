@@ -6,12 +6,12 @@ traceback. Unexpected exceptions are logged with their traceback and reported th
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Generator, NamedTuple, Sequence
 
-import numpy as np
-
+from napari_dmoe.inference.fit import FitError
 from napari_dmoe.io.model_cache import ModelCache  # (the widgets' cache lives in the core)
 
 log = logging.getLogger(__name__)
@@ -26,51 +26,39 @@ class Step(NamedTuple):
 
 
 @dataclass
-class SegmentRequest:
-    """One job as captured in the GUI thread at launch."""
-
-    model_path: str
-    data: Any  # the layer's data (numpy, dask, ...); turned into numpy inside the worker
-    attribute: dict[str, str]
-    options: dict[str, Any] = field(default_factory=dict)  # keywords for iter_segment
-
-
-@dataclass
 class JobResult:
-    """The model used and the segmentations by attribute tag, or an error message."""
+    """The model used, the segmentations and their provenance by attribute tag, or an error message."""
 
     model: Any = None
     segmentations: dict[str, Any] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)  # tag -> inference.request.Provenance
     requests: dict[str, dict[str, str]] = field(default_factory=dict)
     error: str | None = None
 
 
-def _as_array(data: Any) -> np.ndarray:
-    if isinstance(data, (list, tuple)):  # a multiscale layer: segment the full-resolution level
-        data = data[0]
-    return np.asarray(data)
-
-
-def run_sweep(request: SegmentRequest, cache: ModelCache, attributes: Sequence[dict[str, str]]
+def run_sweep(model_path: str, request: Any, cache: ModelCache, attributes: Sequence[dict[str, str]]
               ) -> Generator[Step, None, JobResult]:
-    """Segment the same image under each attribute request in turn (one request = a normal segment)."""
+    """Segment the engine ``request`` (``inference.request.SegmentRequest``) under each attribute in turn
+    (one attribute = a normal segment)."""
     result = JobResult()
     try:
         yield Step("loading model", 0, 1)
-        result.model = cache.get(request.model_path)
-        image = _as_array(request.data)
+        result.model = cache.get(model_path)
         from napari_dmoe.generators import relay
+        from napari_dmoe.inference.request import as_array, iter_run
         from napari_dmoe.model.spec import attribute_text
-        from napari_dmoe.inference.engine import iter_segment
 
+        request = dataclasses.replace(request, image=as_array(request.image))  # once, not per attribute
         for i, attribute in enumerate(attributes):
             tag = attribute_text(attribute)
             prefix = f"{tag} ({i + 1}/{len(attributes)})" if len(attributes) > 1 else tag
-            value = attribute if len(attribute) > 1 else next(iter(attribute.values()))
-            gen = iter_segment(result.model, image, value, **request.options)
+            gen = iter_run(result.model, dataclasses.replace(request, attribute=dict(attribute)))
             # on cancel (GeneratorExit here) relay closes gen and the engine puts the network back
-            result.segmentations[tag] = yield from relay(gen, lambda p: Step(f"{prefix}: {p.stage}", p.done, p.total))
+            done = yield from relay(gen, lambda p: Step(f"{prefix}: {p.stage}", p.done, p.total))
+            result.segmentations[tag], result.provenance[tag] = done.segmentation, done.provenance
             result.requests[tag] = dict(attribute)
+    except FitError as err:
+        result.error = str(err.hint("press Segment anyway to segment it regardless"))
     except ValueError as err:  # InferenceError, CheckpointError, SpecError, DeviceError: messages for users
         result.error = str(err)
     except Exception as err:  # a bug: keep the viewer alive, log the traceback for the report

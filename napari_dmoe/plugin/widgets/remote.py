@@ -13,7 +13,7 @@ from typing import Any, Generator, Sequence
 from qtpy.QtCore import Signal
 from qtpy.QtWidgets import QComboBox, QFormLayout, QHBoxLayout, QLabel, QLineEdit, QPushButton, QWidget
 
-from napari_dmoe.plugin.widgets.jobs import JobResult, SegmentRequest, Step, _as_array
+from napari_dmoe.plugin.widgets.jobs import JobResult, Step
 
 LOCAL, SERVER = "this computer", "a server"
 
@@ -26,25 +26,29 @@ class RemoteModel:
     path: str
 
 
-def run_remote(url: str, token: str | None, model_id: str, spec: Any, request: SegmentRequest,
+def run_remote(url: str, token: str | None, model_id: str, spec: Any, request: Any,
                attributes: Sequence[dict[str, str]]) -> Generator[Step, None, JobResult]:
-    """Segment on the server under each attribute request in turn."""
+    """Send the engine ``request`` (``inference.request.SegmentRequest``) to the server under each attribute."""
+    import dataclasses
+
     from napari_dmoe.client import Client
+    from napari_dmoe.inference.request import Provenance, as_array
+    from napari_dmoe.model.spec import attribute_text
 
     result = JobResult(model=RemoteModel(spec, f"{url.rstrip('/')}/models/{model_id}"))
     try:
         client = Client(url, token)
-        image = _as_array(request.data)
-        options = request.options
+        request = dataclasses.replace(request, image=as_array(request.image))
         for i, attribute in enumerate(attributes):
-            tag = ", ".join(f"{k}={v}" for k, v in attribute.items())  # a key; the layers name themselves
+            tag = attribute_text(attribute)
             yield Step(f"{tag}: on the server", i, len(attributes))
-            value = attribute if len(attribute) != 1 else next(iter(attribute.values()))
-            # force: the widget's banner has already shown how the image differs from the training data, and
-            # the user pressed Segment (anyway)
-            result.segmentations[tag] = client.segment(
-                model_id, image, spacing=options.get("spacing"), attribute=value or None,
-                routing=bool(options.get("routing")), rgb=options.get("rgb"), force=True)
+            header, arrays = dataclasses.replace(request, attribute=dict(attribute)).to_wire(model_id)
+            seg = client.send(header, arrays)
+            result.segmentations[tag] = seg
+            result.provenance[tag] = Provenance(
+                model=f"{model_id} on {url.rstrip('/')}", attribute=dict(seg.attribute or {}), forced=seg.forced,
+                fit_findings=seg.fit_findings, device=seg.device, warnings=seg.warnings,
+                conversions=seg.conversions, settings=request.settings.to_dict())
             result.requests[tag] = dict(attribute)
         yield Step("done", len(attributes), len(attributes))
     except ValueError as err:  # ClientError / ServerError: one line saying what the server or network said
@@ -110,7 +114,7 @@ class RemoteOption(QWidget):
         info = self._current()
         return f"{self.url.text().rstrip('/')}/models/{info['id']}" if self.remote and info is not None else None
 
-    def job(self, request: SegmentRequest, attributes: Sequence[dict[str, str]]) -> tuple | None:
+    def job(self, request: Any, attributes: Sequence[dict[str, str]]) -> tuple | None:
         """``(function, *args)`` for a worker that runs on the server, or None to run locally."""
         info = self._current()
         if not self.remote or info is None:

@@ -37,7 +37,7 @@ from napari_dmoe.plugin.widgets.controls import (
     OptionError,
     scroll_body,
 )
-from napari_dmoe.plugin.widgets.jobs import JobResult, ModelCache, SegmentRequest, Step, advance, run_sweep
+from napari_dmoe.plugin.widgets.jobs import JobResult, ModelCache, Step, advance, run_sweep
 from napari_dmoe.plugin.widgets.panels import ExpertView, FitBanner, RunProgress, SweepTable, run_summary
 from napari_dmoe.plugin.widgets.placement import name_sliders, replace_layers
 from napari_dmoe.plugin.widgets.remote import RemoteOption
@@ -325,16 +325,21 @@ class SegmentWidget(QWidget):
         except OptionError as err:
             show_error(str(err))
             return None
-        options.update(device=self.devices.device(), rgb=bool(layer.rgb))
-        spacing = layer_spacing(layer.scale, layer.metadata)
-        if not layer.rgb and spacing is not None:
-            options["spacing"] = spacing
-        request = SegmentRequest(self.models.path(), layer.data, attributes[0] if attributes else {}, options)
+        from napari_dmoe.inference.fit import image_modality
+        from napari_dmoe.inference.request import EngineSettings, SegmentRequest
+
+        spacing = None if layer.rgb else layer_spacing(layer.scale, layer.metadata)
+        # force: the banner showed how the image differs from the training data, and the user pressed
+        # "Segment anyway"; the provenance of the result records it
+        request = SegmentRequest(layer.data, attributes[0] if attributes else None, spacing, rgb=bool(layer.rgb),
+                                 modality=image_modality(layer.metadata), force=bool(self.fit_banner.findings),
+                                 settings=EngineSettings(device=self.devices.device(), **options), source=layer.name)
         launch = {"layer": layer, "position": self.advanced.position.currentText(), "sweep": sweep,
-                  "maps": options["routing"],
+                  "maps": options["routing"] != "none",
                   "source": SourceInfo(layer.name, tuple(layer.scale), tuple(layer.translate), dict(layer.metadata),
                                        bool(layer.rgb))}
-        job = self.remote.job(request, attributes) or (run_sweep, request, self._cache, attributes)
+        job = self.remote.job(request, attributes) or (run_sweep, self.models.path(), request, self._cache,
+                                                       attributes)
         worker = create_worker(*job, _start_thread=False)
         worker.yielded.connect(self._on_step)
         worker.returned.connect(lambda result, launch=launch: self._on_result(result, launch))
