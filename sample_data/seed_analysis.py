@@ -365,6 +365,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=ROOT / "sample_data" / "results" / "seeds")
     p.add_argument("--checkpoint", choices=["best", "last"], default="best",
                    help="best: the checkpoint each run's validation chose (the protocol); last: the final weights")
+    p.add_argument("--tests", nargs="+", help="only these test folders (e.g. test-a site-b, or the validation sets "
+                   "val-a val-v); default every one found")
     p.add_argument("--old", type=Path, help="an earlier study's cases.csv.gz: pair each method's runs with its "
                    "runs there of the same seeds (old recipe against new)")
     args = p.parse_args(argv)
@@ -372,7 +374,8 @@ def main(argv: list[str] | None = None) -> int:
 
     data, steps = {}, {}
     for runs in args.runs:
-        found = load(runs / "reports", args.checkpoint)
+        found = {k: v for k, v in load(runs / "reports", args.checkpoint).items()
+                 if args.tests is None or k[0] in args.tests}
         if clash := set(found) & set(data):
             raise SystemExit(f"{runs}: the same model is also in another runs folder: {sorted(clash, key=str)[0]}")
         data.update(found)

@@ -93,3 +93,35 @@ def test_runs_folders_pool_contrasts_and_the_final_weights(tmp_path: Path) -> No
     _write(tmp_path / "a/reports/test-a/fundus-dmoe-s1", truth)
     with pytest.raises(SystemExit, match="also in another runs folder"):
         mod.main(["--runs", *runs, "--out", str(tmp_path / "clash")])
+
+
+@pytest.mark.slow
+def test_old_recipe_pairing_goals_and_test_filter(tmp_path: Path) -> None:
+    """``--old``: each method's runs paired with an earlier study's cases.csv.gz of the same seeds (a known +0.03
+    shift is recovered, per seed and group); the goals are checked per seed; ``--tests`` keeps only the named
+    test folders (validation sets never mix into a study's tables)."""
+    rng = np.random.default_rng(4)
+    truth = rng.uniform(0.6, 0.9, (len(GROUPS), 2))
+    for folder, shift in (("old", 0.0), ("new", 0.03)):
+        for seed in (1, 2):
+            for method, extra in (("baseline", 0.0), ("dmoe", 0.01)):
+                dice = truth + shift + extra + rng.normal(0, 0.005, truth.shape)
+                _write(tmp_path / folder / "reports/test-a" / f"fundus-{method}-s{seed}", dice)
+                _write(tmp_path / folder / "reports/val-v" / f"fundus-{method}-s{seed}", dice)
+    mod = _module()
+    assert mod.main(["--runs", str(tmp_path / "old"), "--out", str(tmp_path / "old-out")]) == 0
+    assert mod.main(["--runs", str(tmp_path / "new"), "--out", str(tmp_path / "new-out"), "--tests", "test-a",
+                     "--old", str(tmp_path / "old-out/cases.csv.gz")]) == 0
+    summary = json.loads((tmp_path / "new-out/summary.json").read_text())
+    assert list(summary["by_method"]) == ["fundus/test-a"]  # val-v left out
+    pairs = summary["old_vs_new"]["contrasts"]["fundus/test-a"]
+    assert set(pairs) == {"baseline", "dmoe"} and pairs["dmoe"]["seeds_used"] == [1, 2]
+    assert pairs["dmoe"]["delta_dice"]["value"] == pytest.approx(0.03, abs=0.005)
+    assert "delta_es_dice" not in pairs["dmoe"]  # per-case mean Dice cannot give it
+    per_seed = pairs["baseline"]["per_seed"]["1"]
+    assert per_seed["new"]["Black"] - per_seed["old"]["Black"] == pytest.approx(0.03, abs=0.01)
+    goal = summary["goals"]["fundus/test-a"]
+    assert goal["all_seeds_dmoe_worst_at_least_baseline"] and goal["no_group_drop_over_0.02"]
+    assert goal["no_group_below_0.7"] == (min(min(r["groups"].values()) for r in summary["runs"]) >= 0.7)
+    text = (tmp_path / "new-out/seed_study.md").read_text()
+    assert "new recipe - old recipe" in text and "Goals, fundus, test-a" in text
