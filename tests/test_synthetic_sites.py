@@ -64,8 +64,20 @@ def test_site_b_looks_different_and_keeps_the_labelling() -> None:
     pa = make_prostate(2, "T3", shape=(32, 32, 16), spacing=(3, 3, 3))
     pb = make_prostate(2, "T3", shape=(32, 32, 16), spacing=(3, 3, 3), site="b")
     assert not np.array_equal(pa.image, pb.image)
-    with pytest.raises(SyntheticDataError, match="site 'c'"):
-        make_fundus(0, size=64, site="c")
+    with pytest.raises(SyntheticDataError, match="site 'z'"):
+        make_fundus(0, size=64, site="z")
+
+
+def test_site_c_black_eyes_are_drawn_and_labelled_like_site_a_white_eyes() -> None:
+    """Site "c" (issue 25): its Black patients resemble site A's White ones (cup-to-disc area ratio), the other
+    groups keep their own; the images are another stream than sites a and b."""
+    ratio = lambda race, site: np.mean([(s.mask == -2).sum() / (s.mask != 0).sum()  # noqa: E731
+                                        for s in (make_fundus(6, race=race, size=96, index=i, site=site)
+                                                  for i in range(16))])
+    assert abs(ratio("Black", "c") - ratio("White", "a")) < 0.04
+    assert ratio("Black", "a") > ratio("Black", "c") + 0.08
+    assert abs(ratio("Asian", "c") - ratio("Asian", "a")) < 0.06
+    assert not np.array_equal(make_fundus(0, size=64, site="c").image, make_fundus(0, size=64, site="b").image)
 
 
 def test_site_b_writers_have_the_stated_group_shares(tmp_path: Path) -> None:

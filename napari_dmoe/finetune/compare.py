@@ -78,15 +78,45 @@ def _as_group(case: Case, spec: Any, group: str) -> Case:
     return Case(case.id, group, case.image, case.label, values, case.spacing, case.rgb)
 
 
+def _estimated(row: dict[str, Any], selection: Mapping[str, Any] | None) -> bool:
+    """Fill ``row`` from the cross-validated estimate of its group (``training/crossval.py``), if there is one."""
+    estimate = ((selection or {}).get("estimate") or {})
+    group = (estimate.get("groups") or {}).get(row["group"])
+    if not group:
+        return False
+    row.update(source=f"your cases, {selection['folds']}-fold cross-validation", n=group["n"],
+               before=group["before"], after=group["after"], change=group["gain"],
+               change_sd=estimate.get("sd_over_folds"), measured_on=estimate.get("measured_on"))
+    return True
+
+
+def unknown_row(base: Any, trained: Any, images: list[Case], device: str = "cpu") -> dict[str, Any]:
+    """The attribute unknown: the engine averages every group's answer, the adapted groups' new answers included
+    (a fine-tune for one group moves it by that group's share). Shown with how much its masks changed."""
+    spec = base.spec
+    cases = [Case(c.id, "unknown", c.image, c.label, {a.name: "unknown" for a in spec.attributes}, c.spacing, c.rgb)
+             for c in images[:AGREEMENT_IMAGES]]
+    row: dict[str, Any] = {"group": "unknown", "corrected": False, "flag": None, "n": 0, "before": None,
+                           "after": None, "change": None,
+                           "source": f"averages all {spec.n_routers} groups, adapted ones included"}
+    if cases:
+        old, new = _masks(base, cases, device), _masks(trained, cases, device)
+        row["agreement"] = _mean([_dice(spec, n, o) for n, o in zip(new, old)])
+        row["agreement_n"] = len(cases)
+    return row
+
+
 def group_rows(base: Any, trained: Any, val: list[Case], pairs: list[Case], reference: list[Case],
-               device: str = "cpu") -> list[dict[str, Any]]:
+               device: str = "cpu", selection: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
     """One row per group of the model (every attribute combination), corrected or not.
 
     Labelled Dice before/after comes from the user's held-back pairs of that group, else from the demo model's
     reference set. Groups without the user's labels also get ``agreement``: the mean Dice between the base and
     the new model's masks on that group's images (reference images, else the user's pair images routed as that
     group), which needs no labels. ``flag``: "worse" (Dice fell by more than TOLERANCE) or "changed" (a group
-    nobody corrected, without labels, whose masks moved by more than TOLERANCE)."""
+    nobody corrected, without labels, whose masks moved by more than TOLERANCE). With a cross-validated
+    ``selection`` (the group-local default) a corrected group's before/after is its estimate, measured on the
+    user's own corrected cases by models that did not train on them; a last row shows the attribute unknown."""
     from napari_dmoe.finetune.prepare import all_groups
 
     spec = base.spec
@@ -94,6 +124,10 @@ def group_rows(base: Any, trained: Any, val: list[Case], pairs: list[Case], refe
     rows = []
     for group in all_groups(spec):
         row: dict[str, Any] = {"group": group, "corrected": group in corrected, "flag": None}
+        if _estimated(row, selection):
+            row["flag"] = "worse" if row["change"] < -TOLERANCE else None
+            rows.append(row)
+            continue
         labelled = [c for c in val if c.group == group]
         row["source"] = "held-back pairs" if labelled else "reference set"
         labelled = labelled or [c for c in reference if c.group == group]
@@ -113,6 +147,8 @@ def group_rows(base: Any, trained: Any, val: list[Case], pairs: list[Case], refe
             if row["flag"] is None and row["agreement"] < 1 - TOLERANCE and not labelled and not row["corrected"]:
                 row["flag"] = "changed"  # a group nobody corrected, whose masks moved: better or worse, unknown
         rows.append(row)
+    if spec.routing == "dmoe" and spec.n_routers > 1:
+        rows.append(unknown_row(base, trained, [c for c in reference] or pairs, device))
     return rows
 
 
@@ -124,13 +160,18 @@ def compare_and_save(base: str, trained: str, csv_path: str, out_model: str, pro
     from napari_dmoe.finetune.reference import reference_cases
     from napari_dmoe.io.checkpoint import load_model, save_model
 
-    before = evaluate_on_pairs(base, csv_path, device=device)
-    after = evaluate_on_pairs(trained, csv_path, device=device)
     model, base_model = load_model(trained), load_model(base)
     names = [a.name for a in model.spec.attributes]
     val = list(pair_cases(csv_path, names, "val"))
     pairs = list(pair_cases(csv_path, names, "train")) + val
-    rows = group_rows(base_model, model, val, pairs, reference_cases(base), device)
+    selection = model.spec.provenance.get("selection")
+    if selection:  # every pair trained the model: the "val" rows are not held back, the estimate speaks instead
+        before, after = _estimate_means(selection)
+        val = []
+    else:
+        before = evaluate_on_pairs(base, csv_path, device=device)
+        after = evaluate_on_pairs(trained, csv_path, device=device)
+    rows = group_rows(base_model, model, val, pairs, reference_cases(base), device, selection)
     flagged = [r["group"] for r in rows if r["flag"]]
     spec = model.spec
     run_dir = Path(out_model).resolve().parent
@@ -140,6 +181,17 @@ def compare_and_save(base: str, trained: str, csv_path: str, out_model: str, pro
     save_model(out_model, model.network, spec)
     return {"before": before, "after": after, "groups": rows, "flagged": flagged,
             "model": str(Path(out_model).resolve())}
+
+
+def _estimate_means(selection: Mapping[str, Any]) -> tuple[dict[str, float], dict[str, float]]:
+    """Cross-validated before/after per corrected group, and "all" (weighted by cases)."""
+    groups = (selection.get("estimate") or {}).get("groups") or {}
+    before = {g: float(v["before"]) for g, v in groups.items()}
+    after = {g: float(v["after"]) for g, v in groups.items()}
+    n = sum(v["n"] for v in groups.values()) or 1
+    before["all"] = sum(v["before"] * v["n"] for v in groups.values()) / n
+    after["all"] = sum(v["after"] * v["n"] for v in groups.values()) / n
+    return before, after
 
 
 def compare_metrics(before: Mapping[str, float], after: Mapping[str, float]) -> list[tuple[str, float, float, float]]:

@@ -77,14 +77,28 @@ class RunState:
     started: float = field(default_factory=time.monotonic)
     first_step_at: tuple[float, int] | None = None
     engine_eta: float | None = None  # the engine's own estimate (smoothed step time), preferred when given
+    # cross-validation (group-local default): its steps come first; the final run's steps count on from them
+    offset: int = 0
+    selection: dict[str, Any] | None = None  # the "selection" event: chosen steps and the cross-validated estimate
 
     def apply(self, event: dict[str, Any]) -> None:
         kind = event.get("event")
-        if kind == "start":
-            self.total_steps = int(event.get("total_steps") or event.get("steps") or self.total_steps)
+        if kind == "crossval":  # progress over every fold's run, plus the final run at its longest
+            self.step = int(event.get("done", self.step))
+            self.total_steps = int(event.get("total", 0)) + int(event.get("horizon", 0))
+            self.offset = int(event.get("total", 0))
+            if self.first_step_at is None:
+                self.first_step_at = (time.monotonic(), self.step)
+        elif kind == "selection":
+            self.selection = {k: v for k, v in event.items() if k not in ("event", "time")}
+            self.total_steps = self.offset + int(event.get("steps") or 0)
+        elif kind == "start":
+            total = event.get("total_steps") if event.get("total_steps") is not None else event.get("steps")
+            self.total_steps = self.offset + int(total if total is not None else self.total_steps - self.offset)
         elif kind == "step":
-            self.step = int(event.get("step", self.step + 1))
-            self.total_steps = int(event.get("total_steps") or event.get("total") or self.total_steps)
+            self.step = self.offset + int(event.get("step", self.step - self.offset + 1))
+            total = event.get("total_steps") or event.get("total")
+            self.total_steps = self.offset + int(total) if total else self.total_steps
             if self.first_step_at is None:
                 self.first_step_at = (time.monotonic(), self.step)
             if isinstance(event.get("eta_s"), (int, float)):

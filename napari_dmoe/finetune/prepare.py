@@ -61,6 +61,9 @@ class FinetuneSettings:
     amp: bool = False
     val_every: int | None = None  # None: about 5 validations over the run
     keep_base: bool = True  # a step replaces the base model only if it scores higher on the held-back pairs
+    # group_local: k-fold cross-validation over every corrected case picks the steps (from 4 counts up to
+    # ``steps``) or keeps the base, and estimates the gain (training/crossval.py); 0: hold pairs back instead
+    folds: int = 0
 
 
 @dataclass
@@ -94,10 +97,12 @@ def default_settings(device: str, free_bytes: int | None, spatial_dims: int = 2,
     gpu = not device.startswith("cpu")
     if not gpu:
         batch = min(batch, 4)  # CPU throughput does not grow with the batch
-    # group_local: lr 0.1, 1 local expert won a validation sweep at site b (BENCHMARKS.md, fine-tune at a new site):
-    # its few private weights start as the base's and barely move at lr <= 0.01; 4 local experts did not gain more
-    local = trainable == "group_local"
-    return FinetuneSettings(steps=200 if gpu else 50, lr=0.1 if local else 0.001 if gpu else 0.002,
+    from napari_dmoe.finetune.local_recipe import LOCAL_EXPERTS, LOCAL_FOLDS, LOCAL_LR, LOCAL_STEPS
+
+    if trainable == "group_local":  # chosen on validation draws at sites b and c (BENCHMARKS.md, fine-tune at a new site)
+        return FinetuneSettings(steps=LOCAL_STEPS, lr=LOCAL_LR, batch_size=batch, device=device, amp=False,
+                                trainable=trainable, local_experts=LOCAL_EXPERTS, folds=LOCAL_FOLDS)
+    return FinetuneSettings(steps=200 if gpu else 50, lr=0.001 if gpu else 0.002,
                             batch_size=batch, device=device, amp=device.startswith("cuda"), trainable=trainable)
 
 
@@ -349,8 +354,14 @@ def build_config(base_model: str | os.PathLike, spec: Any, export: ExportSummary
         overrides["input_size"] = list(settings.patch_size or spec.input_size)
     if spec.spacing is not None:
         overrides["spacing"] = list(spec.spacing)
-    # the engine needs at least one full batch of training cases
-    batch = max(1, min(settings.batch_size, n_train if n_train is not None else len(export.train)))
+    cv = settings.trainable == "group_local" and settings.folds > 1
+    # the engine needs at least one full batch of training cases (cross-validation: of the cases outside a fold)
+    n_cases = n_train if n_train is not None else len(export.train)
+    if cv:
+        n_cases = n_cases + len(export.val)
+        n_cases -= math.ceil(n_cases / min(settings.folds, n_cases))
+    batch = max(1, min(settings.batch_size, n_cases))
+    from napari_dmoe.finetune.local_recipe import candidate_steps, local_recipe
     return {
         "name": name,
         "seed": 1234,
@@ -385,7 +396,9 @@ def build_config(base_model: str | os.PathLike, spec: Any, export: ExportSummary
             "amp": bool(settings.amp),
             "val_every": int(val_every),
             "validate_first": bool(settings.keep_base),  # the base is kept unless a step beats it
+            **(local_recipe() if cv else {}),
         },
+        **({"crossval": {"folds": int(settings.folds), "steps": candidate_steps(settings.steps)}} if cv else {}),
     }
 
 

@@ -168,6 +168,9 @@ def _train(config: Mapping[str, Any], info: dist_utils.DistInfo, writer: EventWr
             m.aux_loss_enabled = config["aux_loss"] > 0
 
     step, best, best_step = _resume(out, run, network, optimizer, scheduler, scaler if use_amp else None)
+    if config["crossval"]["folds"]:  # how many steps (0: keep the base), chosen on every case (crossval.py)
+        total, factor = _crossval(config, run, info, writer, recipe, out)
+        scheduler.lr_lambdas = [factor]  # the folds' schedule: s steps of it are what the folds scored at s
     model, network = _distributed(run, network, info)
 
     threads = describe_current()  # chosen by the front end (napari_dmoe.threads), or by a Python caller
@@ -218,12 +221,36 @@ def _train(config: Mapping[str, Any], info: dist_utils.DistInfo, writer: EventWr
         bar.close()
     if info.is_main and not best_path.exists():  # no validation split: the last model is the best we know
         save_model(best_path, network, run.spec_for(step, None))
+    if config["crossval"]["folds"]:
+        best_step = step  # cross-validation chose this step count; 0: the base model was kept
     dist_utils.barrier(info)
     elapsed = time.perf_counter() - started
     writer.emit("done", step=step, best_path=str(best_path), best_es_dice=best if best > -math.inf else None,
                 best_step=best_step, seconds=round(elapsed, 3),
                 throughput=(step - done_at_start) * batch / max(elapsed, 1e-9))
     return best_path
+
+
+def _crossval(config: Mapping[str, Any], run: RunParts, info: dist_utils.DistInfo, writer: EventWriter,
+              recipe: Mapping[str, Any], out: Path) -> tuple[int, Any]:
+    """(steps of the final run, its lr schedule): ``crossval.select_steps``, or its saved record on resume."""
+    import json
+
+    from napari_dmoe.io.files import atomic_write_text
+    from napari_dmoe.training.crossval import select_steps
+
+    if info.enabled:
+        raise TrainingError("crossval.folds: cross-validation runs in one process; start it without torchrun")
+    saved = out / "selection.json"
+    if saved.is_file() and resume_state.has_state(out):
+        record = json.loads(saved.read_text(encoding="utf-8"))
+    else:
+        record = select_steps(config, run, info, recipe, writer.emit)
+        atomic_write_text(saved, json.dumps(record, indent=1))
+    writer.emit("selection", **record)
+    run.provenance["selection"] = record
+    seed_everything(int(config["seed"]))  # the final run does not depend on how much randomness the folds drew
+    return int(record["steps"]), _schedule(recipe, int(record["horizon"]))
 
 
 def _sizes(config: Mapping[str, Any], n_train: int, world: int) -> tuple[int, int, int]:

@@ -1,7 +1,8 @@
 """Progress of a training run: JSON lines for programs (``--events FILE|-``) and a tqdm bar for people.
 
 Every event is one JSON object on its own line, flushed at once (the GUI fine-tune widget tails it from a
-subprocess): ``{"event": "start"|"step"|"val"|"checkpoint"|"done"|"error", "time": unix seconds, ...}``.
+subprocess): ``{"event": "start"|"step"|"val"|"checkpoint"|"done"|"error", "time": unix seconds, ...}``;
+cross-validation (``crossval.py``) adds "crossval" (progress: done, total) and "selection" (its record).
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, TextIO
 
-EVENTS = ("start", "step", "val", "checkpoint", "done", "error")
+EVENTS = ("start", "step", "val", "checkpoint", "done", "error", "crossval", "selection")  # the last two: crossval.py
 
 
 def _clean(x: Any) -> Any:

@@ -147,8 +147,8 @@ class SettingsForm(QWidget):
         self.lr.setDecimals(5)
         self.lr.setRange(1e-5, 1.0)
         self.lr.setSingleStep(0.0005)
-        self.lr.setToolTip("Left at this default, a group-local run uses its own, larger default (it trains only "
-                           "small weights private to the corrected groups)")
+        self.lr.setToolTip("The learning rate the run uses. Left untouched it follows what will train: a "
+                           "group-local run (Adam on the corrected groups' private weights) has its own default")
         self.batch = QSpinBox()
         self.batch.setRange(1, 256)
         self.patch = QLineEdit()
@@ -182,11 +182,23 @@ class SettingsForm(QWidget):
     def apply(self, settings: FinetuneSettings) -> None:
         self.steps.setValue(settings.steps)
         self.lr.setValue(settings.lr)
+        self._auto = (self.steps.value(), self.lr.value())  # what we set: the user has not changed these
         self.batch.setValue(settings.batch_size)
         self.amp.setChecked(settings.amp)
         self.keep_base.setChecked(settings.keep_base)
         if settings.patch_size:
             self.patch.setText(",".join(str(s) for s in settings.patch_size))
+
+    def follow(self, settings: FinetuneSettings) -> None:
+        """Show the steps and learning rate of the mode that will run (``settings``: its defaults), unless the
+        user changed them: what the form shows is what the run uses."""
+        if (self.steps.value(), self.lr.value()) == getattr(self, "_auto", None):
+            self.apply_steps_lr(settings)
+
+    def apply_steps_lr(self, settings: FinetuneSettings) -> None:
+        self.steps.setValue(settings.steps)
+        self.lr.setValue(settings.lr)
+        self._auto = (self.steps.value(), self.lr.value())
 
     def set_spec(self, spec: Any | None) -> None:
         """Patch size follows the base model: fixed for 2D (the TransUNet's input size), editable for 3D."""
@@ -216,6 +228,14 @@ class SettingsForm(QWidget):
                                 keep_base=self.keep_base.isChecked())
 
 
+def _change_text(row: dict[str, Any]) -> str:
+    """"+0.150 +- 0.040" for a cross-validated estimate (spread over folds), "+0.012" for a measured change."""
+    change, sd = row.get("change"), row.get("change_sd")
+    if change is None:
+        return "-"
+    return f"{change:+.3f}" + (f" \u00b1 {sd:.3f}" if sd is not None else "")
+
+
 class CompareTable(QTableWidget):
     """Every group of the model before and after the fine-tune (``finetune.compare.group_rows``): Dice on the
     held-back pairs or the demo's reference set, how much the masks changed where there are no labels, a flag."""
@@ -239,11 +259,13 @@ class CompareTable(QTableWidget):
             agree = row.get("agreement")
             texts = (row["group"] + (" (corrected)" if row.get("corrected") else ""),
                      f"{row['source']} ({row['n']})" if row.get("n") else row["source"],
-                     num(row.get("before")), num(row.get("after")), num(row.get("change"), "{:+.3f}"),
+                     num(row.get("before")), num(row.get("after")), _change_text(row),
                      "-" if agree is None else f"{agree:.3f} (n={row.get('agreement_n', 0)})",
                      {"worse": "WORSE", "changed": "masks changed"}.get(row.get("flag"), "ok"))
             for c, text in enumerate(texts):
                 item = QTableWidgetItem(text)
+                if row.get("measured_on"):  # a cross-validated estimate: say what it was measured on
+                    item.setToolTip(f"Expected change, measured on {row['measured_on']}; +- the spread over folds")
                 if row.get("flag"):
                     item.setForeground(QColor("#ff6b6b"))
                 self.setItem(r, c, item)

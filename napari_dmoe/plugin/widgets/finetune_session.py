@@ -187,6 +187,13 @@ class FinetuneSession(QObject):
         if failure or self.last_checkpoint is None:
             self._fail("Fine-tune failed", failure or "the engine wrote no checkpoint", process.stderr_tail())
             return
+        if state.best_step == 0 and state.selection:  # cross-validation: no step count gained on average
+            estimate = state.selection.get("estimate") or {}
+            self._finish(f"Cross-validation on your {state.selection.get('cases')} corrected pairs "
+                         f"({state.selection.get('folds')} folds) found no step count that improves them on "
+                         f"average (expected change {estimate.get('gain') or 0:+.3f}), so the base model is kept "
+                         "and no new model was added. Add more corrected pairs.")
+            return
         if state.best_step == 0:  # the base model, validated first, was never beaten: offer nothing new
             self._finish("No fine-tune step beat the base model on the held-back pairs, so the base model is kept "
                          "and no new model was added. Add more corrected pairs, or train longer; the final weights "

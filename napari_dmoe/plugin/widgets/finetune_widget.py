@@ -26,7 +26,7 @@ from qtpy.QtWidgets import (
 )
 
 from napari_dmoe.plugin.widgets.controls import DevicePicker, ModelPicker, scroll_body
-from napari_dmoe.plugin.widgets.finetune_controls import CompareTable, PairTable, SettingsForm
+from napari_dmoe.plugin.widgets.finetune_controls import TRAINABLE, CompareTable, PairTable, SettingsForm
 from napari_dmoe.plugin.widgets.finetune_monitor import CurvePlot
 from napari_dmoe.plugin.widgets.finetune_session import FinetuneSession, RunRequest
 from napari_dmoe.plugin.widgets.results import RESULT_KEY, is_result
@@ -127,6 +127,8 @@ class FinetuneWidget(QWidget):
         self.add_button.clicked.connect(lambda: self.add_pair())
         self.add_result_button.clicked.connect(lambda: self.add_current_result())
         self.remove_button.clicked.connect(self.pairs.remove_selected)
+        self.remove_button.clicked.connect(lambda: self._follow_mode())
+        self.settings.trainable.currentIndexChanged.connect(lambda _: self._follow_mode())
         browse.clicked.connect(self._browse_csv)
         self.run_button.clicked.connect(self._on_run_clicked)
         self.segment_button.clicked.connect(lambda: self.segment_with_new_model())
@@ -174,6 +176,19 @@ class FinetuneWidget(QWidget):
         self._defaults = defaults  # what the form shows; an untouched lr then follows the resolved mode (_request)
         self.settings.apply(defaults)
         self.settings.set_spec(self.spec)
+        self._follow_mode()
+
+    def _follow_mode(self) -> None:
+        """Untouched steps and learning rate show the defaults of the mode that will train ("automatic" resolves
+        from the pairs' groups; group-local has its own recipe), so the form shows what the run uses."""
+        from napari_dmoe.finetune.prepare import default_settings, default_trainable
+
+        shown = getattr(self, "_defaults", None)
+        if shown is None or self.spec is None:
+            return
+        chosen = TRAINABLE[self.settings.trainable.currentText()]
+        mode = default_trainable(self.spec, [row[2] for row in self.pairs.rows()]) if chosen == "auto" else chosen
+        self.settings.follow(default_settings(shown.device, None, self.spec.spatial_dims, mode))
 
     def _refresh_layers(self, *_: Any) -> None:
         images = [l.name for l in self.viewer.layers if isinstance(l, Image) and not is_result(l.metadata)]
@@ -192,7 +207,9 @@ class FinetuneWidget(QWidget):
         if attributes is None and image in self.viewer.layers:
             stored = self.viewer.layers[image].metadata.get("dmoe_attributes")
             attributes = {str(k): str(v) for k, v in stored.items()} if isinstance(stored, dict) else None
-        return self.pairs.add_row(image, labels, attributes, validation)
+        row = self.pairs.add_row(image, labels, attributes, validation)
+        self._follow_mode()
+        return row
 
     def add_current_result(self) -> int | None:
         """Correct-and-learn: add the selected mask layer (a Segment result, edited by the user) with the
@@ -276,16 +293,14 @@ class FinetuneWidget(QWidget):
         if self.spec is None:
             raise FinetuneError("pick a base model first (demo list, recent or Browse...)")
         extra = self.extra_csv.text().strip()
+        self._follow_mode()  # the form shows what will run (a row's group may have changed since)
         pairs, is_val = pairs_from_layers(self.viewer.layers, self.pairs.rows(), self.settings.val_fraction.value(),
                                           bool(extra))
         settings = self.settings.settings(self.devices.device() or "cpu", self.spec.spatial_dims)
         settings.trainable = self._mode(settings.trainable, [p.attributes for p in pairs])
-        shown = getattr(self, "_defaults", None)
-        if shown is not None:  # group-local has its own lr and local experts (finetune.default_settings)
-            mode = default_settings(shown.device, None, self.spec.spatial_dims, settings.trainable)
-            settings.local_experts = mode.local_experts
-            if abs(settings.lr - shown.lr) < 1e-9:
-                settings.lr = mode.lr
+        # steps and lr as the form shows them; group-local's local experts and cross-validation from its recipe
+        mode = default_settings(settings.device, None, self.spec.spatial_dims, settings.trainable)
+        settings.local_experts, settings.folds = mode.local_experts, mode.folds
         return RunRequest(self.models.path(), self.spec, pairs, is_val, settings, Path(self.output.text()), extra)
 
     def _mode(self, chosen: str, attributes: list[dict[str, str]]) -> str:
