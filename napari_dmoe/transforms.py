@@ -160,13 +160,13 @@ def resampled_shape(shape: Sequence[int], spacing: Sequence[float], target: Sequ
     """Grid size at the ``target`` voxel size: ``round(n * s / t)``, at least 1 per axis (training and inference
     both resample to this grid). The grid is checked against ``limits.max_voxels()`` before anyone allocates it:
     an absurd voxel size would otherwise ask for tens of gigabytes."""
-    from napari_dmoe.limits import check_grid
+    from napari_dmoe.limits import check_grid, resampled_grid
 
     values = [float(v) for v in (*spacing, *target)]
     if not all(np.isfinite(v) and v > 0 for v in values):
         raise TransformError(f"cannot resample from voxel size {tuple(spacing)} to {tuple(target)} mm: every voxel "
                              "size must be a positive number")
-    grid = tuple(max(1, round(n * s / t)) for n, s, t in zip(shape, spacing, target))
+    grid = resampled_grid(shape, spacing, target)
     check_grid(grid, f"resampling {tuple(int(n) for n in shape)} voxels of {tuple(float(s) for s in spacing)} mm to "
                f"{tuple(float(t) for t in target)} mm", TransformError)
     return grid

@@ -16,7 +16,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "napari_dmoe"
 
 # Shared leaves: small modules any layer may use; they import nothing of ours but other leaves.
-LEAVES = {"devices", "transforms", "generators", "text", "limits", "client", "distributed", "sharding",
+LEAVES = {"devices", "transforms", "generators", "text", "limits", "client", "colors", "distributed", "sharding",
           "threads"}
 CORE = {"model", "io", "datasets", "inference", "evaluation", "training", "finetune", "synthetic"}
 # unit -> the units it may import (besides itself, the leaves and the package root's __version__)

@@ -48,7 +48,10 @@ def models(tmp_path_factory):
     make_model(folder / "m2.safetensors")  # decisive: all three classes appear, masks depend on the attribute
     torch.manual_seed(0)
     spec3 = make_spec("resunet3d-tiny", "stage", ["T1", "T2", "T3", "T4"], ["background", "CTV"],
-                      input_size=[64, 64, 64])
+                      input_size=[64, 64, 64], spacing=[2.0, 2.0, 2.0])
+    # the training record names the trainer's folders, as dmoe train writes them: /models must not publish them
+    spec3.provenance = {"method": "dmoe", "command": "dmoe train /home/alice/cfg.yaml", "seed": 3, "config": {
+        "data": {"root": "/home/alice/patients"}}, "data": {"train": {"n": 4, "root": "/home/alice/patients"}}}
     save_model(folder / "m3.safetensors", build_network(spec3), spec3)
     return folder / "m2.safetensors", folder / "m3.safetensors"
 
@@ -99,9 +102,21 @@ def test_models_list_vocabularies_and_classes(server):
     assert listed["m3"]["class_names"] == ["background", "CTV"] and listed["m3"]["spatial_dims"] == 3
     assert "trained_on" in listed["m3"] and listed["m3"]["spec"]["arch"] == "resunet3d"
     assert server.health()["device"] == "cpu"
-    with urllib.request.urlopen(server.url + "/openapi.json", timeout=30) as reply:  # the API page's source
+    request = urllib.request.Request(server.url + "/openapi.json", headers={"Authorization": f"Bearer {TOKEN}"})
+    with urllib.request.urlopen(request, timeout=30) as reply:  # the API description, for the token holder
         api = json.loads(reply.read())
     assert {"/health", "/models", "/segment"} <= set(api["paths"])
+
+
+def test_models_publish_no_local_paths(server):
+    """Finding 7: the trainer's data folder and command line stay out of /models; counts and settings remain."""
+    with urllib.request.urlopen(urllib.request.Request(
+            server.url + "/models", headers={"Authorization": f"Bearer {TOKEN}"}), timeout=30) as reply:
+        text = reply.read().decode()
+    assert "/home/alice" not in text and "cfg.yaml" not in text
+    m3 = {m["id"]: m for m in json.loads(text)["models"]}["m3"]
+    assert m3["spec"]["provenance"] == {"method": "dmoe", "seed": 3, "data": {"train": {"n": 4, "root": "<path>"}}}
+    assert m3["training"]["data"]["train"]["n"] == 4
 
 
 def test_2d_equals_dmoe_segment(server, models, tmp_path):
@@ -154,6 +169,14 @@ def test_3d_equals_dmoe_segment_in_napari_and_slicer_geometry(server, models, tm
     assert slicer.routing["mean"].shape == (8, *raw.shape)
 
 
+def _header(dtype: str, shape: list) -> bytes:
+    return json.dumps({"model": "m2", "arrays": [{"name": "image", "dtype": dtype, "shape": shape}]}).encode()
+
+
+def _raw_message(header: bytes, data: bytes = b"") -> bytes:
+    return b"DMOE" + len(header).to_bytes(4, "little") + header + data
+
+
 def _post(url: str, body: bytes, token: str | None = TOKEN) -> tuple[int, dict]:
     headers = {"Content-Type": "application/x-dmoe", **({"Authorization": f"Bearer {token}"} if token else {})}
     try:
@@ -163,14 +186,39 @@ def _post(url: str, body: bytes, token: str | None = TOKEN) -> tuple[int, dict]:
         return err.code, json.loads(err.read())
 
 
-def test_token_required(server):
+def _get(url: str, token: str | None = None) -> tuple[int, dict]:
+    headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=30) as reply:
+            return reply.status, json.loads(reply.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read() or b"{}")
+
+
+def test_token_required_everywhere_but_a_bare_liveness_check(server):
+    """Finding 8: without the token only /health answers, and only {"status": "ok"}; no /docs page at all."""
     for token in (None, "wrong"):
         with pytest.raises(ServerError) as err:
             Client(server.url, token).list_models()
         assert err.value.status == 401 and "Authorization: Bearer" in err.value.server_message
+        with pytest.raises(ServerError) as err:  # the client's health sends its token: a wrong one is told here
+            Client(server.url, token).health()
+        assert err.value.status == 401
     code, reply = _post(server.url + "/segment", b"whatever", token="wrong")
     assert code == 401 and reply["status"] == 401
-    assert Client(server.url, None).health()["status"] == "ok"  # health says nothing private
+    assert _get(server.url + "/health") == (200, {"status": "ok"})  # liveness publishes nothing
+    assert _get(server.url + "/health", "wrong")[0] == 401
+    assert _get(server.url + "/health", TOKEN)[1]["models"] == ["m2", "m3"]
+    assert _get(server.url + "/openapi.json")[0] == 401
+    for page in ("/docs", "/redoc"):  # FastAPI's page loads its scripts from a CDN: blank offline, so none
+        assert _get(server.url + page, TOKEN)[0] == 404
+
+
+def test_wrong_token_with_a_large_volume_is_told_as_such(server):
+    """Finding 9: auth is checked before the upload, so a 64 MiB volume and a wrong token read 'wrong token'."""
+    with pytest.raises(ServerError) as err:
+        Client(server.url, "wrong").segment("m3", np.zeros((256, 256, 256), np.float32))
+    assert err.value.status == 401 and "token" in err.value.server_message
 
 
 def test_non_local_bind_needs_a_token(models):
@@ -186,6 +234,9 @@ def test_oversized_and_malformed_requests_get_clean_json(server):
     image = np.zeros((3 * 2**20 // 4,), np.float32)  # 3 MB > the 2 MB limit
     code, reply = _post(url, encode({"model": "m2"}, {"image": image}))
     assert code == 413 and "--max-request-mb" in reply["error"]
+    with pytest.raises(ServerError) as err:  # finding 3: 8x8x8 voxels of 120 mm are 480**3 voxels at 2 mm
+        server.segment("m3", np.zeros((8, 8, 8), np.float32), spacing=(120, 120, 120), force=True)
+    assert err.value.status == 413 and "resampled" in err.value.server_message
     with pytest.raises(ServerError) as err:  # 400k voxels of uint8: a small body, a volume over the limit
         server.segment("m3", np.zeros((100, 80, 50), np.uint8))
     assert err.value.status == 413 and "--max-voxels" in err.value.server_message
@@ -194,13 +245,25 @@ def test_oversized_and_malformed_requests_get_clean_json(server):
         (b"DMOE" + (5).to_bytes(4, "little") + b"{oops", 400, "not valid JSON"),
         (encode({"model": "m2", "spacing": [1, -1]}, {"image": np.zeros((8, 8), np.float32)}), 422, "spacing"),
         (encode({"model": "m2", "colour": 1}, {"image": np.zeros((8, 8), np.float32)}), 422, "colour"),
-        (encode({"model": "m2"}, {"image": np.zeros((8, 8), np.float32)})[:-4], 400, "too short"),
+        (encode({"model": "m2"}, {"image": np.zeros((8, 8), np.float32)})[:-4], 400, "body carries"),
         (encode({"model": "m3", "direction": [[1, 0, 0], [1, 0, 0], [0, 0, 1]]},
                 {"image": np.zeros((8, 8, 8), np.float32)}), 422, "degenerate"),
         (encode({"model": "m2", "attribute": "Martian"}, {"image": np.zeros((8, 8), np.float32)}), 422, "Martian"),
         (encode({"model": "m3", "force": True}, {"image": np.zeros((4, 5), np.float32)}), 422, "3D"),
         (encode({"model": "m3"}, {"image": np.zeros((4, 5), np.float32)}), 422, "does not fit"),
         (encode({"model": "nope"}, {"image": np.zeros((8, 8), np.float32)}), 404, "no model 'nope'"),
+        # finding 5: deep JSON and sizes beyond int64 are told as such, not a 500
+        (_raw_message(b'{"model": "m2", "x": ' + b"[" * 100000 + b"]" * 100000 + b"}"), 400, "nests deeper"),
+        (_raw_message(_header("<f4", [2**32, 2**32, 1])), 400, "73786976294838206464 bytes"),
+        (_raw_message(_header("<f4", [2**70])), 400, "shape"),
+        (_raw_message(_header("<f4", [2**20, 2**20, 2**10])), 400, "lists"),
+        # finding 6: big-endian bytes would be read as garbage: refused
+        (_raw_message(_header(">f4", [8, 8]), bytes(256)), 400, "little-endian"),
+        # finding 10: origin of the wrong length, a sheared direction, a 1-D array
+        (encode({"model": "m2", "origin": [1, 2, 3]}, {"image": np.zeros((8, 8), np.float32)}), 422, "origin"),
+        (encode({"model": "m2", "direction": [[1, 0.5], [0, 1]]}, {"image": np.zeros((8, 8), np.float32)}), 422,
+         "orthonormal"),
+        (encode({"model": "m2"}, {"image": np.zeros(64, np.float32)}), 422, "1-D"),
     ]
     for body, status, words in cases:
         code, reply = _post(url, body)
@@ -247,12 +310,14 @@ def test_models_say_what_they_were_trained_on():
     assert info["training"]["method"] == spec.provenance.get("method")
 
 
-def test_queue_runs_one_request_at_a_time_and_refuses_beyond_its_size():
+def test_queue_runs_one_at_a_time_and_max_queue_counts_only_the_waiting():
+    """--max-queue 1: one request runs while one waits; a third is refused before its body would be read. A
+    request whose client has gone is dropped when its turn comes, and a running one stops between batches."""
     import asyncio
 
-    from napari_dmoe.server.work import Busy, DeviceQueue
+    from napari_dmoe.server.work import Busy, DeviceQueue, Gone, drain
 
-    queue, active, peak = DeviceQueue(max_waiting=2), [], [0]
+    queue, active, peak = DeviceQueue(max_waiting=1), [], [0]
 
     def job(i: int) -> int:
         active.append(i)
@@ -261,8 +326,30 @@ def test_queue_runs_one_request_at_a_time_and_refuses_beyond_its_size():
         active.remove(i)
         return i
 
-    async def three() -> list:
-        return await asyncio.gather(*(queue.run(job, i) for i in range(3)), return_exceptions=True)
+    def batches() -> object:  # an engine generator: one yield per window batch
+        for _ in range(100):
+            time.sleep(0.01)
+            yield
+        return "finished"
 
-    results = asyncio.run(three())
-    assert results[:2] == [0, 1] and isinstance(results[2], Busy) and peak[0] == 1
+    async def scenario() -> list:
+        first = queue.admit()
+        running = asyncio.ensure_future(queue.run(first, job, 0))
+        await asyncio.sleep(0.01)  # 0 runs: the queue is empty again
+        second = queue.admit()
+        with pytest.raises(Busy):
+            queue.admit()
+        gone = threading.Event()
+        gone.set()
+        dropped = asyncio.ensure_future(queue.run(second, job, 1, cancel=gone))
+        await asyncio.wait([dropped])  # dropped at once: it frees its place in the queue
+        third = queue.admit()
+        stop = threading.Event()
+        threading.Timer(0.2, stop.set).start()
+        stopped = asyncio.ensure_future(queue.run(third, lambda: drain(batches()), cancel=stop))
+        return await asyncio.gather(running, dropped, stopped, return_exceptions=True)
+
+    t0 = time.monotonic()
+    results = asyncio.run(scenario())
+    assert results[0] == 0 and isinstance(results[1], Gone) and isinstance(results[2], Gone)
+    assert peak[0] == 1 and queue.waiting == 0 and time.monotonic() - t0 < 0.9  # the batches stopped early

@@ -15,7 +15,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Serve MODEL files over HTTP: /health, /models (classes, attribute vocabularies, what each model "
         "was trained on), /segment (a volume with its geometry in, the mask on the same grid out). Binds to "
         f"127.0.0.1 unless --host says otherwise; any other address needs a token (--token or ${TOKEN_ENV}), which "
-        "clients send as 'Authorization: Bearer TOKEN'. API reference: http://HOST:PORT/docs.",
+        "clients send as 'Authorization: Bearer TOKEN' (only a bare liveness check, /health without a token, answers "
+        "without it). API description: http://HOST:PORT/openapi.json (with the token).",
     )
     p.add_argument("models", nargs="+", metavar="MODEL", help="napari-dmoe model files (.safetensors)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, this computer only)")
@@ -25,8 +26,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, cuda:N or mps (default: auto)")
     p.add_argument("--max-request-mb", type=float, default=1024, help="largest request body (default: %(default)s MB)")
     p.add_argument("--max-voxels", type=int, default=512 * 512 * 1024,
-                   help="largest volume in values (default: %(default)s)")
-    p.add_argument("--max-queue", type=int, default=32, help="requests that may wait for the device (default: 32)")
+                   help="largest volume in values, as sent and after resampling to the model's voxel size "
+                   "(default: %(default)s)")
+    p.add_argument("--max-queue", type=int, default=32,
+                   help="requests that may wait (uploading or queued) while one runs on the device (default: 32)")
+    p.add_argument("--max-inflight-mb", type=float, default=None,
+                   help="request bodies held at once, all requests together (default: twice --max-request-mb)")
+    p.add_argument("--max-connections", type=int, default=64,
+                   help="open connections; more are answered 503 (default: %(default)s)")
+    p.add_argument("--request-timeout", type=float, default=20.0,
+                   help="seconds a request's header may take to arrive, and a body may stay silent (default: 20)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=run)
 
@@ -42,13 +51,19 @@ def is_loopback(host: str) -> bool:
 
 def run(args: argparse.Namespace) -> int:
     token = (args.token or os.environ.get(TOKEN_ENV) or "").strip() or None
-    if not is_loopback(args.host) and token is None:
+    host = args.host.strip().removeprefix("[").removesuffix("]")  # [::1] as in URLs; uvicorn wants ::1
+    if not is_loopback(host) and token is None:
         raise ValueError(f"--host {args.host} lets other computers connect: give a token (--token or ${TOKEN_ENV}) "
                          "that clients must send, or keep the default --host 127.0.0.1")
     if not 0 < args.port < 65536:
         raise ValueError(f"--port {args.port} must be in 1..65535")
-    if args.max_request_mb <= 0 or args.max_voxels <= 0 or args.max_queue < 1:
-        raise ValueError("--max-request-mb, --max-voxels and --max-queue must be positive")
+    inflight_mb = 2 * args.max_request_mb if args.max_inflight_mb is None else args.max_inflight_mb
+    if min(args.max_request_mb, args.max_voxels, args.max_queue, args.max_connections, args.request_timeout) <= 0:
+        raise ValueError("--max-request-mb, --max-voxels, --max-queue, --max-connections and --request-timeout "
+                         "must be positive")
+    if inflight_mb < args.max_request_mb:
+        raise ValueError(f"--max-inflight-mb {inflight_mb:g} is below --max-request-mb {args.max_request_mb:g}: no "
+                         "request of the largest size could be received")
     try:
         import fastapi  # noqa: F401
         import uvicorn
@@ -57,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
 
     from napari_dmoe.devices import DeviceError, resolve_device
     from napari_dmoe.server.app import Limits, create_app
+    from napari_dmoe.server.guard import TimedH11Protocol
     from napari_dmoe.server.models import ModelStore
 
     try:
@@ -67,10 +83,14 @@ def run(args: argparse.Namespace) -> int:
     import napari_dmoe.inference.engine  # noqa: F401  (loaded now, so the first request does not wait for it)
 
     limits = Limits(max_request_bytes=int(args.max_request_mb * 2**20), max_voxels=args.max_voxels,
-                    max_waiting=args.max_queue)
+                    max_waiting=args.max_queue, max_inflight_bytes=int(inflight_mb * 2**20),
+                    body_idle_s=args.request_timeout)
     app = create_app(store, token=token, limits=limits, device_reason=reason)
     print(f"dmoe serve: {len(store.ids())} model(s) {store.ids()} on {device} ({reason}); "
-          f"http://{args.host}:{args.port} {'(token required)' if token else '(no token)'}", file=sys.stderr,
-          flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+          f"http://{'[' + host + ']' if ':' in host else host}:{args.port} "
+          f"{'(token required)' if token else '(no token)'}", file=sys.stderr, flush=True)
+    protocol = type("Protocol", (TimedH11Protocol,), {"header_timeout": args.request_timeout})
+    # h11 always (httptools has no header time limit here); limit_concurrency bounds open connections
+    uvicorn.run(app, host=host, port=args.port, log_level=args.log_level, http=protocol,
+                limit_concurrency=args.max_connections, timeout_keep_alive=5)
     return 0

@@ -42,6 +42,13 @@ class Reorientation:
         back = np.moveaxis(back, list(range(-leading, 0)), list(range(leading))) if leading else back
         return np.ascontiguousarray(back)
 
+    def shape(self, shape: Sequence[int]) -> tuple[int, ...]:
+        """Size per canonical axis of the ``n`` leading (spatial) axes of ``shape``; later axes (colour) kept."""
+        out = [0] * self.n
+        for axis, (target, _) in enumerate(self.ornt):
+            out[int(target)] = int(shape[axis])
+        return (*out, *(int(s) for s in shape[self.n:]))
+
     def spacing(self, spacing: Sequence[float] | None) -> list[float] | None:
         """Spacing per canonical axis."""
         if spacing is None:

@@ -4,6 +4,7 @@ State belongs to the server object, not the module: each ``create_app`` gets its
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -61,7 +62,32 @@ def describe_model(key: str, model: Any) -> dict[str, Any]:
         "spacing": spec.spacing,
         # what it was trained on (issue 13's record; absent in older files), how, and how well it did
         "trained_on": getattr(spec, "trained_on", None),
-        "training": {"method": prov.get("method"), "data": prov.get("data"), "router_counts": prov.get("router_counts")},
-        "metrics": spec.metrics or {},
-        "spec": spec.to_dict(),
+        "training": {"method": prov.get("method"), "data": public(prov.get("data")),
+                     "router_counts": prov.get("router_counts")},
+        "metrics": public(spec.metrics or {}),
+        "spec": public_spec(spec.to_dict()),
     }
+
+
+# what /models may publish of a model's training record: counts and settings. The training config and command
+# name the data folders and output paths of the machine that trained it, so they stay out
+PUBLIC_PROVENANCE = ("method", "seed", "git_commit", "world_size", "data", "router_counts", "router_fallback",
+                     "init", "loss", "step", "adaptation", "finetune")
+_PATH = re.compile(r"(?<![^\s=(\['\"])(?:[A-Za-z]:[\\/]|\\\\|~/|/(?=[^\s/]))[^\s'\",;]*")  # C:\, \\host, ~/, /x
+
+
+def public_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    """The spec as ``/models`` publishes it: provenance reduced to ``PUBLIC_PROVENANCE``, local paths removed."""
+    out = dict(spec)
+    prov = out.get("provenance") or {}
+    out["provenance"] = {key: prov[key] for key in PUBLIC_PROVENANCE if key in prov}
+    return public(out)
+
+
+def public(value: Any) -> Any:
+    """``value`` with every absolute or home-relative path in its strings replaced by ``<path>``."""
+    if isinstance(value, dict):
+        return {k: public(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [public(v) for v in value]
+    return _PATH.sub("<path>", value) if isinstance(value, str) else value
