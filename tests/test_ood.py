@@ -167,7 +167,7 @@ def test_fit_record_from_few_images_and_gaussian_features():
     few = ood.parse_record(ood.fit_record(names, draw(6), draw(3)))  # shrinkage: six images still give a record
     assert np.isfinite(few.threshold) and all(st.residual > 0 for st in few.layers)
     rec = ood.parse_record(ood.fit_record(names, draw(300), draw(100)))
-    inside = np.array([ood._scored(rec.layers, f).mean() for f in draw(400)])
+    inside = np.array([ood.scored(rec.layers, f).mean() for f in draw(400)])
     assert 0.8 < np.median(inside) < 1.25 and (inside > rec.threshold).mean() <= 0.02
-    outside = np.array([ood._scored(rec.layers, f).mean() for f in draw(50, shift=3.0)])  # 3 std away
+    outside = np.array([ood.scored(rec.layers, f).mean() for f in draw(50, shift=3.0)])  # 3 std away
     assert (outside > rec.threshold).all()

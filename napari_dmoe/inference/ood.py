@@ -11,12 +11,11 @@ over the training images, per layer, combined over layers.
   norm; the 3D UNet's five encoder stages), pooled over the part of each window that lies on the image (mean and
   standard deviation per channel), averaged over windows. Router 0 routes every image, at recording and at
   checking alike, so the score does not depend on the attribute the user picks.
-- Statistics (``fit_record``): per layer, the mean and a Ledoit-Wolf shrunk covariance over the training images
-  (few images suffice), stored compactly as its top principal directions and one variance for the rest.
-- Score: per layer the squared distance divided by its median over held-out training-site images, averaged over
-  layers, so an image like the training images scores about 1.
-- Threshold: the ``QUANTILE`` of the held-out scores (the validation split, plus cross-fitted scores of the
-  training images themselves) times ``1 + MARGIN``.
+- Statistics, score and threshold (``ood_record.py``): per layer, the mean and a Ledoit-Wolf shrunk covariance over
+  the training images (few images suffice), kept as its top principal directions and one variance for the rest;
+  per layer the squared distance divided by its median over held-out training-site images, averaged over layers
+  (about 1 for an image like the training images); flagged above the ``QUANTILE`` of the held-out scores (the
+  validation split, plus cross-fitted scores of the training images) times ``1 + MARGIN``.
 
 The record sits in ``spec.trained_on["features"]`` (written by ``dmoe train``); ``parse_record`` checks every size
 and value in it before use, so a damaged or tampered record is refused with ``RecordError``, naming the field.
@@ -25,31 +24,20 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
 
 from napari_dmoe.inference.fit import Finding
+from napari_dmoe.inference.ood_record import (  # noqa: F401 (re-exported: the record's fitting and reading)
+    MARGIN, MAX_DIM, METHOD, MIN_CASES, N_COMPONENTS, POOL, POOLS, QUANTILE, WINDOWS, Record, RecordError,
+    fit_record, parse_record, record_field, scored,
+)
 from napari_dmoe.inference.plan import InferenceError
 
-METHOD = "mahalanobis-lw-pca"
-POOLS = ("mean", "mean_std")
-POOL = "mean_std"
-N_COMPONENTS = 16  # principal directions kept per layer (the rest share one variance)
-WINDOWS = 8  # windows (or slices) of one image that enter its features, evenly spread
 MAX_BLOCKS = 4  # transformer blocks used, evenly spread, besides the final encoder norm
-FOLDS = 5  # cross-fitting of the training images' own held-out scores
-QUANTILE, MARGIN = 0.99, 0.25  # threshold = QUANTILE of the held-out scores x (1 + MARGIN); BENCHMARKS.md
-MIN_CASES = 4  # fewer training images give no record
 OVERLAP = 0.25  # the engine's default window overlap: the same windows as a segmentation
-# bounds on what a model file may state (far above any record we write)
-MAX_LAYERS, MAX_DIM, MAX_COMPONENTS, MAX_WINDOWS, MAX_NUMBERS = 16, 8192, 64, 64, 2**21
-DIGITS = 4  # significant digits stored
-
-
-class RecordError(ValueError):
-    """The feature record of a model cannot be used; the message names the field and what to do."""
 
 
 @dataclass(frozen=True)
@@ -63,31 +51,6 @@ class Score:
     @property
     def flagged(self) -> bool:
         return self.value > self.threshold
-
-
-@dataclass(frozen=True)
-class LayerStats:
-    name: str
-    mean: np.ndarray  # [d]
-    components: np.ndarray  # [k, d], orthonormal rows
-    variances: np.ndarray  # [k]
-    residual: float  # variance of every direction outside the components
-    scale: float  # median held-out distance (1.0 before it is known)
-
-    def distance(self, x: np.ndarray) -> float:
-        c = x - self.mean
-        p = self.components @ c
-        r = c - self.components.T @ p
-        return float(np.sum(p * p / self.variances) + (r @ r) / self.residual)
-
-
-@dataclass(frozen=True)
-class Record:
-    layers: list[LayerStats]
-    threshold: float
-    pool: str
-    windows: int
-    router: int
 
 
 # -- features ----------------------------------------------------------------------------------------------------
@@ -161,110 +124,83 @@ def _pool(out: torch.Tensor, frac: Sequence[float], pool: str) -> torch.Tensor:
     return mean if pool == "mean" else torch.cat([mean, flat.std(1, unbiased=False)])
 
 
-def image_features(model: Any, image: Any, spacing: Sequence[float] | None = None, rgb: bool | None = None, *,
-                   pool: str = POOL, windows: int = WINDOWS, router: int = 0) -> list[np.ndarray]:
-    """Pooled features of ``image`` (napari layout, raw intensities), one vector per ``feature_layers`` entry.
-    Raises ``InferenceError`` for an image the engine would refuse."""
+def _windows(model: Any, image: Any, spacing: Sequence[float] | None, rgb: bool | None, windows: int
+             ) -> list[tuple[torch.Tensor, list[float]]]:
+    """The model's input windows ``[C, *roi]`` for ``image`` (at most ``windows``, evenly spread) with the share
+    of each window, per axis, that lies on the image. Raises ``InferenceError`` for an image the engine refuses."""
     from napari_dmoe.inference.engine import _prepare  # the engine's own preparation of its input
     from napari_dmoe.inference.windows import window
 
-    network, spec = model.network, model.spec
-    layers = feature_layers(network)
-    if layers is None:
-        raise RecordError(f"no feature layers known for the network {type(network).__name__}")
-    prep = _prepare(spec, image, None, spacing, rgb, "cpu", None, OVERLAP, "auto", "average")
+    prep = _prepare(model.spec, image, None, spacing, rgb, "cpu", None, OVERLAP, "auto", "average")
     plan = prep.plan
     planes = 1 if prep.source is not None else prep.work.shape[0]
     units = [(z, s) for z in range(planes) for s in plan.starts]
-    units = [units[i] for i in _evenly(len(units), windows)]
+    out = []
+    for z, start in (units[i] for i in _evenly(len(units), windows)):
+        x = prep.source.window(start, plan.roi) if prep.source is not None else \
+            prep.work[(z, slice(None), *window(start, plan.roi))]
+        out.append((x, [max(0, min(s + r, w) - s) / r for s, r, w in zip(start, plan.roi, plan.work)]))
+    return out
 
-    def read(z: int, start: tuple[int, ...]) -> torch.Tensor:
-        if prep.source is not None:
-            return prep.source.window(start, plan.roi)
-        return prep.work[(z, slice(None), *window(start, plan.roi))]
 
+def _pooled(network: torch.nn.Module, layers: Sequence[tuple[str, torch.nn.Module]],
+            items: Sequence[tuple[torch.Tensor, list[float]]], pool: str, router: int, batch: int
+            ) -> list[list[torch.Tensor]]:
+    """Per window, the pooled output of each layer; windows of one shape run ``batch`` at a time."""
     first = next(network.parameters(), None)
     device = first.device if first is not None else torch.device("cpu")
     modes = [(m, m.training) for m in network.modules()]  # training may hold frozen norms in eval: restore each
     network.eval()
-    sums: list[torch.Tensor | None] = [None] * len(layers)
+    out: list[list[torch.Tensor]] = []
     try:
         with torch.inference_mode():
-            for z, start in units:
-                outs = _layer_outputs(network, layers, read(z, start)[None].to(device), router)
-                frac = [max(0, min(s + r, w) - s) / r for s, r, w in zip(start, plan.roi, plan.work)]
-                for i, out in enumerate(outs):
-                    v = _pool(out[0], frac, pool).cpu()
-                    sums[i] = v if sums[i] is None else sums[i] + v
+            i = 0
+            while i < len(items):
+                j = i + 1
+                while j < len(items) and j - i < batch and items[j][0].shape == items[i][0].shape:
+                    j += 1
+                x = torch.stack([t for t, _ in items[i:j]]).to(device)
+                outs = _layer_outputs(network, layers, x, router)
+                out += [[_pool(o[b], items[i + b][1], pool).cpu() for o in outs] for b in range(j - i)]
+                i = j
     finally:
         for m, mode in modes:
             m.training = mode
-    return [(s / len(units)).double().numpy() for s in sums]
+    return out
 
 
-# -- statistics --------------------------------------------------------------------------------------------------
-def _fit_layer(name: str, x: np.ndarray, n_components: int) -> LayerStats:
-    """Mean and Ledoit-Wolf covariance of ``x`` [n, d], kept as its top ``n_components`` eigenvectors and one
-    variance for the other directions (their mean eigenvalue)."""
-    n, d = x.shape
-    mean = x.mean(0)
-    xc = x - mean
-    _, s, vt = np.linalg.svd(xc, full_matrices=False)
-    lam = s**2 / n  # eigenvalues of the sample covariance (the others are 0)
-    m = max(float(lam.sum()) / d, 1e-12)
-    norm2 = float(np.sum(lam**2))
-    d2 = norm2 - d * m * m  # ||S - m I||^2
-    b2 = (float(np.sum(np.sum(xc**2, axis=1) ** 2)) - n * norm2) / n**2
-    alpha = 1.0 if d2 <= 1e-30 else min(max(b2, 0.0), d2) / d2  # Ledoit & Wolf (2004)
-    k = int(min(n_components, d - 1, int(np.count_nonzero(lam > 1e-12 * m)))) if d > 1 else 0
-    variances = (1 - alpha) * lam[:k] + alpha * m
-    rest = d - k
-    residual = ((1 - alpha) * float(lam[k:].sum()) + alpha * m * rest) / rest if rest else 1.0
-    return LayerStats(name, mean, vt[:k], np.maximum(variances, 1e-12), max(residual, 1e-12), 1.0)
+def features_of(model: Any, images: Iterable[tuple[Any, Any, bool]], *, pool: str = POOL, windows: int = WINDOWS,
+                router: int = 0, batch: int = 16) -> list[list[np.ndarray]]:
+    """Pooled features of each (image, spacing, rgb) in napari layout with raw intensities: per image, one vector
+    per ``feature_layers`` entry, averaged over its windows. Windows of several images share a batch."""
+    layers = feature_layers(model.network)
+    if layers is None:
+        raise RecordError(f"no feature layers known for the network {type(model.network).__name__}")
+    result: list[list[np.ndarray]] = []
+    pending: list[list[tuple[torch.Tensor, list[float]]]] = []
+
+    def flush() -> None:
+        flat = _pooled(model.network, layers, [w for ws in pending for w in ws], pool, router, batch)
+        k = 0
+        for ws in pending:
+            per_window = flat[k:k + len(ws)]
+            k += len(ws)
+            result.append([(sum(v[i] for v in per_window) / len(ws)).double().numpy() for i in range(len(layers))])
+        pending.clear()
+
+    for image, spacing, rgb in images:
+        pending.append(_windows(model, image, spacing, rgb, windows))
+        if sum(map(len, pending)) >= batch:
+            flush()
+    if pending:
+        flush()
+    return result
 
 
-def _scored(layers: Sequence[LayerStats], features: Sequence[np.ndarray]) -> np.ndarray:
-    """Per-layer distances, each divided by its layer's scale."""
-    return np.array([st.distance(f) / st.scale for st, f in zip(layers, features)])
-
-
-def fit_record(names: Sequence[str], train: Sequence[Sequence[np.ndarray]], heldout: Sequence[Sequence[np.ndarray]],
-               *, pool: str = POOL, windows: int = WINDOWS, router: int = 0, n_components: int = N_COMPONENTS,
-               quantile: float = QUANTILE, margin: float = MARGIN, folds: int = FOLDS) -> dict[str, Any] | None:
-    """The ``trained_on["features"]`` record from the features (``image_features``) of training images and of
-    held-out training-site images; None with fewer than ``MIN_CASES`` training images."""
-    n = len(train)
-    if n < MIN_CASES:
-        return None
-    stacks = [np.stack([f[i] for f in train]) for i in range(len(names))]
-    layers = [_fit_layer(name, x, n_components) for name, x in zip(names, stacks)]
-    raw = [_scored(layers, f) for f in heldout]
-    folds = min(folds, n)
-    for fold in range(folds):  # each training image scored by statistics fitted without it
-        keep = np.arange(n) % folds != fold
-        fitted = [_fit_layer(name, x[keep], n_components) for name, x in zip(names, stacks)]
-        raw += [_scored(fitted, [x[i] for x in stacks]) for i in np.flatnonzero(~keep)]
-    raw_arr = np.stack(raw)
-    scales = np.maximum(np.median(raw_arr, axis=0), 1e-12)
-    combined = (raw_arr / scales).mean(1)
-    threshold = float(np.quantile(combined, quantile)) * (1 + margin)
-    out_layers = [{"name": st.name, "mean": _round(st.mean), "components": [_round(c) for c in st.components],
-                   "variances": _round(st.variances), "residual": _num(st.residual), "scale": _num(sc)}
-                  for st, sc in zip(layers, scales)]
-    return {"method": METHOD, "pool": pool, "windows": windows, "router": router, "layers": out_layers,
-            "threshold": _num(threshold), "quantile": quantile, "margin": margin, "n_train": n,
-            "n_heldout": len(raw), "n_validation": len(heldout),
-            "heldout_scores": {k: _num(v) for k, v in (("median", np.median(combined)),
-                                                       ("q99", np.quantile(combined, 0.99)),
-                                                       ("max", combined.max()))}}
-
-
-def _num(v: float) -> float:
-    return float(f"{float(v):.{DIGITS}g}")
-
-
-def _round(a: np.ndarray) -> list[float]:
-    return [_num(v) for v in np.asarray(a).ravel()]
+def image_features(model: Any, image: Any, spacing: Sequence[float] | None = None, rgb: bool | None = None, *,
+                   pool: str = POOL, windows: int = WINDOWS, router: int = 0) -> list[np.ndarray]:
+    """``features_of`` one image."""
+    return features_of(model, [(image, spacing, rgb)], pool=pool, windows=windows, router=router)[0]
 
 
 def describe_features(model: Any, train: Iterable[tuple[Any, Any, bool]], heldout: Iterable[tuple[Any, Any, bool]],
@@ -276,68 +212,8 @@ def describe_features(model: Any, train: Iterable[tuple[Any, Any, bool]], heldou
         return None
     keys = ("pool", "windows", "router")
     kw = {k: options[k] for k in keys if k in options}
-    train_f = [image_features(model, im, sp, rgb, **kw) for im, sp, rgb in train]
-    held_f = [image_features(model, im, sp, rgb, **kw) for im, sp, rgb in heldout]
+    train_f, held_f = features_of(model, train, **kw), features_of(model, heldout, **kw)
     return fit_record([n for n, _ in layers], train_f, held_f, **options)
-
-
-# -- reading a record (data from a model file: every size bounded, every value checked) ---------------------------
-def _field(where: str, problem: str) -> RecordError:
-    return RecordError(f"{where}: {problem}; the record of the training images is damaged: re-record it "
-                       "(dmoe train, or sample_data/record_trained_on.py for the demo models) or use another model file")
-
-
-def _vector(value: Any, where: str, length: int | None = None, positive: bool = False) -> np.ndarray:
-    if not isinstance(value, list) or not 1 <= len(value) <= MAX_DIM:
-        raise _field(where, f"expected a list of 1 to {MAX_DIM} numbers")
-    if length is not None and len(value) != length:
-        raise _field(where, f"{len(value)} values, expected {length}")
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
-        raise _field(where, "holds something other than numbers")
-    out = np.asarray(value, dtype=np.float64)
-    if not np.isfinite(out).all() or (positive and (out <= 0).any()):
-        raise _field(where, "holds " + ("values that are not finite and positive" if positive else "non-finite values"))
-    return out
-
-
-def _scalar(value: Any, where: str, low: float = 0.0, high: float = math.inf, integer: bool = False) -> float:
-    ok = isinstance(value, int) if integer else isinstance(value, (int, float))
-    if not ok or isinstance(value, bool) or not (low <= value <= high) or not math.isfinite(value):
-        raise _field(where, f"{value!r:.40} is not {'an integer' if integer else 'a number'} in [{low:g}, {high:g}]")
-    return value
-
-
-def parse_record(rec: Any, where: str = "trained_on.features") -> Record:
-    """The checked record; RecordError naming the field for anything missing, mis-sized or out of range."""
-    if not isinstance(rec, Mapping):
-        raise _field(where, "expected an object")
-    if rec.get("method") != METHOD:
-        raise _field(f"{where}.method", f"{str(rec.get('method'))[:40]!r} is not {METHOD!r}")
-    if rec.get("pool") not in POOLS:
-        raise _field(f"{where}.pool", f"expected one of {list(POOLS)}")
-    layers = rec.get("layers")
-    if not isinstance(layers, list) or not 1 <= len(layers) <= MAX_LAYERS:
-        raise _field(f"{where}.layers", f"expected a list of 1 to {MAX_LAYERS} layers")
-    total, out = 0, []
-    for i, layer in enumerate(layers):
-        at = f"{where}.layers[{i}]"
-        if not isinstance(layer, Mapping) or not isinstance(layer.get("name"), str) or len(layer["name"]) > 100:
-            raise _field(at, "expected an object with a name")
-        comps = layer.get("components")
-        if not isinstance(comps, list) or len(comps) > MAX_COMPONENTS:
-            raise _field(f"{at}.components", f"expected a list of at most {MAX_COMPONENTS} vectors")
-        mean = _vector(layer.get("mean"), f"{at}.mean")
-        total += len(mean) * (len(comps) + 1)
-        if total > MAX_NUMBERS:
-            raise _field(f"{at}.components", f"more than {MAX_NUMBERS} numbers in all")
-        rows = [_vector(c, f"{at}.components[{j}]", len(mean)) for j, c in enumerate(comps)]
-        comp = np.stack(rows) if rows else np.zeros((0, len(mean)))
-        var = _vector(layer.get("variances"), f"{at}.variances", len(rows), positive=True) if rows else np.zeros(0)
-        out.append(LayerStats(layer["name"], mean, comp, var, _scalar(layer.get("residual"), f"{at}.residual", 1e-30),
-                              _scalar(layer.get("scale"), f"{at}.scale", 1e-30)))
-    return Record(out, _scalar(rec.get("threshold"), f"{where}.threshold", 1e-30), rec["pool"],
-                  int(_scalar(rec.get("windows"), f"{where}.windows", 1, MAX_WINDOWS, integer=True)),
-                  int(_scalar(rec.get("router"), f"{where}.router", 0, 4096, integer=True)))
 
 
 # -- scoring an image --------------------------------------------------------------------------------------------
@@ -353,18 +229,18 @@ def score(model: Any, image: Any, spacing: Sequence[float] | None = None, rgb: b
         return None
     names = [n for n, _ in known]
     if [st.name for st in parsed.layers] != names:
-        raise _field("trained_on.features.layers", f"names {[st.name for st in parsed.layers]}, the network's "
+        raise record_field("trained_on.features.layers", f"names {[st.name for st in parsed.layers]}, the network's "
                                                    f"feature layers are {names}")
     n_routers = max(1, int(getattr(model.spec, "n_routers", 1) or 1))
     if parsed.router >= n_routers:
-        raise _field("trained_on.features.router", f"{parsed.router} is not one of the model's {n_routers} routers")
+        raise record_field("trained_on.features.router", f"{parsed.router} is not one of the model's {n_routers} routers")
     feats = image_features(model, image, spacing, rgb, pool=parsed.pool, windows=parsed.windows,
                            router=parsed.router)
     for st, f in zip(parsed.layers, feats):
         if f.shape != st.mean.shape:
-            raise _field(f"trained_on.features.layers[{st.name}].mean",
+            raise record_field(f"trained_on.features.layers[{st.name}].mean",
                          f"{st.mean.size} values, the network's layer gives {f.size}")
-    per_layer = _scored(parsed.layers, feats)
+    per_layer = scored(parsed.layers, feats)
     return Score(float(per_layer.mean()), parsed.threshold, {st.name: float(v) for st, v in zip(parsed.layers, per_layer)})
 
 
