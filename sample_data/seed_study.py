@@ -54,6 +54,23 @@ method, seeds 1234 (the demo configs' own), 1 and 2; two lanes side by side, one
 (the shipped prostate dMoE's reports were copied into runs/seeds/full3d/reports likewise). In one lane, the whole
 full-budget study is ``run --runs runs/seeds/full --budget 1 --seeds 1234 1 2 --methods baseline dmoe moe febs``
 (about 3 hours of a quiet 2-core machine), then ``last`` and the two analyses.
+Third session (2026-12-07, issue 26: a site-robust recipe; one core of a 2-core machine shared with other jobs,
+load 5-8, 1.6-2.6 s per 2D step). Recipe: training/robust-fundus-<method>.yaml = the demo recipe plus scanner/clinic
+augmentations (MONAI: contrast, gamma, bias field, resolution loss, blur, noise; each with p 0.25), fixed before
+any run. A screen at a quarter budget on the validation sets was stopped after its first run: with the
+augmentations the 2D dMoE had validation Dice 0.36 at step 200 (val-a 0.363), i.e. a quarter budget cannot judge a
+recipe that slows the start, so the one candidate went to the full budget directly:
+    python sample_data/seed_study.py run --budget 0.25 --seeds 1234 --datasets fundus --methods dmoe baseline \
+        --on validation --recipe robust --runs runs/seeds/screen-aug          # stopped after the dMoE run
+    python sample_data/seed_study.py run --recipe robust --runs runs/seeds/robust-full --budget 1 \
+        --seeds 1234 1 2 --datasets fundus --methods dmoe baseline --on both --nice 0
+(run from a frozen copy of the working tree, because other sessions edited the live one mid-run.) ``--on both``
+also evaluates best and final weights on two validation-only sets (val-a: 400 fresh site-A images, generator seed
+2029; val-v: 400 images of site V, seed 2028, napari_dmoe/synthetic/fundus.py). Checkpoint rule, fixed before the
+validation reports were read: the one of {best validation ES-Dice on the run's own 60 images, final weights} with
+the higher mean worst-group Dice over val-a and val-v across every new run; a tie goes to the final weights.
+Analysis: ``seed_analysis.py --runs runs/seeds/robust-full --tests test-a site-b --old
+sample_data/results/seeds/full-budget/cases.csv.gz`` (each method against its old-recipe runs of the same seeds).
 Training runs go one at a time (a model's evaluation overlaps the next training run) under ``nice -n 10``, one
 torch thread (on the loaded 2-core machine two threads stalled on each other: 20-35 s per 2D step against 2.5-12 s
 with one). Everything is resumable: a finished training run or report is never redone. Runs, logs and full
