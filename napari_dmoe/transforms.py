@@ -101,25 +101,60 @@ def _scale_range(image: Any, low: float, high: float) -> np.ndarray:
     return out
 
 
-def for_bit_depth(normalization: Mapping[str, Any], dtype: Any) -> tuple[dict[str, Any], list[str]]:
+STANDARD_BITS = (8, 10, 12, 14, 16)  # the bit depths scanners and cameras store (12-bit CT, X-ray, microscopy)
+
+
+def for_bit_depth(normalization: Mapping[str, Any], dtype: Any, image: Any = None) -> tuple[dict[str, Any], list[str]]:
     """The normalisation to apply to an image of ``dtype``, and a note when it differs from the model's.
 
     ``scale`` divides by the full-scale value of the images the model was trained on (255: 8-bit). An image
-    stored with another bit depth (a 16-bit PNG/TIFF: 0-65535) is divided by its own full scale instead, so its
-    intensities land where the model expects them rather than 257 times too bright. Other kinds do not depend on
-    the bit depth (z-score, min-max) or state absolute values (window)."""
+    stored with another bit depth is divided by its own full scale instead, so its intensities land where the model
+    expects them. With the pixels (``image``) the full scale is the one the values use: a 16-bit file holding 12-bit
+    data (values up to 4095) is divided by 4095, an int16 image without negative values by the standard depth its
+    values fit, a floating-point image in [0, 1] by 1. A signed image with negative values has no full scale: it is
+    refused (``TransformError``) rather than divided into nonsense. Other kinds do not depend on the bit depth
+    (z-score, min-max) or state absolute values (window). Notes say what was done, never more."""
     normalization = dict(normalization)
     dtype = np.dtype(dtype)
-    if normalization.get("kind") != "scale" or dtype.kind not in "bu":
+    if normalization.get("kind") != "scale" or dtype.kind not in "buif":
         return normalization, []
-    top = 1 if dtype.kind == "b" else int(np.iinfo(dtype).max)
     factor = float(normalization.get("factor", 1.0))
+    if dtype.kind == "f":
+        low, high = _finite_range(image)
+        if image is None or factor <= 1 or low is None or low < 0 or high > 1:
+            return normalization, []
+        top, what = 1, "floating-point image with values in [0, 1] (its full scale is 1)"
+    elif dtype.kind == "b":
+        top, what = 1, "1-bit image"
+    else:
+        bits = 8 * dtype.itemsize
+        usable = bits - 1 if dtype.kind == "i" else bits
+        top, what = 2**usable - 1, f"{'signed ' if dtype.kind == 'i' else ''}{bits}-bit image"
+        low, high = _finite_range(image)
+        if low is not None and low < 0:
+            raise TransformError(
+                f"{what} with negative values (down to {low:g}): this model divides intensities by {factor:g} "
+                "(unsigned images from 0) and has no rule for negative ones; convert the image to unsigned 8 or 16 bits")
+        if high is not None and (dtype.kind == "i" or bits > 8):
+            used = next(b for b in (*[b for b in STANDARD_BITS if b < usable], usable) if high < 2**b)
+            if used < usable:
+                top, what = 2**used - 1, f"{what} whose values reach only {high:g} ({used}-bit data)"
     if top == factor:
         return normalization, []
-    bits = 1 if dtype.kind == "b" else 8 * dtype.itemsize
     normalization["factor"] = float(top)
-    return normalization, [f"{bits}-bit image: intensities divided by {top} (its full scale) instead of the model's "
-                           f"{factor:g}, so they cover the range the model was trained on"]
+    return normalization, [f"{what}: intensities divided by {top} instead of the model's {factor:g}"]
+
+
+def _finite_range(image: Any) -> tuple[float | None, float | None]:
+    """(min, max) of the finite values of ``image``; (None, None) without an image or finite values."""
+    if image is None:
+        return None, None
+    values = np.asarray(image)
+    if values.dtype.kind == "f" and not np.isfinite(values).all():
+        values = values[np.isfinite(values)]
+    if values.size == 0:
+        return None, None
+    return float(values.min()), float(values.max())
 
 
 def to_channels(image: np.ndarray, in_channels: int, rgb: bool = False) -> tuple[np.ndarray, list[str]]:

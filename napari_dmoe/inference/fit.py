@@ -168,12 +168,12 @@ def _grid(spec: Any, shape: Sequence[int], spacing: Sequence[float] | None, dims
     except (ValueError, OverflowError):  # the engine refuses these itself, with its own message
         return []
     fmt = "x".join
-    if min(plan.resampled) < MIN_GRID <= min(spatial):
+    if plan.mode != "resize" and min(plan.work) < MIN_GRID <= min(spatial):  # resampled to the model's voxels
         return [Finding("spacing", f"at the model's voxel size ({fmt(f'{t:g}' for t in spec.spacing)} mm) the image's "
                                    f"{fmt(map(str, spatial))} voxels of {fmt(f'{s:g}' for s in spacing)} mm become "
-                                   f"{fmt(map(str, plan.resampled))}: too few to segment; check the voxel size")]
-    if plan.mode == "resize":
-        ratios = [n / s for n, s in zip(plan.resampled, spec.input_size)]
+                                   f"{fmt(map(str, plan.work))}: too few to segment; check the voxel size")]
+    if plan.mode == "resize":  # the whole plane to the input size, whatever its shape
+        ratios = [n / s for n, s in zip(spatial, spec.input_size)]
         squash = max(ratios) / min(ratios)
         if squash > SQUASH_FACTOR:
             return [Finding("shape", f"the whole {fmt(map(str, spatial))} image is resized to the model's input of "

@@ -279,6 +279,11 @@ def parse_label_map(value: Any) -> dict[int, int]:
 
 def _check_semantics(config: dict[str, Any]) -> None:
     """Checks across keys and value ranges."""
+    from napari_dmoe.training.ranges import out_of_range
+
+    problem = out_of_range(config)
+    if problem:
+        raise ConfigError(problem)
     recipe, data = config["recipe"], config["data"]
     folds, candidates = config["crossval"]["folds"], config["crossval"]["steps"]
     if folds < 0 or folds == 1 or (candidates is not None and not all(isinstance(s, int) and s >= 0
