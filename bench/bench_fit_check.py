@@ -135,6 +135,25 @@ def summary(rows: list[dict], key: str = "flagged") -> dict:
             "score_max": round(float(np.max(scores)), 3) if scores else None}
 
 
+def dice_by_flag(model: Any, lane: str, root: Path, splits: tuple[str, ...], rows: list[dict]) -> dict:
+    """Median Dice (mean over foreground classes) of the flagged and the unflagged cases: do the flags point at
+    worse masks? Each case segmented as ``dmoe evaluate`` does, with its own attribute."""
+    from napari_dmoe.evaluation.cases import dataset_cases, evaluate_cases
+    from napari_dmoe.training.data import make_dataset
+
+    config = lane_config(lane, root)
+    dice: dict[str, float] = {}
+    for split in splits:
+        records = evaluate_cases(model, dataset_cases(make_dataset(config, split, None, None)), hd95=False,
+                                 routing=False).records
+        dice.update({r.id: float(np.mean([m["dice"] for c, m in r.metrics.items()])) for r in records})
+    out = {}
+    for key, flagged in (("flagged", True), ("not_flagged", False)):
+        values = [dice[r["case"]] for r in rows if r["flagged"] is flagged and r["case"] in dice]
+        out[key] = {"n": len(values), "median_dice": round(float(np.median(values)), 3) if values else None}
+    return out
+
+
 def run_lane(lane: str, data: Path) -> dict:
     from napari_dmoe.io.checkpoint import load_model
 
@@ -146,9 +165,11 @@ def run_lane(lane: str, data: Path) -> dict:
     out: dict[str, Any] = {"threshold": rec["threshold"], "record": {k: rec[k] for k in (
         "n_train", "n_validation", "n_heldout", "quantile", "margin", "heldout_scores")},
         "test_site_a": summary(test), "seconds_per_image": round(seconds, 3)}
+    out["test_site_a"]["dice"] = dice_by_flag(model, lane, data, ("test",), test)
     if lane in ("fundus", "prostate"):
         splits = ("test",) if lane == "fundus" else ("train", "val", "test")
-        out["site_b"] = summary(score_cases(model, split_cases(lane, data / "site-b", splits)))
+        site_b = score_cases(model, split_cases(lane, data / "site-b", splits))
+        out["site_b"] = {**summary(site_b), "dice": dice_by_flag(model, lane, data / "site-b", splits, site_b)}
     catches = score_cases(model, catch_cases(lane), full=True)
     for row in catches:
         row["any_finding"] = bool(row["findings"])

@@ -112,6 +112,8 @@ def _tampered(model, change):
     (lambda r: r["layers"][1]["mean"].__setitem__(0, "x"), r"layers\[1\]\.mean: holds something other than"),
     (lambda r: r["layers"][0]["variances"].__setitem__(2, -1.0), r"layers\[0\]\.variances: holds values that"),
     (lambda r: r.__setitem__("threshold", float("nan")), r"features\.threshold"),
+    (lambda r: r.__setitem__("threshold", 10**400), r"features\.threshold: 1000"),
+    (lambda r: r["layers"][0]["mean"].__setitem__(3, 10**400), r"layers\[0\]\.mean: holds values that are not"),
     (lambda r: r.__setitem__("layers", r["layers"] * 10), r"features\.layers: expected a list of 1 to 16"),
     (lambda r: r["layers"][0].__setitem__("mean", [0.0] * (ood.MAX_DIM + 1)), r"layers\[0\]\.mean: expected a"),
     (lambda r: r["layers"][0].__setitem__("name", "block9"), r"features\.layers: names"),

@@ -23,6 +23,7 @@ and value in it before use, so a damaged or tampered record is refused with ``Re
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
@@ -34,7 +35,6 @@ from napari_dmoe.inference.ood_record import (  # noqa: F401 (re-exported: the r
     MARGIN, MAX_DIM, METHOD, MIN_CASES, N_COMPONENTS, POOL, POOLS, QUANTILE, WINDOWS, Record, RecordError,
     fit_record, parse_record, record_field, scored,
 )
-from napari_dmoe.inference.plan import InferenceError
 
 MAX_BLOCKS = 4  # transformer blocks used, evenly spread, besides the final encoder norm
 OVERLAP = 0.25  # the engine's default window overlap: the same windows as a segmentation
@@ -87,9 +87,12 @@ class _Enough(Exception):
 def _layer_outputs(network: torch.nn.Module, layers: Sequence[tuple[str, torch.nn.Module]], x: torch.Tensor,
                    router: int) -> list[torch.Tensor]:
     outs: dict[str, torch.Tensor] = {}
+    owner = threading.get_ident()  # a segmentation running the same network on another thread is left alone
 
     def hook(name: str) -> Any:
         def keep(module: Any, args: Any, out: Any) -> None:
+            if threading.get_ident() != owner:
+                return
             outs.setdefault(name, out[0] if isinstance(out, tuple) else out)
             if len(outs) == len(layers):
                 raise _Enough
@@ -228,20 +231,22 @@ def score(model: Any, image: Any, spacing: Sequence[float] | None = None, rgb: b
     if known is None:
         return None
     names = [n for n, _ in known]
+    where = "trained_on.features"
     if [st.name for st in parsed.layers] != names:
-        raise record_field("trained_on.features.layers", f"names {[st.name for st in parsed.layers]}, the network's "
-                                                   f"feature layers are {names}")
+        raise record_field(f"{where}.layers", f"names {[st.name for st in parsed.layers]}, the network's feature "
+                                              f"layers are {names}")
     n_routers = max(1, int(getattr(model.spec, "n_routers", 1) or 1))
     if parsed.router >= n_routers:
-        raise record_field("trained_on.features.router", f"{parsed.router} is not one of the model's {n_routers} routers")
+        raise record_field(f"{where}.router", f"{parsed.router} is not one of the model's {n_routers} routers")
     feats = image_features(model, image, spacing, rgb, pool=parsed.pool, windows=parsed.windows,
                            router=parsed.router)
     for st, f in zip(parsed.layers, feats):
         if f.shape != st.mean.shape:
-            raise record_field(f"trained_on.features.layers[{st.name}].mean",
-                         f"{st.mean.size} values, the network's layer gives {f.size}")
+            raise record_field(f"{where}.layers[{st.name}].mean",
+                               f"{st.mean.size} values, the network's layer gives {f.size}")
     per_layer = scored(parsed.layers, feats)
-    return Score(float(per_layer.mean()), parsed.threshold, {st.name: float(v) for st, v in zip(parsed.layers, per_layer)})
+    return Score(float(per_layer.mean()), parsed.threshold,
+                 {st.name: float(v) for st, v in zip(parsed.layers, per_layer)})
 
 
 def describe_score(s: Score) -> str:
@@ -257,7 +262,7 @@ def feature_findings(model: Any, image: Any, spacing: Sequence[float] | None, rg
         s = score(model, image, spacing, rgb)
     except RecordError as err:
         return [Finding("record", f"the image cannot be compared with the training images: {err}")]
-    except InferenceError:
+    except ValueError:  # InferenceError, InputShapeError: the engine refuses the image itself, saying why
         return []
     if s is None or not s.flagged:
         return []

@@ -127,8 +127,8 @@ def _round(a: np.ndarray) -> list[float]:
 
 # -- reading a record (data from a model file: every size bounded, every value checked) ---------------------------
 def record_field(where: str, problem: str) -> RecordError:
-    return RecordError(f"{where}: {problem}; the record of the training images is damaged: re-record it "
-                       "(dmoe train, or sample_data/record_trained_on.py for the demo models) or use another model file")
+    return RecordError(f"{where}: {problem}; the record of the training images is damaged: re-record it (dmoe "
+                       "train, or sample_data/record_trained_on.py for the demo models) or use another model file")
 
 
 def _vector(value: Any, where: str, length: int | None = None, positive: bool = False) -> np.ndarray:
@@ -138,16 +138,25 @@ def _vector(value: Any, where: str, length: int | None = None, positive: bool = 
         raise record_field(where, f"{len(value)} values, expected {length}")
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
         raise record_field(where, "holds something other than numbers")
-    out = np.asarray(value, dtype=np.float64)
+    try:
+        out = np.asarray(value, dtype=np.float64)
+    except OverflowError:  # an integer beyond any float
+        out = np.array([np.inf])
     if not np.isfinite(out).all() or (positive and (out <= 0).any()):
-        raise record_field(where, "holds " + ("values that are not finite and positive" if positive else "non-finite values"))
+        raise record_field(where, "holds values that are not " + ("finite and positive" if positive else "finite"))
     return out
 
 
 def _scalar(value: Any, where: str, low: float = 0.0, high: float = math.inf, integer: bool = False) -> float:
-    ok = isinstance(value, int) if integer else isinstance(value, (int, float))
-    if not ok or isinstance(value, bool) or not (low <= value <= high) or not math.isfinite(value):
-        raise record_field(where, f"{value!r:.40} is not {'an integer' if integer else 'a number'} in [{low:g}, {high:g}]")
+    ok = (isinstance(value, int) if integer else isinstance(value, (int, float))) and not isinstance(value, bool)
+    if ok and not integer:
+        try:
+            value = float(value)
+        except OverflowError:  # an integer beyond any float
+            ok = False
+    if not ok or not (low <= value <= high) or (not integer and not math.isfinite(value)):
+        what = "an integer" if integer else "a number"
+        raise record_field(where, f"{str(value)[:40]} is not {what} in [{low:g}, {high:g}]")
     return value
 
 
