@@ -69,3 +69,11 @@ def registered_plugin():
     except KeyError:
         pm.discover(include_npe1=False)
     pm.get_manifest("napari-dmoe")  # raises if the entry point is missing
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test that starts napari (uses make_napari_viewer, directly or through a fixture) is a gui test, so
+    ``-m "not gui"`` runs napari-free; tests/test_house_rules.py keeps napari out of module-level imports."""
+    for item in items:
+        if "make_napari_viewer" in getattr(item, "fixturenames", ()) and item.get_closest_marker("gui") is None:
+            item.add_marker(pytest.mark.gui)

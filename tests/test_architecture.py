@@ -116,8 +116,7 @@ BLOCKER = textwrap.dedent("""
 """)
 
 
-@pytest.mark.slow
-def test_every_core_module_imports_without_qt_or_napari():
+def test_every_core_module_imports_without_qt_or_napari():  # fast lane: it guards every change
     """In a fresh interpreter where napari, Qt and friends cannot be imported at all."""
     proc = subprocess.run([sys.executable, "-c", BLOCKER, ",".join(GUI_MODULES), str(PACKAGE)],
                           capture_output=True, text=True, timeout=300)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from test_folder_usage import drain, write_cases
-from test_widget_segment import LEFT
+from test_widget_segment import left_button
 
 EXPERTS = [f"expert_{e}" for e in range(4)]
 
@@ -78,7 +78,7 @@ def test_inspector_exports_the_folder_shown(make_napari_viewer, qtbot, monkeypat
         return str(target), "CSV files (*.csv)"
 
     monkeypatch.setattr(inspector_widget.QFileDialog, "getSaveFileName", staticmethod(save_dialog))
-    qtbot.mouseClick(inspector.export_button, LEFT)
+    qtbot.mouseClick(inspector.export_button, left_button())
     assert asked == [str(tmp_path / "cases" / "cases_expert_usage.csv")]  # suggested beside the cases
     header, rows = read_rows(target.with_suffix(".csv"))
     assert [r["case"] for r in rows] == ["a.png", "b.png", "broken.png", "c.png"]

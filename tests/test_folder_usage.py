@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from skimage.io import imsave
 
-from test_widget_segment import LEFT, make_image
+from test_widget_segment import left_button, make_image
 
 
 def write_cases(folder):
@@ -123,8 +123,8 @@ def test_folder_button_asks_for_folder_then_csv(make_napari_viewer, qtbot, monke
     dialog = inspector_widget.QFileDialog
     monkeypatch.setattr(dialog, "getExistingDirectory", staticmethod(lambda *a, **k: str(tmp_path)))
     monkeypatch.setattr(dialog, "getOpenFileName", staticmethod(lambda *a, **k: ("", "")))
-    qtbot.mouseClick(inspector.folder_button, LEFT)
+    qtbot.mouseClick(inspector.folder_button, left_button())
     assert calls == []  # CSV dialog cancelled: nothing runs
     monkeypatch.setattr(dialog, "getOpenFileName", staticmethod(lambda *a, **k: (str(tmp_path / "c.csv"), "")))
-    qtbot.mouseClick(inspector.folder_button, LEFT)
+    qtbot.mouseClick(inspector.folder_button, left_button())
     assert calls == [(str(tmp_path), str(tmp_path / "c.csv"))]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import highdicom as hd
 import numpy as np
 from PIL import Image
-from qtpy.QtWidgets import QFileDialog
 
 from inference_models import tiny
 from napari_dmoe.plugin.widgets import save_mask as sm
@@ -30,6 +29,8 @@ def test_save_mask_of_a_2d_image_defaults_to_png(make_napari_viewer, qtbot, mode
     def dialog(parent, title, default, filters):
         asked.append((default, filters.split(";;")[0]))
         return str(tmp_path / "m.png"), ""
+
+    from qtpy.QtWidgets import QFileDialog
 
     monkeypatch.setattr(QFileDialog, "getSaveFileName", dialog)
     written = widget.save_mask()
