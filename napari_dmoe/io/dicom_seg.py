@@ -32,6 +32,8 @@ class SegAlgorithm:
     # "automatic": the model's mask as it came; "semiautomatic": a model mask the user edited afterwards;
     # "manual": labels a person drew (no algorithm to name). A reader of the SEG must be able to tell them apart.
     kind: str = "automatic"
+    forced: bool = False  # segmented although the image does not fit the model ("Segment anyway", --force)
+    findings: Sequence[str] = ()  # what the fit check found
 
     def __post_init__(self) -> None:
         if self.kind not in ("automatic", "semiautomatic", "manual"):
@@ -142,7 +144,9 @@ def _descriptions(n_segments: int, class_names: Sequence[str], algorithm: SegAlg
 
 def _series_description(algorithm: SegAlgorithm) -> str:
     edited = {"semiautomatic": "edited", "manual": "manual"}.get(algorithm.kind, "")
-    parts = ["dMoE SEG", Path(algorithm.model).stem if algorithm.model else "", algorithm.attribute, edited]
+    # FORCED before the names: the description is cut at 64 characters
+    parts = ["dMoE SEG", "FORCED" if algorithm.forced else "", Path(algorithm.model).stem if algorithm.model else "",
+             algorithm.attribute, edited]
     return _lo(" ".join(p for p in parts if p))
 
 
@@ -160,6 +164,9 @@ def write_dicom_seg(path: str | Path, labels: np.ndarray, source: Volume | Seque
     labels = np.asarray(labels)
     if labels.dtype.kind not in "iub" or (labels.size and labels.min() < 0):
         raise ImageWriteError("DICOM SEG labels must be non-negative integers")
+    if algorithm.forced:  # AlgorithmParameters is LT (10240 characters) of "key=value" joined by ","
+        params["forced"] = "yes"
+        params["fit_findings"] = " | ".join(f.replace(",", ";").replace("=", ":") for f in algorithm.findings)[:4000]
     if not path.parent.is_dir():
         raise ImageWriteError(f"{path.parent}: folder does not exist")
     files, uids = source_files(source)
@@ -204,7 +211,8 @@ def _build(frames: np.ndarray, datasets: list[Any], descriptions: list[Any], alg
 def _content(algorithm: SegAlgorithm) -> str:
     if algorithm.kind == "manual":
         return "manual segmentation (napari)"
-    return f"{algorithm.kind} segmentation by {algorithm.name} {algorithm.version}"
+    forced = " FORCED: image unlike training data" if algorithm.forced else ""
+    return f"{algorithm.kind} segmentation by {algorithm.name} {algorithm.version}{forced}"
 
 
 # -- reading -----------------------------------------------------------------------------------------------------

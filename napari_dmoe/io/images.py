@@ -216,13 +216,14 @@ def _label_dtype(labels: np.ndarray) -> np.dtype:
 
 
 def write_labels(path: str | Path, labels: np.ndarray, like: Volume | None = None, *,
-                 class_names: Sequence[str] = (), algorithm: Any = None) -> Path:
+                 class_names: Sequence[str] = (), algorithm: Any = None, provenance: Any = None) -> Path:
     """Write a label map as NIfTI (.nii/.nii.gz) in the geometry of `like`, as PNG/TIFF, or as DICOM SEG (.dcm).
 
     `labels` is in the napari order of `like.array` (same spatial shape). For a NIfTI source the file
     gets the source's affine and voxel order back exactly. DICOM SEG needs `like` read from DICOM (it references
     the source images); `class_names` name its segments and `algorithm` (`dicom_seg.SegAlgorithm`) says what
-    made them. Other formats ignore both.
+    made them. Other formats ignore both. `provenance` (a JSON-able mapping: model, attribute, forced, fit findings,
+    ...) is saved with the mask where the format has room, else beside it (``io/provenance.py``).
     """
     path = Path(path)
     labels = np.asarray(labels)
@@ -238,7 +239,7 @@ def write_labels(path: str | Path, labels: np.ndarray, like: Volume | None = Non
     if path.name.lower().endswith(".seg.nrrd"):  # 3D Slicer: segments named after the classes, coloured
         from napari_dmoe.io.slicer_seg import write_seg_nrrd
 
-        return write_seg_nrrd(path, labels, like, class_names=class_names)
+        return write_seg_nrrd(path, labels, like, class_names=class_names, provenance=provenance)
     if suffix == ".dcm":
         from napari_dmoe.io.dicom_seg import require_dicom_source, write_dicom_seg
 
@@ -249,7 +250,7 @@ def write_labels(path: str | Path, labels: np.ndarray, like: Volume | None = Non
     if suffix in NIFTI_SUFFIXES:
         from napari_dmoe.io.nifti import write_nifti
 
-        atomic_write(path, lambda tmp: write_nifti(tmp, labels, like, gz=suffix == ".nii.gz"))
+        atomic_write(path, lambda tmp: write_nifti(tmp, labels, like, gz=suffix == ".nii.gz", provenance=provenance))
     elif suffix == ".png":
         if labels.ndim != 2:
             raise ImageWriteError(f"PNG holds 2D labels only, got shape {labels.shape}; use .nii.gz or .tif")
@@ -265,6 +266,10 @@ def write_labels(path: str | Path, labels: np.ndarray, like: Volume | None = Non
     else:
         raise ImageWriteError(f"{path}: cannot write labels as {suffix or '(no suffix)'!r}; use .nii.gz, .png, .tif, "
                               f".seg.nrrd (3D Slicer) or .dcm (DICOM SEG, for DICOM sources)")
+    if provenance and suffix in (".png", *TIFF_SUFFIXES):  # no room in the file: <name>.png.json beside it
+        from napari_dmoe.io.provenance import write_sidecar
+
+        write_sidecar(path, provenance)
     return path
 
 

@@ -197,7 +197,7 @@ def _pad3(values: Any, fill: float) -> tuple[float, float, float]:
     return ((fill,) * (3 - len(values)) + values)[-3:]  # type: ignore[return-value]
 
 
-def write_nifti(path: Path, labels: np.ndarray, like: Volume | None, gz: bool) -> None:
+def write_nifti(path: Path, labels: np.ndarray, like: Volume | None, gz: bool, provenance: Any = None) -> None:
     """Labels (or any array) as NIfTI at ``path``: in the source file's exact geometry when ``like`` came from one,
     else from ``like``'s spacing/origin (LPS, z-y-x)."""
     import nibabel as nib
@@ -239,6 +239,11 @@ def write_nifti(path: Path, labels: np.ndarray, like: Volume | None, gz: bool) -
     img.header.set_qform(affine, code=1)
     img.header.set_sform(affine, code=1)
     img.header.set_xyzt_units("mm")
+    if provenance:  # how the mask was made: a JSON comment extension and a short description (io/provenance.py)
+        from napari_dmoe.io.provenance import NIFTI_ECODE, summary, to_json
+
+        img.header.extensions.append(nib.nifti1.Nifti1Extension(NIFTI_ECODE, to_json(provenance).encode()))
+        img.header["descrip"] = summary(provenance).encode("ascii", "replace")
     data = img.to_bytes()  # the bytes, not nib.save: the temporary name has no .nii.gz for nibabel to go by
     if gz:
         import gzip

@@ -47,7 +47,8 @@ def _ijk_to_lps(labels_zyx: np.ndarray, like: Volume | None) -> np.ndarray:
 
 
 def write_seg_nrrd(path: str | Path, labels: np.ndarray, like: Volume | None = None, *,
-                   class_names: Sequence[str] = (), colors: Sequence[Sequence[float]] | None = None) -> Path:
+                   class_names: Sequence[str] = (), colors: Sequence[Sequence[float]] | None = None,
+                   provenance: Any = None) -> Path:
     """Write a label map ((z, y, x) or (y, x), napari order) as a Slicer segmentation, atomically.
 
     Segment k is label value k, named ``class_names[k]`` ("label k" without one) and coloured ``colors[k - 1]``
@@ -79,6 +80,10 @@ def write_seg_nrrd(path: str | Path, labels: np.ndarray, like: Volume | None = N
     seg = {"voxels": np.ascontiguousarray(voxels.transpose(2, 1, 0)).astype(np.uint8 if n < 256 else np.uint16),
            "ijkToLPS": _ijk_to_lps(voxels, like), "segments": segments,
            "containedRepresentationNames": ["Binary labelmap"], "masterRepresentation": "Binary labelmap"}
+    if provenance:  # one header field (io/provenance.py); Slicer keeps fields it does not know
+        from napari_dmoe.io.provenance import KEY, to_json
+
+        seg[KEY] = to_json(provenance)
     if not path.parent.is_dir():
         raise ImageWriteError(f"{path.parent}: folder does not exist")
     atomic_write(path, lambda tmp: slicerio.write_segmentation(str(tmp), seg))

@@ -2,7 +2,9 @@
 
 Geometry comes from the layer metadata our reader stored (copy the image layer's metadata onto labels you
 make from it); without it, from the layer's scale and translate. DICOM SEG (.dcm) needs that metadata from a
-DICOM source (it lists the source files); a mask made by the segment widget also names its classes and model.
+DICOM source (it lists the source files); a mask made by the segment widget also names its classes and model,
+and every format saves how it was made (``mask_provenance``: model, attribute, forced, fit findings; see
+``io/provenance.py``).
 """
 from __future__ import annotations
 
@@ -32,9 +34,29 @@ def write_labels_layer(path: str, data: Any, attributes: dict[str, Any]) -> list
         from napari_dmoe.io.slicer_seg import write_seg_nrrd
 
         names, colors = _segments(meta, attributes, labels)
-        return [str(write_seg_nrrd(path, labels, like, class_names=names, colors=colors))]
+        return [str(write_seg_nrrd(path, labels, like, class_names=names, colors=colors,
+                                   provenance=mask_provenance(meta, labels)))]
     class_names, algorithm = _seg_info(meta, labels) if path.lower().endswith(".dcm") else ((), None)
-    return [str(write_labels(path, labels, like=like, class_names=class_names, algorithm=algorithm))]
+    return [str(write_labels(path, labels, like=like, class_names=class_names, algorithm=algorithm,
+                             provenance=mask_provenance(meta, labels)))]
+
+
+def mask_provenance(meta: dict[str, Any], labels: np.ndarray) -> dict[str, Any] | None:
+    """How a mask from the Segment widget was made (its layer metadata, ``results.provenance``), as saved with it:
+    model, attribute, whether the user segmented an image that does not fit the model anyway, the fit findings,
+    device, notes, and whether the user edited the mask since. None for labels we did not make."""
+    from napari_dmoe import __version__
+    from napari_dmoe.plugin.widgets.results import is_edited
+
+    prov = meta.get("dmoe") if isinstance(meta.get("dmoe"), dict) else {}
+    if prov.get("kind") != "mask":
+        return None
+    return {"software": f"napari-dmoe {__version__}", "model": Path(str(prov.get("model") or "")).name,
+            "attribute": dict(prov.get("attribute_used") or {}), "forced": bool(prov.get("forced")),
+            "fit_findings": list(prov.get("fit_findings") or []), "device": prov.get("device", ""),
+            "warnings": list(prov.get("warnings") or []), "conversions": list(prov.get("conversions") or []),
+            "settings": dict(prov.get("settings") or {}), "edited": is_edited(meta, labels),
+            "source": prov.get("source_layer", "")}
 
 
 def _seg_info(meta: dict[str, Any], labels: np.ndarray) -> tuple[list[str], Any]:
@@ -55,7 +77,8 @@ def _seg_info(meta: dict[str, Any], labels: np.ndarray) -> tuple[list[str], Any]
     model = Path(str(prov.get("model") or "")).name
     kind = "semiautomatic" if is_edited(meta, labels) else "automatic"
     return (list((prov.get("spec") or {}).get("class_names") or []),
-            SegAlgorithm(model=model, attribute=attribute, kind=kind))
+            SegAlgorithm(model=model, attribute=attribute, kind=kind, forced=bool(prov.get("forced")),
+                         findings=tuple(prov.get("fit_findings") or ())))
 
 
 def _segments(meta: dict[str, Any], attributes: dict[str, Any], labels: np.ndarray) -> tuple[list[str], list[Any]]:

@@ -32,10 +32,32 @@ UNKNOWN = "unknown"
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
+class _VerticalScroll(QScrollArea):
+    """Scrolls up and down only: as wide as its contents need (napari sizes a dock by these hints), so nothing is
+    cut off at the right, and as short as a few rows, so a tall dock never squeezes the canvas."""
+
+    def _hint(self, size: Any) -> Any:
+        size.setWidth(size.width() + self.verticalScrollBar().sizeHint().width() + 2 * self.frameWidth())
+        size.setHeight(min(size.height(), 240))
+        return size
+
+    def minimumSizeHint(self) -> Any:  # noqa: N802 (Qt name)
+        body = self.widget()
+        return self._hint(body.minimumSizeHint()) if body is not None else super().minimumSizeHint()
+
+    def sizeHint(self) -> Any:  # noqa: N802 (Qt name)
+        body = self.widget()
+        if body is None:
+            return super().sizeHint()
+        size = self._hint(body.sizeHint())
+        size.setHeight(body.sizeHint().height())
+        return size
+
+
 def scroll_body(owner: QWidget) -> QVBoxLayout:
     """Fill ``owner`` with a vertical scroll area and return the layout of its contents: a dock taller than the
     screen scrolls instead of being cut off or squeezing napari's canvas."""
-    area = QScrollArea(owner)
+    area = _VerticalScroll(owner)
     area.setWidgetResizable(True)
     area.setFrameShape(QScrollArea.Shape.NoFrame)
     area.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)  # wrap to the dock's width instead
@@ -75,6 +97,19 @@ class ModelList(QObject):
         from napari_dmoe.io.model_registry import list_models
 
         return list_models()
+
+    def bundled_for(self, names: set[str]) -> Any:
+        """The first demo model conditioned on exactly the attributes ``names`` (a ``ModelEntry``), or None."""
+        from napari_dmoe.io.checkpoint import read_spec
+        from napari_dmoe.io.model_registry import bundled_models
+
+        for entry in bundled_models():
+            try:
+                if {a.name for a in read_spec(entry.path).attributes} == set(names):
+                    return entry
+            except ValueError:  # a damaged demo file: the next one may do
+                continue
+        return None
 
     def add(self, path: str | Path) -> None:
         """Remember ``path`` in the recent list and tell every picker (RegistryError when it is not a file)."""

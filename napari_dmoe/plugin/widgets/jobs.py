@@ -34,6 +34,7 @@ class JobResult:
     provenance: dict[str, Any] = field(default_factory=dict)  # tag -> inference.request.Provenance
     requests: dict[str, dict[str, str]] = field(default_factory=dict)
     error: str | None = None
+    findings: list[Any] = field(default_factory=list)  # the fit check's, when it refused the image (FitError)
 
 
 def run_sweep(model_path: str, request: Any, cache: ModelCache, attributes: Sequence[dict[str, str]]
@@ -59,6 +60,7 @@ def run_sweep(model_path: str, request: Any, cache: ModelCache, attributes: Sequ
             result.requests[tag] = dict(attribute)
     except FitError as err:
         result.error = str(err.hint("press Segment anyway to segment it regardless"))
+        result.findings = list(err.findings)
     except ValueError as err:  # InferenceError, CheckpointError, SpecError, DeviceError: messages for users
         result.error = str(err)
     except Exception as err:  # a bug: keep the viewer alive, log the traceback for the report

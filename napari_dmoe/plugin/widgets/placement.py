@@ -17,6 +17,16 @@ from napari_dmoe.plugin.widgets.results import (
 )
 
 
+def routing_layers(viewer: Any, source: str) -> dict[str, Any]:
+    """kind -> the newest heatmaps / dominant-expert layer made from the image named ``source`` (empty when none)."""
+    found: dict[str, Any] = {}
+    for layer in viewer.layers:
+        prov = layer.metadata.get(RESULT_KEY) if is_result(layer.metadata) else None
+        if prov and prov.get("source_layer") == source and prov.get("kind") in ("experts", "dominant"):
+            found[prov["kind"]] = layer
+    return found
+
+
 def name_sliders(viewer: Any, layer: Any) -> None:
     """Name the sliders after ``layer``'s own axis names (the image the Segment widget works on): a 3D image and a
     2D result's expert stack share the first slider, which napari names after the newest of the two."""

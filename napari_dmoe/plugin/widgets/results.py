@@ -104,12 +104,18 @@ def _jsonable(value: Any) -> Any:
 
 
 def provenance(seg: Any, spec: Any, model_path: str, source: SourceInfo, request: Mapping[str, str],
-               position: str) -> dict[str, Any]:
-    """Everything needed to audit a result: model, attribute asked for and used, device, timings, warnings."""
+               position: str, record: Any = None) -> dict[str, Any]:
+    """Everything needed to audit a result: model, attribute asked for and used, device, timings, warnings, and
+    from the engine's ``record`` (``inference.request.Provenance``) whether the user segmented an image that does
+    not fit the model anyway ("forced") and what the fit check found; the writer saves these with the mask."""
     from napari_dmoe import __version__
 
     usage = {pos: expert_usage(m) for pos, m in seg.routing.items()}
+    engine = record.to_dict() if hasattr(record, "to_dict") else dict(record or {})
     return _jsonable({
+        "forced": bool(engine.get("forced", False)),
+        "fit_findings": list(engine.get("fit_findings") or []),
+        "settings": dict(engine.get("settings") or {}),
         "source_layer": source.name,
         "model": str(model_path),
         "spec": spec_summary(spec),
@@ -142,7 +148,7 @@ def _routing_for(seg: Any, position: str, notes: list[str]) -> tuple[str, np.nda
 
 
 def result_layers(seg: Any, spec: Any, model_path: str, source: SourceInfo, request: Mapping[str, str],
-                  position: str = "mean", maps: bool = True) -> list[LayerDataTuple]:
+                  position: str = "mean", maps: bool = True, record: Any = None) -> list[LayerDataTuple]:
     """Mask (visible), per-expert heatmaps and dominant expert (hidden), aligned with ``source``.
 
     The heatmaps are one stacked Image layer ``[experts, *grid]`` (first axis = expert) instead of E layers,
@@ -151,7 +157,7 @@ def result_layers(seg: Any, spec: Any, model_path: str, source: SourceInfo, requ
     tag, model = attribute_text(request), model_label(model_path)
     notes: list[str] = []
     position, heat, dominant = _routing_for(seg, position, notes)
-    prov = provenance(seg, spec, model_path, source, request, position)
+    prov = provenance(seg, spec, model_path, source, request, position, record)
     prov["warnings"] += notes
     geometry = {"scale": source.scale, "translate": source.translate}
     # copy the source metadata (the writer restores NIfTI/DICOM geometry from it), then our provenance

@@ -12,7 +12,6 @@ replaced: it is kept as "<name> (edited)" and the new result added beside it.
 """
 from __future__ import annotations
 
-import logging
 import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,9 +36,10 @@ from napari_dmoe.plugin.widgets.controls import (
     OptionError,
     scroll_body,
 )
+from napari_dmoe.plugin.widgets.fit_check import FitCheck
 from napari_dmoe.plugin.widgets.jobs import JobResult, ModelCache, Step, advance, run_sweep
 from napari_dmoe.plugin.widgets.panels import ExpertView, FitBanner, RunProgress, SweepTable, run_summary
-from napari_dmoe.plugin.widgets.placement import name_sliders, replace_layers
+from napari_dmoe.plugin.widgets.placement import name_sliders, replace_layers, routing_layers
 from napari_dmoe.plugin.widgets.remote import RemoteOption
 from napari_dmoe.plugin.widgets.results import RESULT_KEY, SourceInfo, is_result, model_label, result_layers
 from napari_dmoe.plugin.widgets.save_mask import ask_which
@@ -47,7 +47,6 @@ from napari_dmoe.plugin.widgets.save_mask import ask_which
 if TYPE_CHECKING:
     import napari
 
-log = logging.getLogger(__name__)
 RUN, RUN_ANYWAY, CANCEL, CANCELLING = "Segment", "Segment anyway", "Cancel", "Cancelling..."
 
 
@@ -99,6 +98,8 @@ class SegmentWidget(QWidget):
         self.sweep_panel = SweepTable()
         self.sweep_table = self.sweep_panel.table
         self.fit_banner = FitBanner()
+        self.fit_check = FitCheck(self.fit_banner, self)
+        self.fit_check.changed.connect(lambda: self._set_running(self.worker is not None))
         self.progress_panel = RunProgress()
         self.experts = ExpertView(self.viewer)
 
@@ -201,7 +202,7 @@ class SegmentWidget(QWidget):
             self.attributes.apply(self._found_attributes(layer))
             self.sweep_panel.clear()
             self._check_fit()
-            self.experts.set_layers(self._routing_layers(layer))
+            self.experts.set_layers(routing_layers(self.viewer, layer.name) if layer is not None else {})
             if layer is not None:
                 name_sliders(self.viewer, layer)
         self._update_save()
@@ -225,19 +226,10 @@ class SegmentWidget(QWidget):
         self.sweep_panel.clear()
 
     def _check_fit(self) -> None:
-        """Show how the selected image differs from what the model was trained on (a banner; nothing if it fits)."""
-        layer, findings = self.selected_image(), []
-        if layer is not None and self.spec is not None:
-            from napari_dmoe.inference.fit import check_fit, image_modality
-
-            data = layer.data[0] if layer.multiscale else layer.data
-            spacing = None if layer.rgb else layer_spacing(layer.scale, layer.metadata)
-            try:
-                findings = check_fit(self.spec, data, spacing, rgb=bool(layer.rgb),
-                                     modality=image_modality(layer.metadata))
-            except Exception:  # an odd layer must not break the widget; the engine's own checks still run
-                log.exception("fit check failed")
-        self.fit_banner.show_findings(findings, f"the model '{model_label(self.model_ref())}'")
+        """Show how the selected image differs from what the model was trained on (a banner; nothing if it fits;
+        the model's feature check adds to it when done, ``fit_check.py``)."""
+        self.fit_check.check(self.spec, self.models.path(), self.selected_image(),
+                             f"the model '{model_label(self.model_ref())}'", local=not self.remote.remote)
         self._set_running(self.worker is not None)
 
     def _update_save(self, *_: Any) -> None:
@@ -253,32 +245,14 @@ class SegmentWidget(QWidget):
         names = set(attrs)
         if not names or (self.spec is not None and names == {a.name for a in self.spec.attributes}):
             return
-        from napari_dmoe.io.checkpoint import read_spec
-        from napari_dmoe.io.model_registry import bundled_models
-
-        for entry in bundled_models():
-            try:
-                spec = read_spec(entry.path)
-            except ValueError:
-                continue
-            if {a.name for a in spec.attributes} == names:
-                self.models.refresh(select=str(entry.path))  # bundled: not added to the recent list
-                self.status.setText(f"Picked the demo model {entry.name} for this image ({', '.join(sorted(names))}).")
-                return
+        entry = self.models.models.bundled_for(names)
+        if entry is not None:
+            self.models.refresh(select=str(entry.path))  # bundled: not added to the recent list, not remembered
+            self.status.setText(f"Picked the demo model {entry.name} for this image ({', '.join(sorted(names))}).")
 
     def model_ref(self) -> str:
         """The model results are made with, as their provenance names it: the server's model, else the file."""
         return self.remote.model_ref or self.models.path()
-
-    def _routing_layers(self, layer: Any) -> dict[str, Any]:
-        """kind -> the newest heatmaps / dominant-expert layer made from ``layer`` (empty when none)."""
-        found: dict[str, Any] = {}
-        for other in self.viewer.layers:
-            prov = other.metadata.get(RESULT_KEY) if is_result(other.metadata) else None
-            if layer is not None and prov and prov.get("source_layer") == layer.name and \
-                    prov.get("kind") in ("experts", "dominant"):
-                found[prov["kind"]] = other
-        return found
 
     def selected_image(self) -> Image | None:
         name = self.images.currentText()
@@ -377,6 +351,8 @@ class SegmentWidget(QWidget):
         if result.error:
             show_error(f"Segmentation of '{source.name}' failed: {result.error}")
             self.status.setText(f"Failed: {result.error}")
+            if result.findings and launch["layer"] is self.selected_image():  # the engine's fit check refused it
+                self.fit_check.show(result.findings, f"the model '{model_label(self.model_ref())}'")
             return
         if not any(layer is launch["layer"] for layer in self.viewer.layers):
             show_warning(f"The image '{source.name}' was removed while it was being segmented; "
@@ -388,7 +364,8 @@ class SegmentWidget(QWidget):
         chosen = attribute_text(self.attributes.values())
         for tag, seg in result.segmentations.items():
             layers = result_layers(seg, result.model.spec, str(result.model.path), source, result.requests[tag],
-                                   position=launch["position"], maps=launch["maps"] and not launch["sweep"])
+                                   position=launch["position"], maps=launch["maps"] and not launch["sweep"],
+                                   record=result.provenance.get(tag))
             if launch["sweep"] and tag != chosen:  # one mask of a sweep shows; the others wait, hidden
                 layers[0][1]["visible"] = False
             kept += replace_layers(self.viewer, layers)
