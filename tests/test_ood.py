@@ -173,3 +173,22 @@ def test_fit_record_from_few_images_and_gaussian_features():
     assert 0.8 < np.median(inside) < 1.25 and (inside > rec.threshold).mean() <= 0.02
     outside = np.array([ood.scored(rec.layers, f).mean() for f in draw(50, shift=3.0)])  # 3 std away
     assert (outside > rec.threshold).all()
+
+
+def test_every_front_end_request_is_refused_with_score_and_threshold_unless_forced(models):
+    """dmoe segment, dmoe serve and the widget's jobs all run ``request.iter_run``: the feature finding refuses the
+    cameraman under the fundus model, and a forced run carries the score and threshold in its provenance."""
+    import skimage.data
+
+    from napari_dmoe.inference.request import EngineSettings, SegmentRequest, run
+
+    settings = EngineSettings(device="cpu")
+    camera = SegmentRequest(skimage.data.camera(), "Black", settings=settings, source="camera.png")
+    with pytest.raises(FitError, match=r"camera\.png: does not fit .*feature distance [\d.]+, above the threshold"):
+        run(models["fundus"], camera)
+    forced = run(models["fundus"], SegmentRequest(skimage.data.camera(), "Black", force=True, settings=settings))
+    assert forced.provenance.forced and any("threshold" in f for f in forced.provenance.fit_findings)
+    from napari_dmoe.plugin import samples
+
+    fundus = run(models["fundus"], SegmentRequest(samples.fundus_sample()[0][0], "Black", settings=settings))
+    assert not fundus.provenance.forced and fundus.provenance.fit_findings == []
