@@ -100,3 +100,13 @@ def test_generate_script_site_option(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "fairseg" / "provenance.json").read_text())["site"] == "b"
     res = run("skin", "--out", str(tmp_path), "--n", "4", "--site", "b")
     assert res.returncode == 2 and "skin has only site 'a'" in res.stderr
+
+
+def test_prostate_site_c_records_t1_for_t3_disease() -> None:
+    """Site "c" (issue 25): a patient recorded T1 there has T3 anatomy and target; site a's T1 is the gland only."""
+    volume = lambda stage, site: np.mean([make_prostate(7, stage, shape=(48, 48, 24), spacing=(3, 3, 3), index=i,  # noqa: E731
+                                                        site=site).label.sum() for i in range(4)])
+    t1_c = make_prostate(7, "T1", shape=(48, 48, 24), spacing=(3, 3, 3), site="c")
+    assert t1_c.stage == "T1"  # recorded as the site records it
+    assert volume("T1", "c") > 1.5 * volume("T1", "a")
+    assert abs(volume("T1", "c") - volume("T3", "c")) < 0.3 * volume("T3", "c")
