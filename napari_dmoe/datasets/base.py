@@ -13,6 +13,7 @@ then resizes to a fixed size.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from collections import Counter
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from torch.utils.data import Dataset
 
 from napari_dmoe.model.spec import Attribute
 from napari_dmoe.transforms import resampled_shape, resize_image, resize_labels
+from napari_dmoe.model.routers import group_name
 
 AGE_BINS = ("0-19", "20-39", "40-59", "60-79", "80+")
 MISSING = {"", "nan", "none", "na", "n/a", "-1"}
@@ -66,10 +68,7 @@ class Vocabulary:
 
     def groups(self) -> list[str]:
         """Every combination of values, as group names."""
-        combos: list[list[str]] = [[]]
-        for attr in self.attributes:
-            combos = [c + [v] for c in combos for v in attr.values]
-        return ["/".join(c) for c in combos]
+        return [group_name(c) for c in itertools.product(*[a.values for a in self.attributes])]
 
     def decode(self, attr: Attribute, raw: Any, codes: Mapping[int, str] | None = None) -> str | None:
         """Raw value from a file -> vocabulary value; None when missing; DatasetError-free (see resolve)."""
@@ -235,7 +234,7 @@ class SegmentationDataset(Dataset):
         if spacing is not None and image.shape[1:] != before:  # resized: the voxels grew or shrank
             spacing = tuple(s * b / a for s, b, a in zip(spacing, before, image.shape[1:]))
         item = {"image": image, "label": label, "attr": self.vocab.router_index(rec.values),
-                "group": "/".join(rec.values), "id": rec.id}
+                "group": group_name(rec.values), "id": rec.id}
         return (self.transform(item) if self.transform is not None else item), spacing
 
 
@@ -269,7 +268,7 @@ def check_dataset(ds: SegmentationDataset, raise_on_error: bool = True) -> Datas
     unless `raise_on_error=False`); vocabulary groups absent from the data are warnings. With a target
     spacing, items to be resampled are counted and items without a known voxel size are one warning.
     """
-    counts = Counter("/".join(r.values) for r in ds.records)
+    counts = Counter(group_name(r.values) for r in ds.records)
     report = DatasetReport(n_items=len(ds), counts={g: counts.get(g, 0) for g in ds.vocab.groups()},
                            skipped=dict(ds.skipped))
     for group in ds.vocab.groups():

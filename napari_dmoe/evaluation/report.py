@@ -18,6 +18,7 @@ import numpy as np
 from napari_dmoe.evaluation.metrics import METRICS, FairnessError, PerImage, equity_scaled, group_means, \
     metric_values, nan_mean
 from napari_dmoe.io.files import atomic_write
+from napari_dmoe.model.routers import group_values
 
 __all__ = ["bootstrap_ci", "fairness_report", "by_attribute", "write_report", "write_json", "compare_reports"]
 
@@ -119,7 +120,7 @@ def by_attribute(records: Sequence[PerImage], names: Sequence[str], class_names:
     """Intersectional groups ("a/b") reported per single attribute: ``{attribute: fairness_report}``."""
     out = {}
     for k, attr in enumerate(names):
-        single = [PerImage(r.id, r.group.split("/")[k], r.metrics) for r in records]
+        single = [PerImage(r.id, group_values(r.group)[k], r.metrics) for r in records]
         out[attr] = fairness_report(single, class_names, n_boot=n_boot, name=name)
     return out
 
@@ -131,13 +132,16 @@ def write_report(report: dict, records: Sequence[PerImage], out_dir: str | Path)
     json_path = write_json(out_dir / "report.json", report)
     class_names = list(records[0].metrics) if records else []
 
+    from napari_dmoe.io.cases import spreadsheet_text  # image names are the user's text: never a formula (OWASP)
+
     def write_csv(tmp: Path) -> None:
-        with open(tmp, "w", newline="") as f:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
             writer = csv.writer(f)
             writer.writerow(["id", "group"] + [f"{c}_{m}" for c in class_names for m in METRICS])
             for r in records:
                 cells = [r.metrics[c][m] for c in class_names for m in METRICS]
-                writer.writerow([r.id, r.group] + ["" if math.isnan(v) else f"{v:.6g}" for v in cells])
+                writer.writerow([spreadsheet_text(r.id), spreadsheet_text(r.group)]
+                                + ["" if math.isnan(v) else f"{v:.6g}" for v in cells])
 
     return json_path, atomic_write(out_dir / "report.csv", write_csv)
 

@@ -14,6 +14,7 @@ from typing import Any, Iterator, Mapping
 
 from napari_dmoe.evaluation.cases import Case
 from napari_dmoe.finetune.provenance import shareable
+from napari_dmoe.model.routers import group_name, group_values
 
 
 def pair_cases(csv_path: str | os.PathLike, names: list[str], split: str = "val") -> Iterator[Case]:
@@ -27,7 +28,7 @@ def pair_cases(csv_path: str | os.PathLike, names: list[str], split: str = "val"
         image = read_image(csv_path.parent / row["image"])
         labels = read_image(csv_path.parent / row["mask"]).array
         attribute = {n: row[n] for n in names}
-        yield Case(row["image"], "/".join(attribute[n] for n in names), image.array, labels, attribute,
+        yield Case(row["image"], group_name(attribute[n] for n in names), image.array, labels, attribute,
                    image.known_spacing, bool(image.meta.get("rgb")))  # resampled as the Segment widget does
 
 
@@ -74,7 +75,7 @@ def _mean(values: list[float]) -> float:
 
 def _as_group(case: Case, spec: Any, group: str) -> Case:
     """The same image, routed as ``group`` (an unlabelled stand-in when a group has no images of its own)."""
-    values = dict(zip([a.name for a in spec.attributes], group.split("/")))
+    values = dict(zip([a.name for a in spec.attributes], group_values(group)))
     return Case(case.id, group, case.image, case.label, values, case.spacing, case.rgb)
 
 
@@ -117,7 +118,7 @@ def group_rows(base: Any, trained: Any, val: list[Case], pairs: list[Case], refe
     nobody corrected, without labels, whose masks moved by more than TOLERANCE). With a cross-validated
     ``selection`` (the group-local default) a corrected group's before/after is its estimate, measured on the
     user's own corrected cases by models that did not train on them; a last row shows the attribute unknown."""
-    from napari_dmoe.finetune.prepare import all_groups
+    from napari_dmoe.model.routers import all_groups
 
     spec = base.spec
     corrected = {c.group for c in pairs}

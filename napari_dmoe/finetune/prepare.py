@@ -22,6 +22,7 @@ import numpy as np
 
 from napari_dmoe.io.files import atomic_write, atomic_write_text
 from napari_dmoe.io.images import layer_spacing, write_volume
+from napari_dmoe.model.routers import all_groups, group_name
 
 PAIRS_CSV = "pairs.csv"
 SPLIT_COLUMN = "split"
@@ -304,14 +305,7 @@ TRAINABLE_MODES = ("group_local", "routers_experts", "all")
 def corrected_groups(spec: Any, attributes: Sequence[Mapping[str, str]]) -> list[str]:
     """The groups (attribute combinations, "Black" or "Black/Female") that the corrected cases cover."""
     names = [a.name for a in spec.attributes]
-    return sorted({"/".join(str(a.get(n)) for n in names) for a in attributes})
-
-
-def all_groups(spec: Any) -> list[str]:
-    """Every group of a model: each combination of attribute values, in router order ("Black", "Black/Female")."""
-    from itertools import product
-
-    return ["/".join(c) for c in product(*[a.values for a in spec.attributes])]
+    return sorted({group_name(a.get(n) for n in names) for a in attributes})
 
 
 def uncorrected_groups(spec: Any, attributes: Sequence[Mapping[str, str]]) -> list[str]:

@@ -30,6 +30,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from napari_dmoe.training.local import set_train_mode
+from napari_dmoe.model.routers import group_name
 
 MEASURED_ON = "your corrected cases, each scored by a model that did not train on it ({k}-fold cross-validation)"
 
@@ -134,7 +135,7 @@ def select_steps(config: Mapping[str, Any], run: Any, info: Any, recipe: Mapping
     k = max(folds) + 1
     horizon = max(steps)
     ids = [str(r.id) for r in ds.records]
-    groups = ["/".join(r.values) for r in ds.records]
+    groups = [group_name(r.values) for r in ds.records]
     base = case_dice(run.network, EvalItems(ds, run.spec), run.spec, info.device, run.to_router,
                      config["trainable"])
     per_case: dict[int, dict[str, float]] = {0: dict(base)}

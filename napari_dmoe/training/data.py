@@ -29,6 +29,7 @@ from napari_dmoe.model.spec import Attribute, ModelSpec
 from napari_dmoe.transforms import normalize
 
 from napari_dmoe.training.config import DEFAULT_CLASSES, ConfigError
+from napari_dmoe.model.routers import group_name
 
 SPLITS = ("train", "val", "test")
 
@@ -146,7 +147,7 @@ def _subset(ds: SegmentationDataset, split_of: Mapping[str, str], split: str) ->
 
 def group_counts(ds: SegmentationDataset) -> dict[str, int]:
     """Items per attribute combination, every combination of the vocabulary listed (0 when absent)."""
-    counts = Counter("/".join(r.values) for r in ds.records)
+    counts = Counter(group_name(r.values) for r in ds.records)
     return {g: counts.get(g, 0) for g in ds.vocab.groups()}
 
 
@@ -195,7 +196,7 @@ def balanced_order(ds: SegmentationDataset, balance: float, seed: int, epoch: in
     (seed, epoch), so a resumed run draws the same images."""
     if balance <= 0 or not len(ds):
         return None
-    groups = ["/".join(r.values) for r in ds.records]
+    groups = [group_name(r.values) for r in ds.records]
     counts = Counter(groups)
     weights = np.array([counts[g] ** -balance for g in groups], float)
     rng = np.random.default_rng([seed % 2**32, epoch, 7919])

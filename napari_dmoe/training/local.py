@@ -21,6 +21,7 @@ from torch import nn
 from napari_dmoe.model.moe import dmoe_layers, local_expert_table
 from napari_dmoe.model.spec import ModelSpec
 from napari_dmoe.training.config import ConfigError
+from napari_dmoe.model.routers import all_groups
 
 NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.LayerNorm, nn.GroupNorm)
 USAGE_ITEMS = 16  # training items whose routing picks the experts to copy
@@ -37,7 +38,7 @@ def set_train_mode(network: nn.Module, trainable: str) -> None:
 
 def group_names(spec: ModelSpec) -> list[str]:
     """Router index -> group name ("Black", or "Black/Female" for intersectional models)."""
-    return ["/".join(spec.router_values(i)) for i in range(spec.n_routers)]
+    return all_groups(spec)
 
 
 def adapted_routers(spec: ModelSpec, adapt_groups: Sequence[str] | None, train_groups: Mapping[str, int]) -> list[int]:
