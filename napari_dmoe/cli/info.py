@@ -51,16 +51,29 @@ def format_spec(spec: Any, title: str = "", n_params: int | None = None) -> str:
     ]
     if n_params is not None:
         lines.append(f"  parameters   : {n_params:,}")
-    lines += _block("provenance   : ", _provenance(spec.provenance) or ["none recorded"])
-    lines += _block("validation   : ", _metrics(spec.metrics) or ["not evaluated"])
-    if isinstance(spec.metrics.get("finetune_groups"), list):
-        lines += _block("before/after : ", _finetune_groups(spec.metrics["finetune_groups"]) or ["none"])
-    test = spec.metrics.get("test")
+    prov = spec.provenance if isinstance(spec.provenance, dict) else {}
+    metrics = spec.metrics if isinstance(spec.metrics, dict) else {}
+    lines += _block("provenance   : ", _safe("provenance", _provenance, prov) or ["none recorded"])
+    lines += _block("validation   : ", _safe("metrics", _metrics, metrics) or ["not evaluated"])
+    if isinstance(metrics.get("finetune_groups"), list):
+        lines += _block("before/after : ", _safe("metrics.finetune_groups", _finetune_groups,
+                                                 metrics["finetune_groups"]) or ["none"])
+    test = metrics.get("test")
     if isinstance(test, dict):
-        lines += _block(f"{'test (n=' + str(test.get('n', '?')) + ')':<13}: ", _test(test))
-    if spec.provenance or spec.metrics:
+        lines += _block(f"{'test (n=' + str(test.get('n', '?')) + ')':<13}: ", _safe("metrics.test", _test, test)
+                        or ["none"])
+    if prov or metrics:
         lines.append("  (everything recorded: dmoe info MODEL --json)")
     return "\n".join(lines)
+
+
+def _safe(field: str, render: Any, value: Any) -> list[str]:
+    """``render(value)``, or one line saying the field has a form this version cannot show: a file's header can hold
+    anything, and ``dmoe info`` is how one looks at a suspicious file (issue 28: tracebacks on tampered headers)."""
+    try:
+        return render(value)
+    except (TypeError, AttributeError, KeyError, ValueError, IndexError):
+        return [f"(the header's {field} has an unexpected form; `dmoe info MODEL --json` shows it as stored)"]
 
 
 # Provenance keys shown as one line each, in this order; the rest (config, router tables...) only with --json.
@@ -150,5 +163,7 @@ def _ci(ci: Any) -> str:
     return f"[{ci[0]:.3f}, {ci[1]:.3f}]" if isinstance(ci, (list, tuple)) and len(ci) == 2 else "(no CI)"
 
 
-def _kv(d: dict) -> str:
+def _kv(d: Any) -> str:
+    if not isinstance(d, dict):  # a tampered header: show what it holds, do not fail on it
+        return json.dumps(d)
     return ", ".join(f"{k}={json.dumps(v) if isinstance(v, (dict, list)) else v}" for k, v in d.items())

@@ -182,6 +182,37 @@ def _grid(spec: Any, shape: Sequence[int], spacing: Sequence[float] | None, dims
     return []
 
 
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and bool(np.isfinite(value))
+
+
+def _span(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and len(value) == 2 and all(map(_number, value)) and value[0] <= value[1]
+
+
+_RECORD_FORMS = {  # what each trained_on field must look like to be used (a file's header can say anything)
+    "modality": lambda v: v is None or isinstance(v, str),
+    "spatial_dims": lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and v in (2, 3)),
+    "channels": lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 4),
+    "spacing": lambda v: v is None or (isinstance(v, (list, tuple)) and 1 <= len(v) <= 3
+                                       and all(_number(x) and x > 0 for x in v)),
+    "intensity": lambda v: v is None or (isinstance(v, Mapping) and ("case_p50" not in v or (
+        _number(v.get("p1")) and _number(v.get("p99")) and _span(v.get("case_p50")) and _span(v.get("case_p99"))))),
+}
+
+
+def _sound_record(record: Mapping[str, Any]) -> tuple[dict[str, Any], list[Finding]]:
+    """The trained_on fields of the right form, and a "record" finding naming each damaged one (the image is then
+    judged without it, never a traceback: issue 28)."""
+    sound, findings = dict(record), []
+    for key, ok in _RECORD_FORMS.items():
+        if key in sound and not ok(sound[key]):
+            findings.append(Finding("record", f"the model's trained_on.{key} record is damaged ({str(sound[key])[:60]!r}); "
+                                              "the image was not compared on it"))
+            sound.pop(key)
+    return sound, findings
+
+
 def check_fit(spec: Any, image: Any, spacing: Sequence[float] | None = None, *, rgb: bool | None = None,
               modality: str | None = None) -> list[Finding]:
     """Findings that say how ``image`` (napari layout, raw intensities) differs from ``spec``'s training data.
@@ -192,9 +223,9 @@ def check_fit(spec: Any, image: Any, spacing: Sequence[float] | None = None, *, 
     Modality, a sample's label; see ``image_modality``). An empty list means nothing was found.
     """
     model, spec = spec, getattr(spec, "spec", spec)
-    rec = spec.trained_on or {}
+    rec, damaged = _sound_record(spec.trained_on or {})
     dims, channels = _layout(np.shape(image), rgb)
-    findings: list[Finding] = []
+    findings: list[Finding] = list(damaged)
     model_dims = rec.get("spatial_dims") or spec.spatial_dims
     if dims != model_dims:
         what = {3: "3D volume", 2: "2D image"}.get(dims, f"{dims}-D array, not an image")

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from napari_dmoe.io.images import ImageWriteError, Volume
+from napari_dmoe.io.volume import ImageWriteError, Volume
 
 # DICOM LO (Long String) holds at most 64 characters; longer values make an invalid file
 _LO = 64
@@ -57,6 +57,8 @@ def require_dicom_source(like: Volume | None, path: str | Path | None = None) ->
             f"{prefix}DICOM SEG (.dcm) needs labels made on a DICOM series or file, so it can reference the source "
             f"images; these labels are not (source: {source}). Save as .nii.gz instead"
         )
+    files = (like.meta or {}).get("files") or []
+    require_seg_attributes(files, path)
 
 
 def source_files(source: Volume | Sequence[str | Path]) -> tuple[list[Path], list[str] | None]:
@@ -80,6 +82,39 @@ def source_files(source: Volume | Sequence[str | Path]) -> tuple[list[Path], lis
     return [Path(p) for p in files], [str(u) for u in uids] if uids else None
 
 
+# Patient and General Study attributes a SEG copies from its source. All are Type 2 (required, but may be empty,
+# PS3.3 C.7.1.1 and C.7.2.1): anonymisers often remove them (PatientBirthDate, StudyTime), so a missing one is
+# written empty, as the standard allows, instead of failing after the inference (issue 28). Only the in-memory
+# copy changes; the source files are never touched.
+TYPE2_COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+                "ReferringPhysicianName", "StudyID", "AccessionNumber")
+# Type 1 attributes (never empty) a SEG needs from its source: without them no SEG can reference it
+TYPE1_NEEDED = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Rows", "Columns")
+
+
+def _fill_type2(ds: Any) -> None:
+    for keyword in TYPE2_COPIED:
+        if keyword not in ds:
+            setattr(ds, keyword, "")
+
+
+def require_seg_attributes(files: Sequence[str | Path], path: str | Path | None = None) -> None:
+    """Refuse, before any inference, a source whose first file lacks a Type 1 attribute the SEG must copy."""
+    import pydicom
+
+    if not files:
+        return
+    try:
+        ds = pydicom.dcmread(str(files[0]), stop_before_pixels=True, specific_tags=list(TYPE1_NEEDED))
+    except Exception:  # unreadable: the reader refused it already, or the writer will say so
+        return
+    missing = [k for k in TYPE1_NEEDED if not str(getattr(ds, k, "") or "").strip()]
+    if missing:
+        prefix = f"{path}: " if path else ""
+        raise ImageWriteError(f"{prefix}DICOM SEG needs {', '.join(missing)} from the source ({files[0]}), which "
+                              "does not have it; save as .nii.gz instead")
+
+
 def _read_sources(files: list[Path], uids: list[str] | None) -> list[Any]:
     import pydicom
     from pydicom.errors import InvalidDicomError
@@ -95,6 +130,7 @@ def _read_sources(files: list[Path], uids: list[str] | None) -> list[Any]:
             ds = pydicom.dcmread(str(path), stop_before_pixels=True)  # highdicom needs the headers only
         except (InvalidDicomError, EOFError, OSError, ValueError, KeyError) as err:
             raise ImageWriteError(f"source DICOM file {path} is not readable ({err})") from err
+        _fill_type2(ds)
         if uids is not None and str(getattr(ds, "SOPInstanceUID", "")) != uids[i]:
             raise ImageWriteError(
                 f"source DICOM file {path} changed since the image was read (its SOPInstanceUID differs); reopen "
@@ -126,6 +162,9 @@ def _descriptions(n_segments: int, class_names: Sequence[str], algorithm: SegAlg
     from pydicom.sr.codedict import codes
 
     params = {k: _lo(v) for k, v in (("model", algorithm.model), ("attribute", algorithm.attribute)) if v}
+    if algorithm.forced:  # AlgorithmParameters is LT (10240 characters) of "key=value" joined by ","
+        params["forced"] = "yes"
+        params["fit_findings"] = " | ".join(f.replace(",", ";").replace("=", ":") for f in algorithm.findings)[:4000]
     kind = getattr(hd.seg.SegmentAlgorithmTypeValues, algorithm.kind.upper())
     ident = None if algorithm.kind == "manual" else hd.AlgorithmIdentificationSequence(  # none for MANUAL
         name=_lo(algorithm.name), version=_lo(algorithm.version), family=codes.cid7162.ArtificialIntelligence,
@@ -164,9 +203,6 @@ def write_dicom_seg(path: str | Path, labels: np.ndarray, source: Volume | Seque
     labels = np.asarray(labels)
     if labels.dtype.kind not in "iub" or (labels.size and labels.min() < 0):
         raise ImageWriteError("DICOM SEG labels must be non-negative integers")
-    if algorithm.forced:  # AlgorithmParameters is LT (10240 characters) of "key=value" joined by ","
-        params["forced"] = "yes"
-        params["fit_findings"] = " | ".join(f.replace(",", ";").replace("=", ":") for f in algorithm.findings)[:4000]
     if not path.parent.is_dir():
         raise ImageWriteError(f"{path.parent}: folder does not exist")
     files, uids = source_files(source)
@@ -261,7 +297,7 @@ def read_dicom_seg(path: str | Path, source: Volume | None = None) -> Volume:
     import highdicom as hd
 
     from napari_dmoe.io.dicom import read_dicom_series
-    from napari_dmoe.io.images import ImageReadError
+    from napari_dmoe.io.volume import ImageReadError
 
     path = Path(path)
     try:

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from napari_dmoe.colors import SEGMENT_COLORS  # shared with the Slicer module
-from napari_dmoe.io.images import ImageReadError, ImageWriteError, Volume
+from napari_dmoe.io.volume import ImageReadError, ImageWriteError, Volume
 
 SUFFIX = ".seg.nrrd"
 _TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])  # LPS <-> RAS (its own inverse)
@@ -145,7 +145,15 @@ def read_seg_nrrd(path: str | Path) -> Volume:
             "save again")
     if voxels.ndim != 3:
         raise ImageReadError(f"{path}: expected a 3D label map, got shape {voxels.shape}")
-    ijk_to_lps = np.asarray(seg["ijkToLPS"], dtype=float)
+    try:
+        ijk_to_lps = np.asarray(seg["ijkToLPS"], dtype=float)
+    except (KeyError, TypeError, ValueError) as err:
+        raise ImageReadError(f"{path}: header fields space directions / space origin are unreadable ({err})") from err
+    columns = np.linalg.norm(ijk_to_lps[:3, :3], axis=0) if ijk_to_lps.shape == (4, 4) else np.zeros(3)
+    if not np.all(np.isfinite(ijk_to_lps)) or columns.min() <= 1e-6 or \
+            abs(float(np.linalg.det(ijk_to_lps[:3, :3]))) <= 1e-6 * float(np.prod(columns)):
+        raise ImageReadError(f"{path}: header fields space directions / space origin give no usable geometry (NaN, "
+                             "infinite, zero-length or parallel axes); save the segmentation again from Slicer")
     ornt = io_orientation(ijk_to_lps)  # closest L, P, S axis (and sign) of each voxel axis
     to_canonical = ornt_transform(ornt, np.array([[0, 1.0], [1, 1.0], [2, 1.0]]))
     xyz = apply_orientation(voxels, to_canonical)
