@@ -47,10 +47,7 @@ def read_provenance(path: str | Path) -> dict[str, Any] | None:
     path = Path(path)
     name = path.name.lower()
     if name.endswith(".seg.nrrd"):
-        import nrrd
-
-        text = nrrd.read_header(str(path)).get(KEY)
-        return json.loads(text) if text else None
+        return _nrrd_field(path, KEY)
     if name.endswith((".nii", ".nii.gz")):
         import nibabel as nib
 
@@ -67,6 +64,19 @@ def read_provenance(path: str | Path) -> dict[str, Any] | None:
         return _seg_provenance(path)
     side = sidecar(path)
     return json.loads(side.read_text(encoding="utf-8")) if side.is_file() else None
+
+
+def _nrrd_field(path: Path, key: str) -> dict[str, Any] | None:
+    """The JSON of header field ``key:=...`` (NRRD: text lines up to the first empty line, then the data)."""
+    with open(path, "rb") as f:
+        for _ in range(10_000):  # a header is a few dozen lines
+            line = f.readline()
+            if line in (b"", b"\n", b"\r\n"):
+                break
+            name, sep, value = line.decode("latin-1").rstrip("\r\n").partition(":=")
+            if sep and name == key:
+                return json.loads(value)
+    return None
 
 
 def _seg_provenance(path: Path) -> dict[str, Any] | None:
