@@ -1,6 +1,8 @@
 """npe2 reader / writer contributions: direct calls, through npe2, and in a real viewer."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import nibabel as nib
 import npe2
 import numpy as np
@@ -161,3 +163,26 @@ def test_plugin_modules_import_without_torch_or_nibabel():
             "sys.exit(f'imported at plugin load: {bad}' if bad else 0)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+def test_manifest_reader_and_writer_equal_the_format_table():
+    """napari.yaml states the formats a second time (npe2 needs it there): it must say what io/formats.py says."""
+    import yaml
+
+    from napari_dmoe.io.formats import reader_patterns, writer_extensions
+
+    manifest = yaml.safe_load((Path(__file__).resolve().parents[1] / "napari_dmoe" / "napari.yaml").read_text())
+    (reader,) = manifest["contributions"]["readers"]
+    (writer,) = manifest["contributions"]["writers"]
+    assert sorted(reader["filename_patterns"]) == sorted(reader_patterns())
+    assert sorted(writer["filename_extensions"]) == sorted(writer_extensions())
+
+
+def test_one_default_mask_format_rule():
+    from napari_dmoe.io.formats import default_mask_suffix, dialog_filters, format_of
+
+    assert default_mask_suffix("dicom", 3, dicom_files=True) == ".dcm"  # the save dialog beside a series
+    assert default_mask_suffix("dicom", 3) == default_mask_suffix("dicom", 2) == ".nii.gz"  # the CLI's routing maps
+    assert default_mask_suffix("png", 2) == ".png" and default_mask_suffix(None, 3) == ".nii.gz"
+    assert format_of("a/scan.SEG.NRRD").name == "3D Slicer segmentation" and format_of("x.nrrd") is None
+    assert dialog_filters(".nii.gz").startswith("NIfTI (*.nii.gz *.nii);;") and "*.seg.nrrd" in dialog_filters(".png")

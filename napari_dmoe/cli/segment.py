@@ -47,10 +47,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _default_suffix(volume: Any) -> str:
-    return ".nii.gz" if volume.meta.get("format") in ("nifti", "dicom") or len(volume.spacing) == 3 else ".png"
-
-
 def engine_settings(args: argparse.Namespace, routing: bool) -> Any:
     """The engine options of the command line, as the one settings object every front end uses."""
     from napari_dmoe.inference.request import EngineSettings
@@ -107,11 +103,13 @@ def write_routing(folder: Path, src: Path, result: Any, volume: Any) -> None:
     """Dominant expert and each expert's mean gate weight (uint8, 255 = 1) in the source geometry."""
     import numpy as np
 
-    from napari_dmoe.io.images import suffix_of, write_labels
+    from napari_dmoe.io.formats import default_mask_suffix
+    from napari_dmoe.io.images import write_labels
 
     folder.mkdir(parents=True, exist_ok=True)
     stem = _stem(src)
-    suffix = _default_suffix(volume)
+    # routing maps are weights, not a segmentation: never DICOM SEG
+    suffix = default_mask_suffix(volume.meta.get("format"), len(volume.spacing))
     write_labels(folder / f"{stem}_dominant_expert{suffix}", result.dominant_expert, like=volume)
     mean = result.routing["mean"]
     # gate weights in [0, 1] -> uint8 (255 = weight 1) per expert, written like labels so NIfTI keeps the

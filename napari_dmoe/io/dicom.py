@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from napari_dmoe.io.images import ImageReadError, Volume
+from napari_dmoe.io.volume import ImageReadError, Volume
 
 
 def is_dicom_file(path: str | Path) -> bool:

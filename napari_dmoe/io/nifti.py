@@ -11,7 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from napari_dmoe.io.images import ImageReadError, ImageWriteError, Volume, suffix_of
+from napari_dmoe.io.formats import suffix_of
+from napari_dmoe.io.volume import ImageReadError, ImageWriteError, Volume
 
 CANONICAL = "LPS"  # voxel axis order (x, y, z) that NIfTI volumes are reoriented to
 MAX_VOXEL_MM = 100.0  # larger voxels are a broken header, not an image (and would make huge resampled grids)

@@ -18,17 +18,17 @@ def napari_get_reader(path: str | list[str]) -> Callable[[Any], list[tuple]] | N
     if isinstance(path, (list, tuple)):
         names = [os.fspath(p).lower() for p in path]
         if len(names) > 1:  # several files: only slices of a DICOM series are ours
-            return read_layers if all(n.endswith(".dcm") for n in names) else None
+            return read_layers if all(n.endswith(".dcm") for n in names) else None  # (DICOM files only)
         path = path[0]
     path = os.fspath(path)
     if os.path.isdir(path):
         from napari_dmoe.io.dicom import folder_has_dicom
 
         return read_layers if folder_has_dicom(path) else None  # let other readers try other folders
-    name = path.lower()
-    if name.endswith((".nii", ".nii.gz", ".dcm", ".seg.nrrd")):
-        return read_layers
-    return None
+    from napari_dmoe.io.formats import format_of
+
+    fmt = format_of(path)
+    return read_layers if fmt is not None and fmt.napari_reads else None
 
 
 def layer_metadata(volume: Any) -> dict[str, Any]:

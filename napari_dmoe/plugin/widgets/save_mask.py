@@ -11,23 +11,17 @@ from typing import Any
 
 from napari_dmoe.plugin.widgets.results import RESULT_KEY
 
-FILTERS = {".dcm": "DICOM SEG (*.dcm)", ".nii.gz": "NIfTI (*.nii.gz *.nii)", ".png": "PNG (*.png)",
-           ".tif": "TIFF (*.tif *.tiff)"}
-
-
 def is_mask(layer: Any) -> bool:
     meta = getattr(layer, "metadata", {}) or {}
     return isinstance(meta.get(RESULT_KEY), dict) and meta[RESULT_KEY].get("kind") == "mask"
 
 
 def default_suffix(layer: Any) -> str:
-    """The format the source image came in, as far as a mask can carry it."""
+    """The format the source image came in, as far as a mask can carry it (the rule of ``io.formats``)."""
+    from napari_dmoe.io.formats import default_mask_suffix
+
     meta = layer.metadata or {}
-    if meta.get("format") == "dicom" and meta.get("files"):
-        return ".dcm"
-    if meta.get("format") == "nifti" or layer.data.ndim == 3:
-        return ".nii.gz"
-    return ".png"
+    return default_mask_suffix(meta.get("format"), layer.data.ndim, dicom_files=bool(meta.get("files")))
 
 
 def _safe(text: str) -> str:
@@ -119,7 +113,9 @@ def save_dialog(parent: Any, viewer: Any, path: str | Path | None = None,
     if path is None:
         from qtpy.QtWidgets import QFileDialog
 
-        filters = ";;".join([FILTERS[default_suffix(layer)], *(f for s, f in FILTERS.items() if s != default_suffix(layer))])
+        from napari_dmoe.io.formats import dialog_filters
+
+        filters = dialog_filters(default_suffix(layer))
         path, _ = QFileDialog.getSaveFileName(parent, f"Save {layer.name}", str(default_path(layer)), filters)
         if not path:
             return None
