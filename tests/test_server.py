@@ -57,8 +57,9 @@ def models(tmp_path_factory):
 
 
 @contextlib.contextmanager
-def running_server(model_paths, log, *args: str, token: str | None = TOKEN):
-    """``dmoe serve MODELS... ARGS`` on a free localhost port in a subprocess; yields a connected Client."""
+def running_server(model_paths, log, *args: str, token: str | None = TOKEN, host: str = "127.0.0.1"):
+    """``dmoe serve MODELS... ARGS`` on a free localhost port in a subprocess; yields a connected Client (with
+    the server's ``port`` and ``pid``)."""
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("DMOE_SERVE_TOKEN", None)
@@ -68,7 +69,8 @@ def running_server(model_paths, log, *args: str, token: str | None = TOKEN):
         proc = subprocess.Popen([sys.executable, "-m", "napari_dmoe.cli.main", "serve", *map(str, model_paths),
                                  "--port", str(port), "--device", "cpu", "--log-level", "warning", *args],
                                 stdout=out, stderr=subprocess.STDOUT, env=env)
-    client = Client(f"http://127.0.0.1:{port}", token, timeout=120)
+    client = Client(f"http://{'[' + host + ']' if ':' in host else host}:{port}", token, timeout=120)
+    client.port, client.pid = port, proc.pid
     try:
         for _ in range(240):
             if proc.poll() is not None:
@@ -83,7 +85,11 @@ def running_server(model_paths, log, *args: str, token: str | None = TOKEN):
         yield client
     finally:
         proc.terminate()
-        proc.wait(timeout=30)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:  # a connection a failed test left open: do not hang the suite on it
+            proc.kill()
+            proc.wait(timeout=30)
         text = log.read_text()
         assert "Traceback" not in text, text[-4000:]  # no request made the server crash or print a traceback
 
@@ -353,3 +359,140 @@ def test_queue_runs_one_at_a_time_and_max_queue_counts_only_the_waiting():
     results = asyncio.run(scenario())
     assert results[0] == 0 and isinstance(results[1], Gone) and isinstance(results[2], Gone)
     assert peak[0] == 1 and queue.waiting == 0 and time.monotonic() - t0 < 0.9  # the batches stopped early
+
+
+# -- bounds, against a second server on IPv6 loopback with small limits ---------------------------------------
+@pytest.fixture(scope="module")
+def bounded(models, tmp_path_factory):
+    """32 MiB requests, 64 MiB of bodies at once, 3 waiting, 2 s header and body time limits; on [::1]
+    (finding 10: uvicorn crashed on the bracketed address)."""
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback on this machine")
+    log = tmp_path_factory.mktemp("bounded") / "server.log"
+    with running_server(models, log, "--host", "[::1]", "--max-request-mb", "32", "--max-inflight-mb", "64",
+                        "--max-queue", "3", "--request-timeout", "2", "--log-level", "info", host="::1") as client:
+        client.log = log
+        yield client
+
+
+def _upload(client, length: int, first: bytes = b"") -> socket.socket:
+    """A /segment request opened by hand: the header, then ``first`` bytes of a body of ``length``."""
+    s = socket.create_connection(("::1", client.port), timeout=30)
+    s.sendall(f"POST /segment HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nContent-Type: "
+              f"application/x-dmoe\r\nContent-Length: {length}\r\n\r\n".encode() + first)
+    return s
+
+
+def _status(s: socket.socket, timeout: float) -> tuple[int, str]:
+    s.settimeout(timeout)
+    data = b""
+    with contextlib.suppress(OSError):
+        while b"\r\n\r\n" not in data or not data.rstrip().endswith(b"}"):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return (int(head.split()[1]) if head else 0), body.decode(errors="replace")
+
+
+def _rss(pid: int) -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_bodies_are_bounded_before_they_are_read(bounded):
+    """Finding 1: the queue place and the upload budget are taken from Content-Length before the body is read.
+    Two stalled 31.5 MiB uploads fill the budget; eight concurrent 31.5 MiB uploads then get 503 without being
+    read: the server's memory grows by less than one of them (it grew by twice their size each before)."""
+    shape = (126, 256, 256)  # float32: 31.5 MiB
+    message = encode({"model": "m3", "force": True}, {"image": np.zeros(shape, np.float32)})
+    before = _rss(bounded.pid)
+    stalled = [_upload(bounded, len(message), message[:65536]) for _ in range(2)]
+    trickling, sent = threading.Event(), [65536]
+
+    def trickle() -> None:  # a byte now and then keeps the stalled bodies inside the 2 s idle limit
+        with contextlib.suppress(OSError):
+            while not trickling.wait(0.5):
+                for s in stalled:
+                    s.sendall(message[sent[0] : sent[0] + 1])
+                sent[0] += 1
+
+    trickler = threading.Thread(target=trickle)
+    trickler.start()
+    time.sleep(0.3)
+    codes: list[int] = []
+
+    def send() -> None:
+        codes.append(_post(bounded.url + "/segment", message)[0])
+
+    threads = [threading.Thread(target=send) for _ in range(8)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        grown = _rss(bounded.pid) - before
+        print(f"server RSS grew by {grown / 2**20:.1f} MiB under 8 concurrent refused 31.5 MiB uploads")
+        assert codes == [503] * 8 and grown < 16 * 2**20, (codes, grown / 2**20)
+        assert "--max-inflight-mb" in _post(bounded.url + "/segment", message)[1]["error"]
+    finally:
+        trickling.set()
+        trickler.join()
+    for s in stalled:  # finding 4: a body that stops arriving is answered 408 after the time limit
+        code, body = _status(s, 10)
+        s.close()
+        assert code == 408 and "too slowly" in body
+    assert bounded.segment("m2", np.zeros((16, 16), np.float32)).labels.shape == (16, 16)  # the budget is free
+
+
+def test_an_incomplete_header_is_not_held(bounded):
+    """Finding 4: `POST /segm` and nothing more is closed after the header time limit (2 s here)."""
+    for start in (b"POST /segm", b""):
+        s = socket.create_connection(("::1", bounded.port), timeout=30)
+        s.sendall(start)
+        t0 = time.monotonic()
+        s.settimeout(15)
+        assert s.recv(1024) == b"" and time.monotonic() - t0 < 6  # closed by the server
+        s.close()
+    assert "no complete request header" in bounded.log.read_text()
+
+
+def test_abandoned_requests_are_dropped(bounded):
+    """Finding 2: three clients send a volume and leave; a small request after them waits for at most part of
+    one (the one running stops between window batches; the queued ones never start)."""
+    volume = np.random.default_rng(0).random((96, 128, 128)).astype(np.float32)
+    t0 = time.monotonic()
+    bounded.segment("m3", volume, attribute="T2", force=True)
+    one = time.monotonic() - t0
+    message = encode({"model": "m3", "attribute": "T2", "force": True}, {"image": volume})
+    for _ in range(3):
+        s = _upload(bounded, len(message), message)
+        s.close()  # the client gives up
+    time.sleep(0.5)
+    t0 = time.monotonic()
+    assert bounded.segment("m2", np.zeros((16, 16), np.float32)).labels.shape == (16, 16)
+    waited = time.monotonic() - t0
+    assert waited < one + 2, (waited, one)  # three runs would take 3 * one
+    deadline = time.monotonic() + 10
+    while bounded.log.read_text().count("went away") < 3 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert bounded.log.read_text().count("went away") >= 3
+
+
+def test_a_disconnect_mid_upload_is_one_log_line(bounded):
+    """Finding 10: no traceback (the fixture checks the whole log at the end), one line naming what happened."""
+    message = encode({"model": "m2"}, {"image": np.zeros((256, 256), np.float32)})
+    s = _upload(bounded, len(message), message[:4096])
+    time.sleep(0.3)
+    s.close()
+    line = f"after sending 4096 of {len(message)} bytes"
+    deadline = time.monotonic() + 10
+    while line not in bounded.log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert bounded.log.read_text().count(line) == 1

@@ -89,8 +89,22 @@ def run(args: argparse.Namespace) -> int:
     print(f"dmoe serve: {len(store.ids())} model(s) {store.ids()} on {device} ({reason}); "
           f"http://{'[' + host + ']' if ':' in host else host}:{args.port} "
           f"{'(token required)' if token else '(no token)'}", file=sys.stderr, flush=True)
+    _log_to_stderr(args.log_level)
     protocol = type("Protocol", (TimedH11Protocol,), {"header_timeout": args.request_timeout})
     # h11 always (httptools has no header time limit here); limit_concurrency bounds open connections
     uvicorn.run(app, host=host, port=args.port, log_level=args.log_level, http=protocol,
                 limit_concurrency=args.max_connections, timeout_keep_alive=5)
     return 0
+
+
+def _log_to_stderr(level: str) -> None:
+    """The server's own lines (a client gone, a closed slow connection, a 500's traceback) beside uvicorn's."""
+    import logging
+
+    logger = logging.getLogger("napari_dmoe.server")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(level.upper())
+    logger.propagate = False

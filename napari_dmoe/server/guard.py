@@ -24,6 +24,10 @@ from napari_dmoe.server.work import Gone
 log = logging.getLogger("napari_dmoe.server")
 
 HEADER_TIMEOUT_S = 20.0  # from connection (or the previous answer) to the end of a request's header
+DRAIN_BYTES = 64 << 20  # the unread rest of a refused request's body is received and dropped up to this much before
+# the answer, so a client that sends its whole body before reading (urllib, requests) gets the answer, not a reset
+# (uvicorn closes a connection answered before its body ended)
+DRAIN_IDLE_S = 10.0
 BODY_IDLE_S = 30.0  # longest silence while a body arrives
 MIN_RATE = 1 << 20  # bytes per second a body may not fall below on average (after a 60 s allowance)
 
@@ -111,8 +115,18 @@ async def read_body(receive: Callable[[], Awaitable[dict]], length: int, *, idle
     return view
 
 
+async def _drain(receive: Callable[[], Awaitable[dict]], body: dict) -> None:
+    """Receive and drop what is left of a request's body (it was refused before being read)."""
+    while not body["done"]:
+        try:
+            await asyncio.wait_for(receive(), DRAIN_IDLE_S)
+        except asyncio.TimeoutError:
+            return
+
+
 class ErrorMiddleware:
-    """The JSON 500 for a bug, logged once with its traceback; a client gone mid-request logged in one line."""
+    """The JSON 500 for a bug, logged once with its traceback; a client gone mid-request logged in one line; the
+    unread rest of a refused body (up to ``DRAIN_BYTES``) received and dropped before the answer."""
 
     def __init__(self, app: Any) -> None:
         self.app = app
@@ -122,14 +136,26 @@ class ErrorMiddleware:
             await self.app(scope, receive, send)
             return
         started = False
+        length = dict(scope.get("headers") or []).get(b"content-length", b"0")
+        body = {"left": int(length) if length.isdigit() else 0}
+        body["done"] = body["left"] == 0
+
+        async def received() -> dict:
+            message = await receive()
+            body["left"] -= len(message.get("body", b""))
+            body["done"] = message["type"] == "http.disconnect" or not message.get("more_body", False)
+            return message
 
         async def tracked(message: dict) -> None:
             nonlocal started
-            started = started or message["type"] == "http.response.start"
+            if message["type"] == "http.response.start":
+                started = True
+                if not body["done"] and body["left"] <= DRAIN_BYTES and message["status"] != 408:  # 408: it stalled
+                    await _drain(received, body)
             await send(message)
 
         try:
-            await self.app(scope, receive, tracked)
+            await self.app(scope, received, tracked)
         except Gone as err:
             log.info("%s %s from %s: %s", scope.get("method"), scope.get("path"), _peer(scope.get("client")), err)
         except Exception as exc:  # noqa: BLE001 - the one place a bug becomes a 500
