@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -22,10 +22,49 @@ import torch
 from monai.metrics import compute_dice, compute_hausdorff_distance, compute_iou
 from monai.networks.utils import one_hot
 
-__all__ = ["FairnessError", "PerImage", "METRICS", "image_metrics", "evaluate_image", "metric_values", "nan_mean",
-           "group_means", "equity_scaled", "mean_dice"]
+__all__ = ["FairnessError", "PerImage", "Metric", "METRICS", "register_metric", "image_metrics", "evaluate_image",
+           "metric_values", "nan_mean", "group_means", "equity_scaled", "mean_dice"]
 
-METRICS = ("dice", "iou", "hd95")
+
+@dataclass(frozen=True)
+class Metric:
+    """One per-image metric of a foreground class.
+
+    Args:
+        key: the name in records, reports and CSV columns ("dice").
+        label: the name in tables ("Dice").
+        compute: ``compute(pred, truth, spacing) -> float`` on one class's boolean masks; None for the built-in
+            Dice/IoU/HD95, which ``image_metrics`` computes with MONAI for every class at once.
+        equity_scaled: the report also gives FairSeg's ES-<label> and its bootstrap CI (overlap metrics in [0, 1]).
+        slow: left out (NaN) where speed matters, e.g. validation during training (``image_metrics(hd95=False)``).
+    """
+
+    key: str
+    label: str
+    compute: Callable[[np.ndarray, np.ndarray, Sequence[float] | None], float] | None = None
+    equity_scaled: bool = False
+    slow: bool = False
+
+
+# The one list of metrics: ``dmoe evaluate``, validation, the fine-tune comparison and every report read it, so a
+# metric registered here (``register_metric``) reaches all of them with no other edit.
+METRICS: dict[str, Metric] = {
+    "dice": Metric("dice", "Dice", equity_scaled=True),
+    "iou": Metric("iou", "IoU", equity_scaled=True),
+    "hd95": Metric("hd95", "HD95", slow=True),
+}
+
+
+def register_metric(metric: Metric) -> None:
+    """Add a metric (its ``compute`` given) to every evaluation; a key already taken is refused."""
+    if metric.key in METRICS or metric.compute is None:
+        raise FairnessError(f"metric {metric.key!r}: the key is taken or no compute function was given")
+    METRICS[metric.key] = metric
+
+
+def equity_metrics() -> list[str]:
+    """Keys of the metrics the report equity-scales (ES-Dice, ES-IoU, ...)."""
+    return [k for k, m in METRICS.items() if m.equity_scaled]
 
 
 class FairnessError(ValueError):
@@ -98,7 +137,12 @@ def image_metrics(
                 )
         else:
             distance = 0.0 if not (in_pred or in_gt) else math.nan
-        out[class_names[c]] = {"dice": float(dice[c - 1]), "iou": float(iou[c - 1]), "hd95": distance}
+        values = {"dice": float(dice[c - 1]), "iou": float(iou[c - 1]), "hd95": distance}
+        for key, metric in METRICS.items():  # registered metrics beyond the MONAI three
+            if metric.compute is not None:
+                values[key] = math.nan if metric.slow and not hd95 else float(
+                    metric.compute(pred == c, gt == c, spacing))
+        out[class_names[c]] = values
     return out
 
 
@@ -113,7 +157,7 @@ def metric_values(records: Sequence[PerImage], class_name: str, metric: str = "d
     if not records:
         raise FairnessError("no per-image records: evaluate at least one image")
     if metric not in METRICS:
-        raise FairnessError(f"unknown metric {metric!r}; choose one of {METRICS}")
+        raise FairnessError(f"unknown metric {metric!r}; choose one of {list(METRICS)}")
     try:
         return np.array([r.metrics[class_name][metric] for r in records], dtype=float)
     except KeyError:

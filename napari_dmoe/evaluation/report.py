@@ -15,8 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from napari_dmoe.evaluation.metrics import METRICS, FairnessError, PerImage, equity_scaled, group_means, \
-    metric_values, nan_mean
+from napari_dmoe.evaluation.metrics import (
+    METRICS, FairnessError, PerImage, equity_metrics, equity_scaled, group_means, metric_values, nan_mean,
+)
 from napari_dmoe.io.files import atomic_write
 from napari_dmoe.model.routers import group_values
 
@@ -49,7 +50,7 @@ def _bootstrap_class(values: dict[str, np.ndarray], codes: np.ndarray, n_groups:
     member = codes[idx][..., None] == np.arange(n_groups)  # [n, N, G]
     counts = member.sum(1)
     out = {}
-    for metric in ("dice", "iou"):
+    for metric in equity_metrics():
         v = values[metric][idx]  # [n, N]
         overall = v.mean(1)
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -74,6 +75,11 @@ def _clean(x):
     return x
 
 
+def summary_keys() -> list[str]:
+    """The keys of ``mean_over_classes``: every metric and every equity-scaled one."""
+    return [*METRICS, *(f"es_{m}" for m in equity_metrics())]
+
+
 def fairness_report(records: Sequence[PerImage], class_names: Sequence[str] | None = None, n_boot: int = 1000,
                     seed: int = 0, name: str | None = None) -> dict:
     """JSON-serialisable summary per class: means, per-group means and counts, ES-Dice/IoU, worst group, 95% CIs.
@@ -96,19 +102,17 @@ def fairness_report(records: Sequence[PerImage], class_names: Sequence[str] | No
         classes[cname] = {
             **means,
             "hd95_undefined": int(np.isnan(values["hd95"]).sum()),
-            "es_dice": equity_scaled(means["dice"], by_group["dice"]),
-            "es_iou": equity_scaled(means["iou"], by_group["iou"]),
+            **{f"es_{m}": equity_scaled(means[m], by_group[m]) for m in equity_metrics()},
             "worst_group": worst,
             "worst_group_dice": by_group["dice"][worst],
             "groups": {g: {"n": int((codes == k).sum()), **{m: by_group[m][g] for m in METRICS}}
                        for k, g in enumerate(groups)},
             "ci95": {
-                **{key: _percentiles(boot[key]) for key in ("dice", "iou", "es_dice", "es_iou")},
+                **{key: _percentiles(boot[key]) for m in equity_metrics() for key in (m, f"es_{m}")},
                 "groups": {g: {"dice": _percentiles(boot["groups_dice"][:, k])} for k, g in enumerate(groups)},
             },
         }
-    summary = {key: float(np.mean([classes[c][key] for c in class_names])) for key in ("dice", "iou", "es_dice",
-                                                                                         "es_iou")}
+    summary = {key: float(np.mean([classes[c][key] for c in class_names])) for key in summary_keys()}
     return _clean({
         "name": name, "n_images": len(records), "groups": groups, "classes": classes,
         "mean_over_classes": summary, "bootstrap": {"n": n_boot, "seed": seed, "level": 0.95, "stratified": False},
@@ -171,8 +175,9 @@ def compare_reports(paths: Sequence[str | Path]) -> str:
     rows = []
     for cname in dict.fromkeys(c for r in reports for c in r["classes"]):
         groups = list(dict.fromkeys(g for r in reports for g in r["classes"].get(cname, {}).get("groups", {})))
-        keys = [("Dice", "dice"), ("IoU", "iou"), ("HD95", "hd95"), ("ES-Dice", "es_dice"), ("ES-IoU", "es_iou"),
-                ("worst-group Dice", "worst_group_dice")]
+        keys = [(m.label, k) for k, m in METRICS.items()]
+        keys += [(f"ES-{METRICS[k].label}", f"es_{k}") for k in equity_metrics()] + [("worst-group Dice",
+                                                                                      "worst_group_dice")]
         for label, key in keys:
             rows.append([f"{cname} {label}"] + [_fmt(r["classes"].get(cname, {}).get(key)) for r in reports])
         for g in groups:

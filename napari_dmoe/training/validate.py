@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from napari_dmoe.evaluation.cases import case_from_item, evaluate_cases
 from napari_dmoe.evaluation.metrics import PerImage, evaluate_image
-from napari_dmoe.evaluation.report import fairness_report
+from napari_dmoe.evaluation.report import fairness_report, summary_keys
 from napari_dmoe.model.spec import ModelSpec
 
 
@@ -36,8 +36,8 @@ def validate(network: torch.nn.Module, items: Dataset, spec: ModelSpec, device: 
     if not records:
         return {}
     report = fairness_report(records, n_boot=0)
-    classes = {c: {"dice": v["dice"], "es_dice": v["es_dice"], "iou": v["iou"],
-                   "groups": {g: gv["dice"] for g, gv in v["groups"].items()}}
+    # every metric of the report (evaluation.metrics.METRICS and their ES- forms); groups by Dice (the checkpoint)
+    classes = {c: {**{k: v[k] for k in summary_keys()}, "groups": {g: gv["dice"] for g, gv in v["groups"].items()}}
                for c, v in report["classes"].items()}
     group_names = report["groups"]
     groups = {g: float(np.mean([classes[c]["groups"][g] for c in classes])) for g in group_names}
