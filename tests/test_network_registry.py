@@ -13,7 +13,8 @@ from napari_dmoe.model import PRESETS, build_network, make_spec, registry
 from napari_dmoe.model.moe import DMoE
 from napari_dmoe.model.registry import InputRule, Preset
 from napari_dmoe.model.spec import SpecError
-from napari_dmoe.model.transunet import InputShapeError, default_attr
+from napari_dmoe.model.routers import default_attr
+from napari_dmoe.model.spec import InputShapeError
 from training_data import tiny_config, write_fairseg
 
 ARCH = "tinyconv2d"

@@ -9,7 +9,7 @@ from napari_dmoe.model.moe import DMoE, capture_routing
 from napari_dmoe.model.reference import loop_dmoe
 from napari_dmoe.model.resunet3d import nearest_valid_sizes
 from napari_dmoe.model.spec import SpecError
-from napari_dmoe.model.transunet import InputShapeError
+from napari_dmoe.model.spec import InputShapeError
 
 RACE = ["Asian", "Black", "White"]
 STAGE = ["T1", "T2", "T3", "T4"]

@@ -11,7 +11,8 @@ from torch import Tensor, nn
 
 from napari_dmoe.model.moe import DMoE
 from napari_dmoe.model.registry import InputRule, Preset
-from napari_dmoe.model.transunet import InputShapeError, default_attr
+from napari_dmoe.model.routers import default_attr
+from napari_dmoe.model.spec import InputShapeError
 
 N_STAGES = 5
 # every stage halves the grid; instance norm needs more than one voxel at the bottom stage
@@ -39,6 +40,16 @@ class ResUNet3D(nn.Module):
     """``forward(x [B, C, D, H, W], attr [B]) -> logits [B, n_classes, D, H, W]``.
 
     Spatial sizes must be multiples of 32 and at least 64 (instance norm needs 2 voxels at the bottom stage).
+
+    Args:
+        in_channels: image channels.
+        n_classes: output classes, background included.
+        n_routers: routers of each stage's dMoE (one per attribute value or combination); 1 is plain MoE, 0 none.
+        n_experts: experts of each stage's dMoE (8).
+        top_k: experts each voxel is routed to (2).
+        feature_size: F, the first stage's channels; stages have F, F, 2F, 4F, 8F (24 in the paper).
+        norm_name: MONAI norm of the residual blocks ("instance").
+        noisy_eval: keep the router noise at inference, as the official code does (default: deterministic).
     """
 
     spatial_dims = 3

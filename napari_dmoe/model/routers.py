@@ -198,3 +198,15 @@ def fallback_routers(spec: ModelSpec, index: int) -> list[int]:
     """Routers to use for router ``index``: ``[index]`` unless the training provenance says it was too rare."""
     table = (spec.provenance or {}).get("router_fallback", {}).get("routers", {})
     return [int(j) for j in table.get(str(index), [index])]
+
+
+def default_attr(attr: Any, x: Any, moe: Any) -> Any:
+    """A network's ``attr`` (router index per sample) may be left out only when there is at most one router
+    (baseline or plain MoE): then every sample uses router 0."""
+    import torch
+
+    if attr is not None:
+        return attr
+    if moe is not None and moe[0].n_attr > 1:
+        raise ValueError(f"this network has {moe[0].n_attr} attribute routers: pass attr (router index per sample)")
+    return torch.zeros(x.shape[0], dtype=torch.long, device=x.device)

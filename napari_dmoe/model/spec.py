@@ -42,6 +42,10 @@ class SpecError(ValueError):
     """A model spec is malformed; the message names the field and what is expected."""
 
 
+class InputShapeError(ValueError):
+    """The image given to a network has the wrong size or channel count."""
+
+
 @dataclass
 class Attribute:
     """One patient attribute a model is conditioned on, with its ordered vocabulary."""

@@ -14,19 +14,8 @@ from torch import Tensor, nn
 
 from napari_dmoe.model.moe import DMoE
 from napari_dmoe.model.registry import InputRule, Preset
-
-
-class InputShapeError(ValueError):
-    """The image given to a network has the wrong size or channel count."""
-
-
-def default_attr(attr: Tensor | None, x: Tensor, moe: nn.ModuleList | None) -> Tensor:
-    """``attr`` may be left out only when there is at most one router (baseline or plain MoE)."""
-    if attr is not None:
-        return attr
-    if moe is not None and moe[0].n_attr > 1:
-        raise ValueError(f"this network has {moe[0].n_attr} attribute routers: pass attr (router index per sample)")
-    return torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+from napari_dmoe.model.routers import default_attr
+from napari_dmoe.model.spec import InputShapeError
 
 
 class Embeddings(nn.Module):
@@ -165,7 +154,27 @@ class DecoderCup(nn.Module):
 
 
 class TransUNet(nn.Module):
-    """``forward(x [B, C, H, W], attr [B]) -> logits [B, n_classes, H, W]`` with H = W = img_size."""
+    """``forward(x [B, C, H, W], attr [B]) -> logits [B, n_classes, H, W]`` with H = W = img_size.
+
+    Args:
+        in_channels: image channels (grey images are repeated to 3 by the official code; ours take 1).
+        n_classes: output classes, background included.
+        n_routers: dMoE routers (one per attribute value or combination); 1 is plain MoE, 0 no MoE at all.
+        n_experts: shared experts of the dMoE layer (8 in the paper).
+        top_k: experts each token is routed to (2).
+        img_size: input height and width; the position embeddings are learned for this grid.
+        patch_size: ViT patch size; must equal 2 ** len(decoder_channels) (the decoder upsamples x2 a block).
+        hidden: ViT token width (768 in ViT-B/16).
+        depth: transformer blocks (12); a dMoE residual step follows each.
+        heads: attention heads (12).
+        mlp_dim: width of each block's MLP (3072).
+        head_channels: channels of the 3x3 conv at the token grid that starts the CUP decoder (512).
+        decoder_channels: channels of the four upsampling blocks ((256, 128, 64, 16)).
+        dropout: dropout of embeddings, MLPs and experts (0.1).
+        attn_dropout: dropout of the attention weights (0).
+        moe_per_block: one dMoE per block instead of the released models' one instance shared by all blocks.
+        noisy_eval: keep the router noise at inference, as the official code does (default: deterministic).
+    """
 
     spatial_dims = 2
     # "paper" = the released models; "small" runs on a laptop CPU; "tiny" is for tests
