@@ -20,6 +20,9 @@ from torch import Tensor, nn
 
 
 DISPATCH_CHUNK = 16384  # token slots per expert matmul pair
+# With autograd on, gather-only dispatch (Experts._dispatch_train); False takes the inference path's
+# index_select / index_add_ with autograd too (bench/bench_moe_layer.py --train compares the two)
+GATHER_IN_TRAINING = True
 
 
 class RoutingError(ValueError):
@@ -72,6 +75,36 @@ class Expert(nn.Module):
         return self.drop(self.fc2(F.relu(self.fc1(x), inplace=True)))
 
 
+class _SlotGather(torch.autograd.Function):
+    """``rows[s] = x[slot_token[s]]``: token rows into expert-sorted slots. Its backward is the adjoint, a gather
+    back to token order and a sum over each token's k slots, where autograd's would scatter-add (``index_add_``)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, slot_token: Tensor, inverse: Tensor, k: int) -> Tensor:
+        ctx.save_for_backward(inverse)
+        ctx.k = k
+        return x.index_select(0, slot_token)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse).view(-1, ctx.k, grad.shape[1]).sum(1), None, None, None
+
+
+class _Permute(torch.autograd.Function):
+    """``rows[perm]`` whose backward gathers with the inverse permutation (no scatter)."""
+
+    @staticmethod
+    def forward(ctx, rows: Tensor, perm: Tensor, inverse: Tensor) -> Tensor:
+        ctx.save_for_backward(inverse)
+        return rows.index_select(0, perm)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
+
+
 class Experts(nn.ModuleList):
     """E shared experts with grouped (sorted) sparse dispatch."""
 
@@ -88,6 +121,8 @@ class Experts(nn.ModuleList):
         order = torch.argsort(slot_expert, stable=True)
         # One host sync for all experts (the official code syncs once per expert with `mask.any()`).
         counts = torch.bincount(slot_expert, minlength=len(experts)).tolist()
+        if torch.is_grad_enabled() and GATHER_IN_TRAINING:
+            return self._dispatch_train(experts, x, order, counts, weights)
         slot_token = order // k
         slot_weight = weights.reshape(-1, 1)[order]
         out: Tensor | None = None
@@ -106,6 +141,28 @@ class Experts(nn.ModuleList):
                 out.index_add_(0, tokens, y)
             start += count
         return torch.zeros_like(x) if out is None else out
+
+    @staticmethod
+    def _dispatch_train(experts: list, x: Tensor, order: Tensor, counts: list[int], weights: Tensor) -> Tensor:
+        """The dispatch with autograd: gathers only, forward and backward. Token rows are gathered once into
+        expert order and the expert outputs gathered back, where per-chunk ``index_select`` / ``index_add_`` cost
+        a token-sized zero tensor and a scatter per expert in backward (BENCHMARKS.md, "dMoE dispatch in
+        training"). Experts no token chose run nothing and get no gradient. Bit-identical to the inference path."""
+        t, k = weights.shape
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
+        rows = _SlotGather.apply(x, order // k, inverse, k)
+        sizes, owners = [], []
+        for e, count in enumerate(counts):
+            for lo in range(0, count, DISPATCH_CHUNK):
+                sizes.append(min(DISPATCH_CHUNK, count - lo))
+                owners.append(experts[e])
+        if not sizes:
+            return torch.zeros_like(x)
+        out = torch.cat([expert(piece) for expert, piece in zip(owners, rows.split(sizes))])
+        out = _Permute.apply(out, inverse, order).view(t, k, -1)  # back to (token, choice) order
+        # for k <= 2 the sum over choices adds the same two products as the scatter-add, so the result is the same
+        return (out * weights.unsqueeze(-1)).sum(1)
 
 
 class DMoE(nn.Module):
