@@ -134,7 +134,8 @@ def for_bit_depth(normalization: Mapping[str, Any], dtype: Any, image: Any = Non
         if low is not None and low < 0:
             raise TransformError(
                 f"{what} with negative values (down to {low:g}): this model divides intensities by {factor:g} "
-                "(unsigned images from 0) and has no rule for negative ones; convert the image to unsigned 8 or 16 bits")
+                "(unsigned images from 0) and has no rule for negative ones; convert the image to unsigned 8 or 16 "
+                "bits")
         if high is not None and (dtype.kind == "i" or bits > 8):
             used = next(b for b in (*[b for b in STANDARD_BITS if b < usable], usable) if high < 2**b)
             if used < usable:

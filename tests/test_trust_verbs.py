@@ -97,7 +97,8 @@ def test_finetune_compare_csv_problems_are_one_line_messages(pairs, tmp_path, ca
 def folder_config(tmp_path):
     root = write_folder(tmp_path / "data", n=6)
     return root, tiny_config(tmp_path / "data.yaml", tmp_path / "unused",
-                             {"format": "folder", "root": str(root), "csv": "dataset.csv", "attributes": {"sex": ["F", "M"]},
+                             {"format": "folder", "root": str(root), "csv": "dataset.csv",
+                              "attributes": {"sex": ["F", "M"]},
                               "class_names": ["background", "disc"]})
 
 
@@ -125,7 +126,8 @@ def test_evaluate_never_replaces_the_table_the_dataset_reads(model, tmp_path, ca
     root = write_folder(tmp_path / "data", n=6)
     (root / "dataset.csv").rename(root / "report.csv")  # the user's pairs table happens to be called report.csv
     config = tiny_config(tmp_path / "data.yaml", tmp_path / "unused",
-                         {"format": "folder", "root": str(root), "csv": "report.csv", "attributes": {"sex": ["F", "M"]},
+                         {"format": "folder", "root": str(root), "csv": "report.csv",
+                          "attributes": {"sex": ["F", "M"]},
                           "class_names": ["background", "disc"]})
     before = snapshot(root / "report.csv")
     assert main(["evaluate", str(model), str(config), "--out", str(root), "--overwrite", "--device", "cpu"]) == 2

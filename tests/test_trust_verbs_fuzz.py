@@ -52,7 +52,8 @@ class Blob(bytes):
 
 
 INFO_FIELDS = ["provenance", "metrics", "trained_on", "provenance.data", "provenance.finetune",
-               "provenance.adaptation", "provenance.method", "metrics.classes", "metrics.test", "metrics.finetune_groups",
+               "provenance.adaptation", "provenance.method", "metrics.classes", "metrics.test",
+               "metrics.finetune_groups",
                "metrics.dice", "local_experts", "normalization", "arch_kwargs", "spacing", "class_names", "attributes"]
 
 
@@ -60,7 +61,8 @@ INFO_FIELDS = ["provenance", "metrics", "trained_on", "provenance.data", "proven
 @given(changes=st.dictionaries(st.sampled_from(INFO_FIELDS), JSON, min_size=1, max_size=3))
 @example(changes={"metrics.test": {"classes": {"rim": {"groups": [1]}}}})
 @example(changes={"metrics.classes": {"rim": {"groups": 3}}, "provenance.data": {"train": {"n": 1, "groups": 2}}})
-@example(changes={"metrics.finetune_groups": [{"before": "x", "agreement": [1]}], "provenance.adaptation": {"groups": 3}})
+@example(changes={"metrics.finetune_groups": [{"before": "x", "agreement": [1]}],
+                  "provenance.adaptation": {"groups": 3}})
 def test_dmoe_info_on_tampered_headers(tmp_path, capsys, model_bytes, changes):
     src = tmp_path / "src.safetensors"
     src.write_bytes(model_bytes)
@@ -210,7 +212,8 @@ def test_dicom_seg_without_a_type_1_attribute_is_refused_before_inference(tmp_pa
         ds = pydicom.dcmread(f)
         del ds.StudyInstanceUID
         ds.save_as(f)
-    assert main(["segment", str(model), str(tmp_path / "s"), "-a", "Black", "-o", str(tmp_path / "o.dcm"), "--force", "-q",
+    assert main(["segment", str(model), str(tmp_path / "s"), "-a", "Black", "-o", str(tmp_path / "o.dcm"), "--force",
+                 "-q",
                  "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert "DICOM SEG needs StudyInstanceUID" in err and "save as .nii.gz" in err and ": infer" not in err

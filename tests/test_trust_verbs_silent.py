@@ -131,11 +131,13 @@ def _variants(tmp_path):
     return files
 
 
-@pytest.mark.parametrize("name, note", [("16-bit.png", "16-bit image: intensities divided by 65535"),
-                                        ("12-bit.png", "16-bit image whose values reach only 4079 (12-bit data): intensities divided by 4095"),
-                                        ("12-bit.tif", "(12-bit data): intensities divided by 4095"),
-                                        ("int16.tif", "signed 16-bit image whose values reach only 4079 (12-bit data): intensities divided by 4095"),
-                                        ("float.tif", "values in [0, 1] (its full scale is 1): intensities divided by 1")])
+TWELVE = "16-bit image whose values reach only 4079 (12-bit data): intensities divided by 4095"
+
+
+@pytest.mark.parametrize("name, note", [
+    ("16-bit.png", "16-bit image: intensities divided by 65535"), ("12-bit.png", TWELVE), ("12-bit.tif", TWELVE),
+    ("int16.tif", "signed " + TWELVE),
+    ("float.tif", "values in [0, 1] (its full scale is 1): intensities divided by 1")])
 def test_other_bit_depths_fit_and_give_the_8_bit_mask(model8, tmp_path, name, note):
     _variants(tmp_path)
     volume = read_image(tmp_path / name)

@@ -66,6 +66,7 @@ def check_pairs_csv(path: Path, model: str) -> None:
             for line, row in enumerate(reader, start=2):
                 for column in ("image", "mask"):
                     if not (row.get(column) or "").strip():
-                        raise ValueError(f"{path}, line {line}: the {column!r} cell is empty; fill it or remove the row")
+                        raise ValueError(f"{path}, line {line}: the {column!r} cell is empty; fill it or remove "
+                                         "the row")
     except UnicodeDecodeError as err:
         raise ValueError(f"{path}: not a UTF-8 text CSV ({err.reason})") from None

@@ -162,7 +162,8 @@ def _grid(spec: Any, shape: Sequence[int], spacing: Sequence[float] | None, dims
 
     spatial = tuple(int(n) for n in (shape[:-1] if rgb else shape))
     if dims != spec.spatial_dims:  # a 2D model on a volume: judged plane by plane
-        spatial, spacing = spatial[-spec.spatial_dims:], (None if spacing is None else tuple(spacing)[-spec.spatial_dims:])
+        spatial = spatial[-spec.spatial_dims:]
+        spacing = None if spacing is None else tuple(spacing)[-spec.spatial_dims:]
     try:
         plan = make_plan(spec, spatial, spacing, None, 0.25)
     except (ValueError, OverflowError):  # the engine refuses these itself, with its own message
@@ -207,8 +208,9 @@ def _sound_record(record: Mapping[str, Any]) -> tuple[dict[str, Any], list[Findi
     sound, findings = dict(record), []
     for key, ok in _RECORD_FORMS.items():
         if key in sound and not ok(sound[key]):
-            findings.append(Finding("record", f"the model's trained_on.{key} record is damaged ({str(sound[key])[:60]!r}); "
-                                              "the image was not compared on it"))
+            shown = str(sound[key])[:60]
+            findings.append(Finding("record", f"the model's trained_on.{key} record is damaged ({shown!r}); the image "
+                                              "was not compared on it"))
             sound.pop(key)
     return sound, findings
 

@@ -17,7 +17,8 @@ def read_batch_csv(path: Path, spec: Any) -> list[tuple[str, Any]]:
     try:
         return _read_rows(path, spec)
     except UnicodeDecodeError as err:
-        raise ValueError(f"{path}: not a UTF-8 text CSV ({err.reason} at byte {err.start}); save it as CSV UTF-8") from None
+        raise ValueError(f"{path}: not a UTF-8 text CSV ({err.reason} at byte {err.start}); save it as CSV "
+                         "UTF-8") from None
     except csv.Error as err:
         raise ValueError(f"{path}: not a readable CSV ({err})") from None
 

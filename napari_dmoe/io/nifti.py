@@ -90,8 +90,8 @@ def _sform_against_qform(path: Path, header: Any, sform: np.ndarray, pixdim: lis
                     "which one is meant: make them agree, or set the wrong one's code to 0 (nibabel: "
                     "img.set_qform(None) or img.set_sform(None))")
             if not np.allclose(qform, sform, atol=1e-2 * float(s_zooms.min())):
-                return [f"the sform (code {s_code}) and qform (code {q_code}) place the image differently; the sform is "
-                        "used, as nibabel and ITK do"]
+                return [f"the sform (code {s_code}) and qform (code {q_code}) place the image differently; the sform "
+                        "is used, as nibabel and ITK do"]
         return []
     if not np.allclose(s_zooms, pixdim, rtol=ZOOM_RTOL, atol=1e-6):
         return [f"header field pixdim says voxel size {_mm(pixdim)} mm but the sform (code {s_code}) says "

@@ -109,7 +109,8 @@ def _check_seg_nrrd_size(path: Path) -> None:
             data_start = f.tell()
         sizes = [int(n) for n in np.atleast_1d(header["sizes"])]
     except Exception as err:  # pynrrd raises NRRDError, ValueError, KeyError, UnicodeDecodeError, ...
-        raise ImageReadError(f"{path}: not a readable Slicer segmentation header ({' '.join(str(err).split())})") from err
+        why = " ".join(str(err).split())
+        raise ImageReadError(f"{path}: not a readable Slicer segmentation header ({why})") from err
     check_grid(sizes, f"{path}: header field sizes", ImageReadError)
     if header.get("data file") or header.get("datafile"):
         raise ImageReadError(f"{path}: its voxels are in a separate data file; save the segmentation as one "

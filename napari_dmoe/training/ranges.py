@@ -60,6 +60,7 @@ def out_of_range(config: Mapping[str, Any]) -> str | None:
         if bad:
             left = "-inf" if low is None else f"{low:g}"
             right = "inf" if high is None else f"{high:g}"
-            span = f"{'(' if low_open or low is None else '['}{left}, {right}{')' if high_open or high is None else ']'}"
+            opening, closing = "(" if low_open or low is None else "[", ")" if high_open or high is None else "]"
+            span = f"{opening}{left}, {right}{closing}"
             return f"config key {key!r}: {node!r} is outside its range {span}; fix the config"
     return None
