@@ -17,6 +17,20 @@ NIFTI_ECODE = 6  # NIfTI "comment" extension: free text, which readers that do n
 SIDECAR_SUFFIXES = (".png", ".tif", ".tiff")
 
 
+def mask_record(model: str, attribute: Any, *, forced: bool = False, fit_findings: Any = (), device: str = "",
+                warnings: Any = (), conversions: Any = (), settings: Mapping[str, Any] | None = None,
+                source: str = "", edited: bool = False) -> dict[str, Any]:
+    """The record saved with a mask (every front end: the napari writer, its folder run, ``dmoe segment``); the
+    first eight fields are ``inference.request.Provenance``'s, so ``mask_record(**provenance.to_dict())`` works."""
+    from napari_dmoe import __version__
+
+    return {"software": f"napari-dmoe {__version__}", "model": Path(str(model or "")).name,
+            "attribute": dict(attribute) if isinstance(attribute, Mapping) else str(attribute or ""),
+            "forced": bool(forced), "fit_findings": [str(f) for f in fit_findings], "device": str(device or ""),
+            "warnings": [str(w) for w in warnings], "conversions": [str(c) for c in conversions],
+            "settings": dict(settings or {}), "source": str(source or ""), "edited": bool(edited)}
+
+
 def to_json(provenance: Mapping[str, Any]) -> str:
     """One line of JSON (an NRRD header field holds one line)."""
     return json.dumps(dict(provenance), sort_keys=True, separators=(",", ":"), default=str, ensure_ascii=True)

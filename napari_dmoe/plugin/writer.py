@@ -45,18 +45,17 @@ def mask_provenance(meta: dict[str, Any], labels: np.ndarray) -> dict[str, Any] 
     """How a mask from the Segment widget was made (its layer metadata, ``results.provenance``), as saved with it:
     model, attribute, whether the user segmented an image that does not fit the model anyway, the fit findings,
     device, notes, and whether the user edited the mask since. None for labels we did not make."""
-    from napari_dmoe import __version__
+    from napari_dmoe.io.provenance import mask_record
     from napari_dmoe.plugin.widgets.results import is_edited
 
     prov = meta.get("dmoe") if isinstance(meta.get("dmoe"), dict) else {}
     if prov.get("kind") != "mask":
         return None
-    return {"software": f"napari-dmoe {__version__}", "model": Path(str(prov.get("model") or "")).name,
-            "attribute": dict(prov.get("attribute_used") or {}), "forced": bool(prov.get("forced")),
-            "fit_findings": list(prov.get("fit_findings") or []), "device": prov.get("device", ""),
-            "warnings": list(prov.get("warnings") or []), "conversions": list(prov.get("conversions") or []),
-            "settings": dict(prov.get("settings") or {}), "edited": is_edited(meta, labels),
-            "source": prov.get("source_layer", "")}
+    return mask_record(prov.get("model", ""), prov.get("attribute_used") or {}, forced=prov.get("forced", False),
+                       fit_findings=prov.get("fit_findings") or (), device=prov.get("device", ""),
+                       warnings=prov.get("warnings") or (), conversions=prov.get("conversions") or (),
+                       settings=prov.get("settings"), source=prov.get("source_layer", ""),
+                       edited=is_edited(meta, labels))
 
 
 def _seg_info(meta: dict[str, Any], labels: np.ndarray) -> tuple[list[str], Any]:

@@ -14,19 +14,10 @@ from typing import Any
 
 from qtpy.QtCore import QObject, Signal
 
-from napari_dmoe.io.images import layer_spacing
 from napari_dmoe.io.model_cache import ModelCache
+from napari_dmoe.plugin.widgets.results import layer_image
 
 log = logging.getLogger(__name__)
-
-
-def layer_image(layer: Any) -> tuple[Any, Any, bool, Any]:
-    """(data, spacing, rgb, modality) of an image layer as the fit check and the engine take them."""
-    from napari_dmoe.inference.fit import image_modality
-
-    data = layer.data[0] if layer.multiscale else layer.data
-    spacing = None if layer.rgb else layer_spacing(layer.scale, layer.metadata)
-    return data, spacing, bool(layer.rgb), image_modality(layer.metadata)
 
 
 def feature_findings(cache: ModelCache, lock: Any, path: str, data: Any, spacing: Any, rgb: bool) -> list[Any]:

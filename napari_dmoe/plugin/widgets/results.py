@@ -45,6 +45,17 @@ def model_label(model_path: str) -> str:
     return Path(str(model_path).rstrip("/")).name.removesuffix(".safetensors") or str(model_path)
 
 
+def layer_image(layer: Any) -> tuple[Any, tuple[float, ...] | None, bool, str | None]:
+    """(data, spacing, rgb, modality) of an image layer as the fit check and the engine take them (a multiscale
+    layer: its full-resolution level; spacing only where the layer's scale is a known voxel size)."""
+    from napari_dmoe.inference.fit import image_modality
+    from napari_dmoe.io.images import layer_spacing
+
+    data = layer.data[0] if layer.multiscale else layer.data
+    spacing = None if layer.rgb else layer_spacing(layer.scale, layer.metadata)
+    return data, spacing, bool(layer.rgb), image_modality(layer.metadata)
+
+
 def layer_name(source: str, kind: str, tag: str, model: str = "") -> str:
     label = {"mask": "mask", "experts": "experts", "dominant": "dominant expert"}[kind]
     return f"{label} [{model}: {tag}] {source}" if model else f"{label} [{tag}] {source}"
