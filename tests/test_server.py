@@ -212,6 +212,9 @@ def test_token_required_everywhere_but_a_bare_liveness_check(server):
         assert err.value.status == 401
     code, reply = _post(server.url + "/segment", b"whatever", token="wrong")
     assert code == 401 and reply["status"] == 401
+    # a client that sends its whole body before reading the answer (urllib) reads the 401, not a reset
+    code, reply = _post(server.url + "/segment", bytes(3 << 19), token="wrong")
+    assert code == 401 and reply["status"] == 401
     assert _get(server.url + "/health") == (200, {"status": "ok"})  # liveness publishes nothing
     assert _get(server.url + "/health", "wrong")[0] == 401
     assert _get(server.url + "/health", TOKEN)[1]["models"] == ["m2", "m3"]
@@ -466,7 +469,7 @@ def test_an_incomplete_header_is_not_held(bounded):
 def test_abandoned_requests_are_dropped(bounded):
     """Finding 2: three clients send a volume and leave; a small request after them waits for at most part of
     one (the one running stops between window batches; the queued ones never start)."""
-    volume = np.random.default_rng(0).random((96, 128, 128)).astype(np.float32)
+    volume = np.random.default_rng(0).random((128, 192, 192)).astype(np.float32)
     t0 = time.monotonic()
     bounded.segment("m3", volume, attribute="T2", force=True)
     one = time.monotonic() - t0
@@ -496,3 +499,31 @@ def test_a_disconnect_mid_upload_is_one_log_line(bounded):
     while line not in bounded.log.read_text() and time.monotonic() < deadline:
         time.sleep(0.2)
     assert bounded.log.read_text().count(line) == 1
+
+
+def test_a_bug_is_one_500_and_one_log_record(caplog):
+    """Finding 10: Starlette's handler logged a 500 and re-raised it for uvicorn to log again; the guard answers
+    the JSON 500 and logs the traceback once."""
+    import asyncio
+    import logging
+
+    from napari_dmoe.server.guard import ErrorMiddleware
+
+    async def broken(scope, receive, send):
+        raise RuntimeError("a bug")
+
+    sent: list[dict] = []
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    scope = {"type": "http", "method": "GET", "path": "/models", "headers": [], "client": ("127.0.0.1", 5)}
+    with caplog.at_level(logging.INFO, logger="napari_dmoe.server"):
+        asyncio.run(ErrorMiddleware(broken)(scope, receive, send))  # nothing escapes to uvicorn
+    assert sent[0]["status"] == 500 and json.loads(sent[1]["body"]) == {
+        "error": "internal error (RuntimeError); the server log has the details", "status": 500}
+    assert [r.levelname for r in caplog.records] == ["ERROR"] and caplog.records[0].exc_info
+

@@ -153,7 +153,7 @@ def test_a_2d_image_needs_no_force(server):
 @pytest.mark.slow
 def test_cancel_stops_the_job_and_the_server_drops_it(server):
     """Finding 14: the request runs in the background; Cancel ends it at once, and the server stops the work."""
-    volume = np.random.default_rng(2).random((96, 128, 128)).astype(np.float32)
+    volume = np.random.default_rng(2).random((160, 256, 256)).astype(np.float32)  # seconds of CPU work
     request = logic.build_request(logic.VolumeInput(volume, np.eye(4)))
     job = logic.SegmentJob(server.url, TOKEN, "m3", request, attribute="T2", force=True).start()
     time.sleep(1.0)
@@ -171,7 +171,7 @@ def test_cancel_stops_the_job_and_the_server_drops_it(server):
 def test_a_failed_job_carries_its_error_for_the_dialog(server):
     request = logic.build_request(logic.VolumeInput(np.zeros((8, 8, 8), np.float32), np.eye(4)))
     job = logic.SegmentJob(server.url, "wrong", "m3", request).start()
-    assert _finish(job) == "failed" and isinstance(job.error, ServerError)
+    assert _finish(job) == "failed" and type(job.error).__name__ == "ServerError"  # the client loaded by path
     assert "check the token" in logic.error_text(job.error)
     job = logic.SegmentJob("http://127.0.0.1:9", None, "m3", request, timeout=5).start()
     assert _finish(job) == "failed" and "cannot reach" in logic.error_text(job.error)
