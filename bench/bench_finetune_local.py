@@ -106,36 +106,48 @@ def _one_run(base_path: Path, spec, mode: str, n: int, repeat: int, args, work: 
 
 
 def _plot(results: list[dict], out: Path) -> None:
+    """One panel per site: the corrected group's gain on held-out cases per draw (dots), its median (line), the
+    widget's cross-validated estimate (open circles) and the other groups' largest change (grey crosses)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(GROUPS), figsize=(12, 3.6), sharey=True)
-    for ax, group in zip(axes, GROUPS):
-        for mode, marker in zip(MODES, "osD"):
-            ns = sorted({r["n"] for r in results if r["mode"] == mode})
-            if not ns:
-                continue
-            gains = [[r["gain"][group] for r in results if r["mode"] == mode and r["n"] == n] for n in ns]
-            mean = [statistics.mean(g) for g in gains]
-            sd = [statistics.stdev(g) if len(g) > 1 else 0.0 for g in gains]
-            ax.errorbar(ns, mean, yerr=sd, marker=marker, capsize=3, label=mode)
+    sites = sorted({r.get("site", "b") for r in results})
+    fig, axes = plt.subplots(1, len(sites), figsize=(5.5 * len(sites), 3.8), sharey=True, squeeze=False)
+    for ax, site in zip(axes[0], sites):
+        rs = [r for r in results if r.get("site", "b") == site and r["mode"] == "group_local"]
+        ns = sorted({r["n"] for r in rs})
+        for i, n in enumerate(ns):
+            gains = [r["gain"][RARE] for r in rs if r["n"] == n]
+            x = [n + 0.35 * (j - (len(gains) - 1) / 2) for j in range(len(gains))]
+            ax.plot(x, gains, "o", color="C0", label="held-out gain (per draw)" if i == 0 else None)
+            est = [r.get("cv_estimate") for r in rs if r["n"] == n]
+            ax.plot([xx for xx, e in zip(x, est) if e is not None], [e for e in est if e is not None], "o",
+                    mfc="none", color="C1", label="cross-validated estimate shown" if i == 0 else None)
+            others = [max(abs(r["gain"][g]) for g in GROUPS if g != RARE) for r in rs if r["n"] == n]
+            ax.plot(x, others, "x", color="grey", label="other groups, largest |change|" if i == 0 else None)
+        if ns:
+            ax.plot(ns, [statistics.median(r["gain"][RARE] for r in rs if r["n"] == n) for n in ns], "-",
+                    color="C0", label="median")
         ax.axhline(0, color="grey", lw=0.8)
-        ax.set_title(f"{group}{' (corrected)' if group == RARE else ''}")
+        ax.set_title(f"site {site}: {RARE} (corrected)")
         ax.set_xlabel("corrected cases N")
-        ax.set_xticks(sorted({r["n"] for r in results}))
-    axes[0].set_ylabel("Dice gain on held-out cases")
-    axes[0].legend(fontsize=8)
-    fig.suptitle("Fine-tune at a new site: gain per group (mean +- sd over repeats)")
+        ax.set_xticks(ns)
+    axes[0][0].set_ylabel("Dice gain on held-out cases")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle("Group-local fine-tune at a new site (widget defaults; one dot per draw of corrected cases)")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
 
 
-def _stats(values: list[float]) -> str:
-    if len(values) < 2:
+def _median_range(values: list[float]) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    if len(values) == 1:
         return f"{values[0]:+.3f}"
-    return f"{statistics.mean(values):+.3f} +- {statistics.stdev(values):.3f}"
+    return f"{statistics.median(values):+.3f} ({min(values):+.3f} .. {max(values):+.3f})"
 
 
 def main() -> int:
@@ -172,7 +184,7 @@ def main() -> int:
 
     from napari_dmoe.finetune.compare import evaluate_on_pairs
     from napari_dmoe.io.checkpoint import load_model
-    from napari_dmoe.io.model_registry import bundled_dir
+    from napari_dmoe.io.model_list import bundled_dir
 
     torch.set_num_threads(args.threads)
     base_path = bundled_dir() / "fundus-dmoe.safetensors"
@@ -215,28 +227,34 @@ def main() -> int:
 
 
 def _report(results: list[dict], out: Path, modes: list[str], ns: list[int]) -> int:
-    """Table (mean +- sd over repeats), plot, and the key=value summary line (last)."""
+    """Table (median and range over draws), plot, and the key=value summary line (last)."""
     _plot(results, out / "finetune_local.png")
     rows = []
-    for mode in modes:
-        for n in ns:
-            rs = [r for r in results if r["mode"] == mode and r["n"] == n]
-            if not rs:
-                continue
-            bitwise = ("yes" if all(r.get("others_bitwise") for r in rs) else "NO") if mode == "group_local" else "-"
-            kept = sum(r.get("best_step") == 0 for r in rs)
-            rows.append([mode, n, len(rs), kept, *[_stats([r["gain"][g] for r in rs]) for g in GROUPS],
-                         f"{statistics.median(r['seconds'] for r in rs):.0f}",
-                         f"{statistics.median(r['cpu_seconds'] for r in rs):.0f}", bitwise])
-    print(table(["mode", "N", "repeats", "base kept", *[f"{g} gain" for g in GROUPS], "wall s", "CPU s",
-                 "others bitwise"], rows))
+    for site in sorted({r.get("site", "b") for r in results}):
+        for mode in modes:
+            for n in ns:
+                rs = [r for r in results if r.get("site", "b") == site and r["mode"] == mode and r["n"] == n]
+                if not rs:
+                    continue
+                bitwise = ("yes" if all(r.get("others_bitwise") for r in rs) else "NO") if mode == "group_local" \
+                    else "-"
+                others = max(abs(r["gain"][g]) for r in rs for g in GROUPS if g != RARE)
+                rows.append([site, mode, n, len(rs), sum(r.get("best_step") == 0 for r in rs),
+                             _median_range([r["gain"][RARE] for r in rs]),
+                             _median_range([r.get("cv_estimate") for r in rs]), f"{others:.3f}", bitwise,
+                             f"{statistics.median(r['seconds'] for r in rs):.0f}",
+                             f"{statistics.median(r['cpu_seconds'] for r in rs):.0f}"])
+    print(table(["site", "mode", "N", "draws", "base kept", f"{RARE} gain, median (range)",
+                 "estimate shown, median (range)", "others max |gain|", "others bitwise", "wall s", "CPU s"], rows))
     print(f"plot: {out / 'finetune_local.png'}")
     n_key = 10 if 10 in ns else ns[0]
-    key = [r for r in results if r["mode"] == "group_local" and r["n"] == n_key]
+    site_key = "c" if any(r.get("site") == "c" for r in results) else results[0].get("site", "b")
+    key = [r for r in results if r["mode"] == "group_local" and r["n"] == n_key and r.get("site", "b") == site_key]
     others = [abs(r["gain"][g]) for r in key for g in GROUPS if g != RARE]
     print(summary({
-        "n": n_key, "repeats": len(key),
-        "local_gain_rare": statistics.mean(r["gain"][RARE] for r in key) if key else float("nan"),
+        "site": site_key, "n": n_key, "draws": len(key),
+        "local_gain_rare_median": statistics.median(r["gain"][RARE] for r in key) if key else float("nan"),
+        "local_gain_rare_min": min(r["gain"][RARE] for r in key) if key else float("nan"),
         "local_max_abs_gain_others": max(others) if others else float("nan"),
         "local_bitwise_others": all(r.get("others_bitwise") for r in key) if key else "n/a",
         "local_train_wall_s": statistics.median(r["seconds"] for r in key) if key else float("nan"),

@@ -6,7 +6,10 @@ For each demo model (fundus, prostate, skin) it scores, with the record stored i
 - a catch set of non-medical and wrong-modality images: scikit-image's offline photographs (astronaut, camera,
   coffee, chelsea, the retina photo darkened) and the other demo models' napari samples; for the 3D model the
   photographs and 2D samples are stacked into volumes (32 slices of 3 mm), since a 2D image is refused outright.
-It reports the feature score alone and the whole ``check_fit`` (any finding) on the catch set.
+It reports the feature score alone and the whole ``check_fit`` (any finding) on the catch set; an image the
+engine refuses outright (a signed CT under a model for 8-bit photographs) cannot be scored: it counts as
+flagged and its row says why. For the test split and site B it also gives the median Dice of the flagged and
+the unflagged cases.
 
 ``--select`` redoes the choice of the defaults (pooling, principal directions, margin) on validation data only:
 each variant's record is fitted on the training sample and the validation split, and scored on a validation
@@ -117,10 +120,13 @@ def score_cases(model: Any, cases: Any, full: bool = False) -> list[dict]:
 
     rows = []
     for name, image, spacing, rgb, modality in cases:
-        s = score(model, image, spacing, rgb) if image.ndim - rgb == model.spec.spatial_dims or \
-            model.spec.spatial_dims == 2 else None
+        refused = None
+        try:
+            s = score(model, image, spacing, rgb)
+        except ValueError as err:  # the engine refuses the image outright: it can never be segmented
+            s, refused = None, str(err)
         row = {"case": str(name), "score": None if s is None else round(s.value, 3),
-               "flagged": None if s is None else s.flagged}
+               "flagged": refused is not None or (s is not None and s.flagged), "refused_by_engine": refused}
         if full:
             row["findings"] = [f.kind for f in check_fit(model, image, spacing, rgb=rgb, modality=modality)]
         rows.append(row)
@@ -138,7 +144,7 @@ def summary(rows: list[dict], key: str = "flagged") -> dict:
 def dice_by_flag(model: Any, lane: str, root: Path, splits: tuple[str, ...], rows: list[dict]) -> dict:
     """Median Dice (mean over foreground classes) of the flagged and the unflagged cases: do the flags point at
     worse masks? Each case segmented as ``dmoe evaluate`` does, with its own attribute."""
-    from napari_dmoe.evaluation.cases import dataset_cases, evaluate_cases
+    from napari_dmoe.evaluation.loop import dataset_cases, evaluate_cases
     from napari_dmoe.training.data import make_dataset
 
     config = lane_config(lane, root)

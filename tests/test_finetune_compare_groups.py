@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from napari_dmoe.evaluation.cases import Case
+from napari_dmoe.evaluation.loop import Case
 from napari_dmoe.finetune.compare import group_rows
 from napari_dmoe.finetune.prepare import default_trainable, uncorrected_groups
 
@@ -35,7 +35,9 @@ def test_rows_cover_every_group_and_flag_the_ones_that_got_worse():
     reference[0].label = segment(base, reference[0].image, "White", routing=False).labels.astype(np.uint8)
     rows = group_rows(base, broken, val=truth, pairs=truth, reference=reference)
     by = {r["group"]: r for r in rows}
-    assert [r["group"] for r in rows] == RACES  # every group, corrected or not
+    assert [r["group"] for r in rows] == [*RACES, "unknown"]  # every group, corrected or not, and "unknown"
+    # "unknown" averages every group's answer: it moves with them (shown, not flagged: no group of its own)
+    assert by_unknown(rows)["agreement"] < 0.99 and by_unknown(rows)["flag"] is None
     assert by["Black"]["corrected"] and by["Black"]["source"] == "held-back pairs" and by["Black"]["n"] == 2
     assert by["Black"]["before"] == pytest.approx(1.0) and by["Black"]["flag"] == "worse"
     assert by["White"]["source"] == "reference set" and by["White"]["flag"] == "worse"
@@ -44,7 +46,12 @@ def test_rows_cover_every_group_and_flag_the_ones_that_got_worse():
 
     same = group_rows(base, base, val=truth, pairs=truth, reference=reference)
     assert all(r["flag"] is None for r in same)
-    assert {r["group"]: r.get("agreement") for r in same} == {"Asian": 1.0, "Black": None, "White": 1.0}
+    assert {r["group"]: r.get("agreement") for r in same} == {"Asian": 1.0, "Black": None, "White": 1.0,
+                                                              "unknown": 1.0}
+
+
+def by_unknown(rows):
+    return next(r for r in rows if r["group"] == "unknown")
 
 
 def test_default_mode_is_group_local_unless_every_group_is_corrected():
@@ -56,8 +63,8 @@ def test_default_mode_is_group_local_unless_every_group_is_corrected():
 
 
 def test_bundled_reference_sets_are_small_and_cover_every_group():
-    from napari_dmoe.finetune.reference import reference_cases
-    from napari_dmoe.io.model_registry import bundled_dir
+    from napari_dmoe.finetune.reference_sets import reference_cases
+    from napari_dmoe.io.model_list import bundled_dir
 
     cases = reference_cases(bundled_dir() / "fundus-dmoe.safetensors")
     assert sorted({c.group for c in cases}) == RACES and len(cases) == 12
@@ -76,7 +83,7 @@ def test_widget_defaults_to_group_local_and_asks_before_registering_a_worse_mode
     from qtpy.QtWidgets import QMessageBox
 
     from napari_dmoe.io.checkpoint import load_model, save_model
-    from napari_dmoe.io.model_registry import recent_models
+    from napari_dmoe.io.model_list import recent_models
     from napari_dmoe.plugin.widgets.finetune_widget import FinetuneWidget
 
     torch.manual_seed(0)
@@ -116,7 +123,8 @@ def test_widget_defaults_to_group_local_and_asks_before_registering_a_worse_mode
     assert widget.errors.isHidden(), widget.errors.toPlainText()
     assert not asked and widget.new_model in [e.path for e in recent_models()]
     rows = widget.compare.values()
-    assert [r[0] for r in rows] == ["Asian", "Black (corrected)", "White"]
+    assert [r[0] for r in rows] == ["Asian", "Black (corrected)", "White", "unknown"]
+    assert "cross-validation" in rows[1][1]  # the corrected group: an estimate on the user's own cases
     assert rows[0][5].startswith("1.000") and rows[2][5].startswith("1.000")  # masks agree exactly
     assert rows[0][6] == rows[2][6] == "ok"
     tuned = load_model(widget.new_model)
@@ -162,7 +170,8 @@ def test_dmoe_info_prints_the_per_group_comparison():
 @pytest.mark.gui
 @pytest.mark.slow
 def test_untouched_lr_follows_the_resolved_mode(make_napari_viewer, tmp_path, monkeypatch):
-    """The form shows the full fine-tune's lr; left as is, a group-local run gets group-local's own default."""
+    """Left as is, the form shows the lr of the mode that will run (issue 23 item 5): group-local's own default
+    when the pairs leave groups uncorrected, the full fine-tune's when "all" is chosen; the user's lr is kept."""
     pytest.importorskip("napari")
     from qtpy.QtWidgets import QMessageBox
 
@@ -181,7 +190,7 @@ def test_untouched_lr_follows_the_resolved_mode(make_napari_viewer, tmp_path, mo
     for i in range(2):
         widget.add_pair(image=f"scan{i}", labels=f"scan{i} truth", validation=i == 1)
     full, local = default_settings("cpu", None), default_settings("cpu", None, trainable="group_local")
-    assert widget.settings.lr.value() == pytest.approx(full.lr)
+    assert widget.settings.lr.value() == pytest.approx(local.lr)
     auto = widget._request().settings
     assert (auto.trainable, auto.lr, auto.local_experts) == ("group_local", local.lr, local.local_experts)
     widget.settings.trainable.setCurrentIndex(3)  # all weights: keeps the shown lr (asked first: yes)

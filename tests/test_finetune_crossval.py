@@ -96,7 +96,7 @@ def test_crossval_choice_is_deterministic_and_the_estimate_uses_held_out_cases(t
     done = next(e for e in events if e["event"] == "done")
     assert done["best_step"] == chosen
 
-    from napari_dmoe.finetune.events import RunState
+    from napari_dmoe.finetune.run_state import RunState
 
     state = RunState()
     for e in events:
@@ -127,7 +127,7 @@ def test_crossval_finetune_keeps_other_groups_bitwise_and_unknown_averages_every
     unknown = segment(tuned, image, "unknown").probabilities
     np.testing.assert_allclose(unknown, np.mean(groups, axis=0), atol=5e-4)  # float16 probabilities
     assert not np.array_equal(unknown, segment(old, image, "unknown").probabilities)
-    from napari_dmoe.evaluation.cases import Case
+    from napari_dmoe.evaluation.loop import Case
 
     row = unknown_row(old, tuned, [Case("x", "F", image, np.zeros((32, 32), np.uint8), {"sex": "F"})])
     assert row["group"] == "unknown" and "adapted ones included" in row["source"] and row["agreement_n"] == 1

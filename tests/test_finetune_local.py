@@ -183,7 +183,7 @@ def test_a_finetune_that_beats_nothing_keeps_the_base_weights(tmp_path):
     old, new = load_model(base).network.state_dict(), load_model(best).network.state_dict()
     assert set(old) <= set(new) and all(torch.equal(old[k], new[k]) for k in old)  # + the local experts' copies
 
-    from napari_dmoe.finetune.events import RunState
+    from napari_dmoe.finetune.run_state import RunState
 
     state = RunState()
     for e in lines:

@@ -23,7 +23,7 @@ from napari_dmoe.finetune.prepare import (
     write_config,
 )
 from napari_dmoe.finetune.compare import compare_metrics
-from napari_dmoe.finetune.events import EventReader, RunState
+from napari_dmoe.finetune.run_state import EventReader, RunState
 from napari_dmoe.finetune.process import TrainingProcess, train_command
 from napari_dmoe.model import make_spec
 
@@ -57,7 +57,8 @@ def test_default_settings_follow_free_memory():
     assert default_settings("cpu", None).batch_size >= 1  # unknown memory still gives usable defaults
     local = default_settings("cpu", 64 * GiB, 2, trainable="group_local")  # its own lr and local experts
     assert local.trainable == "group_local" and local.lr > cpu.lr and local.local_experts >= 1
-    assert (local.steps, local.batch_size) == (cpu.steps, cpu.batch_size) and cpu.local_experts == 1
+    assert local.batch_size == cpu.batch_size and cpu.local_experts == 1
+    assert local.folds >= 2 and cpu.folds == 0  # group-local picks its steps by cross-validation (crossval.py)
 
 
 def test_split_holds_back_at_least_one_and_leaves_one():

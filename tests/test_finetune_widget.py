@@ -70,7 +70,7 @@ def test_finetune_on_layers_end_to_end(make_napari_viewer, qtbot, base_model, tm
     from stall_meter import StallMeter  # bench/, put on the path above
     from napari_dmoe.plugin.widgets.segment_widget import SegmentWidget
     from napari_dmoe.io.checkpoint import load_model
-    from napari_dmoe.io.model_registry import recent_models
+    from napari_dmoe.io.model_list import recent_models
 
     viewer = make_napari_viewer()
     add_cases(viewer, 3)
@@ -170,7 +170,7 @@ def test_cancel_keeps_last_checkpoint_and_stops_process(make_napari_viewer, qtbo
 def test_a_run_that_beats_nothing_offers_no_new_model(make_napari_viewer, qtbot, base_model, tmp_path):
     """The default: the base is validated first; a random base and a 2-step run both score 0 on the held-back pair,
     so the base is kept, no model is made or registered, and the status says what to do."""
-    from napari_dmoe.io.model_registry import recent_models
+    from napari_dmoe.io.model_list import recent_models
 
     viewer = make_napari_viewer()
     add_cases(viewer, 2)

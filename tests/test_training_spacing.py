@@ -156,7 +156,7 @@ class _Threshold(torch.nn.Module):
 
 def test_validation_segments_like_evaluate(tmp_path):
     """Validation items stay on the file's grid; their Dice is the one ``dmoe evaluate`` computes."""
-    from napari_dmoe.evaluation.cases import dataset_cases, evaluate_cases
+    from napari_dmoe.evaluation.loop import dataset_cases, evaluate_cases
     from napari_dmoe.evaluation.metrics import mean_dice
     from napari_dmoe.io.images import read_image
     from napari_dmoe.training.data import EvalItems

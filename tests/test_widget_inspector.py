@@ -71,7 +71,7 @@ def test_expert_usage_and_matrix():
 
 # -- model registry (no Qt) ----------------------------------------------------------------------------------
 def test_registry_recent_models(tmp_path, monkeypatch):
-    from napari_dmoe.io import model_registry as reg
+    from napari_dmoe.io import model_list as reg
 
     monkeypatch.setattr(reg, "bundled_dir", lambda: tmp_path / "bundled")
     (tmp_path / "bundled").mkdir()

@@ -253,7 +253,7 @@ def test_launch_opens_sample_with_widget_and_preselects_its_attribute(make_napar
 def test_image_attributes_pick_a_matching_bundled_model(make_napari_viewer, qtbot):
     """A prostate sample (stage attribute) switches the picker from the fundus model to the prostate one."""
     from napari_dmoe.io.checkpoint import read_spec
-    from napari_dmoe.io.model_registry import bundled_models
+    from napari_dmoe.io.model_list import bundled_models
 
     by_attr = {read_spec(e.path).attributes[0].name: e for e in bundled_models()}
     assert {"race", "stage"} <= set(by_attr), "the fundus and prostate demo models ship with the package"

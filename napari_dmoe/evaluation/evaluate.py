@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from napari_dmoe.evaluation.cases import Evaluation, dataset_cases, evaluate_cases
+from napari_dmoe.evaluation.loop import Evaluation, dataset_cases, evaluate_cases
 from napari_dmoe.evaluation.report import by_attribute, fairness_report, write_report
 
 

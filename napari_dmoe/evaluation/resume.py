@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from napari_dmoe.evaluation.cases import Evaluation
+from napari_dmoe.evaluation.loop import Evaluation
 from napari_dmoe.evaluation.metrics import PerImage
 from napari_dmoe.io.files import atomic_write
 from napari_dmoe.io.model_cache import file_key

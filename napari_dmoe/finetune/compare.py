@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-from napari_dmoe.evaluation.cases import Case
+from napari_dmoe.evaluation.loop import Case
 from napari_dmoe.finetune.provenance import shareable
 from napari_dmoe.model.routers import group_name, group_values
 
@@ -35,7 +35,7 @@ def pair_cases(csv_path: str | os.PathLike, names: list[str], split: str = "val"
 def evaluate_on_pairs(model_path: str | os.PathLike, csv_path: str | os.PathLike, split: str = "val",
                       device: str = "cpu") -> dict[str, float]:
     """Mean foreground Dice per group (and "all") of a model on the ``split`` rows of a fine-tune CSV."""
-    from napari_dmoe.evaluation.cases import evaluate_cases
+    from napari_dmoe.evaluation.loop import evaluate_cases
     from napari_dmoe.evaluation.metrics import mean_dice
     from napari_dmoe.io.checkpoint import load_model
 
@@ -158,7 +158,7 @@ def compare_and_save(base: str, trained: str, csv_path: str, out_model: str, pro
     """Evaluate base and fine-tuned models on the validation pairs, and every group (``group_rows``); save the
     fine-tuned model (atomically) with the fine-tune provenance (``shareable``: no case names or local paths) and
     the comparison in its spec; return ``{"before", "after", "groups", "flagged", "model"}``."""
-    from napari_dmoe.finetune.reference import reference_cases
+    from napari_dmoe.finetune.reference_sets import reference_cases
     from napari_dmoe.io.checkpoint import load_model, save_model
 
     model, base_model = load_model(trained), load_model(base)

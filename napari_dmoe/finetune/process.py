@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from napari_dmoe.finetune.events import EventReader, RunState
+from napari_dmoe.finetune.run_state import EventReader, RunState
 from napari_dmoe.threads import ENV_RESERVE
 
 TRAIN_EVENTS = "events.jsonl"

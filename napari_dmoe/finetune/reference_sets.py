@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from napari_dmoe.evaluation.cases import Case
+from napari_dmoe.evaluation.loop import Case
 
 REFERENCE_SEED = 20_262  # not the seed of any demo training or test split
 PER_GROUP = {"fundus-dmoe": 4, "skin-dmoe": 3, "prostate-dmoe": 2}
@@ -57,7 +57,7 @@ _BUILDERS = {"fundus-dmoe": _fundus, "skin-dmoe": _skin, "prostate-dmoe": _prost
 
 def reference_cases(model_path: str | os.PathLike) -> list[Case]:
     """The reference set of a bundled demo model (by its file in the package's models folder), else []."""
-    from napari_dmoe.io.model_registry import bundled_dir
+    from napari_dmoe.io.model_list import bundled_dir
 
     path = Path(model_path).resolve()
     if path.parent != bundled_dir().resolve() or path.stem not in _BUILDERS:

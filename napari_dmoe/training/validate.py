@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from napari_dmoe.evaluation.cases import case_from_item, evaluate_cases
+from napari_dmoe.evaluation.loop import case_from_item, evaluate_cases
 from napari_dmoe.evaluation.metrics import PerImage, evaluate_image
 from napari_dmoe.evaluation.report import fairness_report, summary_keys
 from napari_dmoe.model.spec import ModelSpec

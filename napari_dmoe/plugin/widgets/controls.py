@@ -75,7 +75,7 @@ class OptionError(ValueError):
 
 
 class ModelList(QObject):
-    """The one live list of models (bundled, then recent: ``io.model_registry``) that every model picker shows, so
+    """The one live list of models (bundled, then recent: ``io.model_list``) that every model picker shows, so
     a model one widget adds (a fine-tune's new model, a file browsed to) is listed in every other widget at once.
     One per Qt application (held by it, found by name), as the recent list it mirrors is one per user."""
 
@@ -94,14 +94,14 @@ class ModelList(QObject):
         return found
 
     def entries(self) -> list[Any]:
-        from napari_dmoe.io.model_registry import list_models
+        from napari_dmoe.io.model_list import list_models
 
         return list_models()
 
     def bundled_for(self, names: set[str]) -> Any:
         """The first demo model conditioned on exactly the attributes ``names`` (a ``ModelEntry``), or None."""
         from napari_dmoe.io.checkpoint import read_spec
-        from napari_dmoe.io.model_registry import bundled_models
+        from napari_dmoe.io.model_list import bundled_models
 
         for entry in bundled_models():
             try:
@@ -113,7 +113,7 @@ class ModelList(QObject):
 
     def add(self, path: str | Path) -> None:
         """Remember ``path`` in the recent list and tell every picker (RegistryError when it is not a file)."""
-        from napari_dmoe.io.model_registry import add_recent
+        from napari_dmoe.io.model_list import add_recent
 
         add_recent(path)
         self.changed.emit()
@@ -170,7 +170,7 @@ class ModelPicker(QWidget):
 
     def set_path(self, path: str | Path) -> None:
         """Select ``path`` (remembered in the shared recent list when it is a readable file), as the user's choice."""
-        from napari_dmoe.io.model_registry import RegistryError
+        from napari_dmoe.io.model_list import RegistryError
 
         resolved = str(Path(path).expanduser().resolve())
         try:

@@ -215,7 +215,7 @@ class FinetuneSession(QObject):
 
     def _compare_ended(self, process: Any) -> None:
         from napari_dmoe.finetune.process import COMPARE_JSON
-        from napari_dmoe.io.model_registry import RegistryError
+        from napari_dmoe.io.model_list import RegistryError
         from napari_dmoe.plugin.widgets.controls import ModelList
 
         result_path = self.run_dir / COMPARE_JSON

@@ -13,7 +13,7 @@ from typing import Any
 from qtpy.QtCore import QSettings
 from qtpy.QtWidgets import QCheckBox, QComboBox, QDoubleSpinBox, QLineEdit, QSpinBox, QWidget
 
-from napari_dmoe.io.model_registry import CONFIG_ENV
+from napari_dmoe.io.model_list import CONFIG_ENV
 
 ORGANIZATION = APPLICATION = "napari-dmoe"
 
