@@ -198,7 +198,8 @@ def _get(url: str, token: str | None = None) -> tuple[int, dict]:
         with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=30) as reply:
             return reply.status, json.loads(reply.read())
     except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read() or b"{}")
+        text = err.read()
+        return err.code, json.loads(text) if text.startswith(b"{") else {"text": text.decode()}
 
 
 def test_token_required_everywhere_but_a_bare_liveness_check(server):
@@ -376,7 +377,8 @@ def bounded(models, tmp_path_factory):
         pytest.skip("no IPv6 loopback on this machine")
     log = tmp_path_factory.mktemp("bounded") / "server.log"
     with running_server(models, log, "--host", "[::1]", "--max-request-mb", "32", "--max-inflight-mb", "64",
-                        "--max-queue", "3", "--request-timeout", "2", "--log-level", "info", host="::1") as client:
+                        "--max-queue", "3", "--request-timeout", "2", "--max-connections", "12", "--log-level", "info",
+                        host="::1") as client:
         client.log = log
         yield client
 
@@ -464,6 +466,24 @@ def test_an_incomplete_header_is_not_held(bounded):
         assert s.recv(1024) == b"" and time.monotonic() - t0 < 6  # closed by the server
         s.close()
     assert "no complete request header" in bounded.log.read_text()
+
+
+def test_connections_are_bounded_and_a_body_needs_its_length(bounded):
+    """Finding 1: at most --max-connections are open (12 here); a body without Content-Length is refused (411)."""
+    idle = [socket.create_connection(("::1", bounded.port), timeout=30) for _ in range(12)]
+    try:
+        assert _get(bounded.url + "/health", TOKEN)[0] == 503
+    finally:
+        for s in idle:
+            s.close()
+    time.sleep(0.5)
+    assert _get(bounded.url + "/health", TOKEN)[0] == 200
+    s = socket.create_connection(("::1", bounded.port), timeout=30)
+    s.sendall(f"POST /segment HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nTransfer-Encoding: chunked"
+              "\r\n\r\n4\r\nDMOE\r\n0\r\n\r\n".encode())
+    code, body = _status(s, 10)
+    s.close()
+    assert code == 411 and "Content-Length" in body
 
 
 def test_abandoned_requests_are_dropped(bounded):
