@@ -82,9 +82,12 @@ def segment_file(model: Any, src: Path, dest: Path, attribute: Any, args: argpar
         print(file=sys.stderr)
     if routing_dir is not None and result.routing:  # before the labels: their presence marks a finished case
         write_routing(routing_dir, src, result.segmentation, volume)
-    write_labels(dest, result.labels, like=volume, class_names=model.spec.class_names,
-                 algorithm=_algorithm(result) if str(dest).lower().endswith(".dcm") else None)
+    from napari_dmoe.io.provenance import mask_record  # saved with the labels: model, attribute, forced, findings
+
     prov = result.provenance
+    write_labels(dest, result.labels, like=volume, class_names=model.spec.class_names,
+                 algorithm=_algorithm(result) if str(dest).lower().endswith(".dcm") else None,
+                 provenance=mask_record(**prov.to_dict(), source=str(src)))
     notes = [*volume.meta.get("warnings", []), *prov.conversions, *prov.warnings]
     notes += [f"segmented with --force although: {finding}" for finding in prov.fit_findings]
     for note in notes:
@@ -96,7 +99,9 @@ def _algorithm(result: Any) -> Any:
     """What DICOM SEG records about the model: its file name and the attribute used."""
     from napari_dmoe.io.dicom_seg import SegAlgorithm
 
-    return SegAlgorithm(model=result.provenance.model, attribute=result.provenance.attribute_text)
+    prov = result.provenance
+    return SegAlgorithm(model=prov.model, attribute=prov.attribute_text, forced=prov.forced,
+                        findings=tuple(prov.fit_findings))
 
 
 def write_routing(folder: Path, src: Path, result: Any, volume: Any) -> None:
