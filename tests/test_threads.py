@@ -142,3 +142,18 @@ def test_dmoe_train_threads_option_is_honoured_and_logged(tmp_path):
                          capture_output=True, text=True, env=env, timeout=120)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
         "dmoe train: error: --threads='many' is not a thread count: give a positive integer or 'auto'"]
+
+
+def test_apply_sets_torch_and_describe_reports_it():
+    import torch
+
+    from napari_dmoe.threads import apply_threads, describe_current
+
+    before = torch.get_num_threads()
+    try:
+        choice = apply_threads("1", env={"OMP_NUM_THREADS": "2"})
+        assert torch.get_num_threads() == 1 and describe_current() == choice and choice.source == "--threads"
+        torch.set_num_threads(2 if before != 2 else 3)  # a Python caller's own setting is reported as such
+        assert describe_current().source == "caller"
+    finally:
+        torch.set_num_threads(before)
