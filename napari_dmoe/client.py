@@ -98,37 +98,28 @@ def decode_header(body: bytes) -> tuple[dict[str, Any], int]:
     (n,) = struct.unpack("<I", body[4:8])
     if n > MAX_HEADER_BYTES or 8 + n > len(body):
         raise WireError(f"header length {n} does not fit the message of {len(body)} bytes")
-    text = bytes(body[8 : 8 + n])
-    if _depth(text) > MAX_DEPTH:
-        raise WireError(f"header nests deeper than {MAX_DEPTH} levels; a dMoE header is a flat object")
+    deep = WireError(f"header nests deeper than {MAX_DEPTH} levels; a dMoE header is a flat object")
     try:
-        header = json.loads(text.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        header = json.loads(bytes(body[8 : 8 + n]).decode("utf-8"))  # the C parser stops deep nesting itself
+    except RecursionError:
+        raise deep from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise WireError(f"header is not valid JSON ({err})") from None
+    if _depth(header) > MAX_DEPTH:
+        raise deep
     if not isinstance(header, dict):
         raise WireError("header must be a JSON object")
     return header, 8 + n
 
 
-def _depth(text: bytes) -> int:
-    """Deepest bracket nesting of a JSON text (brackets inside strings skipped), without recursion."""
-    depth = deepest = 0
-    in_string = escaped = False
-    for byte in text:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif byte == 0x5C:  # backslash
-                escaped = True
-            elif byte == 0x22:  # quote
-                in_string = False
-        elif byte == 0x22:
-            in_string = True
-        elif byte in (0x5B, 0x7B):  # [ {
-            depth += 1
+def _depth(value: Any) -> int:
+    """Deepest nesting of lists and objects in parsed JSON (the object itself is 1), without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
             deepest = max(deepest, depth)
-        elif byte in (0x5D, 0x7D):
-            depth -= 1
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
     return deepest
 
 
@@ -254,24 +245,20 @@ class Client:
         url = url.strip().rstrip("/")
         if not url.startswith(("http://", "https://")):
             url = "http://" + url
-        parts = urllib.parse.urlsplit(url)
+        self._parts = parts = urllib.parse.urlsplit(url)
         try:
-            parts.port  # noqa: B018 - raises on a port that is not a number
+            if not parts.hostname or parts.port == 0:  # .port raises on a port that is not a number
+                raise ValueError("no host name or port")
         except ValueError as err:
             raise ClientError(f"server address {url!r} is not valid ({err})") from None
-        if not parts.hostname:
-            raise ClientError(f"server address {url!r} has no host name")
         self.url, self.token, self.timeout = url, (token or "").strip() or None, timeout
-        self._parts = parts
         self._open: set[http.client.HTTPConnection] = set()
         self._lock = threading.Lock()
-        self._aborted = False
-        self._access_checked = False
+        self._aborted = self._access_checked = False
 
     def timeout_for(self, values: int = 0) -> float:
-        """Seconds to wait for the server's answer: ``timeout`` when given, else in proportion to the work: 30 s
-        for a listing, 60 s + 4 s per million values of a volume to segment (a CPU server's pace; a GPU answers
-        sooner). A server silent for that long is reported as not answering."""
+        """Seconds to wait for an answer: ``timeout`` when given, else 30 s for a listing, and 60 s + 4 s per
+        million values for a volume to segment (a CPU server's pace; a GPU answers sooner)."""
         if self.timeout is not None:
             return float(self.timeout)
         return 30.0 if not values else 60.0 + 4.0 * values / 1e6

@@ -97,7 +97,9 @@ def test_wire_refuses_big_endian_deep_json_and_absurd_shapes():
     for shape in ([2**70], [-1, 2], [2.5], "12", [1] * 9, [True]):
         with pytest.raises(c.WireError, match="shape"):
             c.decode(message({"arrays": [{"name": "a", "dtype": "<f4", "shape": shape}]}))
-    assert c._depth(b'{"a": "[[[[[[[[[[[[[[[[[[[[[[[[[", "b": [[1]]}') == 3  # brackets in strings do not count
+    with pytest.raises(c.WireError, match="nests deeper"):  # shallow enough for the parser, too deep for us
+        c.decode(message(b'{"a": ' + b"[" * 40 + b"]" * 40 + b"}"))
+    assert c._depth(json.loads('{"a": "[[[[[[[[[[[[[[[[[[[[[[[[[", "b": [[1]]}')) == 3  # strings do not count
 
 
 def test_timeout_is_proportionate():
