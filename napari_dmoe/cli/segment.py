@@ -220,14 +220,16 @@ def plan_batch_outputs(rows: list[tuple[str, Any]], src: Path, out: Path, dicom_
     from napari_dmoe.io.images import NIFTI_SUFFIXES, PLAIN_SUFFIXES, suffix_of
     from napari_dmoe.io.outputs import PlannedCase, plan_batch
 
+    KNOWN = {*NIFTI_SUFFIXES, *PLAIN_SUFFIXES}
     cases = []
     for row, (name, _) in enumerate(rows, start=1):
         path = src / name
         if path.is_dir():  # a DICOM series folder: its name is not a file name with a suffix
             dicom, stem, suffix = True, path.name, ""
         else:
-            suffix, stem = suffix_of(path), _stem(path)
-            dicom = suffix in (".dcm", "") or (suffix not in (*NIFTI_SUFFIXES, *PLAIN_SUFFIXES) and is_dicom_file(path))
+            suffix = suffix_of(path)
+            stem = path.name[: len(path.name) - len(suffix)]
+            dicom = suffix in (".dcm", "") or (suffix not in KNOWN and is_dicom_file(path))
             if dicom and suffix not in (".dcm", ""):  # a UID-named DICOM file: the whole name is its stem
                 stem = path.name
         ext = ".dcm" if dicom and dicom_seg else ".nii.gz" if dicom or suffix in NIFTI_SUFFIXES else ".png"

@@ -6,6 +6,7 @@ fills or a second viewer writes at the same time.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import re
 import time
@@ -75,7 +76,8 @@ LEFTOVER_MIN_AGE_S = 2.0  # a temporary file this fresh may be a writer that has
 LEFTOVER_NO_LOCK_AGE_S = 3600.0  # without file locks (Windows): only files this old are called leftovers
 
 
-def _name_max(folder: Path) -> int:
+@functools.lru_cache(maxsize=256)  # one question per folder, not one per file of a 100,000-case batch
+def _name_max(folder: str) -> int:
     try:
         return min(_NAME_MAX, int(os.pathconf(folder, "PC_NAME_MAX")))
     except (OSError, ValueError, AttributeError):
@@ -85,10 +87,9 @@ def _name_max(folder: Path) -> int:
 def tmp_tail(path: str | os.PathLike) -> str:
     """The part of ``path``'s name after the temporary prefix: the whole name, or (a long name that would not fit
     the 255-byte limit with the 18-character prefix) its start cut so that the suffix (``.nii.gz``) stays."""
-    path = Path(path)
-    name = path.name
-    room = _name_max(path.parent) - len(TMP_PREFIX) - 13
-    if len(os.fsencode(name)) <= room:
+    folder, name = os.path.split(os.fspath(path))
+    room = _name_max(folder or ".") - len(TMP_PREFIX) - 13
+    if len(name) <= room // 4 or len(os.fsencode(name)) <= room:  # UTF-8: at most 4 bytes a character
         return name
     dots = name.split(".")
     suffix = "." + ".".join(dots[-2:]) if len(dots) > 2 and len(dots[-1]) <= 4 and len(dots[-2]) <= 4 else \
@@ -103,10 +104,9 @@ def clean_leftovers(outputs: Iterable[str | os.PathLike]) -> list[Path]:
     """Remove the temporary files a killed writer of one of ``outputs`` left beside it (``.tmp-<id>-<name>``),
     never a live write (its lock is held; without locks, files younger than an hour are kept) nor a file that is
     not the temporary of one of ``outputs``. One listing per folder; returns what was removed."""
-    wanted: dict[Path, set[str]] = {}
+    wanted: dict[str, set[str]] = {}
     for out in outputs:
-        out = Path(out)
-        wanted.setdefault(out.parent, set()).add(tmp_tail(out))
+        wanted.setdefault(os.path.dirname(os.fspath(out)) or ".", set()).add(tmp_tail(out))
     removed = []
     now = time.time()
     for folder, tails in wanted.items():

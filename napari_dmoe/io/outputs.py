@@ -50,38 +50,55 @@ class _Inputs:
     minutes before the first image)."""
 
     def __init__(self, inputs: Iterable[str | os.PathLike]) -> None:
-        self.files: dict[Path, Path] = {}
-        self.inodes: dict[tuple[int, int], Path] = {}
-        self.folders: dict[Path, Path] = {}
+        self.files: dict[str, str] = {}
+        self.inodes: dict[tuple[int, int], str] = {}
+        self.folders: dict[str, str] = {}
+        self._real_dirs: dict[str, str] = {}  # a folder resolved once for all the files in it
         for item in inputs:
-            src = Path(item)
+            src = os.fspath(item)
             try:
                 st = os.stat(src)
             except OSError:  # not there (yet): only its name can clash
                 st = None
             if st is not None and stat.S_ISDIR(st.st_mode):
-                self.folders.setdefault(_resolved(src), src)
+                self.folders.setdefault(self.real(src), src)
                 continue
-            self.files.setdefault(_resolved(src), src)
+            self.files.setdefault(self.real(src), src)
             if st is not None:
                 self.inodes.setdefault((st.st_dev, st.st_ino), src)
 
-    def check(self, output: str | os.PathLike, what: str = "output") -> None:
-        out = Path(output)
-        real = _resolved(out)
+    def real(self, path: str) -> str:
+        """``os.path.realpath(path)`` with its folder's resolution cached: one lstat a file, not one a component."""
+        folder, name = os.path.split(os.path.abspath(path))
+        real_dir = self._real_dirs.get(folder)
+        if real_dir is None:
+            real_dir = self._real_dirs[folder] = os.path.realpath(folder)
+        candidate = os.path.join(real_dir, name)
+        return os.path.realpath(candidate) if os.path.islink(candidate) else candidate
+
+    def check(self, output: str | os.PathLike, what: str = "output", st: os.stat_result | None = None) -> None:
+        """Refuse ``output`` if it is an input or lies in an input folder; ``st``: its ``os.stat`` when known."""
+        out = os.fspath(output)
+        real = self.real(out)
         if self.folders:
-            for parent in real.parents:
+            parent = os.path.dirname(real)
+            while True:
                 folder = self.folders.get(parent)
                 if folder is not None:
                     raise OutputError(f"{what} {out} lies inside the input folder {folder} (it would be read with "
                                       "it next time); write it elsewhere")
+                up = os.path.dirname(parent)
+                if up == parent:
+                    break
+                parent = up
         src = self.files.get(real) or self.folders.get(real)
         if src is None and self.inodes:
-            try:
-                st = os.stat(out)
-                src = self.inodes.get((st.st_dev, st.st_ino))
-            except OSError:
-                src = None
+            if st is None:
+                try:
+                    st = os.stat(out)
+                except OSError:
+                    st = None
+            src = None if st is None else self.inodes.get((st.st_dev, st.st_ino))
         if src is not None:
             raise OutputError(f"{what} {out} is the input {src}; napari-dmoe never writes over an input, choose "
                               "another output name")
@@ -137,7 +154,7 @@ def plan_batch(cases: list[PlannedCase], inputs: Iterable[str | os.PathLike], ov
 
     guard = _Inputs([*inputs, *(c.source for c in cases)])
     seen_keys: dict[str, PlannedCase] = {}
-    seen_paths: dict[Path, PlannedCase] = {}
+    seen_paths: dict[str, PlannedCase] = {}
     for case in cases:
         if case.key:
             other = seen_keys.get(case.key)
@@ -145,18 +162,25 @@ def plan_batch(cases: list[PlannedCase], inputs: Iterable[str | os.PathLike], ov
                 raise OutputError(_collision(other, case, f"outputs named after {case.key!r}"))
             seen_keys[case.key] = case
         for out in case.outputs:
-            key = Path(os.path.abspath(out))
+            key = os.path.abspath(out)
             other = seen_paths.get(key)
             if other is not None and other is not case:
                 raise OutputError(_collision(other, case, str(out)))
             seen_paths[key] = case
-            guard.check(out)
-            if Path(out).is_dir():
+            try:
+                st: os.stat_result | None = os.stat(out)
+            except OSError:
+                st = None
+            guard.check(out, st=st)
+            if st is not None and stat.S_ISDIR(st.st_mode):
                 raise OutputError(f"output {out} ({case.where}) is a folder; remove or rename it")
-        _judge_marker(case, overwrite)
+            if out is case.marker and st is None:
+                continue  # nothing there: not done, nothing to judge
+            if out is case.marker:
+                _judge_marker(case, overwrite)
     for path in clean_leftovers(out for case in cases for out in case.outputs):
         note = f"removed {path.name}, a temporary file a stopped run left behind"
-        owner = seen_paths.get(Path(os.path.abspath(path.parent)) / _final_name(path))
+        owner = seen_paths.get(os.path.join(os.path.abspath(path.parent), _final_name(path)))
         if owner is not None:
             owner.notes.insert(0, note)  # a skipped case's last note says why it is skipped
     return cases
