@@ -1,5 +1,5 @@
 """Request and reply models: pydantic validates the JSON header of a /segment request (and FastAPI lists the
-replies in the OpenAPI page at /docs); the arrays themselves travel as raw bytes (napari_dmoe.client)."""
+replies in /openapi.json, for the token holder); the arrays themselves travel as raw bytes (napari_dmoe.client)."""
 from __future__ import annotations
 
 import math
