@@ -5,7 +5,7 @@ from typing import Any
 
 # The group-local recipe: Adam (a few thousand private weights, no momentum tuning needed), constant lr after a
 # short warm-up, k-fold cross-validation over every corrected case choosing among LOCAL_STEPS // 4 ... LOCAL_STEPS
-LOCAL_LR, LOCAL_STEPS, LOCAL_EXPERTS, LOCAL_FOLDS, LOCAL_WARMUP = 0.01, 60, 1, 5, 5
+LOCAL_LR, LOCAL_STEPS, LOCAL_EXPERTS, LOCAL_FOLDS, LOCAL_WARMUP = 0.01, 40, 1, 5, 5
 
 
 def candidate_steps(steps: int) -> list[int]:

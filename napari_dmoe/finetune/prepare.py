@@ -392,7 +392,8 @@ def build_config(base_model: str | os.PathLike, spec: Any, export: ExportSummary
             "validate_first": bool(settings.keep_base),  # the base is kept unless a step beats it
             **(local_recipe() if cv else {}),
         },
-        **({"crossval": {"folds": int(settings.folds), "steps": candidate_steps(settings.steps)}} if cv else {}),
+        **({"crossval": {"folds": int(settings.folds), "steps": candidate_steps(settings.steps),
+                         "keep_base": bool(settings.keep_base)}} if cv else {}),
     }
 
 

@@ -116,6 +116,7 @@ SCHEMA: dict[str, Any] = {
     "crossval": {
         "folds": Field("int", 0, optional=False),
         "steps": Field("list"),  # candidate step counts; None: recipe.steps only
+        "keep_base": Field("bool", True, optional=False),  # the base (0 steps) is a candidate: kept unless beaten
     },
     "augment": {
         "flip": Field("bool", True, optional=False),

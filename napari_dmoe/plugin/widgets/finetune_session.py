@@ -105,7 +105,11 @@ class FinetuneSession(QObject):
         self.process, self.phase = process, "train"
         self._cancelled, self._kill_at = False, None
         self._close_progress()  # the napari progress bar is made at the first poll: creating one costs ~100 ms
-        self.started.emit(f"Training on {len(export.train)} pair(s), validating on {len(export.val)} "
+        folds = (config.get("crossval") or {}).get("folds")
+        n_pairs = len(export.train) + len(export.val)
+        self.started.emit(f"Cross-validating on all {n_pairs} pair(s) ({min(folds, n_pairs)} folds: each is scored by "
+                          f"a model that did not train on it), then training on all of them; run folder {run_dir}"
+                          if folds else f"Training on {len(export.train)} pair(s), validating on {len(export.val)} "
                           f"({', '.join(export.val)}); run folder {run_dir}")
         self.timer.start()
         return process
@@ -157,8 +161,8 @@ class FinetuneSession(QObject):
             eta = state.eta_seconds()
             loss = f"loss {state.losses[-1][1]:.3f}" if state.losses else ""
             self._pbar.set_description(f"dMoE fine-tune {loss}" + (f", ETA {eta:.0f} s" if eta is not None else ""))
-            self._pbar.n = 0
-            self._pbar.update(state.step)
+            # forward only, by the difference: a bar that drops (or is reset to 0 first) reads as a restart
+            self._pbar.update(max(0, min(state.step, self._pbar.total or state.step) - self._pbar.n))
 
     def _close_progress(self) -> None:
         if self._pbar is not None:
@@ -211,6 +215,8 @@ class FinetuneSession(QObject):
             self._fail("Comparing the models failed", str(err), "")
             return
         self.process, self.phase = process, "compare"
+        # a busy bar, not a new one at 0 %: training is done, the comparison has no steps to count
+        self._pbar = progress(total=0, desc="dMoE fine-tune: comparing the base and the new model")
         self.status.emit("Training done; comparing the base and the new model on the validation pairs...")
 
     def _compare_ended(self, process: Any) -> None:
