@@ -135,7 +135,7 @@ def test_crossval_finetune_keeps_other_groups_bitwise_and_unknown_averages_every
 
 def test_3d_group_local_with_adam_keeps_other_stages_bitwise(tmp_path):
     """The recipe's optimiser (AdamW, the fine-tune's weight decay 0) touches only the adapted stage's weights."""
-    from napari_dmoe.training.engine import _optimizer
+    from napari_dmoe.training.optim import make_optimizer
     from napari_dmoe.training.local import prepare_group_local, set_train_mode
 
     torch.manual_seed(0)
@@ -148,7 +148,7 @@ def test_3d_group_local_with_adam_keeps_other_stages_bitwise(tmp_path):
     items = [{"image": torch.randn(1, 64, 64, 64), "label": (torch.rand(64, 64, 64) > 0.7).long(), "attr": 3}]
     prepare_group_local(net, spec, [3], items, n_local=1)
     set_train_mode(net, "group_local")
-    opt = _optimizer([p for p in net.parameters() if p.requires_grad],
+    opt = make_optimizer([p for p in net.parameters() if p.requires_grad],
                      {"optimizer": "adamw", "lr": 0.05, "weight_decay": 0.0})
     for _ in range(2):
         loss = torch.nn.functional.cross_entropy(net(items[0]["image"][None], torch.tensor([3])),

@@ -14,7 +14,8 @@ from napari_dmoe.io.checkpoint import load_model, read_spec
 from napari_dmoe.model import build_network, make_spec
 from napari_dmoe.model.moe import DMoE
 from napari_dmoe.training.config import ConfigError, load_config, resolve_recipe
-from napari_dmoe.training.engine import TrainingError, _schedule, train
+from napari_dmoe.training.engine import TrainingError, train
+from napari_dmoe.training.optim import lr_schedule
 from napari_dmoe.training.pretrained import InitError, load_pretrained_vit, set_trainable
 from napari_dmoe.model.routers import fallback_routers, fallback_table
 from training_data import tiny_config, write_fairseg, write_folder
@@ -67,9 +68,9 @@ def test_config_missing_required_key(tmp_path, fairseg):
 
 # -- schedules -------------------------------------------------------------------------------------------------
 def test_poly_and_warmup_cosine_schedules():
-    poly = _schedule({"warmup_steps": 0, "poly_power": 0.9, "schedule": "poly"}, total=10)
+    poly = lr_schedule({"warmup_steps": 0, "poly_power": 0.9, "schedule": "poly"}, total=10)
     assert poly(0) == 1.0 and poly(5) == pytest.approx(0.5 ** 0.9) and poly(10) == 0.0
-    cos = _schedule({"warmup_steps": 2, "poly_power": 0.9, "schedule": "warmup_cosine"}, total=12)
+    cos = lr_schedule({"warmup_steps": 2, "poly_power": 0.9, "schedule": "warmup_cosine"}, total=12)
     assert cos(0) == 0.5 and cos(1) == 1.0 and cos(7) == pytest.approx(0.5) and cos(12) == pytest.approx(0.0)
 
 

@@ -10,7 +10,8 @@ instead (``select_steps``):
    (``crossval.steps``; the schedule is the one the final run uses, so the first s steps of a fold's run are what
    a run of s steps does);
 3. takes the step count with the highest mean Dice gain over all held-out cases (0 = the base model: kept unless
-   some step count gains on average; ties go to fewer steps), and the engine then trains on every case for it;
+   some step count gains on average, or never with ``crossval.keep_base: false``; ties go to fewer steps), and the
+   engine then trains on every case for it;
 4. estimates the gain the user can expect with the choice made WITHOUT each fold's own scores (the step count that
    wins on the other folds; nested), so the estimate does not profit from the selection. Its spread is the
    standard deviation of the per-fold gains.
@@ -77,14 +78,19 @@ def _fit_fold(run: Any, network: torch.nn.Module, train_idx: Sequence[int], eval
               config: Mapping[str, Any], recipe: Mapping[str, Any], horizon: int, info: Any, seed: int,
               progress: Any) -> dict[int, dict[str, float]]:
     """Train a copy of ``network`` on ``train_idx`` for max(steps); per-case Dice of ``eval_items`` at each step."""
-    from napari_dmoe.training.engine import _optimizer, _schedule, _step
+    from pathlib import Path
+
+    from napari_dmoe.training.engine import _Loop, _step
+    from napari_dmoe.training.optim import lr_schedule, make_optimizer
 
     net = copy.deepcopy(network)
     set_train_mode(net, config["trainable"])
-    optimizer = _optimizer([p for p in net.parameters() if p.requires_grad], recipe)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(recipe, horizon))
+    optimizer = make_optimizer([p for p in net.parameters() if p.requires_grad], recipe)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(recipe, horizon))
     scaler = torch.amp.GradScaler("cuda", enabled=False)
     batch = max(1, min(int(config["recipe"]["batch_size"]), len(train_idx)))
+    loop = _Loop(config, run, info, None, Path("."), recipe, net, net, optimizer, scheduler, scaler, use_amp=False,
+                 per_rank=batch, steps_per_epoch=1, total=max(steps))  # the engine's step on this fold's copy
     torch.manual_seed(seed)
     scores: dict[int, dict[str, float]] = {}
     step, epoch, last = 0, 0, max(steps)
@@ -94,7 +100,7 @@ def _fit_fold(run: Any, network: torch.nn.Module, train_idx: Sequence[int], eval
         loader = DataLoader(Subset(run.train_items, [train_idx[i] for i in order]), batch_size=batch,
                             shuffle=False, drop_last=True, num_workers=0)
         for data in loader:
-            _step(net, net, data, run, optimizer, scaler, recipe, config, info, False)
+            _step(loop, data)
             scheduler.step()
             step += 1
             progress()
@@ -107,8 +113,9 @@ def _fit_fold(run: Any, network: torch.nn.Module, train_idx: Sequence[int], eval
 
 
 def _best(gains: Mapping[int, float]) -> int:
-    """The step count with the highest mean gain; 0 (the base) unless a step count gains; ties: fewer steps."""
-    best = 0
+    """The step count with the highest mean gain; 0 (the base, when allowed) unless a step count gains; ties:
+    fewer steps."""
+    best = min(gains)
     for s in sorted(gains):
         if gains[s] > gains[best] + 1e-12:
             best = s
@@ -158,13 +165,15 @@ def select_steps(config: Mapping[str, Any], run: Any, info: Any, recipe: Mapping
     gain = {s: {i: per_case[s][i] - base[i] for i in ids} for s in steps}
     fold_ids = [[ids[i] for i in range(n) if folds[i] == f] for f in range(k)]
     mean_gain = {s: _mean(list(gain[s].values())) for s in steps}
-    chosen = _best(mean_gain)
+    # crossval.keep_base false (the widget's box unticked): the user wants a trained model, the best step count
+    allowed = steps if config["crossval"]["keep_base"] or not trained else trained
+    chosen = _best({s: mean_gain[s] for s in allowed})
     # nested: each fold's gain at the step count the OTHER folds choose, so selection does not flatter the estimate
     nested: dict[str, float] = {}
     fold_gains, fold_choice = [], []
     for f in range(k):
         others = [i for g, fids in enumerate(fold_ids) if g != f for i in fids]
-        s_f = _best({s: _mean([gain[s][i] for i in others]) for s in steps})
+        s_f = _best({s: _mean([gain[s][i] for i in others]) for s in allowed})
         fold_choice.append(s_f)
         for i in fold_ids[f]:
             nested[i] = gain[s_f][i]

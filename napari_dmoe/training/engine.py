@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -34,6 +35,7 @@ from napari_dmoe.training.config import resolve_recipe
 from napari_dmoe.training.events import EventWriter, ProgressBar
 from napari_dmoe.training.history import RunHistory
 from napari_dmoe.training.local import set_train_mode
+from napari_dmoe.training.optim import lr_schedule, make_optimizer
 from napari_dmoe.training.setup import RunParts, build_run
 from napari_dmoe.training.validate import validate
 
@@ -61,28 +63,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def _schedule(recipe: Mapping[str, Any], total: int):
-    """lr multiplier per step: paper2d poly (1 - t/T)^0.9; 3d linear warmup then cosine to 0."""
-    warm, power = int(recipe["warmup_steps"]), float(recipe["poly_power"])
-
-    def factor(step: int) -> float:
-        if warm and step < warm:
-            return (step + 1) / warm
-        t = (step - warm) / max(1, total - warm)
-        if recipe["schedule"] == "poly":
-            return max(0.0, 1.0 - t) ** power
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
-
-    return factor
-
-
-def _optimizer(params: list, recipe: Mapping[str, Any]) -> torch.optim.Optimizer:
-    if recipe["optimizer"] == "sgd":
-        return torch.optim.SGD(params, lr=recipe["lr"], momentum=recipe["momentum"],
-                               weight_decay=recipe["weight_decay"])
-    return torch.optim.AdamW(params, lr=recipe["lr"], weight_decay=recipe["weight_decay"])
 
 
 def _reset_aux_losses(network: torch.nn.Module) -> None:
@@ -139,10 +119,49 @@ def _lock_folder(config: Mapping[str, Any], info: dist_utils.DistInfo, command: 
     return run_lock.acquire(out, command)
 
 
-def _train(config: Mapping[str, Any], info: dist_utils.DistInfo, writer: EventWriter, quiet: bool,
-           require_resume: bool, command: str | None) -> Path:
-    seed = int(config["seed"])
-    seed_everything(seed)
+@dataclass
+class _Loop:
+    """What one run holds while it steps: built once by ``_start``, read and advanced by every step, validation
+    and checkpoint (instead of a dozen loose arguments to each)."""
+
+    config: Mapping[str, Any]
+    run: RunParts
+    info: dist_utils.DistInfo
+    writer: EventWriter
+    out: Path
+    recipe: Mapping[str, Any]
+    model: Any  # what is called: the network, or its DDP wrapper under torchrun
+    network: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: Any
+    use_amp: bool
+    per_rank: int
+    steps_per_epoch: int
+    total: int
+    step: int = 0
+    best: float = -math.inf
+    best_step: int | None = None
+    bar: Any = None
+
+    @property
+    def best_path(self) -> Path:
+        return self.out / "best.safetensors"
+
+    @property
+    def last_path(self) -> Path:
+        return self.out / "last.safetensors"
+
+    @property
+    def resume_scaler(self) -> Any:
+        """The AMP grad scaler when AMP is on (its state is saved and restored), else None."""
+        return self.scaler if self.use_amp else None
+
+
+def _start(config: Mapping[str, Any], info: dist_utils.DistInfo, writer: EventWriter, require_resume: bool,
+           command: str | None) -> _Loop:
+    """The run's parts, optimizer and schedule, from the resume state when there is one."""
+    seed_everything(int(config["seed"]))
     out = Path(config["output_dir"]).expanduser()
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -150,85 +169,93 @@ def _train(config: Mapping[str, Any], info: dist_utils.DistInfo, writer: EventWr
         raise TrainingError(f"--resume: no resume state in {out} (expected {resume_state.SCALARS}); drop --resume "
                             "to start a new run")
     run: RunParts = build_run(config, info, command)
-    network, batch, world = run.network, int(config["recipe"]["batch_size"]), info.world_size
-    per_rank, steps_per_epoch, total = _sizes(config, len(run.train_items), world)
+    network = run.network
+    per_rank, steps_per_epoch, total = _sizes(config, len(run.train_items), info.world_size)
     recipe = resolve_recipe(config, total)
-    val_every = recipe["val_every"] or steps_per_epoch
-    ckpt_every = recipe["checkpoint_every"] or val_every
-
     network.to(info.device)
-    params = [p for p in network.parameters() if p.requires_grad]
-    optimizer = _optimizer(params, recipe)
-    factor = _schedule(recipe, total)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    optimizer = make_optimizer([p for p in network.parameters() if p.requires_grad], recipe)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(recipe, total))
     use_amp = bool(recipe["amp"]) and info.device.type == "cuda"  # mixed precision on CUDA only
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     for m in network.modules():
         if isinstance(m, DMoE):
             m.aux_loss_enabled = config["aux_loss"] > 0
-
-    step, best, best_step = _resume(out, run, network, optimizer, scheduler, scaler if use_amp else None)
+    loop = _Loop(config, run, info, writer, out, recipe, network, network, optimizer, scheduler, scaler, use_amp,
+                 per_rank, steps_per_epoch, total)
+    loop.step, loop.best, loop.best_step = _resume(out, run, network, optimizer, scheduler, loop.resume_scaler)
     if config["crossval"]["folds"]:  # how many steps (0: keep the base), chosen on every case (crossval.py)
-        total, factor = _crossval(config, run, info, writer, recipe, out)
+        loop.total, factor = _crossval(config, run, info, writer, recipe, out)
         scheduler.lr_lambdas = [factor]  # the folds' schedule: s steps of it are what the folds scored at s
-    model, network = _distributed(run, network, info)
+    loop.model, loop.network = _distributed(run, network, info)
+    return loop
 
+
+def _train(config: Mapping[str, Any], info: dist_utils.DistInfo, writer: EventWriter, quiet: bool,
+           require_resume: bool, command: str | None) -> Path:
+    loop = _start(config, info, writer, require_resume, command)
     threads = describe_current()  # chosen by the front end (napari_dmoe.threads), or by a Python caller
-    sampler = DistributedSampler(run.train_items, num_replicas=world, rank=info.rank, shuffle=True, seed=seed,
-                                 drop_last=True)
-    writer.emit("start", step=step, total_steps=total, epoch=step // steps_per_epoch, world_size=world,
-                batch_size=batch, steps_per_epoch=steps_per_epoch, output_dir=str(out), method=config["method"],
-                routing=run.spec.routing, device=str(info.device), data=run.data_summary, resumed=step > 0,
-                threads=threads.threads, threads_reason=f"{threads.source}: {threads.reason}")
-    bar = ProgressBar(total, step, enabled=info.is_main and not quiet)
-    started, done_at_start, avg_step = time.perf_counter(), step, None
-    best_path, last_path = out / "best.safetensors", out / "last.safetensors"
-    set_train_mode(network, config["trainable"])  # norm layers stay in eval when their weights are frozen
-    if step == 0 and recipe["validate_first"]:
-        best, best_step = _validate_and_save(run, network, info, writer, bar, 0, 0, best, best_step, best_path,
-                                             last_path, recipe)
+    batch, run = int(config["recipe"]["batch_size"]), loop.run
+    writer.emit("start", step=loop.step, total_steps=loop.total, epoch=loop.step // loop.steps_per_epoch,
+                world_size=info.world_size, batch_size=batch, steps_per_epoch=loop.steps_per_epoch,
+                output_dir=str(loop.out), method=config["method"], routing=run.spec.routing, device=str(info.device),
+                data=run.data_summary, resumed=loop.step > 0, threads=threads.threads,
+                threads_reason=f"{threads.source}: {threads.reason}")
+    loop.bar = ProgressBar(loop.total, loop.step, enabled=info.is_main and not quiet)
+    started, done_at_start = time.perf_counter(), loop.step
+    set_train_mode(loop.network, config["trainable"])  # norm layers stay in eval when their weights are frozen
+    if loop.step == 0 and loop.recipe["validate_first"]:
+        _validate_and_save(loop, 0)
     try:
-        while step < total:
-            epoch, offset = divmod(step, steps_per_epoch)
-            sampler.set_epoch(epoch)
-            run.train_items.epoch = epoch
-            loader = DataLoader(run.train_items, batch_size=per_rank, sampler=_Skip(sampler, offset * per_rank),
-                                num_workers=recipe["num_workers"], drop_last=True,
-                                generator=torch.Generator().manual_seed(seed + epoch),
-                                pin_memory=info.device.type == "cuda")
-            t0 = time.perf_counter()
-            for data in loader:
-                lr = optimizer.param_groups[0]["lr"]  # the lr this step used
-                loss = _step(model, network, data, run, optimizer, scaler, recipe, config, info, use_amp)
-                scheduler.step()
-                step += 1
-                dt = time.perf_counter() - t0  # wall time of the step, data loading included
-                avg_step = dt if avg_step is None else 0.9 * avg_step + 0.1 * dt
-                writer.emit("step", step=step, total_steps=total, epoch=epoch, loss=loss, lr=lr,
-                            throughput=batch / max(dt, 1e-9),
-                            eta_s=avg_step * (total - step))
-                bar.update(loss=loss, lr=lr)
-                if step % val_every == 0 or step == total:
-                    best, best_step = _validate_and_save(run, network, info, writer, bar, step, epoch, best,
-                                                         best_step, best_path, last_path, recipe)
-                if step % ckpt_every == 0 or step == total:
-                    _checkpoint(out, run, network, optimizer, scheduler, scaler if use_amp else None, writer, info,
-                                {"step": step, "epoch": epoch, "best": best, "best_step": best_step})
-                if step >= total:
-                    break
-                t0 = time.perf_counter()  # validation and checkpoints are not counted in the throughput
+        _epochs(loop)
     finally:
-        bar.close()
-    if info.is_main and not best_path.exists():  # no validation split: the last model is the best we know
-        save_model(best_path, network, run.spec_for(step, None))
+        loop.bar.close()
+    if info.is_main and not loop.best_path.exists():  # no validation split: the last model is the best we know
+        save_model(loop.best_path, loop.network, run.spec_for(loop.step, None))
     if config["crossval"]["folds"]:
-        best_step = step  # cross-validation chose this step count; 0: the base model was kept
+        loop.best_step = loop.step  # cross-validation chose this step count; 0: the base model was kept
     dist_utils.barrier(info)
     elapsed = time.perf_counter() - started
-    writer.emit("done", step=step, best_path=str(best_path), best_es_dice=best if best > -math.inf else None,
-                best_step=best_step, seconds=round(elapsed, 3),
-                throughput=(step - done_at_start) * batch / max(elapsed, 1e-9))
-    return best_path
+    writer.emit("done", step=loop.step, best_path=str(loop.best_path),
+                best_es_dice=loop.best if loop.best > -math.inf else None, best_step=loop.best_step,
+                seconds=round(elapsed, 3), throughput=(loop.step - done_at_start) * batch / max(elapsed, 1e-9))
+    return loop.best_path
+
+
+def _epochs(loop: _Loop) -> None:
+    """Step until ``loop.total``, validating and checkpointing on the recipe's schedule."""
+    recipe, seed = loop.recipe, int(loop.config["seed"])
+    val_every = recipe["val_every"] or loop.steps_per_epoch
+    ckpt_every = recipe["checkpoint_every"] or val_every
+    batch = int(loop.config["recipe"]["batch_size"])
+    sampler = DistributedSampler(loop.run.train_items, num_replicas=loop.info.world_size, rank=loop.info.rank,
+                                 shuffle=True, seed=seed, drop_last=True)
+    avg_step = None
+    while loop.step < loop.total:
+        epoch, offset = divmod(loop.step, loop.steps_per_epoch)
+        sampler.set_epoch(epoch)
+        loop.run.train_items.epoch = epoch
+        loader = DataLoader(loop.run.train_items, batch_size=loop.per_rank,
+                            sampler=_Skip(sampler, offset * loop.per_rank), num_workers=recipe["num_workers"],
+                            drop_last=True, generator=torch.Generator().manual_seed(seed + epoch),
+                            pin_memory=loop.info.device.type == "cuda")
+        t0 = time.perf_counter()
+        for data in loader:
+            lr = loop.optimizer.param_groups[0]["lr"]  # the lr this step used
+            loss = _step(loop, data)
+            loop.scheduler.step()
+            loop.step += 1
+            dt = time.perf_counter() - t0  # wall time of the step, data loading included
+            avg_step = dt if avg_step is None else 0.9 * avg_step + 0.1 * dt
+            loop.writer.emit("step", step=loop.step, total_steps=loop.total, epoch=epoch, loss=loss, lr=lr,
+                             throughput=batch / max(dt, 1e-9), eta_s=avg_step * (loop.total - loop.step))
+            loop.bar.update(loss=loss, lr=lr)
+            if loop.step % val_every == 0 or loop.step == loop.total:
+                _validate_and_save(loop, epoch)
+            if loop.step % ckpt_every == 0 or loop.step == loop.total:
+                _checkpoint(loop, epoch)
+            if loop.step >= loop.total:
+                break
+            t0 = time.perf_counter()  # validation and checkpoints are not counted in the throughput
 
 
 def _crossval(config: Mapping[str, Any], run: RunParts, info: dist_utils.DistInfo, writer: EventWriter,
@@ -250,7 +277,7 @@ def _crossval(config: Mapping[str, Any], run: RunParts, info: dist_utils.DistInf
     writer.emit("selection", **record)
     run.provenance["selection"] = record
     seed_everything(int(config["seed"]))  # the final run does not depend on how much randomness the folds drew
-    return int(record["steps"]), _schedule(recipe, int(record["horizon"]))
+    return int(record["steps"]), lr_schedule(recipe, int(record["horizon"]))
 
 
 def _sizes(config: Mapping[str, Any], n_train: int, world: int) -> tuple[int, int, int]:
@@ -298,21 +325,22 @@ def _distributed(run: RunParts, network: torch.nn.Module, info: dist_utils.DistI
     return model, network
 
 
-def _checkpoint(out: Path, run: RunParts, network: torch.nn.Module, optimizer: Any, scheduler: Any, scaler: Any,
-                writer: EventWriter, info: dist_utils.DistInfo, at: dict[str, Any]) -> None:
+def _checkpoint(loop: _Loop, epoch: int) -> None:
     """last.safetensors and the resume state (rank 0), then every process waits for them."""
-    if info.is_main:
-        last_path = out / "last.safetensors"
-        _save_last(run, network, at["step"], at["epoch"], at["best"], at["best_step"], last_path)
-        resume_state.save_state(out, network, optimizer, {
-            **at, "run": run.identity, "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else None})
-        writer.emit("checkpoint", step=at["step"], epoch=at["epoch"], path=str(last_path),
-                    resume=str(out / resume_state.SCALARS))
-    dist_utils.barrier(info)
+    if loop.info.is_main:
+        _save_last(loop)
+        resume_state.save_state(loop.out, loop.network, loop.optimizer, {
+            "step": loop.step, "epoch": epoch, "best": loop.best, "best_step": loop.best_step,
+            "run": loop.run.identity, "scheduler": loop.scheduler.state_dict(),
+            "scaler": loop.resume_scaler.state_dict() if loop.resume_scaler is not None else None})
+        loop.writer.emit("checkpoint", step=loop.step, epoch=epoch, path=str(loop.last_path),
+                         resume=str(loop.out / resume_state.SCALARS))
+    dist_utils.barrier(loop.info)
 
 
-def _step(model, network, data, run: RunParts, optimizer, scaler, recipe, config, info, use_amp) -> float:
+def _step(loop: _Loop, data: Mapping[str, Any]) -> float:
+    """One optimizer step on ``data``; returns the loss averaged over the processes."""
+    run, info, network, optimizer, scaler = loop.run, loop.info, loop.network, loop.optimizer, loop.scaler
     x = data["image"].to(info.device, non_blocking=True)
     y = data["label"].to(info.device, non_blocking=True)
     groups = data["attr"].to(info.device)
@@ -322,40 +350,41 @@ def _step(model, network, data, run: RunParts, optimizer, scaler, recipe, config
                             "normalisation (an all-NaN or damaged image?); fix or remove them from the data")
     optimizer.zero_grad(set_to_none=True)
     _reset_aux_losses(network)  # also drops the terms left by validation forwards
-    with torch.autocast("cuda", dtype=torch.float16, enabled=use_amp):
-        logits = model(x, run.to_router(groups))
+    with torch.autocast("cuda", dtype=torch.float16, enabled=loop.use_amp):
+        logits = loop.model(x, run.to_router(groups))
     loss = run.loss(logits.float(), y, groups)
-    aux = _aux_loss(network) if config["aux_loss"] > 0 else None
+    aux = _aux_loss(network) if loop.config["aux_loss"] > 0 else None
     if aux is not None:
-        loss = loss + config["aux_loss"] * aux
+        loss = loss + loop.config["aux_loss"] * aux
     if not torch.isfinite(loss):
         raise TrainingError(f"the loss became {float(loss)}; lower recipe.lr or set recipe.grad_clip")
     scaler.scale(loss).backward()
-    if recipe["grad_clip"]:
+    if loop.recipe["grad_clip"]:
         scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(network.parameters(), recipe["grad_clip"])
+        torch.nn.utils.clip_grad_norm_(network.parameters(), loop.recipe["grad_clip"])
     scaler.step(optimizer)
     scaler.update()
     return dist_utils.mean_over_ranks(loss, info)
 
 
-def _validate_and_save(run, network, info, writer, bar, step, epoch, best, best_step, best_path, last_path, recipe):
+def _validate_and_save(loop: _Loop, epoch: int) -> None:
+    """Validate (rank 0) and keep ``best.safetensors`` when the ES-Dice beats the best so far."""
+    run, info, network = loop.run, loop.info, loop.network
     if info.is_main and run.val_items is not None and len(run.val_items):
         metrics = validate(network, run.val_items, run.spec, info.device, run.to_router,
-                           overlap=recipe["sw_overlap"], amp=bool(recipe["amp"]))
+                           overlap=loop.recipe["sw_overlap"], amp=bool(loop.recipe["amp"]))
         set_train_mode(network, run.identity["trainable"])
         es = metrics["es_dice"]
-        writer.emit("val", step=step, epoch=epoch, **metrics)
-        bar.write(f"step {step}: val ES-Dice {es:.4f}, Dice {metrics['dice']:.4f}")
-        if es is not None and es > best:
-            best, best_step = es, step
-            save_model(best_path, network, run.spec_for(step, metrics))
-            writer.emit("checkpoint", step=step, epoch=epoch, path=str(best_path), best=True, es_dice=es)
+        loop.writer.emit("val", step=loop.step, epoch=epoch, **metrics)
+        loop.bar.write(f"step {loop.step}: val ES-Dice {es:.4f}, Dice {metrics['dice']:.4f}")
+        if es is not None and es > loop.best:
+            loop.best, loop.best_step = es, loop.step
+            save_model(loop.best_path, network, run.spec_for(loop.step, metrics))
+            loop.writer.emit("checkpoint", step=loop.step, epoch=epoch, path=str(loop.best_path), best=True,
+                             es_dice=es)
     dist_utils.barrier(info)
-    return best, best_step
 
 
-def _save_last(run: RunParts, network, step, epoch, best, best_step, last_path: Path) -> None:
-    save_model(last_path, network, run.spec_for(step, None, best=best if best > -math.inf else None,
-                                                  best_step=best_step))
-
+def _save_last(loop: _Loop) -> None:
+    best = loop.best if loop.best > -math.inf else None
+    save_model(loop.last_path, loop.network, loop.run.spec_for(loop.step, None, best=best, best_step=loop.best_step))
