@@ -109,7 +109,9 @@ def test_recipe_loader_on_random_values(tmp_path, data_root, changes):
                        "attributes": {"sex": ["F", "M"]}}, "recipe": {"steps": 2}}
     for key, value in changes.items():
         node, _, leaf = key.rpartition(".")
-        (config.setdefault(node, {}) if node else config)[leaf] = value
+        if node and not isinstance(config.get(node), dict):
+            config[node] = {}
+        (config[node] if node else config)[leaf] = value
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(config))
     try:
