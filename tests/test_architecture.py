@@ -32,7 +32,9 @@ ALLOWED: dict[str, set[str]] = {
     "synthetic": {"io", "model"},
     "server": {"inference", "evaluation", "datasets", "io", "model"},
     "cli": CORE | {"server"},
-    "plugin": CORE,  # never cli/ or server/: the plugin calls the engine, not the front ends
+    # never cli/ or server/ (the plugin calls the engine, not the front ends), never training/ (a GUI fine-tune
+    # trains through the `dmoe train` subprocess of finetune/, so napari never holds a training loop)
+    "plugin": CORE - {"training"},
 }
 # Never imported outside plugin/ (the core must install and run without them).
 GUI_MODULES = ("napari", "qtpy", "PyQt5", "PyQt6", "PySide2", "PySide6", "superqt", "magicgui", "vispy")
