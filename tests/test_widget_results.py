@@ -133,3 +133,99 @@ def test_the_finetune_dock_scrolls(make_napari_viewer, model_path):
     assert widget.minimumSizeHint().height() < 300  # ... but the dock needs little height: it scrolls
     _, segment = viewer.window.add_plugin_dock_widget("napari-dmoe", "Segment (dMoE)")
     assert segment.minimumSizeHint().height() < 300
+
+
+@pytest.mark.slow
+def test_the_end_of_a_finetune_neither_rewinds_the_bar_nor_freezes(make_napari_viewer, qtbot, tmp_path, monkeypatch):
+    """Item 8: the training bar only moves forward and ends full, the comparison gets a busy bar (not a bar back at
+    0 %), the GUI thread never stalls for long between the end of training and the end of the run, and the new
+    model is listed in the Segment widget at once (item 6). A real ``dmoe train`` subprocess on a tiny model."""
+    import sys
+
+    import torch
+    from napari.utils import progress
+
+    from napari_dmoe.io.checkpoint import save_model
+    from napari_dmoe.model import build_network, make_spec
+    from napari_dmoe.plugin.widgets import finetune_session
+    from qtpy.QtCore import Qt
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from stall_meter import StallMeter
+
+    bars: list[list[tuple[int, int]]] = []
+
+    class Recorded(progress):  # napari's bar, remembering what it showed
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            bars.append([(self.n, self.total)])
+
+        def update(self, n=1):
+            super().update(n)
+            bars[-1].append((self.n, self.total))
+
+    monkeypatch.setattr(finetune_session, "progress", Recorded)
+    torch.manual_seed(0)
+    spec = make_spec("transunet2d-tiny", "race", ["Asian", "Black", "White"], ["background", "disc"], n_experts=4)
+    base = save_model(tmp_path / "base.safetensors", build_network(spec), spec)
+    viewer = make_napari_viewer()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        labels = np.zeros((64, 64), np.int32)
+        labels[16 + i:44, 20:48 - i] = 1
+        viewer.add_image(rng.normal(0, 1, (64, 64)).astype(np.float32) + 2 * labels, name=f"scan{i}",
+                         metadata={"dmoe_attributes": {"race": ["Asian", "Black", "White"][i]}})
+        viewer.add_labels(labels, name=f"scan{i} truth")
+    segment = dock(viewer)
+    _, widget = viewer.window.add_plugin_dock_widget("napari-dmoe", "Fine-tune (dMoE)")
+    widget.models.set_path(base)
+    widget.output.setText(str(tmp_path / "runs"))
+    widget.devices.combo.setCurrentIndex(widget.devices.combo.findData("cpu"))
+    for i in range(3):
+        widget.add_pair(image=f"scan{i}", labels=f"scan{i} truth")
+    widget.settings.trainable.setCurrentIndex(widget.settings.trainable.findText("all weights", Qt.MatchStartsWith))
+    widget.confirm = lambda *_: True  # "all weights" asks first
+    widget.settings.steps.setValue(3)
+    widget.settings.batch.setValue(2)
+    widget.settings.keep_base.setChecked(False)
+    assert widget.start() is not None
+    qtbot.waitUntil(lambda: widget.phase != "train", timeout=240_000)
+    meter = StallMeter()
+    meter.start()
+    qtbot.waitUntil(lambda: widget.process is None, timeout=240_000)
+    meter.stop()
+    assert widget.new_model is not None, widget.status.text()
+    training, comparing = bars[0], bars[-1]
+    assert [n for n, _ in training] == sorted(n for n, _ in training) and training[-1][0] == training[-1][1] == 3
+    assert len(bars) == 2 and comparing[0][1] == 0  # busy: no percentage to drop back
+    assert meter.longest_stall_ms < 1000, meter.longest_stall_ms
+    assert segment.models.combo.findData(str(widget.new_model)) >= 0
+
+
+def test_save_dicom_seg_from_a_series_without_study_time(make_napari_viewer, qtbot, tmp_path, notifications):
+    """Item 14: anonymised series lack StudyTime (and PatientBirthDate): Save writes a valid SEG (the Type 2 tags
+    empty, as the standard allows), never a Python error."""
+    import highdicom as hd
+    import pydicom
+
+    from inference_models import tiny
+    from napari_dmoe.io.checkpoint import save_model
+    from test_dicom_seg import make_series
+
+    make_series(tmp_path / "ct", n=8, size=64)
+    for path in (tmp_path / "ct").glob("*.dcm"):
+        ds = pydicom.dcmread(path)
+        for keyword in ("StudyTime", "PatientBirthDate"):
+            if keyword in ds:
+                delattr(ds, keyword)
+        ds.save_as(path)
+    model = tiny("resunet3d-tiny", input_size=[64, 64, 64])
+    viewer = make_napari_viewer()
+    viewer.open(str(tmp_path / "ct"), plugin="napari-dmoe")
+    widget = dock(viewer, save_model(tmp_path / "tiny3d.safetensors", model.network, model.spec))
+    widget.attributes.set_value("race", "Asian")
+    run_and_wait(qtbot, widget, timeout=60000)
+    written = widget.save_mask(tmp_path / "seg.dcm")
+    assert written is not None, notifications()
+    seg = hd.seg.segread(written)
+    assert seg.StudyTime == "" and seg.SeriesDescription.startswith("dMoE SEG")
