@@ -61,7 +61,7 @@ def describe_model(key: str, model: Any) -> dict[str, Any]:
         "input_size": list(spec.input_size),
         "spacing": spec.spacing,
         # what it was trained on (issue 13's record; absent in older files), how, and how well it did
-        "trained_on": getattr(spec, "trained_on", None),
+        "trained_on": public_trained_on(getattr(spec, "trained_on", None)),
         "training": {"method": prov.get("method"), "data": public(prov.get("data")),
                      "router_counts": prov.get("router_counts")},
         "metrics": public(spec.metrics or {}),
@@ -81,7 +81,19 @@ def public_spec(spec: dict[str, Any]) -> dict[str, Any]:
     out = dict(spec)
     prov = out.get("provenance") or {}
     out["provenance"] = {key: prov[key] for key in PUBLIC_PROVENANCE if key in prov}
+    out["trained_on"] = public_trained_on(out.get("trained_on"))
     return public(out)
+
+
+def public_trained_on(record: Any) -> Any:
+    """The training-data record without the feature statistics (40-210 kB a model, useful only beside the
+    network, which stays on the server): their method and threshold are kept, so a client can say how the server
+    checks an image."""
+    if not isinstance(record, dict) or not isinstance(record.get("features"), dict):
+        return record
+    features = record["features"]
+    summary = {k: features[k] for k in ("method", "threshold", "quantile", "margin", "n_train") if k in features}
+    return {**record, "features": {**summary, "on_server": True}}
 
 
 def public(value: Any) -> Any:
