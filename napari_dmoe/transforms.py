@@ -235,3 +235,36 @@ def resize_labels(labels: np.ndarray, size: Sequence[int]) -> np.ndarray:
         return labels
     lab = torch.from_numpy(np.ascontiguousarray(labels, dtype=np.float32))[None, None]
     return F.interpolate(lab, size=tuple(int(s) for s in size), mode="nearest-exact")[0, 0].numpy().astype(np.int64)
+
+
+# -- intensity statistics: written into a model's trained_on record by training, compared by the fit check -------
+MAX_VALUES = 200_000  # voxels per image that enter the intensity statistics
+
+
+def _strided(image: Any) -> np.ndarray:
+    """At most ~MAX_VALUES finite values of the image on a regular stride (a dask or memory-mapped volume is
+    read sparsely, never whole)."""
+    shape = np.shape(image)
+    step = max(1, int(np.ceil((int(np.prod(shape)) / MAX_VALUES) ** (1 / max(len(shape), 1)))))
+    values = np.asarray(image[tuple(slice(None, None, step) for _ in shape)], dtype=np.float32).ravel()
+    return values[np.isfinite(values)]
+
+
+def intensity_stats(images: Sequence[Any]) -> dict[str, Any]:
+    """Pooled mean, std, p1, p50, p99 over ``images`` (all channels) and the range of the per-image median and
+    99th percentile (``case_p50``, ``case_p99``: [min, max]); {} when there are no finite values."""
+    pooled, p50, p99 = [], [], []
+    for image in images:
+        values = _strided(image)
+        if values.size == 0:
+            continue
+        pooled.append(values)
+        mid, hi = np.percentile(values, [50, 99])
+        p50.append(float(mid))
+        p99.append(float(hi))
+    if not pooled:
+        return {}
+    allv = np.concatenate(pooled)
+    p1, p50_all, p99_all = (float(v) for v in np.percentile(allv, [1, 50, 99]))
+    return {"mean": float(allv.mean()), "std": float(allv.std()), "p1": p1, "p50": p50_all, "p99": p99_all,
+            "case_p50": [min(p50), max(p50)], "case_p99": [min(p99), max(p99)], "n_cases": len(p50)}

@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-MAX_VALUES = 200_000  # voxels per image that enter the intensity statistics
+from napari_dmoe.transforms import intensity_stats  # (training writes them into trained_on, the check reads)
+
 SPACING_FACTOR = 2.0  # a voxel size more than this factor off the training data's along some axis is flagged
 # an image statistic is out of distribution when it lies outside the training cases' range widened by this share
 # of the training data's p1..p99 spread on each side
@@ -62,35 +63,6 @@ def _layout(shape: Sequence[int], rgb: bool | None) -> tuple[int, int]:
     if rgb is None:
         rgb = len(shape) in (3, 4) and shape[-1] in (3, 4)
     return (len(shape) - 1, int(shape[-1])) if rgb else (len(shape), 1)
-
-
-def _strided(image: Any) -> np.ndarray:
-    """At most ~MAX_VALUES finite values of the image on a regular stride (a dask or memory-mapped volume is
-    read sparsely, never whole)."""
-    shape = np.shape(image)
-    step = max(1, int(np.ceil((int(np.prod(shape)) / MAX_VALUES) ** (1 / max(len(shape), 1)))))
-    values = np.asarray(image[tuple(slice(None, None, step) for _ in shape)], dtype=np.float32).ravel()
-    return values[np.isfinite(values)]
-
-
-def intensity_stats(images: Sequence[Any]) -> dict[str, Any]:
-    """Pooled mean, std, p1, p50, p99 over ``images`` (all channels) and the range of the per-image median and
-    99th percentile (``case_p50``, ``case_p99``: [min, max]); {} when there are no finite values."""
-    pooled, p50, p99 = [], [], []
-    for image in images:
-        values = _strided(image)
-        if values.size == 0:
-            continue
-        pooled.append(values)
-        mid, hi = np.percentile(values, [50, 99])
-        p50.append(float(mid))
-        p99.append(float(hi))
-    if not pooled:
-        return {}
-    allv = np.concatenate(pooled)
-    p1, p50_all, p99_all = (float(v) for v in np.percentile(allv, [1, 50, 99]))
-    return {"mean": float(allv.mean()), "std": float(allv.std()), "p1": p1, "p50": p50_all, "p99": p99_all,
-            "case_p50": [min(p50), max(p50)], "case_p99": [min(p99), max(p99)], "n_cases": len(p50)}
 
 
 def _outside(value: float, bounds: Sequence[float], margin: float) -> bool:

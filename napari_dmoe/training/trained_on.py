@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from napari_dmoe.inference.fit import intensity_stats
+from napari_dmoe.transforms import intensity_stats
 
 MAX_CASES = 32
 MAX_FEATURE_CASES = 256  # training images that enter the feature statistics (seeded sample)
