@@ -229,3 +229,20 @@ def test_save_dicom_seg_from_a_series_without_study_time(make_napari_viewer, qtb
     assert written is not None, notifications()
     seg = hd.seg.segread(written)
     assert seg.StudyTime == "" and seg.SeriesDescription.startswith("dMoE SEG")
+
+
+def test_the_fit_banner_is_whole_at_the_default_dock_width(make_napari_viewer, qtbot, registered_plugin):
+    """Item 10: at napari's default window and dock size the banner wraps inside the dock: nothing cut at the right
+    or the bottom (the dock is as wide as its contents need, and scrolls up and down)."""
+    viewer = make_napari_viewer(show=True)
+    viewer.open_sample("napari-dmoe", "skin")
+    widget = dock(viewer, Path(__file__).resolve().parents[1] / "napari_dmoe" / "assets" / "models" / "skin-dmoe.safetensors")
+    viewer.open_sample("napari-dmoe", "retina")  # a fundus photo under the skin model: a long banner
+    qtbot.waitUntil(lambda: widget.fit_check.worker is None, timeout=60000)
+    qtbot.wait(50)
+    banner, area = widget.fit_banner, widget.scroll_area
+    assert banner.isVisible() and "does not fit the model 'skin-dmoe'" in banner.text()
+    assert area.widget().width() <= area.viewport().width()  # no content beyond the right edge
+    right = banner.mapTo(area.widget(), banner.rect().topRight()).x()
+    assert right <= area.viewport().width()
+    assert banner.height() >= banner.heightForWidth(banner.width())  # every wrapped line shown

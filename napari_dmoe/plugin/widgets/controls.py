@@ -36,8 +36,19 @@ class _VerticalScroll(QScrollArea):
     """Scrolls up and down only: as wide as its contents need (napari sizes a dock by these hints), so nothing is
     cut off at the right, and as short as a few rows, so a tall dock never squeezes the canvas."""
 
+    def eventFilter(self, watched: Any, event: Any) -> bool:  # noqa: N802 (Qt name)
+        from qtpy.QtCore import QEvent
+
+        if watched is self.widget() and event.type() == QEvent.Type.LayoutRequest:
+            self.updateGeometry()  # the contents' needs changed (a banner shown, rows added): tell the dock
+        return super().eventFilter(watched, event)
+
     def _hint(self, size: Any) -> Any:
-        size.setWidth(size.width() + self.verticalScrollBar().sizeHint().width() + 2 * self.frameWidth())
+        from qtpy.QtWidgets import QStyle
+
+        bar = max(self.verticalScrollBar().sizeHint().width(),
+                  self.style().pixelMetric(QStyle.PixelMetric.PM_ScrollBarExtent))
+        size.setWidth(size.width() + bar + 2 * self.frameWidth())
         size.setHeight(min(size.height(), 240))
         return size
 
@@ -63,6 +74,7 @@ def scroll_body(owner: QWidget) -> QVBoxLayout:
     area.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)  # wrap to the dock's width instead
     body = QWidget()
     area.setWidget(body)
+    body.installEventFilter(area)
     outer = QVBoxLayout(owner)
     outer.setContentsMargins(0, 0, 0, 0)
     outer.addWidget(area)
