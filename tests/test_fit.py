@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from napari_dmoe.inference.fit import FitError, check_fit, modality_family, require_fit
+from napari_dmoe.inference.fit import FitError, check_fit, modality_family
 from napari_dmoe.inference.patient import FROM_DICOM, FROM_SAMPLE, age_group, dicom_age_years, image_attributes
 from napari_dmoe.io.checkpoint import read_spec, save_model
 from napari_dmoe.model import build_network, make_spec
@@ -135,15 +135,22 @@ def test_demo_samples_fit_their_model_and_not_the_others():
     assert check_fit(skin, retina, None, rgb=True, modality=r_kw["metadata"]["dmoe_modality"])
 
 
-def test_require_fit_names_the_file_and_what_differs(tmp_path):
+def test_the_request_names_the_file_and_what_differs(tmp_path):
     import nibabel as nib
 
     from napari_dmoe.io.images import read_image
 
     path = tmp_path / "ct.nii.gz"
     nib.save(nib.Nifti1Image(np.full((40, 40, 8), 500, np.int16), np.eye(4)), path)
+    from inference_models import tiny
+    from napari_dmoe.inference.request import SegmentRequest, run
+
+    model = tiny("transunet2d-tiny")
+    model.spec.trained_on = FUNDUS_RECORD
+    volume = read_image(path)
+    request = SegmentRequest(volume.array, None, volume.known_spacing, rgb=volume.rgb, source=str(path))
     with pytest.raises(FitError, match=r"ct\.nii\.gz: does not fit the model .*3D volume.*--force"):
-        require_fit(_spec(trained_on=FUNDUS_RECORD), read_image(path), path)
+        run(model, request)
 
 
 @pytest.mark.slow

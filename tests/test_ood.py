@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from napari_dmoe.inference import ood
-from napari_dmoe.inference.fit import FitError, check_fit, require_fit
+from napari_dmoe.inference.fit import FitError, check_fit
 from napari_dmoe.io.checkpoint import load_model, save_model
 
 ASSETS = Path(__file__).resolve().parent.parent / "napari_dmoe" / "assets" / "models"
@@ -145,17 +145,21 @@ def test_dmoe_segment_refuses_a_tampered_record_in_one_line(models, tmp_path):
     assert "trained_on.features.layers[2].components[3]" in out.stderr and "re-record it" in out.stderr
 
 
-def test_require_fit_reports_the_score_and_threshold(models, tmp_path):
+def test_the_request_reports_the_score_and_threshold(models, tmp_path):
     import skimage.data
     from PIL import Image
 
+    from napari_dmoe.inference.request import SegmentRequest, run
     from napari_dmoe.io.images import read_image
 
     path = tmp_path / "camera.png"
     Image.fromarray(skimage.data.camera()).save(path)
+    volume = read_image(path)
+    request = SegmentRequest(volume.array, None, volume.known_spacing, rgb=volume.rgb, source=str(path))
     with pytest.raises(FitError, match=r"camera\.png: does not fit .*feature distance [\d.]+, above the threshold"):
-        require_fit(models["fundus"], read_image(path), path)
-    require_fit(models["fundus"].spec, read_image(path), path)  # a spec alone: no features to compare
+        run(models["fundus"], request)
+    spec_only = check_fit(models["fundus"].spec, volume.array, None, rgb=volume.rgb)
+    assert all(f.kind != "features" for f in spec_only)  # a spec alone: no features to compare
 
 
 def test_fit_record_from_few_images_and_gaussian_features():

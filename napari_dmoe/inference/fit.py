@@ -249,15 +249,3 @@ class FitError(ValueError):
     def hint(self, how: str) -> "FitError":
         """The same refusal, saying ``how`` this front end segments anyway."""
         return FitError(self.source, self.findings, self.model, how)
-
-
-def volume_findings(spec: Any, volume: Any) -> list[Finding]:
-    """``check_fit`` for an image read by ``io.images.read_image`` (its spacing only where the file states it)."""
-    return check_fit(spec, volume.array, volume.known_spacing, rgb=volume.rgb, modality=image_modality(volume.meta))
-
-
-def require_fit(spec: Any, volume: Any, source: Any) -> None:
-    """Raise FitError naming ``source`` and every finding, unless the image fits the model."""
-    findings = volume_findings(spec, volume)
-    if findings:
-        raise FitError(source, findings)
