@@ -94,23 +94,40 @@ def write_seg_nrrd(path: str | Path, labels: np.ndarray, like: Volume | None = N
 _GZIP_RATIO = 1032
 
 
+_MAX_HEADER = 2**20  # bytes: a NRRD header is text of a few kB; a longer one is not a header
+
+
+def _nrrd_header(path: Path) -> tuple[dict[str, str], int]:
+    """The NRRD header's fields (``name: value``; lower-case names, key/value pairs ``k:=v`` left out) and the byte
+    offset of the data, read without the voxels (NRRD format: a magic line, fields, an empty line)."""
+    with open(path, "rb") as f:
+        head = f.read(_MAX_HEADER)
+    ends = [(i, len(sep)) for sep in (b"\n\n", b"\r\n\r\n") if (i := head.find(sep)) >= 0]
+    if not head.startswith(b"NRRD") or not ends:
+        raise ImageReadError(f"{path}: not a Slicer segmentation (no NRRD header ending in an empty line)")
+    end, width = min(ends)
+    fields = {}
+    for line in head[:end].decode("latin-1").splitlines()[1:]:
+        if line.startswith("#") or ":=" in line or ":" not in line:
+            continue
+        name, _, value = line.partition(":")
+        fields[name.strip().lower()] = value.strip()
+    return fields, end + width
+
+
 def _check_seg_nrrd_size(path: Path) -> None:
     """The header's ``sizes`` within ``DMOE_MAX_VOXELS`` and, raw or gzip, within what the file can hold: a small
     file claiming gigabytes is refused from its header (issue 28: a 5 MB file reached 5.4 GB)."""
     import math
 
-    import nrrd
-
     from napari_dmoe.limits import check_grid
 
+    header, data_start = _nrrd_header(path)
     try:
-        with open(path, "rb") as f:
-            header = nrrd.read_header(f)
-            data_start = f.tell()
-        sizes = [int(n) for n in np.atleast_1d(header["sizes"])]
-    except Exception as err:  # pynrrd raises NRRDError, ValueError, KeyError, UnicodeDecodeError, ...
-        why = " ".join(str(err).split())
-        raise ImageReadError(f"{path}: not a readable Slicer segmentation header ({why})") from err
+        sizes = [int(n) for n in header["sizes"].split()]
+    except (KeyError, ValueError):
+        raise ImageReadError(f"{path}: header field sizes is missing or not a list of integers; save the "
+                             "segmentation again from Slicer") from None
     check_grid(sizes, f"{path}: header field sizes", ImageReadError)
     if header.get("data file") or header.get("datafile"):
         raise ImageReadError(f"{path}: its voxels are in a separate data file; save the segmentation as one "
