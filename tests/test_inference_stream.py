@@ -127,3 +127,20 @@ def test_a_layer_scale_counts_as_voxel_size_only_when_known():
     assert spacing(Image(volume, scale=(3.0, 0.8, 0.8))) == (3.0, 0.8, 0.8)  # someone set it
     assert spacing(Image(volume, metadata={"spacing_known": True})) == (1.0, 1.0, 1.0)  # our NIfTI reader
     assert spacing(Image(volume, scale=(2.0, 1.0, 1.0), metadata={"spacing_known": False})) is None
+
+
+@pytest.mark.parametrize("top", [4095, 65535])
+def test_streamed_3d_converts_bit_depth_as_the_whole_volume_path(model3d, monkeypatch, top):
+    """A 12-bit volume stored in 16 bits is divided by 4095 on both paths (the streamed one used to go by the
+    dtype alone, so the fit check and the whole-volume path saw other intensities than the windows did)."""
+    import napari_dmoe.inference.engine as engine
+
+    spec = dataclasses.replace(model3d.spec, normalization={"kind": "scale", "factor": 255.0})
+    model = TinyModel(spec, model3d.network)
+    image = (np.random.default_rng(3).random((40, 36, 36)) * top).astype(np.uint16)
+    streamed = segment(model, image, "Asian", device="cpu")
+    monkeypatch.setattr(engine, "STREAM_3D", False)
+    whole = segment(model, image, "Asian", device="cpu")
+    assert np.abs(streamed.probabilities.astype(np.float32) - whole.probabilities.astype(np.float32)).max() <= 2**-11
+    assert streamed.conversions == whole.conversions
+    assert any("4095" in note for note in streamed.conversions) == (top == 4095)

@@ -31,10 +31,11 @@ class VolumeInput:
     def __init__(self, spec: ModelSpec, image: np.ndarray, rgb: bool, plan: Plan) -> None:
         self.image, self.rgb, self.plan = image, rgb, plan
         self.in_channels = spec.in_channels
-        self.normalization, depth_notes = for_bit_depth(spec.normalization, image.dtype)
         self.notes: list[str] = []
         self.warnings: list[str] = []
         try:
+            # the bit-depth rule sees the range of the whole volume, as prepare_image's (and the fit check's) does
+            self.normalization, depth_notes = for_bit_depth(spec.normalization, image.dtype, self._range(image))
             _, self.notes = to_channels(image[:1, :1, :1], self.in_channels, rgb=rgb)  # the notes only
             self.notes += depth_notes
         except TransformError as err:
@@ -44,6 +45,21 @@ class VolumeInput:
         self._statistics()
         # per axis: None where the work grid is the image grid, else the linear-resize indices and weights
         self.axes = [None if w == n else linear_indices(n, w) for n, w in zip(plan.image, plan.work)]
+
+    @staticmethod
+    def _range(image: np.ndarray) -> np.ndarray:
+        """The volume's finite minimum and maximum as a two-value array of its dtype (empty when it has none),
+        read a few planes at a time: no float copy of the volume is made."""
+        per_plane = max(1, int(np.prod(image.shape[1:])))
+        low = high = None
+        for z in range(0, image.shape[0], max(1, CHUNK_VOXELS // per_plane)):
+            chunk = np.asarray(image[z : z + max(1, CHUNK_VOXELS // per_plane)])
+            if chunk.dtype.kind == "f":
+                chunk = chunk[np.isfinite(chunk)]
+            if chunk.size:
+                low = chunk.min() if low is None else min(low, chunk.min())
+                high = chunk.max() if high is None else max(high, chunk.max())
+        return np.array([] if low is None else [low, high], dtype=image.dtype)
 
     def _chunks(self) -> Iterator[np.ndarray]:
         """The raw image as float32, a few z planes at a time (NaN/Inf replaced once ``fill`` is known)."""
