@@ -56,8 +56,8 @@ def test_segment_layer_widget_equals_the_engine_and_the_dock(make_napari_viewer,
     gui.attribute.value = "race=Black"
     gui.device.value = "cpu"
     wait(qtbot, gui())
-    mask = viewer.layers["mask [tiny: race=Black] scan"]
-    assert "experts [tiny: race=Black] scan" in viewer.layers
+    mask = viewer.layers["mask [race=Black; tiny] scan"]
+    assert "experts [race=Black; tiny] scan" in viewer.layers
     expected = segment(load_model(model_path), image.data, "Black", device="cpu", spacing=(0.5, 2.0))
     np.testing.assert_array_equal(mask.data, expected.labels)
     prov = mask.metadata["dmoe"]
@@ -71,7 +71,7 @@ def test_segment_layer_widget_equals_the_engine_and_the_dock(make_napari_viewer,
     gui.attribute.value = "race=Black"  # a new image starts "unknown", as in the Segment widget
     gui.segment_anyway.value = True
     wait(qtbot, gui())
-    forced = viewer.layers["mask [tiny: race=Black] stack"].metadata["dmoe"]
+    forced = viewer.layers["mask [race=Black; tiny] stack"].metadata["dmoe"]
     assert forced["forced"] is True and any("3D volume" in f for f in forced["fit_findings"])
 
 
@@ -83,7 +83,7 @@ def test_layers_menu_opens_the_widget_on_the_selected_layer(make_napari_viewer, 
     b = viewer.add_image(make_image((40, 40)), name="b")
     viewer.layers.selection.active = b
     get_app_model().commands.execute_command("napari-dmoe.segment_layer_from_menu").result()
-    gui = viewer.window._dock_widgets[f"{LAYER_WIDGET} (napari-dmoe)"].widget()._magic_widget  # napari: no public
+    gui = viewer.window.dock_widgets[f"{LAYER_WIDGET} (napari-dmoe)"]
     assert gui.image.value is b
 
 
@@ -94,7 +94,7 @@ def test_from_a_script(make_napari_viewer, model_path):
     layer = viewer.add_image(make_image(), name="scan")
     tuples = segment_layer(layer, str(model_path), "race=White", device="cpu")
     placed = add_results(viewer, tuples)
-    assert [p.name for p in placed][0] == "mask [tiny: race=White] scan"
+    assert [p.name for p in placed][0] == "mask [race=White; tiny] scan"
     assert placed[0].metadata["dmoe"]["attribute_used"] == {"race": "White"}
 
 

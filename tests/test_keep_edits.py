@@ -6,7 +6,7 @@ import pytest
 
 from test_widget_segment import dock, make_image, results, run_and_wait
 
-MASK = "mask [tiny: race=Asian] scan"
+MASK = "mask [race=Asian; tiny] scan"
 
 
 # -- digest helpers (no Qt) ----------------------------------------------------------------------------------

@@ -112,7 +112,7 @@ def test_result_layers_for_a_slice_by_slice_volume(model_path):
     (mask, kw_mask, t_mask), (heat, kw_heat, t_heat), (dom, kw_dom, t_dom) = result_layers(
         seg, model.spec, str(model_path), source, {"race": "White"}, position="block1")
     assert (t_mask, t_heat, t_dom) == ("labels", "image", "labels")
-    assert kw_mask["name"] == "mask [tiny: race=White] vol" and mask.shape == (3, 24, 24)
+    assert kw_mask["name"] == "mask [race=White; tiny] vol" and mask.shape == (3, 24, 24)
     assert heat.shape == (4, 3, 24, 24) and kw_heat["scale"] == (1.0, 3.0, 0.5, 0.5)
     assert kw_heat["translate"] == (0.0, 1.0, 2.0, 3.0)
     np.testing.assert_array_equal(heat, seg.routing["block1"])

@@ -53,7 +53,7 @@ def test_save_after_a_sweep_writes_the_shown_attribute(make_napari_viewer, qtbot
     offered = []
     widget.ask_mask = lambda parent, names, why: (offered.append(names), names[0])[1]
     widget.save_mask(tmp_path / "asked.png")
-    assert sorted(offered[0]) == ["mask [tiny: race=Black] scan", "mask [tiny: race=Black] scan (edited)"]
+    assert sorted(offered[0]) == ["mask [race=Black; tiny] scan", "mask [race=Black; tiny] scan (edited)"]
 
 
 def test_two_models_results_coexist_and_save_follows_the_model(make_napari_viewer, qtbot, model_path, other_model,
@@ -63,12 +63,12 @@ def test_two_models_results_coexist_and_save_follows_the_model(make_napari_viewe
     widget = dock(viewer, model_path)
     widget.attributes.set_value("race", "Asian")
     run_and_wait(qtbot, widget)
-    first = viewer.layers["mask [tiny: race=Asian] scan"]
+    first = viewer.layers["mask [race=Asian; tiny] scan"]
     kept = first.data.copy()
     widget.models.set_path(other_model)
     widget.attributes.set_value("race", "Asian")
     run_and_wait(qtbot, widget)
-    second = viewer.layers["mask [other: race=Asian] scan"]
+    second = viewer.layers["mask [race=Asian; other] scan"]
     assert first in viewer.layers and not np.array_equal(first.data, second.data)
     np.testing.assert_array_equal(first.data, kept)  # the first model's result is untouched
     assert {m.metadata["dmoe"]["model"] for m in results(viewer)} == {str(model_path), str(other_model)}
@@ -120,7 +120,8 @@ def test_switching_images_clears_status_and_legend_and_names_the_ct_slider(make_
     assert widget.images.currentText() == "second"
     assert widget.status.text() == "" and widget.experts.isHidden()
     widget.images.setCurrentText("scan")  # back: its own heatmaps and legend again
-    assert not widget.experts.isHidden() and widget.experts.layers["experts"].name == "experts [tiny: race=unknown] scan"
+    assert not widget.experts.isHidden()
+    assert widget.experts.layers["experts"].name == "experts [race=unknown; tiny] scan"
     viewer.open_sample("napari-dmoe", "prostate")  # a 3D CT beside the 2D result's expert stack: one shared axis
     assert tuple(viewer.dims.axis_labels)[0] == "z"
 
@@ -236,7 +237,8 @@ def test_the_fit_banner_is_whole_at_the_default_dock_width(make_napari_viewer, q
     or the bottom (the dock is as wide as its contents need, and scrolls up and down)."""
     viewer = make_napari_viewer(show=True)
     viewer.open_sample("napari-dmoe", "skin")
-    widget = dock(viewer, Path(__file__).resolve().parents[1] / "napari_dmoe" / "assets" / "models" / "skin-dmoe.safetensors")
+    widget = dock(viewer, Path(__file__).resolve().parents[1] / "napari_dmoe" / "assets" / "models" /
+                  "skin-dmoe.safetensors")
     viewer.open_sample("napari-dmoe", "retina")  # a fundus photo under the skin model: a long banner
     qtbot.waitUntil(lambda: widget.fit_check.worker is None, timeout=60000)
     qtbot.wait(50)

@@ -109,7 +109,7 @@ def test_progress_in_the_dock_and_wall_time_with_loading(make_napari_viewer, qtb
     text = widget.status.text()
     assert text.startswith("Done in ") and "loading the model" in text
     wall = float(text.split()[2])
-    engine = sum(viewer.layers["mask [tiny: race=Black] stack"].metadata["dmoe"]["timings"].values())
+    engine = sum(viewer.layers["mask [race=Black; tiny] stack"].metadata["dmoe"]["timings"].values())
     assert wall >= engine  # the wall time the user waited, not only the engine's share
 
 
@@ -126,9 +126,9 @@ def test_axis_labels_heatmap_colorbar_legend_and_one_expert(make_napari_viewer, 
     assert widget.fit_banner.isHidden()
     run_and_wait(qtbot, widget, timeout=120000)
     assert tuple(viewer.dims.axis_labels) == ("expert", "z", "y", "x")  # not "expert" on z as before
-    heat = viewer.layers["experts [prostate-dmoe: stage=T3] prostate CT (synthetic)"]
-    dominant = viewer.layers["dominant expert [prostate-dmoe: stage=T3] prostate CT (synthetic)"]
-    mask = viewer.layers["mask [prostate-dmoe: stage=T3] prostate CT (synthetic)"]
+    heat = viewer.layers["experts [stage=T3; prostate-dmoe] prostate CT (synthetic)"]
+    dominant = viewer.layers["dominant expert [stage=T3; prostate-dmoe] prostate CT (synthetic)"]
+    mask = viewer.layers["mask [stage=T3; prostate-dmoe] prostate CT (synthetic)"]
     assert tuple(heat.axis_labels) == ("expert", "z", "y", "x") and tuple(mask.axis_labels) == ("z", "y", "x")
     assert heat.colorbar.visible and heat.blending == "translucent"
     assert heat.colormap.map(np.array([0.0]))[0][3] == 0  # no weight: transparent, the CT shows through
@@ -150,7 +150,7 @@ def test_sweep_shows_one_mask_and_says_what_its_dice_means(make_napari_viewer, q
     widget.attributes.set_value("race", "White")
     run_and_wait(qtbot, widget, button=widget.sweep_button)
     masks = [l for l in viewer.layers if l.metadata.get("dmoe", {}).get("kind") == "mask"]
-    assert len(masks) == 3 and [m.name for m in masks if m.visible] == ["mask [tiny: race=White] scan"]
+    assert len(masks) == 3 and [m.name for m in masks if m.visible] == ["mask [race=White; tiny] scan"]
     assert widget.save_button.isEnabled()
     assert widget.sweep_table.rowCount() == 3
     assert "not accuracy" in widget.sweep_panel.note.text()

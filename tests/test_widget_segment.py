@@ -56,9 +56,9 @@ def test_segment_adds_aligned_layers_with_provenance(make_napari_viewer, qtbot, 
     widget.devices.combo.setCurrentIndex(widget.devices.combo.findData("cpu"))
     run_and_wait(qtbot, widget)
 
-    mask = viewer.layers["mask [tiny: race=Black] scan"]
-    experts = viewer.layers["experts [tiny: race=Black] scan"]
-    dominant = viewer.layers["dominant expert [tiny: race=Black] scan"]
+    mask = viewer.layers["mask [race=Black; tiny] scan"]
+    experts = viewer.layers["experts [race=Black; tiny] scan"]
+    dominant = viewer.layers["dominant expert [race=Black; tiny] scan"]
     assert mask.data.shape == image.data.shape == dominant.data.shape
     for layer in (mask, dominant):
         np.testing.assert_allclose(layer.scale, image.scale)
@@ -94,16 +94,16 @@ def test_rerun_replaces_same_attribute_and_adds_new_one(make_napari_viewer, qtbo
     widget = dock(viewer, model_path)
     widget.attributes.set_value("race", "Asian")
     run_and_wait(qtbot, widget)
-    first = viewer.layers["mask [tiny: race=Asian] scan"]
+    first = viewer.layers["mask [race=Asian; tiny] scan"]
     n_layers = len(viewer.layers)
     run_and_wait(qtbot, widget)
     assert len(viewer.layers) == n_layers
-    assert viewer.layers["mask [tiny: race=Asian] scan"] is not first  # replaced, not piled up
+    assert viewer.layers["mask [race=Asian; tiny] scan"] is not first  # replaced, not piled up
     widget.attributes.set_value("race", "White")
     run_and_wait(qtbot, widget)
     assert len(viewer.layers) == n_layers + 3
-    white = viewer.layers["mask [tiny: race=White] scan"].data
-    asian = viewer.layers["mask [tiny: race=Asian] scan"].data
+    white = viewer.layers["mask [race=White; tiny] scan"].data
+    asian = viewer.layers["mask [race=Asian; tiny] scan"].data
     assert np.count_nonzero(white != asian) > 0  # the attribute changes the mask of this model
 
 
@@ -118,7 +118,7 @@ def test_results_land_on_the_layer_selected_at_launch(make_napari_viewer, qtbot,
     viewer.layers.selection.active = b
     qtbot.waitUntil(lambda: widget.worker is None, timeout=20000)
     masks = results(viewer)
-    assert [m.name for m in masks] == ["mask [tiny: race=unknown] A"]
+    assert [m.name for m in masks] == ["mask [race=unknown; tiny] A"]
     assert masks[0].data.shape == a.data.shape
     np.testing.assert_allclose(masks[0].scale, a.scale)
     np.testing.assert_allclose(masks[0].translate, a.translate)

@@ -2,7 +2,7 @@
 
 No Qt and no torch: plain numpy and dicts, so the layer contents are testable without a viewer.
 Layer names are deterministic and lead with what the layer is, then the model and the attribute, then the image
-("mask [fundus-dmoe: race=Black] <image>"), so the layers of one run are told apart in a narrow layer list, two
+("mask [race=Black; fundus-dmoe] <image>"), so the layers of one run are told apart in a narrow layer list, two
 models' results on one image coexist, and a re-run replaces the layers of the same image, model and attribute
 instead of piling up (see ``placement.replace_layers``). A result the user
 edited must never be replaced: editable layers carry a digest of the data we made (``data_digest``), and a layer
@@ -58,7 +58,9 @@ def layer_image(layer: Any) -> tuple[Any, tuple[float, ...] | None, bool, str | 
 
 def layer_name(source: str, kind: str, tag: str, model: str = "") -> str:
     label = {"mask": "mask", "experts": "experts", "dominant": "dominant expert"}[kind]
-    return f"{label} [{model}: {tag}] {source}" if model else f"{label} [{tag}] {source}"
+    # the attribute first: a narrow layer list elides the middle of a name, and the attribute is what tells a
+    # sweep's masks apart
+    return f"{label} [{tag}; {model}] {source}" if model else f"{label} [{tag}] {source}"
 
 
 def axis_labels(n_spatial: int, expert_axis: bool = False) -> tuple[str, ...]:
