@@ -48,6 +48,7 @@ def test_csv_has_one_row_per_case_with_router_usage_and_skips(tmp_path, model_pa
     broken = rows[2]
     assert "broken.png" in broken["reason"] and all(broken[e] == "" for e in EXPERTS)
 
+
     with pytest.raises(SweepError, match="is a folder"):
         write_folder_csv(result, tmp_path)
     with pytest.raises(SweepError, match="does not exist"):
@@ -97,3 +98,19 @@ def test_inspector_exports_the_folder_shown(make_napari_viewer, qtbot, monkeypat
     assert any("Export failed" in m and "does not exist" in m for m in messages)
     assert inspector.export_csv(tmp_path / "direct.csv") == tmp_path / "direct.csv"  # path injectable
     assert read_rows(tmp_path / "direct.csv") == (header, rows)
+
+
+def test_csv_cells_from_the_users_files_never_run_as_formulas(tmp_path, model_path):
+    """An image named like a formula reaches the usage CSV as text (OWASP), as in dmoe evaluate's report."""
+    import shutil
+
+    from napari_dmoe.io.checkpoint import load_model
+    from napari_dmoe.inference.sweep import iter_folder_usage, write_folder_csv
+
+    write_cases(tmp_path / "cases")
+    shutil.copy(tmp_path / "cases" / "a.png", tmp_path / "cases" / "=1+2.png")
+    cases = tmp_path / "cases" / "formula.csv"
+    cases.write_text("image,race\n=1+2.png,Black\n")
+    _, result = drain(iter_folder_usage(load_model(model_path), tmp_path / "cases", cases, device="cpu"))
+    _, rows = read_rows(write_folder_csv(result, tmp_path / "usage.csv"))
+    assert rows[0]["case"] == "'=1+2.png" and rows[0]["status"] == "ok"

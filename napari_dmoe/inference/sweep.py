@@ -221,13 +221,15 @@ def folder_csv_rows(result: FolderUsage) -> tuple[list[str], list[list[str]]]:
     positions = sorted({p for c in result.cases for p in c.usage}, key=lambda p: (p != "mean", len(p), p))
     experts = [f"expert_{e}" if p == "mean" else f"{p}_expert_{e}" for p in positions for e in range(n_experts)]
     header = ["case", *result.attributes, "router", "attribute_used", *experts, "status", "reason", "model"]
+    from napari_dmoe.io.cases import spreadsheet_text as text  # names and values from the user's files (OWASP)
+
     rows = []
     for case in result.cases:
-        values = [(case.attribute or {}).get(a, "unknown") for a in result.attributes]
+        values = [text((case.attribute or {}).get(a, "unknown")) for a in result.attributes]
         usage = [f"{v:.6f}" if p in case.usage else "" for p in positions
                  for v in case.usage.get(p, [0.0] * n_experts)]  # blank cells where a case has no such usage
-        rows.append([case.name, *values, " ".join(str(r) for r in case.routers), case.used, *usage,
-                     "skipped" if case.error else "ok", case.error, result.model])
+        rows.append([text(case.name), *values, " ".join(str(r) for r in case.routers), text(case.used), *usage,
+                     "skipped" if case.error else "ok", text(case.error), text(result.model)])
     return header, rows
 
 
