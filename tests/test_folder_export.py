@@ -48,7 +48,6 @@ def test_csv_has_one_row_per_case_with_router_usage_and_skips(tmp_path, model_pa
     broken = rows[2]
     assert "broken.png" in broken["reason"] and all(broken[e] == "" for e in EXPERTS)
 
-
     with pytest.raises(SweepError, match="is a folder"):
         write_folder_csv(result, tmp_path)
     with pytest.raises(SweepError, match="does not exist"):
