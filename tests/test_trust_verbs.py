@@ -182,7 +182,10 @@ def test_resume_redoes_an_empty_label_and_removes_a_killed_runs_leftovers(model,
         assert np.asarray(Image.open(out / name)).shape == (40, 48)
     assert not leftover.exists() and unrelated.exists()
     assert snapshot(*(tmp_path / "in").iterdir(), csv) == inputs
-    assert "2 of 2 images segmented" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "2 of 2 images segmented" in printed.out
+    # the user is told what planning did, not only what it skipped
+    assert "empty (0 bytes): segmented again" in printed.err and f"removed {leftover.name}" in printed.err
 
 
 def test_resume_refuses_a_damaged_label_without_overwrite(model, tmp_path, capsys):

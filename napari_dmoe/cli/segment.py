@@ -179,8 +179,8 @@ def segment_batch(model: Any, rows: list[tuple[str, Any]], cases: list[Any], out
         out.mkdir(parents=True, exist_ok=True)
         if info.is_main:
             for case, (name, _) in zip(cases, rows):
-                if case.skip:
-                    print(f"  note: {name}: {case.notes[-1]}", file=sys.stderr)
+                for note in case.notes:  # why it is skipped, or what planning cleaned (an empty label, leftovers)
+                    print(f"  note: {name}: {note}", file=sys.stderr)
         # this process's device (cuda:LOCAL_RANK under torchrun); no per-window lines when processes interleave
         opts = argparse.Namespace(**{**vars(args), "device": str(info.device), "quiet": args.quiet or info.enabled})
 
