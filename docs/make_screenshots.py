@@ -46,6 +46,7 @@ def shoot(sample: str, out: Path, routing: str | None, mismatch: str | None = No
     if mismatch:
         viewer.open_sample("napari-dmoe", mismatch)
         viewer.reset_view()  # the new image is far larger than the first sample
+        _wait(app, lambda: widget.fit_check.worker is None)  # the model's own feature check joins the banner
     else:
         before = len(viewer.layers)
         widget.segment()
@@ -81,6 +82,35 @@ def shoot(sample: str, out: Path, routing: str | None, mismatch: str | None = No
     return out
 
 
+def shoot_dock(sample: str, out: Path, widget_name: str) -> Path:
+    """``widget_name`` docked beside ``sample``: "Segment layer with dMoE" (the magicgui function widget, run once)
+    or "Fine-tune (dMoE)" (its form in a scrolling dock)."""
+    import napari
+    from qtpy.QtWidgets import QApplication
+
+    viewer = napari.Viewer(title=f"napari-dmoe: {widget_name}", show=True)
+    viewer.window._qt_window.resize(1500, 900)  # napari has no public API for the window size
+    viewer.open_sample("napari-dmoe", sample)
+    _, widget = viewer.window.add_plugin_dock_widget("napari-dmoe", widget_name)
+    app = QApplication.instance()
+    if widget_name == "Segment layer with dMoE":
+        widget.model.value = next(v for v in widget.model.choices if Path(v).stem == f"{sample}-dmoe")
+        widget.image.value = viewer.layers[0]  # the sample, not its ground truth
+        worker = widget()
+        _wait(app, lambda: worker.is_running is False and any("dmoe" in layer.metadata for layer in viewer.layers))
+    for _ in range(20):
+        app.processEvents()
+        time.sleep(0.02)
+    from napari._qt.dialogs.qt_notification import NapariQtNotification  # toasts over the canvas
+
+    for toast in viewer.window._qt_window.findChildren(NapariQtNotification):
+        toast.close()
+    app.processEvents()
+    viewer.screenshot(str(out), canvas_only=False, flash=False)
+    viewer.close()
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=HERE)
@@ -100,6 +130,10 @@ def main() -> None:
         if args.only and name not in args.only:
             continue
         print("wrote", shoot(sample, args.out / name, routing, mismatch))
+    for sample, widget, name in (("fundus", "Segment layer with dMoE", "napari_function_widget.png"),
+                                 ("fundus", "Fine-tune (dMoE)", "napari_finetune.png")):
+        if not args.only or name in args.only:
+            print("wrote", shoot_dock(sample, args.out / name, widget))
 
 
 if __name__ == "__main__":
