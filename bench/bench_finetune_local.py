@@ -34,6 +34,14 @@ from _util import machine, summary, table  # noqa: E402
 
 RARE = "Black"
 GROUPS = ("Asian", "Black", "White")
+ATTRIBUTE, KIND = "race", "fundus"  # --kind prostate: the 3D demo model, its rare stage T1, site c's prostate CT
+
+
+def _use_prostate() -> None:
+    global RARE, GROUPS, ATTRIBUTE, KIND
+    from napari_dmoe.synthetic import STAGES
+
+    RARE, GROUPS, ATTRIBUTE, KIND = "T1", tuple(STAGES), "stage", "prostate"
 MODES = ("all", "routers_experts", "group_local")
 
 
@@ -42,6 +50,13 @@ def _pairs(seed: int, race: str, n: int, size: int, site: str) -> list:
     from napari_dmoe.synthetic import make_fundus
 
     out = []
+    if KIND == "prostate":
+        from napari_dmoe.synthetic import make_prostate
+
+        for i in range(n):
+            image, label, spacing = make_prostate(seed, race, index=i, site=site).napari_order()
+            out.append(TrainingPair(f"{race}{seed}_{i}", image, label, {"stage": race}, spacing=spacing))
+        return out
     for i in range(n):
         s = make_fundus(seed, race=race, size=size, index=i, site=site)
         out.append(TrainingPair(f"{race}{seed}_{i}", s.image, s.classes, {"race": race}))
@@ -71,11 +86,11 @@ def _bitwise_others(base, tuned, heldout: Path) -> bool:
     from napari_dmoe.finetune.compare import pair_cases
     from napari_dmoe.inference.engine import segment
 
-    for case in pair_cases(heldout, ["race"], split="test"):
+    for case in pair_cases(heldout, [ATTRIBUTE], split="test"):
         if case.group == RARE:
             continue
-        a = segment(base, case.image, case.attribute["race"], routing=False).probabilities
-        b = segment(tuned, case.image, case.attribute["race"], routing=False).probabilities
+        a = segment(base, case.image, case.attribute[ATTRIBUTE], routing=False, spacing=case.spacing).probabilities
+        b = segment(tuned, case.image, case.attribute[ATTRIBUTE], routing=False, spacing=case.spacing).probabilities
         if not np.array_equal(a, b):
             return False
     return True
@@ -93,7 +108,7 @@ def _one_run(base_path: Path, spec, mode: str, n: int, repeat: int, args, work: 
     run = work / f"{mode}-n{n}-r{repeat}"
     pairs = _pairs((300 if args.validation else 100) + repeat, RARE, n, args.size, args.site)
     export = export_pairs(pairs, run / "data", spec, split_validation(n, 0.2, seed=repeat))
-    settings = default_settings("cpu", free_memory("cpu"), 2, trainable=mode)
+    settings = default_settings("cpu", free_memory("cpu"), spec.spatial_dims, trainable=mode)
     for key in ("local_experts", "steps", "lr", "folds"):
         if getattr(args, key) is not None:
             setattr(settings, key, getattr(args, key))
@@ -155,6 +170,8 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="1 repeat, N=5, 4 steps, 3 held-out cases per group")
     parser.add_argument("--n", type=int, nargs="+", default=[5, 10, 20], help="corrected cases of the rare group")
     parser.add_argument("--modes", nargs="+", default=["group_local"], choices=MODES)
+    parser.add_argument("--kind", default="fundus", choices=("fundus", "prostate"),
+                        help="prostate: the 3D demo model and its rare stage T1 (use e.g. --heldout 4)")
     parser.add_argument("--site", default="c", help="the new site (napari_dmoe.synthetic.fundus.SITES)")
     parser.add_argument("--folds", type=int, default=None, help="group_local cross-validation folds (0: off)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -175,6 +192,8 @@ def main() -> int:
     args = parser.parse_args()
     if args.quick:
         args.n, args.repeats, args.steps, args.heldout = [5], 1, 4, 3
+    if args.kind == "prostate":
+        _use_prostate()
     if args.merge:
         runs = [r for f in args.merge for r in json.loads(Path(f).read_text())["runs"]]
         out = Path(args.out or Path(args.merge[0]).parent)
@@ -187,7 +206,7 @@ def main() -> int:
     from napari_dmoe.io.model_list import bundled_dir
 
     torch.set_num_threads(args.threads)
-    base_path = bundled_dir() / "fundus-dmoe.safetensors"
+    base_path = bundled_dir() / f"{args.kind}-dmoe.safetensors"
     base = load_model(base_path)
     work = Path(tempfile.mkdtemp(prefix="dmoe-ftlocal-"))
     out = Path(args.out) if args.out else work
