@@ -1,14 +1,11 @@
 """The Segment dock widget: pick a model, an image and the patient attribute, press Segment.
 
-GUI (controls.py) / jobs (jobs.py, no Qt) / layers (results.py, no Qt). Inference runs in a napari generator
-worker off the GUI thread; its ``Step`` yields drive a napari progress bar and ``worker.quit()`` cancels
-between two window batches. The target image is captured at launch, so results land on it even if the
-user selects another layer meanwhile. Before a run, the image is checked against what the model was trained on
-(``inference.fit``): a mismatch is a red banner and the button reads "Segment anyway". Attribute values come from
-the image (sample metadata, DICOM header) or the user, each labelled with its source; a new image never inherits
-the previous image's values. Re-running with the same image and attribute replaces the earlier
-result layers (names are deterministic), so the layer list does not pile up; a mask the user edited is never
-replaced: it is kept as "<name> (edited)" and the new result added beside it.
+GUI (controls.py) / jobs (jobs.py, no Qt) / layers (results.py, no Qt). Inference runs in a napari generator worker;
+its ``Step`` yields drive the progress bars and ``worker.quit()`` cancels between two window batches. The image is
+captured at launch, so results land on it whatever is selected meanwhile. A mismatch with the model's training data
+(``fit_check.py``) is a red banner and the button reads "Segment anyway" (recorded with the result). Attribute values
+come from the image or the user, labelled with their source; a new image never inherits the last one's. Re-running
+with the same image, model and attribute replaces those result layers, never a mask the user edited ("(edited)").
 """
 from __future__ import annotations
 
@@ -23,7 +20,6 @@ from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtWidgets import QComboBox, QFormLayout, QHBoxLayout, QLabel, QPushButton, QVBoxLayout, QWidget
 from superqt import QCollapsible
 
-from napari_dmoe.io.images import layer_spacing
 from napari_dmoe.model.registry import routing_positions
 from napari_dmoe.model.spec import attribute_text
 from napari_dmoe.plugin.widgets import settings
@@ -41,7 +37,14 @@ from napari_dmoe.plugin.widgets.jobs import JobResult, ModelCache, Step, advance
 from napari_dmoe.plugin.widgets.panels import ExpertView, FitBanner, RunProgress, SweepTable, run_summary
 from napari_dmoe.plugin.widgets.placement import name_sliders, replace_layers, routing_layers
 from napari_dmoe.plugin.widgets.remote import RemoteOption
-from napari_dmoe.plugin.widgets.results import RESULT_KEY, SourceInfo, is_result, model_label, result_layers
+from napari_dmoe.plugin.widgets.results import (
+    RESULT_KEY,
+    SourceInfo,
+    is_result,
+    layer_image,
+    model_label,
+    result_layers,
+)
 from napari_dmoe.plugin.widgets.save_mask import ask_which
 
 if TYPE_CHECKING:
@@ -299,14 +302,13 @@ class SegmentWidget(QWidget):
         except OptionError as err:
             show_error(str(err))
             return None
-        from napari_dmoe.inference.fit import image_modality
         from napari_dmoe.inference.request import EngineSettings, SegmentRequest
 
-        spacing = None if layer.rgb else layer_spacing(layer.scale, layer.metadata)
+        data, spacing, rgb, modality = layer_image(layer)
         # force: the banner showed how the image differs from the training data, and the user pressed
         # "Segment anyway"; the provenance of the result records it
-        request = SegmentRequest(layer.data, attributes[0] if attributes else None, spacing, rgb=bool(layer.rgb),
-                                 modality=image_modality(layer.metadata), force=bool(self.fit_banner.findings),
+        request = SegmentRequest(data, attributes[0] if attributes else None, spacing, rgb=rgb, modality=modality,
+                                 force=bool(self.fit_banner.findings),
                                  settings=EngineSettings(device=self.devices.device(), **options), source=layer.name)
         launch = {"layer": layer, "position": self.advanced.position.currentText(), "sweep": sweep,
                   "maps": options["routing"] != "none",
@@ -380,7 +382,9 @@ class SegmentWidget(QWidget):
         for w in warnings:
             show_warning(w)
         if launch["sweep"]:
-            self.show_sweep(result, source.name)
+            masks = {tag: seg.labels for tag, seg in result.segmentations.items()}  # their agreement, in the table
+            self.sweep_panel.show_masks(masks, result.model.spec.n_classes, f"Agreement of the masks of "
+                                        f"'{source.name}' over {self.sweep_attribute.currentText()}")
 
     def save_mask(self, path: str | Path | None = None) -> Path | None:
         """Save the mask of the image, model and attribute this widget shows (after a sweep: the attribute chosen
@@ -394,9 +398,3 @@ class SegmentWidget(QWidget):
         if written is not None:
             self.status.setText(f"Saved to {written}")
         return written
-
-    def show_sweep(self, result: JobResult, source: str = "the image") -> None:
-        """Fill the sweep table with pairwise agreement (Dice, changed pixels) between the masks."""
-        masks = {tag: seg.labels for tag, seg in result.segmentations.items()}
-        self.sweep_panel.show_masks(masks, result.model.spec.n_classes, f"Agreement of the masks of '{source}' "
-                                    f"over {self.sweep_attribute.currentText()}")
