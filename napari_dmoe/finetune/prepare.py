@@ -62,9 +62,7 @@ class FinetuneSettings:
     amp: bool = False
     val_every: int | None = None  # None: about 5 validations over the run
     keep_base: bool = True  # a step replaces the base model only if it scores higher on the held-back pairs
-    # group_local: k-fold cross-validation over every corrected case picks the steps (from 4 counts up to
-    # ``steps``) or keeps the base, and estimates the gain (training/crossval.py); 0: hold pairs back instead
-    folds: int = 0
+    folds: int = 0  # group_local: k-fold cross-validation picks steps and estimates the gain (training/crossval.py)
 
 
 @dataclass
@@ -86,23 +84,19 @@ class ExportSummary:
 # -- defaults from memory ---------------------------------------------------------------------------------
 def default_settings(device: str, free_bytes: int | None, spatial_dims: int = 2,
                      trainable: str = "all") -> FinetuneSettings:
-    """Settings a first fine-tune can start from, chosen from the free memory of ``device`` (and ``trainable``).
-
-    The batch grows with free memory (a 3D patch costs about 16x a 2D one); CPUs get short runs and no AMP,
-    because mixed precision only pays off on a GPU. ``free_bytes`` None (unknown) is treated as 4 GiB.
-    """
+    """Settings a first fine-tune can start from, from the free memory of ``device`` (None: 4 GiB) and ``trainable``:
+    the batch grows with it (a 3D patch costs about 16x a 2D one); CPUs get short runs and no AMP (a GPU gain)."""
     free = (free_bytes if free_bytes is not None and free_bytes > 0 else 4 * GiB) / GiB
     per_sample = 0.5 if spatial_dims == 2 else 8.0  # GiB of activations per sample, rough and cautious
     budget = 0.6 * free  # leave room for the model, the optimizer and the rest of the system
     batch = int(max(1, min(16, 2 ** math.floor(math.log2(max(1.0, budget / per_sample))))))
     gpu = not device.startswith("cpu")
-    if not gpu:
-        batch = min(batch, 4)  # CPU throughput does not grow with the batch
-    from napari_dmoe.finetune.local_recipe import LOCAL_EXPERTS, LOCAL_FOLDS, LOCAL_LR, LOCAL_STEPS
-
+    batch = batch if gpu else min(batch, 4)  # CPU throughput does not grow with the batch
     if trainable == "group_local":  # chosen on validation draws at sites b and c (BENCHMARKS.md, fine-tune at a new site)
-        return FinetuneSettings(steps=LOCAL_STEPS, lr=LOCAL_LR, batch_size=batch, device=device, amp=False,
-                                trainable=trainable, local_experts=LOCAL_EXPERTS, folds=LOCAL_FOLDS)
+        from napari_dmoe.finetune import local_recipe as r
+
+        return FinetuneSettings(steps=r.LOCAL_STEPS, lr=r.LOCAL_LR, batch_size=batch, device=device, amp=False,
+                                trainable=trainable, local_experts=r.LOCAL_EXPERTS, folds=r.LOCAL_FOLDS)
     return FinetuneSettings(steps=200 if gpu else 50, lr=0.001 if gpu else 0.002,
                             batch_size=batch, device=device, amp=device.startswith("cuda"), trainable=trainable)
 
@@ -348,14 +342,13 @@ def build_config(base_model: str | os.PathLike, spec: Any, export: ExportSummary
         overrides["input_size"] = list(settings.patch_size or spec.input_size)
     if spec.spacing is not None:
         overrides["spacing"] = list(spec.spacing)
-    cv = settings.trainable == "group_local" and settings.folds > 1
-    # the engine needs at least one full batch of training cases (cross-validation: of the cases outside a fold)
-    n_cases = n_train if n_train is not None else len(export.train)
-    if cv:
-        n_cases = n_cases + len(export.val)
-        n_cases -= math.ceil(n_cases / min(settings.folds, n_cases))
-    batch = max(1, min(settings.batch_size, n_cases))
     from napari_dmoe.finetune.local_recipe import candidate_steps, local_recipe
+
+    cv = settings.trainable == "group_local" and settings.folds > 1
+    # the engine needs one full batch of training cases (cross-validation: of the cases outside a fold)
+    n_cases = (n_train if n_train is not None else len(export.train)) + (len(export.val) if cv else 0)
+    n_cases -= math.ceil(n_cases / min(settings.folds, n_cases)) if cv else 0
+    batch = max(1, min(settings.batch_size, n_cases))
     return {
         "name": name,
         "seed": 1234,
