@@ -30,7 +30,7 @@ class _Spec:
 @pytest.mark.parametrize("dims", [2, 3])
 def test_site_augmentations_change_the_image_not_the_label(dims: int) -> None:
     augment = {"flip": False, "rotate90": False, "rotate_degrees": 0.0, "intensity": 0.0, "prob": 0.5,
-               "colour": 0.0, "site_prob": 1.0, **SITE}
+               "colour": 0.0, "zoom": 0.0, "site_prob": 1.0, **SITE}
     transform = _augmentations(_Spec(dims), augment, crop=False)
     rng = np.random.default_rng(0)
     shape = (16,) * dims
@@ -50,7 +50,7 @@ def test_site_augmentations_change_the_image_not_the_label(dims: int) -> None:
 def test_colour_jitter_scales_each_channel() -> None:
     augment = {"flip": False, "rotate90": False, "rotate_degrees": 0.0, "intensity": 0.0, "prob": 0.5,
                "contrast": 0.0, "gamma": None, "blur": 0.0, "noise": 0.0, "bias_field": 0.0, "low_res": 0.0,
-               "colour": 0.3, "site_prob": 1.0}
+               "colour": 0.3, "zoom": 0.0, "site_prob": 1.0}
     transform = _augmentations(_Spec(2), augment, crop=False)
     transform.set_random_state(seed=3)
     image = np.ones((3, 8, 8), np.float32)
@@ -66,6 +66,7 @@ def test_recipe_options_are_checked(tmp_path: Path) -> None:
                                 ("augment", {"low_res": 1.0}, "augment.low_res"),
                                 ("augment", {"noise": -0.1}, "augment.noise"),
                                 ("augment", {"site_prob": 2}, "augment.site_prob"),
+                                ("augment", {"zoom": 1.0}, "augment.zoom"),
                                 ("sampling", {"group_balance": 1.5}, "sampling.group_balance")]:
         cfg = tiny_config(tmp_path / "c.yaml", tmp_path / "run", data, **{key: value})
         with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
@@ -112,3 +113,22 @@ def test_site_v_is_neither_a_nor_b() -> None:
     b = [make_fundus(5, race="White", size=96, index=i, site="b") for i in range(12)]
     assert np.mean([s.image.mean() for s in v]) > np.mean([s.image.mean() for s in b]) + 5
     assert np.mean([(s.mask != 0).sum() for s in v]) > 1.05 * np.mean([(s.mask != 0).sum() for s in a])
+
+
+def test_zoom_moves_image_and_label_together() -> None:
+    augment = {"flip": False, "rotate90": False, "rotate_degrees": 0.0, "intensity": 0.0, "prob": 0.5,
+               "contrast": 0.0, "gamma": None, "blur": 0.0, "noise": 0.0, "bias_field": 0.0, "low_res": 0.0,
+               "colour": 0.0, "zoom": 0.3, "site_prob": 1.0}
+    transform = _augmentations(_Spec(2), augment, crop=False)
+    yy, xx = np.mgrid[:32, :32]
+    disc = (np.hypot(yy - 16, xx - 16) < 8)
+    sizes = []
+    for seed in range(6):
+        transform.set_random_state(seed=seed)
+        out = transform({"image": disc[None].astype(np.float32), "label": disc[None].astype(np.int64)})
+        image, label = np.asarray(out["image"])[0], np.asarray(out["label"])[0]
+        assert image.shape == label.shape == (32, 32) and set(np.unique(label)) <= {0, 1}
+        inside = image > 0.5  # the zoomed image and label agree up to interpolation at the rim
+        assert 2 * (inside & (label == 1)).sum() / (inside.sum() + label.sum()) > 0.9
+        sizes.append(int(label.sum()))
+    assert min(sizes) < disc.sum() < max(sizes)  # larger and smaller fields of view

@@ -132,6 +132,7 @@ SCHEMA: dict[str, Any] = {
         "bias_field": Field("number", 0.0, optional=False),  # smooth multiplicative bias field, coefficient range
         "low_res": Field("number", 0.0, optional=False),  # resolution loss: down to this zoom (0.5) and back up
         "colour": Field("number", 0.0, optional=False),  # RGB: per-channel gain 1 +- this (colour jitter)
+        "zoom": Field("number", 0.0, optional=False),  # field of view: zoom image and label by 1 +- this
         "site_prob": Field("number", 0.25, optional=False),  # probability of each site transform above
     },
     "sampling": {
@@ -317,6 +318,8 @@ def _check_semantics(config: dict[str, Any]) -> None:
 
 
 def _check_augment(augment: Mapping[str, Any], sampling: Mapping[str, Any]) -> None:
+    if not 0 <= augment["zoom"] < 1:
+        raise ConfigError(f"config key 'augment.zoom': a fraction in [0, 1) (0 = off), got {augment['zoom']}")
     for key in ("contrast", "blur", "noise", "bias_field", "colour", "intensity"):
         if augment[key] < 0:
             raise ConfigError(f"config key 'augment.{key}': must be 0 (off) or more, got {augment[key]}")

@@ -254,10 +254,12 @@ def _augmentations(spec: ModelSpec, augment: Mapping[str, Any], crop: bool) -> A
 
 
 def _site_augmentations(augment: Mapping[str, Any], p: float, dims: int) -> list[Any]:
-    """Scanner and clinic differences (MONAI array transforms on the image only): colour, contrast, gamma, bias
-    field, resolution loss, blur, noise, in the order an acquisition adds them (noise last, after the optics)."""
+    """Scanner and clinic differences (MONAI transforms; all but the zoom on the image only): colour, contrast,
+    gamma, field of view (zoom, image and label), bias field, resolution loss, blur, noise, in the order an
+    acquisition adds them (noise last, after the optics)."""
     from monai.transforms import (RandAdjustContrastd, RandBiasFieldd, RandGaussianNoised, RandGaussianSmoothd,
-                                  RandScaleIntensityd, RandScaleIntensityFixedMeand, RandSimulateLowResolutiond)
+                                  RandScaleIntensityd, RandScaleIntensityFixedMeand, RandSimulateLowResolutiond,
+                                  RandZoomd)
 
     img, steps = "image", []
     if augment["colour"]:  # RGB colour jitter: an independent gain per channel
@@ -266,6 +268,11 @@ def _site_augmentations(augment: Mapping[str, Any], p: float, dims: int) -> list
         steps.append(RandScaleIntensityFixedMeand(img, factors=augment["contrast"], prob=p, preserve_range=False))
     if augment["gamma"]:
         steps.append(RandAdjustContrastd(img, gamma=tuple(augment["gamma"]), prob=p))
+    if augment["zoom"]:  # field of view / optics magnification: the same anatomy larger or smaller in the frame
+        z = float(augment["zoom"])
+        # labels "nearest-exact": torch's plain "nearest" is half a pixel off the bilinear image grid
+        steps.append(RandZoomd(["image", "label"], prob=p, min_zoom=1 - z, max_zoom=1 + z,
+                               mode=("bilinear" if dims == 2 else "trilinear", "nearest-exact"), keep_size=True))
     if augment["bias_field"]:
         steps.append(RandBiasFieldd(img, coeff_range=(0.0, augment["bias_field"]), prob=p))
     if augment["low_res"]:
