@@ -46,6 +46,9 @@ def test_save_after_a_sweep_writes_the_shown_attribute(make_napari_viewer, qtbot
     written = widget.save_mask()
     assert asked == [str(tmp_path / "scan_mask_race-Black_tiny.png")] and written == Path(asked[0])
     np.testing.assert_array_equal(np.asarray(Image.open(written)), masks["Black"].data)  # not White's
+    from napari_dmoe.io.provenance import read_provenance
+
+    assert read_provenance(written)["attribute"] == {"race": "Black"}  # and the file says so
 
     # an edited mask kept beside a re-run: two masks of the shown attribute, so the user is asked which
     masks["Black"].data = np.zeros_like(masks["Black"].data)
