@@ -151,7 +151,7 @@ def _plot(results: list[dict], out: Path) -> None:
         ax.set_xticks(ns)
     axes[0][0].set_ylabel("Dice gain on held-out cases")
     axes[0][0].legend(fontsize=7)
-    fig.suptitle("Group-local fine-tune at a new site (widget defaults; one dot per draw of corrected cases)")
+    fig.suptitle("Group-local fine-tune, widget defaults (one dot per draw of corrected cases)", fontsize=10)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
 
@@ -197,6 +197,7 @@ def main() -> int:
     if args.merge:
         runs = [r for f in args.merge for r in json.loads(Path(f).read_text())["runs"]]
         out = Path(args.out or Path(args.merge[0]).parent)
+        out.mkdir(parents=True, exist_ok=True)
         return _report(runs, out, sorted({r["mode"] for r in runs}, key=MODES.index), sorted({r["n"] for r in runs}))
 
     import torch
