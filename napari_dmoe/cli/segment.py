@@ -210,32 +210,10 @@ def segment_batch(model: Any, rows: list[tuple[str, Any]], cases: list[Any], out
 
 def plan_batch_outputs(rows: list[tuple[str, Any]], src: Path, out: Path, dicom_seg: bool, inputs: list[Path],
                        overwrite: bool) -> list[Any]:
-    """Each CSV row's labels file in ``out`` (``<stem>_labels.<ext>``), checked by ``io.outputs.plan_batch``:
-    two rows whose images share a stem are refused before any work, finished cases are skipped.
+    """Each CSV row's labels file in ``out``: ``io.outputs.plan_label_outputs``, the rule napari's folder run uses."""
+    from napari_dmoe.io.outputs import plan_label_outputs
 
-    A DICOM series folder keeps its whole name (folders are often named by their UIDs, ``1.2.840.113619.2.5``:
-    no suffix to strip) and, like a DICOM file (``.dcm``, or any file with the DICOM preamble), gets NIfTI labels
-    (DICOM SEG with ``dicom_seg``). A constant number of file-system calls per row: planning is linear."""
-    from napari_dmoe.io.dicom import is_dicom_file
-    from napari_dmoe.io.images import NIFTI_SUFFIXES, PLAIN_SUFFIXES, suffix_of
-    from napari_dmoe.io.outputs import PlannedCase, plan_batch
-
-    KNOWN = {*NIFTI_SUFFIXES, *PLAIN_SUFFIXES}
-    cases = []
-    for row, (name, _) in enumerate(rows, start=1):
-        path = src / name
-        if path.is_dir():  # a DICOM series folder: its name is not a file name with a suffix
-            dicom, stem, suffix = True, path.name, ""
-        else:
-            suffix = suffix_of(path)
-            stem = path.name[: len(path.name) - len(suffix)]
-            dicom = suffix in (".dcm", "") or (suffix not in KNOWN and is_dicom_file(path))
-            if dicom and suffix not in (".dcm", ""):  # a UID-named DICOM file: the whole name is its stem
-                stem = path.name
-        ext = ".dcm" if dicom and dicom_seg else ".nii.gz" if dicom or suffix in NIFTI_SUFFIXES else ".png"
-        cases.append(PlannedCase(where=f"CSV row {row}", source=path, outputs=[out / f"{stem}_labels{ext}"],
-                                 key=stem))
-    return plan_batch(cases, inputs, overwrite)
+    return plan_label_outputs(rows, src, out, dicom_seg, inputs, overwrite)
 
 
 def _describe(result: Any) -> str:

@@ -284,3 +284,33 @@ def _nifti_whole(path: Path, size: int, gz: bool) -> bool:
         voxels *= max(int(n), 0)
     expected = max(offset, 348) + voxels * bitpix // 8
     return (isize == expected % 2**32) if gz else size >= expected
+
+
+def plan_label_outputs(rows: Sequence[tuple[str, object]], src: Path, out: Path, dicom_seg: bool,
+                       inputs: list[Path], overwrite: bool, where: str = "CSV row {row}") -> list[PlannedCase]:
+    """Each batch row's labels file in ``out`` (``<stem>_labels.<ext>``), checked by ``plan_batch``: the one naming
+    rule of ``dmoe segment --csv`` and napari's folder run. Two rows whose images share a stem are refused before
+    any work, finished cases are skipped.
+
+    A DICOM series folder keeps its whole name (folders are often named by their UIDs, ``1.2.840.113619.2.5``:
+    no suffix to strip) and, like a DICOM file (``.dcm``, or any file with the DICOM preamble), gets NIfTI labels
+    (DICOM SEG with ``dicom_seg``). A constant number of file-system calls per row: planning is linear."""
+    from napari_dmoe.io.dicom import is_dicom_file
+    from napari_dmoe.io.formats import NIFTI_SUFFIXES, PLAIN_SUFFIXES, suffix_of
+
+    known = {*NIFTI_SUFFIXES, *PLAIN_SUFFIXES}
+    cases = []
+    for row, (name, _) in enumerate(rows, start=1):
+        path = src / name
+        if path.is_dir():  # a DICOM series folder: its name is not a file name with a suffix
+            dicom, stem, suffix = True, path.name, ""
+        else:
+            suffix = suffix_of(path)
+            stem = path.name[: len(path.name) - len(suffix)]
+            dicom = suffix in (".dcm", "") or (suffix not in known and is_dicom_file(path))
+            if dicom and suffix not in (".dcm", ""):  # a UID-named DICOM file: the whole name is its stem
+                stem = path.name
+        ext = ".dcm" if dicom and dicom_seg else ".nii.gz" if dicom or suffix in NIFTI_SUFFIXES else ".png"
+        cases.append(PlannedCase(where=where.format(row=row, name=name), source=path,
+                                 outputs=[out / f"{stem}_labels{ext}"], key=stem))
+    return plan_batch(cases, inputs, overwrite)

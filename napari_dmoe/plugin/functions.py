@@ -116,20 +116,10 @@ def _folder_rows(folder: Path, csv: Path | None, spec: Any, attribute: Any) -> l
 
 
 def _plan(rows: list[tuple[str, Any]], folder: Path, output: Path, inputs: list[Path], overwrite: bool) -> list:
-    """``<stem>_labels.nii.gz`` (volumes, DICOM, NIfTI) or ``<stem>_labels.png`` (2D pictures) in ``output``, as
-    ``dmoe segment --csv`` names them, checked by the one output policy (``io.outputs.plan_batch``)."""
-    from napari_dmoe.io.images import NIFTI_SUFFIXES, suffix_of
-    from napari_dmoe.io.outputs import PlannedCase, plan_batch
+    """The labels files of ``dmoe segment --csv`` (``io.outputs.plan_label_outputs``: one naming rule)."""
+    from napari_dmoe.io.outputs import plan_label_outputs
 
-    cases = []
-    for row, (name, _) in enumerate(rows, start=1):
-        path = folder / name
-        suffix = "" if path.is_dir() else suffix_of(path)
-        stem = path.name[: len(path.name) - len(suffix)] if suffix else path.name
-        ext = ".nii.gz" if suffix in ("", ".dcm", *NIFTI_SUFFIXES) else ".png"
-        cases.append(PlannedCase(where=f"{name} (row {row})", source=path, outputs=[output / f"{stem}_labels{ext}"],
-                                 key=stem))
-    return plan_batch(cases, inputs, overwrite)
+    return plan_label_outputs(rows, folder, output, False, inputs, overwrite, where="{name} (row {row})")
 
 
 def iter_segment_folder(folder: str | Path, model: str | Path, output: str | Path, csv: str | Path | None = None,
