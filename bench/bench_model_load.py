@@ -2,7 +2,7 @@
 """``load_model`` of the bundled models: one build (the meta build takes the file's tensors, issue 27) against the
 previous two (meta build for the size bound, then a real build with random init and a copy of the weights).
 
-    python bench/bench_model_load.py [--runs 9]
+    python bench/bench_model_load.py [--runs 9] [--threads 1]
 
 Interleaved runs in this process after a warm-up (imports excluded); median and range in ms. Last line:
 key=value pairs.
@@ -43,7 +43,9 @@ def two_builds(path: Path) -> torch.nn.Module:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=9)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: steadier on a shared machine)")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     from napari_dmoe.io.checkpoint import load_model
 
     rows, results = [], {}
