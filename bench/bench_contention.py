@@ -9,7 +9,8 @@ processes, torch's default thread count beside one thread and the automatic rule
 Each measurement is a fresh ``dmoe`` process. A competing process is ``python -c "while True: pass"`` (one busy
 core each), started before and killed after each load level. Policies: ``default`` = ``--threads N`` with N what
 torch picks in a fresh process here (what every run did before issue 27), ``one`` = ``--threads 1``, ``auto`` =
-no option and no OMP_NUM_THREADS/DMOE_THREADS (the rule, as a user gets it now). Runs of one load level are
+no option and no OMP_NUM_THREADS/DMOE_THREADS (the rule, as a user gets it now); first masks run ``default``
+and ``auto`` only (the rule picks one thread whenever another process is busy). Runs of one load level are
 interleaved (policy after policy) so background load hits all alike; the machine's own load average is printed
 with every level, because other work on the machine is not under the script's control.
 
