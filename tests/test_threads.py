@@ -157,3 +157,21 @@ def test_apply_sets_torch_and_describe_reports_it():
         assert describe_current().source == "caller"
     finally:
         torch.set_num_threads(before)
+
+
+def test_the_segment_widgets_job_follows_the_same_rule(model_path, monkeypatch):
+    """Inference inside napari (the Segment widget's worker) sets torch's threads by the rule of every verb."""
+    import numpy as np
+    import torch
+
+    from napari_dmoe.generators import drain
+    from napari_dmoe.inference.request import SegmentRequest
+    from napari_dmoe.plugin.widgets.jobs import ModelCache, run_sweep
+    from napari_dmoe.threads import describe_current
+
+    monkeypatch.setenv(ENV_THREADS, "1")
+    torch.set_num_threads(2)
+    result = drain(run_sweep(str(model_path), SegmentRequest(np.zeros((32, 32), np.float32), force=True),
+                             ModelCache(), [{"race": "Black"}]))
+    assert result.error is None and list(result.segmentations) == ["race=Black"]
+    assert torch.get_num_threads() == 1 and describe_current().source == ENV_THREADS

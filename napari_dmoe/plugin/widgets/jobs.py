@@ -44,7 +44,11 @@ def run_sweep(model_path: str, request: Any, cache: ModelCache, attributes: Sequ
     result = JobResult()
     try:
         yield Step("loading model", 0, 1)
+        from napari_dmoe.threads import apply_threads, sample
+
+        before = sample()  # the load is measured while the model loads: no extra wait
         result.model = cache.get(model_path)
+        apply_threads(since=before)  # the CPU-thread rule of every dmoe verb (napari_dmoe.threads), from the load now
         from napari_dmoe.generators import relay
         from napari_dmoe.inference.request import as_array, iter_run
         from napari_dmoe.model.spec import attribute_text
