@@ -122,7 +122,9 @@ def test_finetune_on_layers_end_to_end(make_napari_viewer, qtbot, base_model, tm
     assert local["data"]["val"] == ["scan1"]
     assert finetune["settings"]["steps"] == 3
     rows = {r[0].split(" ")[0]: r for r in widget.compare.values()}  # every group, "(corrected)" marked
+    unknown = rows.pop("unknown")  # the attribute unknown averages every group: shown how much its masks moved
     assert sorted(rows) == RACES and all(len(r) == 7 and "(corrected)" in r[0] for r in rows.values())
+    assert "averages all 3 groups" in unknown[1]
     assert float(rows["Black"][3]) == pytest.approx(new.spec.metrics["finetune_validation_dice"]["after"]["Black"],
                                                     abs=1e-3)
     assert widget.new_model in [e.path for e in recent_models()]  # registered for the Segment widget
@@ -168,8 +170,8 @@ def test_cancel_keeps_last_checkpoint_and_stops_process(make_napari_viewer, qtbo
 
 
 def test_a_run_that_beats_nothing_offers_no_new_model(make_napari_viewer, qtbot, base_model, tmp_path):
-    """The default: the base is validated first; a random base and a 2-step run both score 0 on the held-back pair,
-    so the base is kept, no model is made or registered, and the status says what to do."""
+    """The default (group-local): cross-validation over both pairs scores the base too; a random base and 1-2 steps
+    all score 0 on the held-out pair, so the base is kept, no model is made or registered, and the status says so."""
     from napari_dmoe.io.model_list import recent_models
 
     viewer = make_napari_viewer()
@@ -183,11 +185,12 @@ def test_a_run_that_beats_nothing_offers_no_new_model(make_napari_viewer, qtbot,
     assert process is not None, widget.status.text()
     qtbot.waitUntil(lambda: widget.process is None, timeout=TRAIN_TIMEOUT_MS)
     assert widget.errors.isHidden(), widget.errors.toPlainText()
-    assert process.state.val["all"][0] == (0, 0.0) and process.state.best_step == 0
+    selection = process.state.selection
+    assert selection["kept_base"] and selection["cases"] == 2 and process.state.best_step == 0
     assert widget.new_model is None and not list(widget.run_dir.glob("*-finetuned-*.safetensors"))
     assert not any("finetuned" in str(e.path) for e in recent_models())
-    assert widget.status.text().startswith("No fine-tune step beat the base model")
-    assert "last.safetensors" in widget.status.text() and widget.run_button.text() == "Start fine-tune"
+    assert widget.status.text().startswith("Cross-validation on your 2 corrected pairs")
+    assert "base model is kept" in widget.status.text() and widget.run_button.text() == "Start fine-tune"
 
 
 def test_failing_subprocess_shows_readable_message(make_napari_viewer, qtbot, base_model, tmp_path):
@@ -250,23 +253,25 @@ def test_3d_finetune_through_the_widget(make_napari_viewer, qtbot, model3d, tmp_
 
     assert widget.errors.isHidden(), widget.errors.toPlainText()
     assert widget.new_model is not None and widget.new_model.is_file(), widget.status.text()
-    assert process.state.step == 2 and process.state.val  # training events were followed
+    state = process.state  # cross-validation's and the final fit's events were followed
+    assert state.selection and state.selection["steps"] in (1, 2) and state.step == state.total_steps
     new = load_model(widget.new_model)
     assert new.spec.spatial_dims == 3 and new.spec.arch == "resunet3d" and list(new.spec.input_size) == [64, 64, 64]
     assert any(p.ndim == 5 for p in new.network.parameters())  # 3D convolutions
-    # White has no corrected case: the default is group-local, trained on the Asian volume (Black validates)
+    # White has no corrected case: the default is group-local, cross-validated on both volumes, then trained on both
     before, after = tensors(base), tensors(widget.new_model)
     assert set(after) - set(before) and all(".local_experts." in k for k in set(after) - set(before))
     changed = [k for k in before if not np.array_equal(before[k], after[k])]
-    assert changed and all(".routers.0." in k for k in changed)  # only the Asian router among the shared tensors
-    assert new.spec.provenance["adaptation"]["groups"] == ["Asian"]
+    assert changed and all(".routers.0." in k or ".routers.1." in k for k in changed)  # Asian's, Black's routers
+    assert new.spec.provenance["adaptation"]["groups"] == ["Asian", "Black"]
     finetune = new.spec.provenance["finetune"]
     assert finetune["data"]["n_train"] == 1 and finetune["data"]["n_val"] == 1
     header = json.dumps(new.spec.to_dict())
     assert "vol0" not in header and str(tmp_path) not in header  # shareable: no case names, no local paths
     assert finetune["settings"]["patch_size"] == [64, 64, 64]
     rows = widget.compare.values()
-    assert [r[0] for r in rows] == ["Asian (corrected)", "Black (corrected)", "White"]
+    assert [r[0] for r in rows] == ["Asian (corrected)", "Black (corrected)", "White", "unknown"]
+    assert "cross-validation" in rows[1][1]  # the corrected groups: the estimate on the user's own cases
     assert rows[2][5].startswith("1.000") and rows[2][6] == "ok"  # White's masks: exactly the base model's
     dice_after = new.spec.metrics["finetune_validation_dice"]["after"]
     assert float(rows[1][3]) == pytest.approx(dice_after["Black"], abs=1e-3) and 0 <= dice_after["Black"] <= 1
