@@ -46,6 +46,12 @@ def test_fold_assignment_holds_every_case_out_once_and_is_seeded():
     assert crossval.fold_of(3, 5, seed=0).count(0) == 1  # never more folds than cases
 
 
+def test_the_base_is_kept_unless_a_step_count_gains_and_ties_go_to_fewer_steps():
+    assert crossval._best({0: 0.0, 10: 0.01, 20: 0.01}) == 10
+    assert crossval._best({0: 0.0, 10: -0.1, 20: 0.0}) == 0  # no gain on average: the base
+    assert crossval._best({10: -0.1, 20: -0.05}) == 20  # keep_base false: the best trained step count
+
+
 def test_crossval_config_is_checked(tmp_path):
     for bad in ("crossval.folds=1", "crossval.steps=[10, -1]"):
         with pytest.raises(ConfigError, match="crossval"):
