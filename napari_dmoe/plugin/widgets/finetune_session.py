@@ -10,6 +10,7 @@ the recent-model list the Segment widget reads.
 from __future__ import annotations
 
 import json
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +53,9 @@ class FinetuneSession(QObject):
 
     def __init__(self, parent: QObject | None = None) -> None:
         super().__init__(parent)
+        # Start builds the run's config, which imports every registered network (torch, MONAI: ~3 s on 2 cores);
+        # done here in the background, the click does not freeze napari
+        threading.Thread(target=_import_networks, name="dmoe-warm-up", daemon=True).start()
         self.process: Any = None  # the running TrainingProcess
         self.phase: str | None = None  # "train" | "compare" | None
         self.run_dir: Path | None = None
@@ -253,3 +257,12 @@ class FinetuneSession(QObject):
         self._close_progress()
         self.process, self.phase = None, None
         self.finished.emit(text)
+
+
+def _import_networks() -> None:
+    try:
+        from napari_dmoe.model.registry import PRESETS
+
+        list(PRESETS)
+    except Exception:  # nothing is lost: Start imports them again and reports what fails
+        pass
