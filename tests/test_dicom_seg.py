@@ -153,7 +153,7 @@ def test_napari_writer_and_single_2d_file(tmp_path, registered_plugin):
 def test_seg_says_whether_a_person_edited_or_drew_the_mask(tmp_path, registered_plugin):
     """AUTOMATIC for the model's mask as made, SEMIAUTOMATIC once the user edited it (its data no longer match
     the digest stored at creation), MANUAL for labels drawn by hand, which name no algorithm."""
-    from napari_dmoe.plugin.widgets.results import DIGEST_KEY, data_digest
+    from napari_dmoe.plugin.results import DIGEST_KEY, data_digest
 
     [(image, kwargs, _)] = npe2.read([CT], plugin_name="napari-dmoe", stack=False)
     made = np.zeros(image.shape, np.uint8)

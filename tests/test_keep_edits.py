@@ -11,7 +11,7 @@ MASK = "mask [race=Asian; tiny] scan"
 
 # -- digest helpers (no Qt) ----------------------------------------------------------------------------------
 def test_digest_sees_content_dtype_and_shape():
-    from napari_dmoe.plugin.widgets.results import DIGEST_KEY, RESULT_KEY, data_digest, edited_name, is_edited
+    from napari_dmoe.plugin.results import DIGEST_KEY, RESULT_KEY, data_digest, edited_name, is_edited
 
     a = np.arange(24, dtype=np.uint8).reshape(4, 6)
     assert data_digest(a) == data_digest(a.copy()) == data_digest(np.asfortranarray(a))

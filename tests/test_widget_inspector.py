@@ -103,7 +103,7 @@ def test_registry_recent_models(tmp_path, monkeypatch):
 def test_result_layers_for_a_slice_by_slice_volume(model_path):
     from napari_dmoe.io.checkpoint import load_model
     from napari_dmoe.inference.engine import segment
-    from napari_dmoe.plugin.widgets.results import SourceInfo, result_layers
+    from napari_dmoe.plugin.results import SourceInfo, result_layers
 
     model = load_model(model_path)
     volume = np.stack([make_image((24, 24))] * 3)

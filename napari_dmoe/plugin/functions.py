@@ -54,7 +54,7 @@ def iter_segment_layer(layer: Any, model: str | Any, attribute: Any = None, devi
     Raises ``FitError`` (an image that does not fit the model, unless ``force``) and other ``ValueError``s."""
     from napari_dmoe.generators import relay
     from napari_dmoe.inference.request import EngineSettings, SegmentRequest, iter_run
-    from napari_dmoe.plugin.widgets.results import SourceInfo, layer_image, result_layers
+    from napari_dmoe.plugin.results import SourceInfo, layer_image, result_layers
 
     yield Step("loading model", 0, 1)
     if isinstance(model, (str, Path)):

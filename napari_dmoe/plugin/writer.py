@@ -46,7 +46,7 @@ def mask_provenance(meta: dict[str, Any], labels: np.ndarray) -> dict[str, Any] 
     model, attribute, whether the user segmented an image that does not fit the model anyway, the fit findings,
     device, notes, and whether the user edited the mask since. None for labels we did not make."""
     from napari_dmoe.io.provenance import mask_record
-    from napari_dmoe.plugin.widgets.results import is_edited
+    from napari_dmoe.plugin.results import is_edited
 
     prov = meta.get("dmoe") if isinstance(meta.get("dmoe"), dict) else {}
     if prov.get("kind") != "mask":
@@ -64,7 +64,7 @@ def _seg_info(meta: dict[str, Any], labels: np.ndarray) -> tuple[list[str], Any]
     The SEG says how the mask came to be: the model's mask as it was made (AUTOMATIC), a model mask the user
     edited since (SEMIAUTOMATIC: its data no longer match the digest stored at creation), or labels a person drew
     (MANUAL)."""
-    from napari_dmoe.plugin.widgets.results import is_edited
+    from napari_dmoe.plugin.results import is_edited
     from napari_dmoe.io.dicom_seg import SegAlgorithm
     from napari_dmoe.model.spec import attribute_text
 

@@ -29,7 +29,7 @@ from napari_dmoe.plugin.widgets.controls import DevicePicker, ModelPicker, scrol
 from napari_dmoe.plugin.widgets.finetune_controls import TRAINABLE, CompareTable, PairTable, SettingsForm
 from napari_dmoe.plugin.widgets.finetune_monitor import CurvePlot
 from napari_dmoe.plugin.widgets.finetune_session import FinetuneSession, RunRequest
-from napari_dmoe.plugin.widgets.results import RESULT_KEY, is_result
+from napari_dmoe.plugin.results import RESULT_KEY, is_result
 from napari_dmoe.finetune.prepare import FinetuneError
 
 if TYPE_CHECKING:

@@ -15,7 +15,7 @@ from typing import Any
 from qtpy.QtCore import QObject, Signal
 
 from napari_dmoe.io.model_cache import ModelCache
-from napari_dmoe.plugin.widgets.results import layer_image
+from napari_dmoe.plugin.results import layer_image
 
 log = logging.getLogger(__name__)
 

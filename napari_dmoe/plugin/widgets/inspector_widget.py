@@ -20,7 +20,7 @@ from qtpy.QtWidgets import (
 
 from napari_dmoe.plugin.widgets.controls import ModelPicker
 from napari_dmoe.plugin.widgets.jobs import ModelCache, Step, advance
-from napari_dmoe.plugin.widgets.results import RESULT_KEY
+from napari_dmoe.plugin.results import RESULT_KEY
 
 if TYPE_CHECKING:
     import napari

@@ -162,7 +162,7 @@ class ExpertView(QWidget):
 
     def show_run(self, layers: list) -> None:
         """Take the heatmaps of a run just placed (its layer data tuples): colorbar on, legend and picker."""
-        from napari_dmoe.plugin.widgets.results import RESULT_KEY
+        from napari_dmoe.plugin.results import RESULT_KEY
 
         found = {}
         for _, kwargs, _ in layers:

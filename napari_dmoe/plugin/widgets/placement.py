@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from napari_dmoe.plugin.widgets.results import (
+from napari_dmoe.plugin.results import (
     DIGEST_KEY,
     EDITABLE_TYPES,
     RESULT_KEY,

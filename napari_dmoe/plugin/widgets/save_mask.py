@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from napari_dmoe.plugin.widgets.results import RESULT_KEY
+from napari_dmoe.plugin.results import RESULT_KEY
 
 def is_mask(layer: Any) -> bool:
     meta = getattr(layer, "metadata", {}) or {}

@@ -37,7 +37,7 @@ from napari_dmoe.plugin.widgets.jobs import JobResult, ModelCache, Step, advance
 from napari_dmoe.plugin.widgets.panels import ExpertView, FitBanner, RunProgress, SweepTable, run_summary
 from napari_dmoe.plugin.widgets.placement import name_sliders, replace_layers, routing_layers
 from napari_dmoe.plugin.widgets.remote import RemoteOption
-from napari_dmoe.plugin.widgets.results import (
+from napari_dmoe.plugin.results import (
     RESULT_KEY,
     SourceInfo,
     is_result,
