@@ -160,8 +160,9 @@ class SettingsForm(QWidget):
                                   "choices change weights every group shares and may make the others worse")
         self.amp = QCheckBox("mixed precision (CUDA only)")
         self.keep_base = QCheckBox("keep the base model unless training beats it")
-        self.keep_base.setToolTip("The base model is validated on the held-back pairs first; when no training step "
-                                  "scores higher there, no new model is made")
+        self.keep_base.setToolTip("Group-local: cross-validation over your pairs scores the base model too, and when "
+                                  "no number of steps improves them on average no new model is made. Other modes: "
+                                  "the base is validated on the held-back pairs first, and kept unless a step beats it")
         self.val_fraction = QDoubleSpinBox()
         self.val_fraction.setRange(0.05, 0.9)
         self.val_fraction.setSingleStep(0.05)
