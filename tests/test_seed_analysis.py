@@ -125,3 +125,19 @@ def test_old_recipe_pairing_goals_and_test_filter(tmp_path: Path) -> None:
     assert goal["no_group_below_0.7"] == (min(min(r["groups"].values()) for r in summary["runs"]) >= 0.7)
     text = (tmp_path / "new-out/seed_study.md").read_text()
     assert "new recipe - old recipe" in text and "Goals, fundus, test-a" in text
+
+
+def test_checkpoint_rule_is_chosen_on_validation_sets_only(tmp_path: Path) -> None:
+    import importlib.util as iu
+
+    spec = iu.spec_from_file_location("checkpoint_rule", ROOT / "sample_data/checkpoint_rule.py")
+    mod = iu.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rng = np.random.default_rng(5)
+    truth = rng.uniform(0.6, 0.9, (len(GROUPS), 2))
+    for test, last_shift in (("val-a", 0.02), ("val-v", 0.02), ("test-a", -0.2)):  # the test must not count
+        _write(tmp_path / "reports" / test / "fundus-dmoe-s1", truth)
+        _write(tmp_path / "reports" / test / "fundus-dmoe-s1-last", truth + last_shift)
+    result = mod.choose(tmp_path / "reports")
+    assert {r["set"] for r in result["rows"]} == {"val-a", "val-v"} and result["chosen"] == "last"
+    assert result["mean_worst_group"]["last"] - result["mean_worst_group"]["best"] == pytest.approx(0.02)
