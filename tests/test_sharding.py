@@ -89,7 +89,9 @@ def test_sharded_segment_writes_each_output_once_and_gathers_failures(tmp_path, 
     assert proc.returncode == 1, proc.stderr[-3000:]  # one case failed: the batch says so, on every rank
     expected = [str(tmp_path / "out" / f"img{i:02d}_labels.png") for i in range(7) if i != 4]
     assert _written(proc.stdout) == expected, proc.stdout  # each case done by one process, once
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [Path(e).name for e in expected]
+    # each mask and its provenance sidecar (a PNG has no room for it), nothing else: no temporary, no duplicate
+    names = [Path(e).name for e in expected]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(names + [n + ".json" for n in names])
     assert proc.stdout.count("6 of 7 images segmented") == 1  # rank 0 alone sums up
     summary = proc.stderr[proc.stderr.index("1 of 7 images failed:"):]
     assert proc.stderr.count("images failed:") == 1 and "img04.png:" in summary
