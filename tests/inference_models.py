@@ -65,3 +65,11 @@ def make_model(path, seed: int = 0):
         logits = net((x - x.mean()) / x.std(), torch.tensor([1]))
         net.segmentation_head.bias.sub_(logits.mean(dim=(0, 2, 3)))
     return save_model(path, net, spec)
+
+
+def write_png(path, seed: int = 0, shape=(40, 48)):
+    """A random 8-bit grey PNG at ``path`` (returned)."""
+    from PIL import Image
+
+    Image.fromarray((np.random.default_rng(seed).random(shape) * 255).astype("uint8")).save(path)
+    return path

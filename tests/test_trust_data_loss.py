@@ -11,19 +11,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from inference_models import write_png as png
 from napari_dmoe.cli.main import main
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    from inference_models import make_model
-
-    return make_model(tmp_path_factory.mktemp("m") / "tiny.safetensors")
-
-
-def png(path, seed=0, shape=(40, 48)):
-    Image.fromarray((np.random.default_rng(seed).random(shape) * 255).astype("uint8")).save(path)
-    return path
+def model(model_path):
+    return model_path  # conftest's tiny model file
 
 
 def nifti(path, seed=0):

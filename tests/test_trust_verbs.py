@@ -12,20 +12,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from inference_models import write_png as png
 from napari_dmoe.cli.main import main
 from training_data import tiny_config, write_folder
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    from inference_models import make_model
-
-    return make_model(tmp_path_factory.mktemp("m") / "tiny.safetensors")
-
-
-def png(path, seed=0, shape=(40, 48)):
-    Image.fromarray((np.random.default_rng(seed).random(shape) * 255).astype("uint8")).save(path)
-    return path
+def model(model_path):
+    return model_path  # conftest's tiny model file
 
 
 def snapshot(*paths):
