@@ -267,7 +267,7 @@ def test_every_recipe_in_training_folder_validates(tmp_path):
     from pathlib import Path
 
     recipes = sorted((Path(__file__).parents[1] / "training").glob("*.yaml"))
-    demo = [p for p in recipes if p.stem.startswith("demo-")]
+    demo = [p for p in recipes if p.stem.startswith(("demo-", "robust-"))]  # robust-: issue 26's study recipe
     assert len(recipes) - len(demo) == 30  # 6 datasets x 5 methods
     assert {p.stem.split("-")[1] for p in demo} >= {"fundus", "prostate"}  # the demo models' recipes
     for path in recipes:
