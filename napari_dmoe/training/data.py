@@ -28,7 +28,7 @@ from napari_dmoe.datasets.base import DatasetError, SegmentationDataset, resampl
 from napari_dmoe.model.spec import Attribute, ModelSpec
 from napari_dmoe.transforms import normalize
 
-from napari_dmoe.training.config import DEFAULT_CLASSES, ConfigError
+from napari_dmoe.training.config import DEFAULT_CLASSES, SCHEMA, ConfigError
 from napari_dmoe.model.routers import group_name
 
 SPLITS = ("train", "val", "test")
@@ -233,6 +233,9 @@ def _augmentations(spec: ModelSpec, augment: Mapping[str, Any], crop: bool) -> A
     from monai.transforms import (Compose, RandCropByPosNegLabeld, RandFlipd, RandRotate90d, RandRotated,
                                   RandScaleIntensityd, RandShiftIntensityd, SpatialPadd)
 
+    # the schema's defaults under what was given: a caller may name only the augmentations it wants (the site
+    # transforms are then off, as in a config that leaves them out)
+    augment = {k: f.default for k, f in SCHEMA["augment"].items()} | dict(augment)
     keys, p, dims = ["image", "label"], float(augment["prob"]), spec.spatial_dims
     steps: list[Any] = []
     if crop:  # 3D: patches of the model's input size, half centred on foreground (nnU-Net/MONAI practice)
