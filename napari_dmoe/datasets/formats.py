@@ -43,6 +43,18 @@ def _require_columns(path: Path, rows: list[dict[str, str]], columns: Sequence[s
         raise DatasetError(f"{path}: missing column(s) {missing}; the file has {sorted(have)}")
 
 
+def attribute_table(root: Path, csv_path: str | Path, names: Sequence[str], columns: Mapping[str, str] | None,
+                    id_column: str) -> tuple[Path, dict[str, str], dict[str, dict[str, str]]]:
+    """The attribute CSV of a folder dataset (NIfTI folder, nnU-Net raw): its path (relative to ``root`` unless
+    absolute), attribute -> column (``columns`` renames, default the attribute's own name) and case id -> row,
+    every needed column checked."""
+    csv_file = Path(csv_path) if Path(csv_path).is_absolute() else root / csv_path
+    rows = _read_csv(csv_file)
+    named = {name: (columns or {}).get(name, name) for name in names}
+    _require_columns(csv_file, rows, [id_column, *named.values()])
+    return csv_file, named, {r[id_column]: r for r in rows}
+
+
 def _channels_first(volume: Any) -> np.ndarray:
     array = np.asarray(volume.array, dtype=np.float32)
     return np.moveaxis(array, -1, 0) if volume.rgb else array[None]
@@ -199,11 +211,7 @@ class NiftiFolderDataset(SegmentationDataset):
         super().__init__(vocab, size=size, n_classes=n_classes, spacing=spacing, **kwargs)
         self.root = Path(root)
         images, labels = self._nifti_files(self.root / "images"), self._nifti_files(self.root / "labels")
-        csv_file = Path(csv_path) if Path(csv_path).is_absolute() else self.root / csv_path
-        rows = _read_csv(csv_file)
-        columns = {name: (columns or {}).get(name, name) for name in self.vocab.names}
-        _require_columns(csv_file, rows, [id_column, *columns.values()])
-        by_case = {r[id_column]: r for r in rows}
+        csv_file, columns, by_case = attribute_table(self.root, csv_path, self.vocab.names, columns, id_column)
         for case in by_case:
             if case not in images or case not in labels:
                 where = "images/" if case not in images else "labels/"

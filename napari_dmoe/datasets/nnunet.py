@@ -94,7 +94,7 @@ class NnUNetRawDataset(SegmentationDataset):
     def __init__(self, root: str | Path, vocab: Any, csv_path: str | Path = "attributes.csv",
                  id_column: str = "case_id", columns: Mapping[str, str] | None = None,
                  size: Sequence[int] | None = None, spacing: Sequence[float] | None = None, **kwargs: Any) -> None:
-        from napari_dmoe.datasets.formats import _read_csv, _require_columns
+        from napari_dmoe.datasets.formats import attribute_table
 
         self.root = Path(root)
         self.info = read_dataset_json(self.root)
@@ -103,11 +103,7 @@ class NnUNetRawDataset(SegmentationDataset):
         self.label_hint = (f" (not in dataset.json's labels {self.info['labels']}; add them there or fix the "
                            "label file)")
         self.channel_files = self._cases()
-        csv_file = Path(csv_path) if Path(csv_path).is_absolute() else self.root / csv_path
-        rows = _read_csv(csv_file)
-        columns = {name: (columns or {}).get(name, name) for name in self.vocab.names}
-        _require_columns(csv_file, rows, [id_column, *columns.values()])
-        by_case = {r[id_column]: r for r in rows}
+        csv_file, columns, by_case = attribute_table(self.root, csv_path, self.vocab.names, columns, id_column)
         for case in by_case:
             if case not in self.channel_files:
                 raise DatasetError(f"{csv_file}: case {case!r} has no image in {self.root / 'imagesTr'} (expected "
