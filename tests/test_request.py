@@ -70,6 +70,12 @@ def test_wire_round_trip_keeps_the_request_and_refuses_other_settings():
     Header.settings = {"device": "cuda:7"}  # a client may not pick the server's device
     with pytest.raises(InferenceError, match=r"unknown engine setting\(s\) \['device'\]"):
         SegmentRequest.from_wire(Header, arrays["image"], EngineSettings())
+    for bad, message in (({"overlap": "0.5"}, "'overlap': '0.5' is not a valid float"),
+                         ({"window_batch": True}, "'window_batch': True is not a valid int"),
+                         ({"blend": 3}, "'blend': 3 is not a valid str")):
+        Header.settings = bad  # a third-party client's JSON: a clear refusal, not a TypeError deep in the engine
+        with pytest.raises(InferenceError, match=message):
+            SegmentRequest.from_wire(Header, arrays["image"], EngineSettings())
 
 
 def test_patient_attribute_is_parsed_in_one_place():

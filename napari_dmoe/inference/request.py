@@ -79,8 +79,23 @@ class EngineSettings:
         extra = sorted(set(data) - allowed)
         if extra:
             raise InferenceError(f"unknown engine setting(s) {extra}; allowed: {sorted(allowed)}")
+        for key, value in data.items():  # a client's JSON may say anything: the type is checked here, once
+            kind = type(getattr(cls, key, None))
+            if key == "roi_size":
+                ok = value is None or (isinstance(value, (list, tuple)) and all(
+                    isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value))
+            elif kind is float:
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            elif kind is int:
+                ok = isinstance(value, int) and not isinstance(value, bool)
+            else:
+                ok = isinstance(value, kind)
+            if not ok:
+                raise InferenceError(f"engine setting {key!r}: {value!r} is not a valid {kind.__name__}"
+                                     if key != "roi_size" else f"engine setting 'roi_size': {value!r} is not a "
+                                     "list of positive integers")
         if data.get("roi_size") is not None:
-            data["roi_size"] = tuple(int(s) for s in data["roi_size"])
+            data["roi_size"] = tuple(data["roi_size"])
         return cls(**data)
 
 
@@ -125,8 +140,9 @@ class SegmentRequest:
     def from_wire(cls, header: Any, image: np.ndarray, settings: EngineSettings) -> "SegmentRequest":
         """The request a server runs: the wire's options on top of the server's own ``settings``."""
         wire = dict(getattr(header, "settings", None) or {})
-        EngineSettings.from_dict(wire, WIRE_SETTINGS)  # refuses keys a client may not set
-        merged = dataclasses.replace(settings, **wire, routing="mean" if header.routing else "none")
+        checked = EngineSettings.from_dict(wire, WIRE_SETTINGS)  # refuses keys and types a client may not send
+        merged = dataclasses.replace(settings, **{k: getattr(checked, k) for k in wire},
+                                     routing="mean" if header.routing else "none")
         return cls(image, header.attribute, header.spacing, header.rgb, header.modality, bool(header.force), merged,
                    source="the image")
 
