@@ -255,6 +255,7 @@ class Client:
         self._open: set[http.client.HTTPConnection] = set()
         self._lock = threading.Lock()
         self._aborted = self._access_checked = False
+        self.stage = ""  # of the request in progress: "sending" its body, then "waiting" for the answer
 
     def timeout_for(self, values: int = 0) -> float:
         """Seconds to wait for an answer: ``timeout`` when given, else 30 s for a listing, and 60 s + 4 s per
@@ -290,6 +291,7 @@ class Client:
             self._open.add(conn)
         try:
             status, reason, data, ctype = self._exchange(conn, self._parts.path + path, body, headers)
+            self.stage = ""
         except (OSError, http.client.HTTPException) as err:
             if self._aborted:
                 raise Cancelled("cancelled: the request to the dMoE server was stopped") from None
@@ -302,15 +304,16 @@ class Client:
             raise ServerError(status, _error_message(data, reason))
         return data, ctype
 
-    @staticmethod
-    def _exchange(conn: http.client.HTTPConnection, path: str, body: bytes | None,
+    def _exchange(self, conn: http.client.HTTPConnection, path: str, body: bytes | None,
                   headers: dict[str, str]) -> tuple[int, str, bytes, str]:
+        self.stage = "sending"
         try:
             conn.request("POST" if body is not None else "GET", path or "/", body=body, headers=headers)
         except (BrokenPipeError, ConnectionResetError):
             if conn.sock is None:
                 raise
             # the server answered (401, 413, 503) before reading the whole body: read that answer if it is there
+        self.stage = "waiting"
         reply = conn.getresponse()
         return reply.status, reply.reason, reply.read(), reply.headers.get("Content-Type", "")
 

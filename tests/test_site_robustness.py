@@ -67,7 +67,8 @@ def test_recipe_options_are_checked(tmp_path: Path) -> None:
                                 ("augment", {"noise": -0.1}, "augment.noise"),
                                 ("augment", {"site_prob": 2}, "augment.site_prob"),
                                 ("augment", {"zoom": 1.0}, "augment.zoom"),
-                                ("sampling", {"group_balance": 1.5}, "sampling.group_balance")]:
+                                ("sampling", {"group_balance": 1.5}, "sampling.group_balance"),
+                                ("sampling", {"router_dropout": -0.1}, "sampling.router_dropout")]:
         cfg = tiny_config(tmp_path / "c.yaml", tmp_path / "run", data, **{key: value})
         with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
             load_config(cfg)
@@ -101,6 +102,31 @@ def test_train_items_follow_the_balanced_order(tmp_path: Path) -> None:
     items.epoch = 2
     order = items._order
     assert order is not None and [items[i]["id"] for i in range(3)] == [items.ds.records[j].id for j in order[:3]]
+
+
+def test_router_dropout_sends_some_images_through_other_routers(tmp_path: Path) -> None:
+    import torch
+    from napari_dmoe.distributed import setup
+    from napari_dmoe.training.setup import build_run
+
+    groups = torch.zeros(4000, dtype=torch.long)  # every image of group 0
+    off = build_run(_config(tmp_path / "off"), setup("cpu"))
+    assert torch.equal(off.train_router(groups, 7, 0), groups)
+    run = build_run(_config(tmp_path / "on", sampling={"router_dropout": 0.3}), setup("cpu"))
+    n = run.spec.n_routers
+    routed = run.train_router(groups, 7, 0)
+    moved = float((routed != 0).float().mean())
+    assert abs(moved - 0.3 * (n - 1) / n) < 0.03  # a dropped image may draw its own router again
+    assert set(routed.tolist()) == set(range(n))
+    assert torch.equal(run.train_router(groups, 7, 0), routed)  # a resumed run draws the same
+    assert not torch.equal(run.train_router(groups, 8, 0), routed)
+    assert not torch.equal(run.train_router(groups, 7, 1), routed)  # each process its own
+    assert torch.equal(run.to_router(groups), groups)  # validation and inference are untouched
+    root = write_fairseg(tmp_path / "local", n_train=6, n_test=2)
+    data = {"format": "fairseg", "root": str(root), "attributes": "race", "crop": None}
+    with pytest.raises(ConfigError, match="router_dropout.*group-local"):
+        load_config(tiny_config(tmp_path / "c.yaml", tmp_path / "run", data, sampling={"router_dropout": 0.3}),
+                    ["trainable=group_local"])
 
 
 def test_site_v_is_neither_a_nor_b() -> None:

@@ -156,7 +156,10 @@ def test_cancel_stops_the_job_and_the_server_drops_it(server):
     volume = np.random.default_rng(2).random((160, 256, 256)).astype(np.float32)  # seconds of CPU work
     request = logic.build_request(logic.VolumeInput(volume, np.eye(4)))
     job = logic.SegmentJob(server.url, TOKEN, "m3", request, attribute="T2", force=True).start()
-    time.sleep(1.0)
+    deadline = time.monotonic() + 30  # cancelled before the body went, the server would never have seen it
+    while not job.sent and job.poll() == "running" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)
     assert job.poll() == "running" and "Waiting for the server" in job.progress_text()
     t0 = time.monotonic()
     job.cancel()

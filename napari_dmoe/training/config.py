@@ -138,6 +138,10 @@ SCHEMA: dict[str, Any] = {
     "sampling": {
         # 0: every image equally often; 1: every group equally often; 0.5: groups in proportion to sqrt(count)
         "group_balance": Field("number", 0.0, optional=False),
+        # dMoE: each training image goes through a router drawn at random (any group's) with this probability,
+        # so a rare group's router also learns from the other groups' images and the averaged "unknown" path is
+        # trained too (issue 26). 0: off; refused for group-local fine-tunes (other groups must stay unchanged)
+        "router_dropout": Field("number", 0.0, optional=False),
     },
 }
 
@@ -308,6 +312,9 @@ def _check_semantics(config: dict[str, Any]) -> None:
         raise ConfigError("config key 'model.top_k': must not exceed model.n_experts")
     config["data"]["attributes"] = attribute_vocabularies(data["attributes"])
     _check_augment(config["augment"], config["sampling"])
+    if config["sampling"]["router_dropout"] and config["trainable"] == "group_local":
+        raise ConfigError("config key 'sampling.router_dropout': must be 0 for a group-local fine-tune (it would "
+                          "route the adapted group's images through other groups' routers)")
     if data["label_map"] is not None:
         data["label_map"] = parse_label_map(data["label_map"])
     if data["size"] is not None and not all(isinstance(s, int) and s > 0 for s in data["size"]):

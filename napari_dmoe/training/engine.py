@@ -351,7 +351,7 @@ def _step(loop: _Loop, data: Mapping[str, Any]) -> float:
     optimizer.zero_grad(set_to_none=True)
     _reset_aux_losses(network)  # also drops the terms left by validation forwards
     with torch.autocast("cuda", dtype=torch.float16, enabled=loop.use_amp):
-        logits = loop.model(x, run.to_router(groups))
+        logits = loop.model(x, run.train_router(groups, loop.step, info.rank))
     loss = run.loss(logits.float(), y, groups)
     aux = _aux_loss(network) if loop.config["aux_loss"] > 0 else None
     if aux is not None:

@@ -44,6 +44,7 @@ RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "augment.site_prob": (0, 1, False, False),
     "augment.zoom": (0, 1, False, True),
     "sampling.group_balance": (0, 1, False, False),
+    "sampling.router_dropout": (0, 1, False, False),
     "crossval.folds": (0, None, False, False),  # 1 is refused with the folds' own message (0 = off)
 }
 

@@ -33,6 +33,7 @@ class RunParts:
     val_items: EvalItems | None
     loss: torch.nn.Module
     to_router: Callable[[torch.Tensor], torch.Tensor]
+    train_router: Callable[[torch.Tensor, int, int], torch.Tensor]  # (groups, step, rank): with router dropout
     data_summary: dict[str, Any]
     identity: Any  # the config parts a resumed run must share with the original
     provenance: dict[str, Any] = field(default_factory=dict)
@@ -149,11 +150,23 @@ def build_run(config: Mapping[str, Any], info: DistInfo, command: str | None = N
         # Combination index == router index for dMoE (same mixed radix); one router (or none) otherwise.
         return groups if routing == "dmoe" else torch.zeros_like(groups)
 
+    dropout = float(config["sampling"]["router_dropout"]) if routing == "dmoe" else 0.0
+
+    def train_router(groups: torch.Tensor, step: int, rank: int) -> torch.Tensor:
+        routers = to_router(groups)
+        if not dropout:
+            return routers
+        # drawn from (seed, step, rank): a resumed run and every process draw what an unbroken run would
+        gen = torch.Generator().manual_seed(int(config["seed"]) * 1_000_003 + step * 1_009 + rank)
+        drop = torch.rand(routers.shape, generator=gen) < dropout
+        other = torch.randint(0, spec.n_routers, routers.shape, generator=gen)
+        return torch.where(drop.to(routers.device), other.to(routers.device, routers.dtype), routers)
+
     return RunParts(
         spec=spec, network=network,
         train_items=train_items,
         val_items=EvalItems(val_ds, spec) if len(val_ds) else None,
         loss=build_loss(loss_name, spec.n_classes, gamma=config["febs_gamma"]).to(info.device),
-        to_router=to_router, data_summary=summary, identity=identity, provenance=provenance,
+        to_router=to_router, train_router=train_router, data_summary=summary, identity=identity, provenance=provenance,
         seed=int(config["seed"]),
     )

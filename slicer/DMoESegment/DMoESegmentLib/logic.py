@@ -141,11 +141,20 @@ class SegmentJob:
         return self.state
 
     @property
+    def sent(self) -> bool:
+        """True once the request's body is with the server (it is working on it)."""
+        return self._client.stage == "waiting"
+
+    @property
     def elapsed(self) -> float:
         return time.monotonic() - self.started if self.started else 0.0
 
     def progress_text(self) -> str:
-        what = {"running": "Waiting for the server", "cancelling": "Cancelling"}.get(self.state, self.state)
+        if self.state == "running":  # the client's stage: preparing (encoding, token check), sending, waiting
+            what = {"sending": "Sending the volume", "waiting": "Waiting for the server"}.get(
+                self._client.stage, "Preparing the request")
+        else:
+            what = {"cancelling": "Cancelling"}.get(self.state, self.state)
         return f"{what}... {self.elapsed:.0f} s"
 
     def cancel(self) -> None:
