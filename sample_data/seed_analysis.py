@@ -307,8 +307,9 @@ def _steps(runs: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--runs", type=Path, nargs="+", default=[ROOT / "runs" / "seeds"],
-                   help="one or more runs folders of seed_study.py (their reports are pooled)")
+    p.add_argument("--runs", nargs="+", default=[str(ROOT / "runs" / "seeds")],
+                   help="one or more runs folders of seed_study.py (their reports are pooled); FOLDER:dmoe,moe "
+                   "takes only those methods' runs from FOLDER (each method's chosen recipe from its own study)")
     p.add_argument("--out", type=Path, default=ROOT / "sample_data" / "results" / "seeds")
     p.add_argument("--checkpoint", choices=["best", "last"], default="best",
                    help="best: the checkpoint each run's validation chose (the protocol); last: the final weights")
@@ -320,15 +321,16 @@ def main(argv: list[str] | None = None) -> int:
     from napari_dmoe.io.files import atomic_write, atomic_write_text
 
     data, steps = {}, {}
-    for runs in args.runs:
+    args.runs = [(Path(r.split(":")[0]), r.split(":")[1].split(",") if ":" in r else None) for r in args.runs]
+    for runs, methods in args.runs:
         found = {k: v for k, v in load(runs / "reports", args.checkpoint).items()
-                 if args.tests is None or k[0] in args.tests}
+                 if (args.tests is None or k[0] in args.tests) and (methods is None or k[2] in methods)}
         if clash := set(found) & set(data):
             raise SystemExit(f"{runs}: the same model is also in another runs folder: {sorted(clash, key=str)[0]}")
         data.update(found)
         steps.update(_steps(runs))
     if not data:
-        raise SystemExit(f"no {args.checkpoint} reports under {', '.join(str(r / 'reports') for r in args.runs)}: "
+        raise SystemExit(f"no {args.checkpoint} reports under {', '.join(str(r / 'reports') for r, _ in args.runs)}: "
                          "run sample_data/seed_study.py first")
     summary = summarise(data)
     summary["checkpoint"] = args.checkpoint

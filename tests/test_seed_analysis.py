@@ -93,6 +93,11 @@ def test_runs_folders_pool_contrasts_and_the_final_weights(tmp_path: Path) -> No
     _write(tmp_path / "a/reports/test-a/fundus-dmoe-s1", truth)
     with pytest.raises(SystemExit, match="also in another runs folder"):
         mod.main(["--runs", *runs, "--out", str(tmp_path / "clash")])
+    # each method from the folder of its own chosen recipe: a's baseline (and its dMoE is left out) and b's dMoE
+    assert mod.main(["--runs", f"{runs[0]}:baseline", f"{runs[1]}:dmoe", "--out", str(tmp_path / "pick")]) == 0
+    picked = json.loads((tmp_path / "pick/summary.json").read_text())
+    assert set(picked["contrasts"]["fundus/test-a"]) == {"dmoe-baseline"}
+    assert picked["contrasts"]["fundus/test-a"]["dmoe-baseline"]["delta_dice"]["value"] == pytest.approx(0.05, abs=0.01)
 
 
 @pytest.mark.slow
@@ -141,3 +146,29 @@ def test_checkpoint_rule_is_chosen_on_validation_sets_only(tmp_path: Path) -> No
     result = mod.choose(tmp_path / "reports")
     assert {r["set"] for r in result["rows"]} == {"val-a", "val-v"} and result["chosen"] == "last"
     assert result["mean_worst_group"]["last"] - result["mean_worst_group"]["best"] == pytest.approx(0.02)
+
+
+def test_recipe_is_chosen_on_validation_sets_with_the_floor_first(tmp_path: Path) -> None:
+    import importlib.util as iu
+
+    spec = iu.spec_from_file_location("recipe_choice", ROOT / "sample_data/recipe_choice.py")
+    mod = iu.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    truth = np.random.default_rng(6).uniform(0.75, 0.9, (len(GROUPS), 2))
+    black = np.array([g == "Black" for g in GROUPS])[:, None]
+    shifts = {"plain": (0.0, 0.0, 0.0), "better": (0.03, 0.03, -0.3),  # a test must not count
+              "higher-but-collapses": (0.1, -0.0, 0.0)}
+    for name, (a, v, test) in shifts.items():
+        for seed in (1, 2):
+            collapse = name.startswith("higher") and seed == 2
+            for set_, shift in (("val-a", a), ("val-v", v), ("test-a", test)):
+                dice = truth + shift - (0.3 * black if collapse and set_ == "val-v" else 0)
+                _write(tmp_path / name / "reports" / set_ / f"fundus-dmoe-s{seed}", np.clip(dice, 0, 1))
+    result = mod.choose({n: tmp_path / n for n in shifts}, "dmoe")
+    assert result["ranking"] == ["better", "plain", "higher-but-collapses"] and result["chosen"] == "better"
+    assert set(result["candidates"]["plain"]["worst_group"]) == {"val-a/s1", "val-a/s2", "val-v/s1", "val-v/s2"}
+    assert result["candidates"]["higher-but-collapses"]["min"] < 0.7
+    (tmp_path / "partial" / "reports" / "val-a" / "fundus-dmoe-s1").mkdir(parents=True)
+    _write(tmp_path / "partial" / "reports" / "val-a" / "fundus-dmoe-s3", truth)
+    with pytest.raises(SystemExit, match="same sets and seeds"):
+        mod.choose({"plain": tmp_path / "plain", "partial": tmp_path / "partial"}, "dmoe")
