@@ -71,6 +71,25 @@ validation reports were read: the one of {best validation ES-Dice on the run's o
 the higher mean worst-group Dice over val-a and val-v across every new run; a tie goes to the final weights.
 Analysis: ``seed_analysis.py --runs runs/seeds/robust-full --tests test-a site-b --old
 sample_data/results/seeds/full-budget/cases.csv.gz`` (each method against its old-recipe runs of the same seeds).
+Fourth session (2026-12-07 afternoon, the machine otherwise quiet: 0.6-0.7 s per 2D step, two lanes of one torch
+thread each, from frozen copies of the tree). Candidates, all fixed before any of their runs, chosen among on
+val-a and val-v only with sample_data/recipe_choice.py (its rule committed before their reports existed):
+robust+drop (``sampling.router_dropout`` 0.2, dMoE only: the baseline has no router), robust+bz
+(``sampling.group_balance`` 0.5 and ``augment.zoom`` 0.1, both methods; zoom is a field-of-view change, the kind
+site_factors.py found at site B, so a win of it at B is weaker evidence), robust+bz+drop (stopped during its first
+run once robust+drop had lost on validation; its core went to the 3D study):
+    python sample_data/seed_study.py run --recipe robust --runs runs/seeds/robust-drop --budget 1 \
+        --seeds 1234 1 2 --datasets fundus --methods dmoe --on both --nice 0 --set sampling.router_dropout=0.2
+    python sample_data/seed_study.py run --recipe robust --runs runs/seeds/robust-bz --budget 1 \
+        --seeds 1234 1 2 --datasets fundus --methods dmoe baseline --on both --nice 0 \
+        --set sampling.group_balance=0.5 --set augment.zoom=0.1
+    python sample_data/recipe_choice.py --method dmoe --candidate robust=runs/seeds/robust-full \
+        --candidate robust+drop=runs/seeds/robust-drop --candidate robust+bz=runs/seeds/robust-bz
+    python sample_data/recipe_choice.py --method baseline --candidate robust=runs/seeds/robust-full \
+        --candidate robust+bz=runs/seeds/robust-bz
+    python sample_data/seed_study.py data --datasets prostate
+    python sample_data/seed_study.py run --recipe robust --runs runs/seeds/robust-3d --budget 1 \
+        --seeds 1234 1 2 --datasets prostate --methods dmoe --on tests --nice 0    # and --methods baseline
 Training runs go one at a time (a model's evaluation overlaps the next training run) under ``nice -n 10``, one
 torch thread (on the loaded 2-core machine two threads stalled on each other: 20-35 s per 2D step against 2.5-12 s
 with one). Everything is resumable: a finished training run or report is never redone. Runs, logs and full
