@@ -31,8 +31,7 @@ import numpy as np
 
 MAGIC = b"DMOE"
 CONTENT_TYPE = "application/x-dmoe"
-# plain numeric types only; everything travels little-endian
-DTYPES = ("|b1", "|u1", "|i1", "<u2", "<i2", "<u4", "<i4", "<u8", "<i8", "<f2", "<f4", "<f8")
+DTYPES = ("|b1", "|u1", "|i1", "<u2", "<i2", "<u4", "<i4", "<u8", "<i8", "<f2", "<f4", "<f8")  # little-endian
 MAX_HEADER_BYTES = 1 << 20
 MAX_DEPTH = 16  # JSON nesting a header may have (ours needs 4); deeper is refused before json.loads recurses
 MAX_DIMS = 8  # axes an array may have
@@ -48,8 +47,7 @@ class ServerError(ClientError):
 
     def __init__(self, status: int, message: str) -> None:
         super().__init__(f"server answered {status}: {message}")
-        self.status = status
-        self.server_message = message
+        self.status, self.server_message = status, message
 
 
 class WireError(ValueError):
@@ -255,7 +253,7 @@ class Client:
         self._open: set[http.client.HTTPConnection] = set()
         self._lock = threading.Lock()
         self._aborted = self._access_checked = False
-        self.stage = ""  # of the request in progress: "sending" its body, then "waiting" for the answer
+        self.stage = ""  # of the latest request: "sending" its body, then "waiting" for (or holding) the answer
 
     def timeout_for(self, values: int = 0) -> float:
         """Seconds to wait for an answer: ``timeout`` when given, else 30 s for a listing, and 60 s + 4 s per
@@ -291,7 +289,6 @@ class Client:
             self._open.add(conn)
         try:
             status, reason, data, ctype = self._exchange(conn, self._parts.path + path, body, headers)
-            self.stage = ""
         except (OSError, http.client.HTTPException) as err:
             if self._aborted:
                 raise Cancelled("cancelled: the request to the dMoE server was stopped") from None

@@ -89,6 +89,29 @@ def _summary(ds: Any, report: DatasetReport | None) -> dict[str, Any]:
     return out
 
 
+def _router_maps(spec: ModelSpec, routing: str, config: Mapping[str, Any]) -> tuple[Callable, Callable]:
+    """Group index -> router index: for validation and inference (``to_router``), and for training steps
+    (``train_router(groups, step, rank)``, with ``sampling.router_dropout``)."""
+    dropout = float(config["sampling"]["router_dropout"]) if routing == "dmoe" else 0.0
+    seed = int(config["seed"])
+
+    def to_router(groups: torch.Tensor) -> torch.Tensor:
+        # Combination index == router index for dMoE (same mixed radix); one router (or none) otherwise.
+        return groups if routing == "dmoe" else torch.zeros_like(groups)
+
+    def train_router(groups: torch.Tensor, step: int, rank: int) -> torch.Tensor:
+        routers = to_router(groups)
+        if not dropout:
+            return routers
+        # drawn from (seed, step, rank): a resumed run and every process draw what an unbroken run would
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + step * 1_009 + rank)
+        drop = torch.rand(routers.shape, generator=gen) < dropout
+        other = torch.randint(0, spec.n_routers, routers.shape, generator=gen)
+        return torch.where(drop.to(routers.device), other.to(routers.device, routers.dtype), routers)
+
+    return to_router, train_router
+
+
 def build_run(config: Mapping[str, Any], info: DistInfo, command: str | None = None) -> RunParts:
     spec = _spec(config, in_channels=1)
     size = spec.input_size if spec.spatial_dims == 2 else config["data"]["size"]
@@ -146,21 +169,7 @@ def build_run(config: Mapping[str, Any], info: DistInfo, command: str | None = N
     identity = json.loads(json.dumps({k: config[k] for k in ("data", "model", "method", "seed", "trainable",
                                                               "adapt_groups", "local_experts")}))
 
-    def to_router(groups: torch.Tensor) -> torch.Tensor:
-        # Combination index == router index for dMoE (same mixed radix); one router (or none) otherwise.
-        return groups if routing == "dmoe" else torch.zeros_like(groups)
-
-    dropout = float(config["sampling"]["router_dropout"]) if routing == "dmoe" else 0.0
-
-    def train_router(groups: torch.Tensor, step: int, rank: int) -> torch.Tensor:
-        routers = to_router(groups)
-        if not dropout:
-            return routers
-        # drawn from (seed, step, rank): a resumed run and every process draw what an unbroken run would
-        gen = torch.Generator().manual_seed(int(config["seed"]) * 1_000_003 + step * 1_009 + rank)
-        drop = torch.rand(routers.shape, generator=gen) < dropout
-        other = torch.randint(0, spec.n_routers, routers.shape, generator=gen)
-        return torch.where(drop.to(routers.device), other.to(routers.device, routers.dtype), routers)
+    to_router, train_router = _router_maps(spec, routing, config)
 
     return RunParts(
         spec=spec, network=network,
