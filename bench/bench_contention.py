@@ -61,17 +61,9 @@ def torch_default_threads() -> int:
 
 
 def make_data(root: Path) -> dict[str, dict]:
-    from napari_dmoe.synthetic import write_fairseg, write_prostate
+    from bench_training import make_data as training_data  # one writer of the bench datasets
 
-    fundus = write_fairseg(root / "fairseg", n_train=48, n_test=2, size=200)
-    prostate = write_prostate(root / "prostate", n=6, shape=(64, 64, 32))
-    return {
-        "fairseg": {"format": "fairseg", "root": str(fundus), "attributes": "race", "crop": None,
-                    "val_fraction": 0.0, "normalization": {"kind": "scale", "factor": 255}},
-        "prostate": {"format": "nifti", "root": str(prostate), "attributes": "stage", "val_fraction": 0.0,
-                     "test_fraction": 0.0, "class_names": ["background", "ctv"],
-                     "normalization": {"kind": "window", "low": -200, "high": 300}},
-    }
+    return training_data(root, n_test=2, size=200, n_volumes=6, val=(0.0, 0.0))
 
 
 def policy_args(policy: str, default: int) -> list[str]:

@@ -38,15 +38,18 @@ GPU_CASES = {  # added on CUDA
 }
 
 
-def make_data(root: Path) -> dict[str, dict]:
+def make_data(root: Path, n_test: int = 4, size: int = 128, n_volumes: int = 8,
+              val: tuple[float, float] = (0.05, 0.15)) -> dict[str, dict]:
+    """48 fundus images and ``n_volumes`` prostate volumes under ``root``; their data config sections (bench_contention
+    uses other sizes and no validation split)."""
     from napari_dmoe.synthetic import write_fairseg, write_prostate
 
-    fundus = write_fairseg(root / "fairseg", n_train=48, n_test=4, size=128)
-    prostate = write_prostate(root / "prostate", n=8, shape=(64, 64, 32))
+    fundus = write_fairseg(root / "fairseg", n_train=48, n_test=n_test, size=size)
+    prostate = write_prostate(root / "prostate", n=n_volumes, shape=(64, 64, 32))
     return {
         "fairseg": {"format": "fairseg", "root": str(fundus), "attributes": "race", "crop": None,
-                    "val_fraction": 0.05, "normalization": {"kind": "scale", "factor": 255}},
-        "prostate": {"format": "nifti", "root": str(prostate), "attributes": "stage", "val_fraction": 0.15,
+                    "val_fraction": val[0], "normalization": {"kind": "scale", "factor": 255}},
+        "prostate": {"format": "nifti", "root": str(prostate), "attributes": "stage", "val_fraction": val[1],
                      "test_fraction": 0.0, "class_names": ["background", "ctv"],
                      "normalization": {"kind": "window", "low": -200, "high": 300}},
     }
