@@ -253,7 +253,7 @@ class Client:
         self._open: set[http.client.HTTPConnection] = set()
         self._lock = threading.Lock()
         self._aborted = self._access_checked = False
-        self.stage = ""  # of the latest request: "sending" its body, then "waiting" for (or holding) the answer
+        self.stage = ""  # of the latest upload (POST): "sending" its body, then "waiting" for (or holding) the answer
 
     def timeout_for(self, values: int = 0) -> float:
         """Seconds to wait for an answer: ``timeout`` when given, else 30 s for a listing, and 60 s + 4 s per
@@ -303,14 +303,14 @@ class Client:
 
     def _exchange(self, conn: http.client.HTTPConnection, path: str, body: bytes | None,
                   headers: dict[str, str]) -> tuple[int, str, bytes, str]:
-        self.stage = "sending"
+        self.stage = "sending" if body is not None else self.stage  # a GET (the token check) is no upload
         try:
             conn.request("POST" if body is not None else "GET", path or "/", body=body, headers=headers)
         except (BrokenPipeError, ConnectionResetError):
             if conn.sock is None:
                 raise
             # the server answered (401, 413, 503) before reading the whole body: read that answer if it is there
-        self.stage = "waiting"
+        self.stage = "waiting" if body is not None else self.stage
         reply = conn.getresponse()
         return reply.status, reply.reason, reply.read(), reply.headers.get("Content-Type", "")
 

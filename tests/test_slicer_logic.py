@@ -148,6 +148,11 @@ def test_a_2d_image_needs_no_force(server):
     direct = server.segment("m2", image, attribute="Black")
     np.testing.assert_array_equal(logic.outputs(job.result, request).labels, direct.labels[None])
     assert not job.result.forced
+    probe = type(server)(server.url, TOKEN)  # the stage the job's progress line shows follows the upload only
+    probe.health()
+    assert probe.stage == ""
+    probe.segment("m2", image, attribute="Black")
+    assert probe.stage == "waiting"
 
 
 @pytest.mark.slow
