@@ -35,11 +35,13 @@ def test_the_learning_rate_shown_is_the_one_used(make_napari_viewer, base_model,
     assert request.settings.trainable == "group_local"
     assert request.settings.lr == pytest.approx(widget.settings.lr.value())
     assert request.settings.steps == widget.settings.steps.value() and request.settings.folds == local.folds
+    assert not widget.settings.val_fraction.isEnabled()  # group-local cross-validates on every pair
 
     _select(widget, "all")  # another mode: its own defaults, shown and used
     assert widget.settings.lr.value() == pytest.approx(full.lr)
     request = widget._request()
     assert request.settings.trainable == "all" and request.settings.lr == pytest.approx(full.lr)
+    assert widget.settings.val_fraction.isEnabled()  # a full run holds pairs back
 
     widget.settings.lr.setValue(0.005)  # typed by the user: kept whatever the mode, and used
     _select(widget, "group_local")

@@ -201,6 +201,12 @@ class SettingsForm(QWidget):
         self.lr.setValue(settings.lr)
         self._auto = (self.steps.value(), self.lr.value())
 
+    def show_validation_share(self, used: bool) -> None:
+        self.val_fraction.setEnabled(used)
+        self.val_fraction.setToolTip(
+            "Share of pairs held back for validation when no row is ticked (at least 1)" if used else
+            "Not used by a group-local run: cross-validation holds every pair back in turn, then trains on all")
+
     def set_spec(self, spec: Any | None) -> None:
         """Patch size follows the base model: fixed for 2D (the TransUNet's input size), editable for 3D."""
         if spec is None:

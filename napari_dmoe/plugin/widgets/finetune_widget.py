@@ -189,6 +189,7 @@ class FinetuneWidget(QWidget):
         chosen = TRAINABLE[self.settings.trainable.currentText()]
         mode = default_trainable(self.spec, [row[2] for row in self.pairs.rows()]) if chosen == "auto" else chosen
         self.settings.follow(default_settings(shown.device, None, self.spec.spatial_dims, mode))
+        self.settings.show_validation_share(mode != "group_local")  # group-local cross-validates on every pair
 
     def _refresh_layers(self, *_: Any) -> None:
         images = [l.name for l in self.viewer.layers if isinstance(l, Image) and not is_result(l.metadata)]
