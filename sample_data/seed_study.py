@@ -90,6 +90,8 @@ run once robust+drop had lost on validation; its core went to the 3D study):
     python sample_data/seed_study.py data --datasets prostate
     python sample_data/seed_study.py run --recipe robust --runs runs/seeds/robust-3d --budget 1 \
         --seeds 1234 1 2 --datasets prostate --methods dmoe --on tests --nice 0    # and --methods baseline
+    python sample_data/seed_study.py run --recipe robust --runs runs/seeds/robust-full --budget 1 \
+        --seeds 1234 1 2 --datasets fundus --methods moe --on tests --nice 0      # and febs, in the other lane
 Training runs go one at a time (a model's evaluation overlaps the next training run) under ``nice -n 10``, one
 torch thread (on the loaded 2-core machine two threads stalled on each other: 20-35 s per 2D step against 2.5-12 s
 with one). Everything is resumable: a finished training run or report is never redone. Runs, logs and full
