@@ -38,6 +38,7 @@ N_BOOT = 2000
 # (method, reference): dMoE against the baseline is the study's question; against MoE (same experts, one router) it
 # asks whether the attribute routing, not the capacity, makes the difference
 CONTRASTS = [("dmoe", "baseline"), ("dmoe", "moe"), ("moe", "baseline"), ("febs", "baseline")]
+METHOD_NAMES = ("baseline", "febs", "moe", "dmoe")  # the study's methods, reference first
 
 
 def load(reports: Path, checkpoint: str = "best") -> dict:
@@ -167,7 +168,7 @@ def summarise(data: dict) -> dict:
             out["shipped"][f"{dataset}/{test}"] = row
         else:
             out["runs"].append(row)
-    order = ["baseline", "febs", "moe", "dmoe"]  # tables and plots: the reference first, dMoE last
+    order = list(METHOD_NAMES)  # tables and plots: the reference first, dMoE last
     out["runs"].sort(key=lambda r: (r["test"], r["dataset"],
                                     order.index(r["method"]) if r["method"] in order else len(order), str(r["seed"])))
     for row in out["runs"]:
@@ -305,6 +306,15 @@ def _steps(runs: Path) -> dict:
     return {k: "/".join(str(s) for s in sorted(v)) for k, v in out.items()}
 
 
+def _runs_and_methods(text: str) -> tuple[Path, list[str] | None]:
+    """"runs/x:dmoe,moe" -> (runs/x, [dmoe, moe]); a colon that is part of the path (C:/...) is left alone."""
+    folder, _, tail = text.rpartition(":")
+    methods = tail.split(",")
+    if folder and all(m in METHOD_NAMES for m in methods):
+        return Path(folder), methods
+    return Path(text), None
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs", nargs="+", default=[str(ROOT / "runs" / "seeds")],
@@ -321,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     from napari_dmoe.io.files import atomic_write, atomic_write_text
 
     data, steps = {}, {}
-    args.runs = [(Path(r.split(":")[0]), r.split(":")[1].split(",") if ":" in r else None) for r in args.runs]
+    args.runs = [_runs_and_methods(r) for r in args.runs]
     for runs, methods in args.runs:
         found = {k: v for k, v in load(runs / "reports", args.checkpoint).items()
                  if (args.tests is None or k[0] in args.tests) and (methods is None or k[2] in methods)}

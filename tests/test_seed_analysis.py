@@ -95,6 +95,8 @@ def test_runs_folders_pool_contrasts_and_the_final_weights(tmp_path: Path) -> No
         mod.main(["--runs", *runs, "--out", str(tmp_path / "clash")])
     # each method from the folder of its own chosen recipe: a's baseline (and its dMoE is left out) and b's dMoE
     assert mod.main(["--runs", f"{runs[0]}:baseline", f"{runs[1]}:dmoe", "--out", str(tmp_path / "pick")]) == 0
+    assert mod._runs_and_methods("C:/runs/seeds") == (Path("C:/runs/seeds"), None)  # a path's own colon
+    assert mod._runs_and_methods("runs/a:dmoe,moe") == (Path("runs/a"), ["dmoe", "moe"])
     picked = json.loads((tmp_path / "pick/summary.json").read_text())
     assert set(picked["contrasts"]["fundus/test-a"]) == {"dmoe-baseline"}
     assert picked["contrasts"]["fundus/test-a"]["dmoe-baseline"]["delta_dice"]["value"] == pytest.approx(0.05, abs=0.01)
