@@ -9,7 +9,8 @@ candidate, the worst-group Dice of each seed's run (its best-validation checkpoi
 kept) on val-a (fresh site-A images) and on val-v (site V, a validation-only site). A candidate with a worst group
 under 0.7 in any seed on either set ranks after those without; among the rest the higher mean over seeds and both
 sets wins; means equal to three decimals go to the candidate listed first (list the simpler recipe first). Every
-candidate must have the same seeds. The tests (test-a, site-b) are not read here.
+candidate must have the same seeds. The tests (test-a, site-b) are not read here. A candidate named ``NAME@ema``
+(or ``@last``) is scored on those weights of its runs instead (a recipe and a checkpoint rule chosen together).
 """
 from __future__ import annotations
 
@@ -27,10 +28,11 @@ VALIDATION = ("val-a", "val-v")
 FLOOR = 0.7
 
 
-def score(runs: Path, method: str, dataset: str = "fundus") -> dict:
-    """Worst-group Dice per (set, seed) of ``method``'s runs under ``runs``; their mean and minimum."""
+def score(runs: Path, method: str, dataset: str = "fundus", checkpoint: str = "best") -> dict:
+    """Worst-group Dice per (set, seed) of ``method``'s runs under ``runs`` (their ``checkpoint``: best, last or
+    ema); their mean and minimum."""
     rows = {}
-    for (test, ds, m, seed), (_, groups, dice, classes) in load(runs / "reports", "best").items():
+    for (test, ds, m, seed), (_, groups, dice, classes) in load(runs / "reports", checkpoint).items():
         if test in VALIDATION and ds == dataset and m == method and seed != "shipped":
             rows[f"{test}/s{seed}"] = metrics(groups, dice, classes)["worst_group_dice"]
     if not rows:
@@ -40,7 +42,8 @@ def score(runs: Path, method: str, dataset: str = "fundus") -> dict:
 
 
 def choose(candidates: dict[str, Path], method: str) -> dict:
-    scored = {name: score(path, method) for name, path in candidates.items()}
+    scored = {name: score(path, method, checkpoint=name.rpartition("@")[2] if "@" in name else "best")
+              for name, path in candidates.items()}
     keys = {name: sorted(s["worst_group"]) for name, s in scored.items()}
     if len({tuple(k) for k in keys.values()}) != 1:
         raise SystemExit(f"the candidates do not cover the same sets and seeds: {keys}")

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling module, 
 from seed_goals import goals, goals_markdown, old_new_markdown  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-NAME = re.compile(r"^(?P<dataset>[a-z]+)-(?P<method>[a-z]+)-(?:s(?P<seed>\d+)|(?P<shipped>shipped))(?P<last>-last)?$")
+NAME = re.compile(r"^(?P<dataset>[a-z]+)-(?P<method>[a-z]+)-(?:s(?P<seed>\d+)|(?P<shipped>shipped))(?:-(?P<ck>last|ema))?$")
 N_BOOT = 2000
 # (method, reference): dMoE against the baseline is the study's question; against MoE (same experts, one router) it
 # asks whether the attribute routing, not the capacity, makes the difference
@@ -46,7 +46,7 @@ def load(reports: Path, checkpoint: str = "best") -> dict:
     out = {}
     for path in sorted(reports.glob("*/*/report.csv")):
         m = NAME.match(path.parent.name)
-        if not m or bool(m["last"]) != (checkpoint == "last"):
+        if not m or (m["ck"] or "best") != checkpoint:
             continue
         with open(path, newline="") as fh:
             rows = list(csv.DictReader(fh))

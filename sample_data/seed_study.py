@@ -218,14 +218,18 @@ def train(dataset: str, method: str, seed: int, budget: float) -> Path:
 
 def _evaluate_run(best: Path, dataset: str, method: str, seed: int, on: str) -> None:
     name = f"{dataset}-{method}-s{seed}"
+    ema = best.parent / "ema.safetensors"  # recipe.ema: the weight average, a third checkpoint to choose among
+    if on in ("tests", "both"):  # the tests first: they are the study; the validation reports choose the rules
+        evaluate(best, dataset, method, name)
+        if ema.is_file():
+            evaluate(ema, dataset, method, f"{name}-ema")
     if on == "tests":
-        evaluate(best, dataset, method, name)
         return
-    if on == "both":  # the tests first: they are the study; the validation reports choose the checkpoint rule
-        evaluate(best, dataset, method, name)
     _validation_sets()
     evaluate(best, dataset, method, name, list(VAL_SEEDS))
     evaluate(best.parent / "last.safetensors", dataset, method, f"{name}-last", list(VAL_SEEDS))
+    if ema.is_file():
+        evaluate(ema, dataset, method, f"{name}-ema", list(VAL_SEEDS))
 
 
 def main(argv: list[str] | None = None) -> int:

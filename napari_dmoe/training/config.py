@@ -60,6 +60,8 @@ SCHEMA: dict[str, Any] = {
     "method": Field("str", "dmoe", choices=tuple(METHODS), optional=False),
     "febs_gamma": Field("number", 1.0, optional=False),
     "aux_loss": Field("number", 0.0, optional=False),  # load-balancing weight; the paper trains without
+    # dMoE: weight of the routers' spread about their mean (losses.router_spread; issue 26). 0: off
+    "router_smoothing": Field("number", 0.0, optional=False),
     # all | routers_experts | group_local (training/local.py: only adapt_groups change, every other group bitwise)
     "trainable": Field("str", "all", choices=("all", "routers_experts", "group_local"), optional=False),
     "adapt_groups": Field("list"),  # group_local: groups ("Black", "Black/Female") to adapt; None: those trained on
@@ -110,6 +112,9 @@ SCHEMA: dict[str, Any] = {
         "checkpoint_every": Field("int"),  # steps; None: at every validation
         "num_workers": Field("int", 0, optional=False),
         "sw_overlap": Field("number", 0.25, optional=False),
+        # per-step decay of a moving average of the weights, written as ema.safetensors at the end (training/ema.py;
+        # issue 26). 0: off; refused for group-local fine-tunes and cross-validation
+        "ema": Field("number", 0.0, optional=False),
     },
     # choose the number of steps (and whether to keep the base) by k-fold cross-validation over every training
     # case, then train on all of them (training/crossval.py; the group-local fine-tune's default). 0: off
@@ -315,6 +320,9 @@ def _check_semantics(config: dict[str, Any]) -> None:
     if config["sampling"]["router_dropout"] and config["trainable"] == "group_local":
         raise ConfigError("config key 'sampling.router_dropout': must be 0 for a group-local fine-tune (it would "
                           "route the adapted group's images through other groups' routers)")
+    if recipe["ema"] and (config["trainable"] == "group_local" or folds):
+        raise ConfigError("config key 'recipe.ema': must be 0 for a group-local fine-tune or a cross-validated run "
+                          "(their result is the trained model itself; an average would be a second, unchecked one)")
     if data["label_map"] is not None:
         data["label_map"] = parse_label_map(data["label_map"])
     if data["size"] is not None and not all(isinstance(s, int) and s > 0 for s in data["size"]):

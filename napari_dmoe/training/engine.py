@@ -9,7 +9,8 @@ Run by ``dmoe train``, by the GUI fine-tune (through that command in a subproces
 - Deterministic: seeded permutation per epoch, augmentations reseeded per item, a private DataLoader generator
   (so building a loader never consumes the global RNG); a resumed run repeats an uninterrupted one bit for bit
   on the CPU.
-- Files (rank 0 only): ``last.safetensors``, ``best.safetensors`` (by validation ES-Dice), ``resume.*``.
+- Files (rank 0 only): ``last.safetensors``, ``best.safetensors`` (by validation ES-Dice), ``resume.*``, and with
+  ``recipe.ema`` the moving average of the weights, ``ema.safetensors`` (training/ema.py).
 """
 from __future__ import annotations
 
@@ -32,9 +33,11 @@ from napari_dmoe.threads import describe_current
 from napari_dmoe.training import lock as run_lock
 from napari_dmoe.training import resume as resume_state
 from napari_dmoe.training.config import resolve_recipe
+from napari_dmoe.training.ema import WeightAverage
 from napari_dmoe.training.events import EventWriter, ProgressBar
 from napari_dmoe.training.history import RunHistory
 from napari_dmoe.training.local import set_train_mode
+from napari_dmoe.training.losses import moe_penalties, reset_moe_losses
 from napari_dmoe.training.optim import lr_schedule, make_optimizer
 from napari_dmoe.training.setup import RunParts, build_run
 from napari_dmoe.training.validate import validate
@@ -63,18 +66,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def _reset_aux_losses(network: torch.nn.Module) -> None:
-    for m in network.modules():
-        if isinstance(m, DMoE):
-            m.reset_aux_losses()
-
-
-def _aux_loss(network: torch.nn.Module) -> torch.Tensor | None:
-    """Mean load-balancing loss over every dMoE call of the last forward (a shared layer counts once per block)."""
-    losses = [t for m in network.modules() if isinstance(m, DMoE) for t in m.aux_losses]
-    return torch.stack(losses).mean() if losses else None
 
 
 def train(config: Mapping[str, Any], events: str | Path | None = None, *, device: str = "auto",
@@ -143,6 +134,8 @@ class _Loop:
     best: float = -math.inf
     best_step: int | None = None
     bar: Any = None
+    ema: WeightAverage | None = None  # recipe.ema: the moving average of the weights
+    ema_from: int = 0  # the step it started at (a resumed run that had none starts it there)
 
     @property
     def best_path(self) -> Path:
@@ -182,7 +175,11 @@ def _start(config: Mapping[str, Any], info: dist_utils.DistInfo, writer: EventWr
             m.aux_loss_enabled = config["aux_loss"] > 0
     loop = _Loop(config, run, info, writer, out, recipe, network, network, optimizer, scheduler, scaler, use_amp,
                  per_rank, steps_per_epoch, total)
-    loop.step, loop.best, loop.best_step = _resume(out, run, network, optimizer, scheduler, loop.resume_scaler)
+    loop.ema = WeightAverage(network, recipe["ema"]) if recipe["ema"] else None
+    loop.step, loop.best, loop.best_step, extra = _resume(out, run, network, optimizer, scheduler,
+                                                          loop.resume_scaler)
+    if loop.ema is not None:  # its first update copies the weights: a resumed run without one starts it here
+        loop.ema_from = 0 if loop.ema.load_tensors(extra) else loop.step
     if config["crossval"]["folds"]:  # how many steps (0: keep the base), chosen on every case (crossval.py)
         loop.total, factor = _crossval(config, run, info, writer, recipe, out)
         scheduler.lr_lambdas = [factor]  # the folds' schedule: s steps of it are what the folds scored at s
@@ -211,6 +208,9 @@ def _train(config: Mapping[str, Any], info: dist_utils.DistInfo, writer: EventWr
         loop.bar.close()
     if info.is_main and not loop.best_path.exists():  # no validation split: the last model is the best we know
         save_model(loop.best_path, loop.network, run.spec_for(loop.step, None))
+    if info.is_main and loop.ema is not None:
+        path, es = loop.ema.save(run, loop.out, loop.step, loop.ema_from, loop.info.device, loop.recipe)
+        loop.writer.emit("checkpoint", step=loop.step, path=str(path), ema=True, es_dice=es)
     if config["crossval"]["folds"]:
         loop.best_step = loop.step  # cross-validation chose this step count; 0: the base model was kept
     dist_utils.barrier(info)
@@ -243,6 +243,8 @@ def _epochs(loop: _Loop) -> None:
             lr = loop.optimizer.param_groups[0]["lr"]  # the lr this step used
             loss = _step(loop, data)
             loop.scheduler.step()
+            if loop.ema is not None:
+                loop.ema.update(loop.network)
             loop.step += 1
             dt = time.perf_counter() - t0  # wall time of the step, data loading included
             avg_step = dt if avg_step is None else 0.9 * avg_step + 0.1 * dt
@@ -295,11 +297,11 @@ def _sizes(config: Mapping[str, Any], n_train: int, world: int) -> tuple[int, in
 
 
 def _resume(out: Path, run: RunParts, network: torch.nn.Module, optimizer: Any, scheduler: Any,
-            scaler: Any) -> tuple[int, float, int | None]:
-    """(step, best ES-Dice, best step) of the resume state in ``out`` (loaded into the objects), else a fresh start.
-    ``scaler``: the AMP grad scaler when AMP is on, else None."""
+            scaler: Any) -> tuple[int, float, int | None, dict]:
+    """(step, best ES-Dice, best step, extra tensors) of the resume state in ``out`` (loaded into the objects),
+    else a fresh start. ``scaler``: the AMP grad scaler when AMP is on, else None."""
     if not resume_state.has_state(out):
-        return 0, -math.inf, None
+        return 0, -math.inf, None, {}
     if resume_state.peek(out).get("run") != run.identity:
         raise TrainingError(f"{out} holds a run with a different data/model/method config; choose another "
                             "output_dir (or delete its resume.json/resume.safetensors to start over)")
@@ -307,7 +309,7 @@ def _resume(out: Path, run: RunParts, network: torch.nn.Module, optimizer: Any, 
     scheduler.load_state_dict(meta["scheduler"])
     if scaler is not None and meta.get("scaler"):
         scaler.load_state_dict(meta["scaler"])
-    return int(meta["step"]), float(meta["best"]), meta.get("best_step")
+    return int(meta["step"]), float(meta["best"]), meta.get("best_step"), meta["extra"]
 
 
 def _distributed(run: RunParts, network: torch.nn.Module, info: dist_utils.DistInfo) -> tuple[Any, Any]:
@@ -332,7 +334,8 @@ def _checkpoint(loop: _Loop, epoch: int) -> None:
         resume_state.save_state(loop.out, loop.network, loop.optimizer, {
             "step": loop.step, "epoch": epoch, "best": loop.best, "best_step": loop.best_step,
             "run": loop.run.identity, "scheduler": loop.scheduler.state_dict(),
-            "scaler": loop.resume_scaler.state_dict() if loop.resume_scaler is not None else None})
+            "scaler": loop.resume_scaler.state_dict() if loop.resume_scaler is not None else None},
+            extra=loop.ema.state_tensors() if loop.ema is not None else None)
         loop.writer.emit("checkpoint", step=loop.step, epoch=epoch, path=str(loop.last_path),
                          resume=str(loop.out / resume_state.SCALARS))
     dist_utils.barrier(loop.info)
@@ -349,13 +352,10 @@ def _step(loop: _Loop, data: Mapping[str, Any]) -> float:
         raise TrainingError(f"training image(s) {', '.join(bad[:5])} hold NaN or infinite values after "
                             "normalisation (an all-NaN or damaged image?); fix or remove them from the data")
     optimizer.zero_grad(set_to_none=True)
-    _reset_aux_losses(network)  # also drops the terms left by validation forwards
+    reset_moe_losses(network)  # also drops the terms left by validation forwards
     with torch.autocast("cuda", dtype=torch.float16, enabled=loop.use_amp):
         logits = loop.model(x, run.train_router(groups, loop.step, info.rank))
-    loss = run.loss(logits.float(), y, groups)
-    aux = _aux_loss(network) if loop.config["aux_loss"] > 0 else None
-    if aux is not None:
-        loss = loss + loop.config["aux_loss"] * aux
+    loss = run.loss(logits.float(), y, groups) + moe_penalties(network, loop.config["aux_loss"], loop.config["router_smoothing"])
     if not torch.isfinite(loss):
         raise TrainingError(f"the loss became {float(loss)}; lower recipe.lr or set recipe.grad_clip")
     scaler.scale(loss).backward()

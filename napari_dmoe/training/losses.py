@@ -25,12 +25,17 @@ from monai.losses import DiceLoss
 from monai.networks.utils import one_hot
 from torch import Tensor, nn
 
+from napari_dmoe.model.moe import dmoe_layers
+
 __all__ = [
     "LossInputError",
     "DiceCELoss",
     "FEBSLoss",
     "febs_weights",
     "load_balancing_loss",
+    "router_spread",
+    "moe_penalties",
+    "reset_moe_losses",
     "build_loss",
 ]
 
@@ -196,6 +201,37 @@ def load_balancing_loss(gate_probs: Tensor, top_k: int = 1, expert_dim: int = -1
     fraction = torch.bincount(chosen, minlength=n_experts).float() / chosen.numel()
     mean_prob = probs.mean(dim=0)
     return n_experts * (fraction.to(mean_prob.device) * mean_prob).sum()
+
+
+def reset_moe_losses(network: nn.Module) -> None:
+    """Drop the balance-loss terms every dMoE layer collected (before a training forward)."""
+    for m in dmoe_layers(network):
+        m.reset_aux_losses()
+
+
+def moe_penalties(network: nn.Module, aux_weight: float, smoothing: float) -> Tensor | float:
+    """``aux_weight`` x the mean load-balancing loss over every dMoE call of the last forward (a shared layer
+    counts once per block) + ``smoothing`` x the routers' spread (``router_spread``); 0.0 when both are off."""
+    total: Tensor | float = 0.0
+    terms = [t for m in dmoe_layers(network) for t in m.aux_losses]
+    if aux_weight > 0 and terms:
+        total = total + aux_weight * torch.stack(terms).mean()
+    spread = router_spread(network) if smoothing > 0 else None
+    return total if spread is None else total + smoothing * spread
+
+
+def router_spread(network: nn.Module) -> Tensor | None:
+    """How far the attribute routers of each dMoE layer sit from their mean: per layer, the mean over routers of
+    the squared distance of a router's gate (weight and bias) from the routers' average gate; the mean over
+    layers. ``router_smoothing`` times this in the loss pulls a rare group's router towards the others unless its
+    own images say otherwise (issue 26). None without a layer of two or more routers."""
+    terms = []
+    for layer in dmoe_layers(network):
+        if layer.n_attr < 2:
+            continue
+        gates = torch.stack([torch.cat([r.gate.weight.flatten(), r.gate.bias]) for r in layer.routers])
+        terms.append((gates - gates.mean(0)).pow(2).sum(1).mean())
+    return torch.stack(terms).mean() if terms else None
 
 
 def build_loss(name: str, n_classes: int, gamma: float = 1.0) -> nn.Module:

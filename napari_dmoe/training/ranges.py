@@ -11,6 +11,7 @@ RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "seed": (0, 2**32 - 1, False, False),  # numpy's seeds
     "febs_gamma": (0, None, False, False),
     "aux_loss": (0, None, False, False),
+    "router_smoothing": (0, None, False, False),
     "local_experts": (1, None, False, False),
     "fallback_min_cases": (0, None, False, False),
     "data.val_fraction": (0, 1, False, True),
@@ -32,6 +33,7 @@ RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "recipe.checkpoint_every": (1, None, False, False),
     "recipe.num_workers": (0, None, False, False),
     "recipe.sw_overlap": (0, 1, False, True),
+    "recipe.ema": (0, 1, False, True),
     "augment.rotate_degrees": (0, 180, False, False),
     "augment.intensity": (0, None, False, False),
     "augment.prob": (0, 1, False, False),

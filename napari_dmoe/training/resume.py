@@ -39,9 +39,10 @@ def peek(folder: Path) -> dict[str, Any]:
 
 
 def save_state(folder: Path, network: torch.nn.Module, optimizer: torch.optim.Optimizer,
-               scalars: dict[str, Any]) -> None:
-    """Write the resume state of ``network`` and ``optimizer``; ``scalars`` must hold ``step``."""
-    tensors: dict[str, torch.Tensor] = {}
+               scalars: dict[str, Any], extra: dict[str, torch.Tensor] | None = None) -> None:
+    """Write the resume state of ``network`` and ``optimizer``; ``scalars`` must hold ``step``. ``extra``: more
+    tensors to keep (the weight average's, ``ema.*``), returned by ``load_state`` under ``meta["extra"]``."""
+    tensors: dict[str, torch.Tensor] = dict(extra or {})
     for k, v in network.state_dict().items():
         tensors[f"model.{k}"] = v.detach().cpu().clone().contiguous()  # clone: no shared storage in the file
     opt = optimizer.state_dict()
@@ -120,4 +121,5 @@ def load_state(folder: Path, network: torch.nn.Module, optimizer: torch.optim.Op
     np.random.set_state((np_state[0], np.array(np_state[1], dtype=np.uint32), *np_state[2:]))
     py = meta["rng"]["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
+    meta["extra"] = {k: v for k, v in tensors.items() if not k.startswith(("model.", "optim.", "rng."))}
     return meta

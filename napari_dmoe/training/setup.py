@@ -40,16 +40,20 @@ class RunParts:
     seed: int = 0
     _features: tuple[int, Any] | None = None  # (step, record): best and last of one step share it
 
-    def spec_for(self, step: int, metrics: Mapping[str, Any] | None, **extra: Any) -> ModelSpec:
+    def spec_for(self, step: int, metrics: Mapping[str, Any] | None, network: torch.nn.Module | None = None,
+                 **extra: Any) -> ModelSpec:
         """The spec to save with the weights at ``step``: provenance, validation metrics when given, and the
-        network's features on its training images (``trained_on.feature_record``) for the fit check."""
+        features of ``network`` (default the trained one) on its training images (``trained_on.feature_record``)
+        for the fit check."""
         spec = copy.deepcopy(self.spec)
         spec.provenance = {**self.provenance, "step": step, **extra}
         if metrics:
             spec.metrics = {"split": "val", "step": step, **metrics}
-        if self._features is None or self._features[0] != step:
+        network = self.network if network is None else network
+        if self._features is None or self._features[0] != (step, id(network)):
             val = self.val_items.ds if self.val_items is not None else None
-            self._features = (step, feature_record(self.network, self.spec, self.train_items.ds, val, self.seed))
+            self._features = ((step, id(network)),
+                              feature_record(network, self.spec, self.train_items.ds, val, self.seed))
         if self._features[1] is not None and spec.trained_on is not None:
             spec.trained_on = {**spec.trained_on, "features": self._features[1]}
         return spec
