@@ -1,7 +1,9 @@
 #!/usr/bin/env python
 """The checkpoint rule of a seed study, chosen on validation data only (issue 26): for every finished run, the
-worst-group Dice of its best-validation checkpoint and of its final weights on the validation-only sets (val-a,
-val-v; ``seed_study.py --on validation|both``); the rule with the higher mean wins, a tie goes to the final weights.
+worst-group Dice of its best-validation checkpoint, of its final weights and, where every run has one, of the
+moving average of its weights (``recipe.ema``: ema.safetensors) on the validation-only sets (val-a, val-v;
+``seed_study.py --on validation|both``); the rule with the higher mean wins; a tie goes to the final weights, then
+to the average (the rules that do not hinge on a handful of validation images).
 
     python sample_data/checkpoint_rule.py --runs runs/seeds/robust-full --out sample_data/results/seeds/robust-recipe
 """
@@ -20,21 +22,29 @@ from seed_analysis import load, metrics  # noqa: E402
 VALIDATION = ("val-a", "val-v")
 
 
+TIES = ("last", "ema", "best")  # who wins a tie: the final weights, then the average, then the chosen checkpoint
+
+
 def choose(reports: Path) -> dict:
     rows = []
-    scored = {ck: load(reports, ck) for ck in ("best", "last")}
-    for (test, dataset, method, seed), (ids, groups, dice, classes) in sorted(scored["best"].items(), key=str):
-        if test not in VALIDATION or (test, dataset, method, seed) not in scored["last"]:
+    scored = {ck: load(reports, ck) for ck in ("best", "last", "ema")}
+    for key in sorted(scored["best"], key=str):
+        test, dataset, method, seed = key
+        if test not in VALIDATION or key not in scored["last"]:
             continue
-        last = scored["last"][(test, dataset, method, seed)]
-        rows.append({"set": test, "dataset": dataset, "method": method, "seed": seed,
-                     "best": metrics(groups, dice, classes)["worst_group_dice"],
-                     "last": metrics(last[1], last[2], last[3])["worst_group_dice"]})
+        row = {"set": test, "dataset": dataset, "method": method, "seed": seed}
+        for ck in ("best", "last", "ema"):
+            if key in scored[ck]:
+                row[ck] = metrics(*scored[ck][key][1:])["worst_group_dice"]
+        rows.append(row)
     if not rows:
         raise SystemExit(f"no best and last validation reports ({', '.join(VALIDATION)}) under {reports}")
-    mean = {ck: float(np.mean([r[ck] for r in rows])) for ck in ("best", "last")}
-    return {"rows": rows, "mean_worst_group": mean, "chosen": "best" if mean["best"] > mean["last"] else "last",
-            "rule": "higher mean worst-group Dice over val-a and val-v, every run; a tie goes to the final weights"}
+    rules = [ck for ck in TIES if all(ck in r for r in rows)]
+    mean = {ck: float(np.mean([r[ck] for r in rows])) for ck in rules}
+    chosen = max(rules, key=lambda ck: (round(mean[ck], 4), -TIES.index(ck)))
+    return {"rows": rows, "mean_worst_group": mean, "chosen": chosen,
+            "rule": "higher mean worst-group Dice over val-a and val-v, every run; a tie (4 decimals) goes to the "
+                    "final weights, then to the moving average"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,10 +55,13 @@ def main(argv: list[str] | None = None) -> int:
     from napari_dmoe.io.files import atomic_write_text
 
     result = choose(args.runs / "reports")
-    lines = ["| set | method | seed | best-validation checkpoint | final weights |", "|---|---|---|---|---|"]
-    lines += [f"| {r['set']} | {r['method']} | {r['seed']} | {r['best']:.3f} | {r['last']:.3f} |" for r in result["rows"]]
-    lines += ["", f"Mean worst-group Dice: best {result['mean_worst_group']['best']:.4f}, final "
-                  f"{result['mean_worst_group']['last']:.4f}: the rule keeps the **{result['chosen']}** weights."]
+    rules = list(result["mean_worst_group"])
+    names = {"best": "best-validation checkpoint", "last": "final weights", "ema": "moving average"}
+    lines = ["| set | method | seed | " + " | ".join(names[ck] for ck in rules) + " |", "|---|---|---|" + "---|" * len(rules)]
+    lines += [f"| {r['set']} | {r['method']} | {r['seed']} | " + " | ".join(f"{r[ck]:.3f}" for ck in rules) + " |"
+              for r in result["rows"]]
+    lines += ["", "Mean worst-group Dice: " + ", ".join(f"{ck} {result['mean_worst_group'][ck]:.4f}" for ck in rules)
+              + f": the rule keeps the **{result['chosen']}** weights."]
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out / "checkpoint_rule.json", json.dumps(result, indent=1))
     atomic_write_text(args.out / "checkpoint_rule.md", "\n".join(lines) + "\n")

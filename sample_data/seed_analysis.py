@@ -39,6 +39,7 @@ N_BOOT = 2000
 # asks whether the attribute routing, not the capacity, makes the difference
 CONTRASTS = [("dmoe", "baseline"), ("dmoe", "moe"), ("moe", "baseline"), ("febs", "baseline")]
 METHOD_NAMES = ("baseline", "febs", "moe", "dmoe")  # the study's methods, reference first
+CHECKPOINTS = ("best", "last", "ema")  # a run's validation-chosen weights, its final ones, their moving average
 
 
 def load(reports: Path, checkpoint: str = "best") -> dict:
@@ -219,7 +220,10 @@ def markdown(summary: dict, steps: dict) -> str:
         dataset, test = key.split("/")
         groups = list(next(iter(by_method.values()))["groups"])
         n = next(r["n"] for r in summary["runs"] if f"{r['dataset']}/{r['test']}" == key)
-        final = "; final weights, not the validation-chosen checkpoint" if summary.get("checkpoint") == "last" else ""
+        final = {"last": "; final weights, not the validation-chosen checkpoint",
+                 "ema": "; the moving average of the weights (recipe.ema)"}.get(summary.get("checkpoint"), "")
+        if summary.get("sources"):
+            final += "; " + ", ".join(f"{m} {c}" for src in summary["sources"] for m, c in src["methods"].items())
         lines += [f"### {dataset}, {test} ({n} cases), mean ± sd over seeds; {steps.get(dataset, '?')} steps per run"
                   + final,
                   "", "| method | seeds | Dice | " + " | ".join(f"{g} Dice" for g in groups)
@@ -306,11 +310,12 @@ def _steps(runs: Path) -> dict:
     return {k: "/".join(str(s) for s in sorted(v)) for k, v in out.items()}
 
 
-def _runs_and_methods(text: str) -> tuple[Path, list[str] | None]:
-    """"runs/x:dmoe,moe" -> (runs/x, [dmoe, moe]); a colon that is part of the path (C:/...) is left alone."""
+def _runs_and_methods(text: str) -> tuple[Path, dict[str, str | None] | None]:
+    """"runs/x:dmoe@ema,moe" -> (runs/x, {dmoe: "ema", moe: None}): those methods, each with its checkpoint (None:
+    ``--checkpoint``'s); a colon that is part of the path (C:/...) is left alone."""
     folder, _, tail = text.rpartition(":")
-    methods = tail.split(",")
-    if folder and all(m in METHOD_NAMES for m in methods):
+    methods = dict((m, c or None) for m, _, c in (item.partition("@") for item in tail.split(",")))
+    if folder and all(m in METHOD_NAMES for m in methods) and all(c in (None, *CHECKPOINTS) for c in methods.values()):
         return Path(folder), methods
     return Path(text), None
 
@@ -319,10 +324,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs", nargs="+", default=[str(ROOT / "runs" / "seeds")],
                    help="one or more runs folders of seed_study.py (their reports are pooled); FOLDER:dmoe,moe "
-                   "takes only those methods' runs from FOLDER (each method's chosen recipe from its own study)")
+                   "takes only those methods' runs from FOLDER (each method's chosen recipe from its own study); "
+                   "FOLDER:dmoe@ema takes that checkpoint of them")
     p.add_argument("--out", type=Path, default=ROOT / "sample_data" / "results" / "seeds")
-    p.add_argument("--checkpoint", choices=["best", "last"], default="best",
-                   help="best: the checkpoint each run's validation chose (the protocol); last: the final weights")
+    p.add_argument("--checkpoint", choices=CHECKPOINTS, default="best",
+                   help="best: the checkpoint each run's validation chose (the protocol); last: the final weights; "
+                   "ema: their moving average (recipe.ema)")
     p.add_argument("--tests", nargs="+", help="only these test folders (e.g. test-a site-b, or the validation sets "
                    "val-a val-v); default every one found")
     p.add_argument("--old", type=Path, help="an earlier study's cases.csv.gz: pair each method's runs with its "
@@ -333,8 +340,11 @@ def main(argv: list[str] | None = None) -> int:
     data, steps = {}, {}
     args.runs = [_runs_and_methods(r) for r in args.runs]
     for runs, methods in args.runs:
-        found = {k: v for k, v in load(runs / "reports", args.checkpoint).items()
-                 if (args.tests is None or k[0] in args.tests) and (methods is None or k[2] in methods)}
+        found = {}
+        for checkpoint in sorted({c or args.checkpoint for c in (methods or {None: None}).values()}):
+            found.update({k: v for k, v in load(runs / "reports", checkpoint).items()
+                          if (args.tests is None or k[0] in args.tests)
+                          and (methods is None or (methods.get(k[2], "-") or args.checkpoint) == checkpoint)})
         if clash := set(found) & set(data):
             raise SystemExit(f"{runs}: the same model is also in another runs folder: {sorted(clash, key=str)[0]}")
         data.update(found)
@@ -344,6 +354,8 @@ def main(argv: list[str] | None = None) -> int:
                          "run sample_data/seed_study.py first")
     summary = summarise(data)
     summary["checkpoint"] = args.checkpoint
+    summary["sources"] = [{"runs": str(r), "methods": {m: c or args.checkpoint for m, c in methods.items()}}
+                          for r, methods in args.runs if methods is not None]
     summary["steps"] = steps
     summary["goals"] = goals(summary)
     if args.old is not None:

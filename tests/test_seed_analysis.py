@@ -96,7 +96,7 @@ def test_runs_folders_pool_contrasts_and_the_final_weights(tmp_path: Path) -> No
     # each method from the folder of its own chosen recipe: a's baseline (and its dMoE is left out) and b's dMoE
     assert mod.main(["--runs", f"{runs[0]}:baseline", f"{runs[1]}:dmoe", "--out", str(tmp_path / "pick")]) == 0
     assert mod._runs_and_methods("C:/runs/seeds") == (Path("C:/runs/seeds"), None)  # a path's own colon
-    assert mod._runs_and_methods("runs/a:dmoe,moe") == (Path("runs/a"), ["dmoe", "moe"])
+    assert mod._runs_and_methods("runs/a:dmoe,moe") == (Path("runs/a"), {"dmoe": None, "moe": None})
     picked = json.loads((tmp_path / "pick/summary.json").read_text())
     assert set(picked["contrasts"]["fundus/test-a"]) == {"dmoe-baseline"}
     assert picked["contrasts"]["fundus/test-a"]["dmoe-baseline"]["delta_dice"]["value"] == pytest.approx(0.05, abs=0.01)
@@ -174,3 +174,39 @@ def test_recipe_is_chosen_on_validation_sets_with_the_floor_first(tmp_path: Path
     _write(tmp_path / "partial" / "reports" / "val-a" / "fundus-dmoe-s3", truth)
     with pytest.raises(SystemExit, match="same sets and seeds"):
         mod.choose({"plain": tmp_path / "plain", "partial": tmp_path / "partial"}, "dmoe")
+
+
+def test_the_moving_average_is_a_third_checkpoint_everywhere(tmp_path: Path) -> None:
+    """recipe.ema's reports (``-ema``) are read by the checkpoint rule, by ``recipe_choice`` as NAME@ema and by
+    ``seed_analysis --runs FOLDER:dmoe@ema``; the best-checkpoint readers never mix them in."""
+    import importlib.util as iu
+
+    def module(name: str):
+        spec = iu.spec_from_file_location(name, ROOT / f"sample_data/{name}.py")
+        mod = iu.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+
+    truth = np.random.default_rng(7).uniform(0.72, 0.9, (len(GROUPS), 2))
+    for seed in (1, 2):
+        for set_ in ("val-a", "val-v", "test-a"):
+            _write(tmp_path / "reports" / set_ / f"fundus-dmoe-s{seed}", truth)
+            _write(tmp_path / "reports" / set_ / f"fundus-dmoe-s{seed}-last", truth - 0.01)
+            _write(tmp_path / "reports" / set_ / f"fundus-dmoe-s{seed}-ema", truth + 0.03)
+            _write(tmp_path / "reports" / set_ / f"fundus-baseline-s{seed}", truth - 0.02)
+    rule = module("checkpoint_rule").choose(tmp_path / "reports")
+    assert rule["chosen"] == "ema" and set(rule["mean_worst_group"]) == {"best", "last", "ema"}
+    choice = module("recipe_choice").choose({"plain": tmp_path, "plain@ema": tmp_path}, "dmoe")
+    assert choice["chosen"] == "plain@ema"
+    gap = choice["candidates"]["plain@ema"]["mean"] - choice["candidates"]["plain"]["mean"]
+    assert gap == pytest.approx(0.03)
+    mod = _module()
+    assert mod._runs_and_methods(f"{tmp_path}:dmoe@ema,baseline") == (tmp_path, {"dmoe": "ema", "baseline": None})
+    assert mod._runs_and_methods(f"{tmp_path}:dmoe@nonsense") == (Path(f"{tmp_path}:dmoe@nonsense"), None)
+    assert mod.main(["--runs", f"{tmp_path}:dmoe@ema,baseline", "--tests", "test-a", "--out", str(tmp_path / "o")]) == 0
+    summary = json.loads((tmp_path / "o/summary.json").read_text())
+    dmoe = [r for r in summary["runs"] if r["method"] == "dmoe"]
+    assert len(dmoe) == 2 and summary["sources"][0]["methods"] == {"dmoe": "ema", "baseline": "best"}
+    expected = mod.metrics(GROUPS, truth + 0.03, ["rim", "cup"])["worst_group_dice"]
+    assert all(r["worst_group_dice"] == pytest.approx(expected) for r in dmoe)
+    assert "dmoe ema" in (tmp_path / "o/seed_study.md").read_text()

@@ -214,18 +214,18 @@ def test_aux_loss_covers_every_block_of_a_shared_dmoe_and_resets_per_step(tmp_pa
     net(torch.randn(2, 1, 32, 32), torch.tensor([0, 1]))
     terms = list(shared[0].aux_losses)
     assert len(terms) == 2  # depth 2
-    torch.testing.assert_close(engine._aux_loss(net), torch.stack(terms).mean())
-    engine._reset_aux_losses(net)
-    assert engine._aux_loss(net) is None
+    torch.testing.assert_close(engine.moe_penalties(net, 0.05, 0.0), 0.05 * torch.stack(terms).mean())
+    engine.reset_moe_losses(net)
+    assert engine.moe_penalties(net, 0.05, 0.0) == 0.0
 
     seen = []
-    original = engine._aux_loss
+    original = engine.moe_penalties
 
-    def counting(network):
+    def counting(network, aux_weight, smoothing):
         seen.append(sum(len(m.aux_losses) for m in network.modules() if isinstance(m, DMoE)))
-        return original(network)
+        return original(network, aux_weight, smoothing)
 
-    monkeypatch.setattr(engine, "_aux_loss", counting)
+    monkeypatch.setattr(engine, "moe_penalties", counting)
     best = train(load_config(_config(tmp_path, fairseg), ["aux_loss=0.05"]), quiet=True)
     # Every step sees exactly the 2 terms of its own forward: validation forwards (steps 2, 4) and earlier
     # steps never leak into the next step's loss.
