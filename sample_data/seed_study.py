@@ -92,6 +92,19 @@ run once robust+drop had lost on validation; its core went to the 3D study):
         --seeds 1234 1 2 --datasets prostate --methods dmoe --on tests --nice 0    # and --methods baseline
     python sample_data/seed_study.py run --recipe robust --runs runs/seeds/robust-full --budget 1 \
         --seeds 1234 1 2 --datasets fundus --methods moe --on tests --nice 0      # and febs, in the other lane
+Fifth session (2026-12-07 evening; two lanes of one torch thread, from a frozen copy of the tree). Candidates fixed
+before any of their runs (issue 26's list, none of them suggested by a site-B result): the moving average of the
+weights (``recipe.ema`` 0.995, a checkpoint rule: every run of this round writes ema.safetensors beside best and
+last, and the checkpoint rule and recipe choice weigh all three on val-a and val-v) and router smoothing
+(``router_smoothing`` 0.003 mild, 0.03 strong; SGD momentum makes 0.03 pull the routers nearly together):
+    python sample_data/seed_study.py run --recipe robust --runs runs/seeds/robust-smooth003 --budget 1 \
+        --seeds 1234 1 2 --datasets fundus --methods dmoe --on both --nice 0 --set recipe.ema=0.995 \
+        --set router_smoothing=0.003                               # then 0.03 into runs/seeds/robust-smooth03
+    python sample_data/seed_study.py run --recipe robust --runs runs/seeds/robust-ema --budget 1 \
+        --seeds 1234 1 2 --datasets fundus --methods dmoe --on both --nice 0 --set recipe.ema=0.995
+    python sample_data/seed_study.py run --recipe robust --runs runs/seeds/robust-bz-ema --budget 1 \
+        --seeds 1234 1 2 --datasets fundus --methods baseline --on both --nice 0 --set recipe.ema=0.995 \
+        --set sampling.group_balance=0.5 --set augment.zoom=0.1
 Training runs go one at a time (a model's evaluation overlaps the next training run) under ``nice -n 10``, one
 torch thread (on the loaded 2-core machine two threads stalled on each other: 20-35 s per 2D step against 2.5-12 s
 with one). Everything is resumable: a finished training run or report is never redone. Runs, logs and full
