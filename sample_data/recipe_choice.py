@@ -53,12 +53,34 @@ def choose(candidates: dict[str, Path], method: str) -> dict:
             "rule": __doc__.split("Rule ", 1)[1].split("\n\n")[0].replace("\n", " ")}
 
 
+def test_table(candidates: dict[str, Path], method: str, tests: list[str], dataset: str = "fundus") -> list[str]:
+    """Markdown rows of every candidate's test figures (mean ± sd over seeds and each seed's worst group), made
+    only after the choice is written: they inform the report, never the choice."""
+    rows = ["| candidate | test | Dice | worst-group Dice | ES-Dice | worst group per seed |", "|---|---|---|---|---|---|"]
+    for name, runs in candidates.items():
+        checkpoint = name.rpartition("@")[2] if "@" in name else "best"
+        found = load(runs / "reports", checkpoint)
+        for test in tests:
+            per_seed = {seed: metrics(*v[1:]) for (t, ds, m, seed), v in sorted(found.items(), key=str)
+                        if (t, ds, m) == (test, dataset, method) and seed != "shipped"}
+            if not per_seed:
+                continue
+            cells = [f"{np.mean([r[k] for r in per_seed.values()]):.3f} ± "
+                     f"{np.std([r[k] for r in per_seed.values()], ddof=1) if len(per_seed) > 1 else 0:.3f}"
+                     for k in ("dice", "worst_group_dice", "es_dice")]
+            seeds = ", ".join(f"s{s} {r['worst_group_dice']:.3f} ({r['worst_group']})" for s, r in per_seed.items())
+            rows.append(f"| {name} | {test} | " + " | ".join(cells) + f" | {seeds} |")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--method", required=True)
     p.add_argument("--candidate", action="append", required=True, metavar="NAME=RUNS",
                    help="a recipe's name and its seed-study runs folder (list the simplest first)")
     p.add_argument("--out", type=Path, help="write <out>/<method>.json")
+    p.add_argument("--tests", nargs="+", help="after the choice is written, also write every candidate's figures on "
+                   "these tests (e.g. test-a site-b) to <out>/<method>-tests.md; they do not enter the choice")
     args = p.parse_args(argv)
     candidates = {}
     for item in args.candidate:
@@ -77,6 +99,10 @@ def main(argv: list[str] | None = None) -> int:
 
         args.out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(args.out / f"{args.method}.json", json.dumps(result, indent=1))
+        if args.tests:
+            rows = test_table(candidates, args.method, args.tests)
+            atomic_write_text(args.out / f"{args.method}-tests.md", "\n".join(rows) + "\n")
+            print("\n".join(rows))
     return 0
 
 

@@ -200,6 +200,10 @@ def test_the_moving_average_is_a_third_checkpoint_everywhere(tmp_path: Path) -> 
     assert choice["chosen"] == "plain@ema"
     gap = choice["candidates"]["plain@ema"]["mean"] - choice["candidates"]["plain"]["mean"]
     assert gap == pytest.approx(0.03)
+    rows = module("recipe_choice").test_table({"plain": tmp_path, "plain@ema": tmp_path}, "dmoe", ["test-a", "site-b"])
+    assert len(rows) == 4 and rows[2].startswith("| plain | test-a |") and rows[3].startswith("| plain@ema | test-a |")
+    worst = _module().metrics(GROUPS, truth + 0.03, ["rim", "cup"])["worst_group_dice"]
+    assert f"| {worst:.3f} ± 0.000 |" in rows[3] and "s1 " in rows[3] and "s2 " in rows[3]
     mod = _module()
     assert mod._runs_and_methods(f"{tmp_path}:dmoe@ema,baseline") == (tmp_path, {"dmoe": "ema", "baseline": None})
     assert mod._runs_and_methods(f"{tmp_path}:dmoe@nonsense") == (Path(f"{tmp_path}:dmoe@nonsense"), None)
