@@ -355,7 +355,8 @@ def _step(loop: _Loop, data: Mapping[str, Any]) -> float:
     reset_moe_losses(network)  # also drops the terms left by validation forwards
     with torch.autocast("cuda", dtype=torch.float16, enabled=loop.use_amp):
         logits = loop.model(x, run.train_router(groups, loop.step, info.rank))
-    loss = run.loss(logits.float(), y, groups) + moe_penalties(network, loop.config["aux_loss"], loop.config["router_smoothing"])
+    penalties = moe_penalties(network, loop.config["aux_loss"], loop.config["router_smoothing"])
+    loss = run.loss(logits.float(), y, groups) + penalties
     if not torch.isfinite(loss):
         raise TrainingError(f"the loss became {float(loss)}; lower recipe.lr or set recipe.grad_clip")
     scaler.scale(loss).backward()
