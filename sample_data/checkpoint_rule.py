@@ -57,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     result = choose(args.runs / "reports")
     rules = list(result["mean_worst_group"])
     names = {"best": "best-validation checkpoint", "last": "final weights", "ema": "moving average"}
-    lines = ["| set | method | seed | " + " | ".join(names[ck] for ck in rules) + " |", "|---|---|---|" + "---|" * len(rules)]
+    lines = ["| set | method | seed | " + " | ".join(names[ck] for ck in rules) + " |",
+             "|---|---|---|" + "---|" * len(rules)]
     lines += [f"| {r['set']} | {r['method']} | {r['seed']} | " + " | ".join(f"{r[ck]:.3f}" for ck in rules) + " |"
               for r in result["rows"]]
     lines += ["", "Mean worst-group Dice: " + ", ".join(f"{ck} {result['mean_worst_group'][ck]:.4f}" for ck in rules)

@@ -56,7 +56,8 @@ def choose(candidates: dict[str, Path], method: str) -> dict:
 def test_table(candidates: dict[str, Path], method: str, tests: list[str], dataset: str = "fundus") -> list[str]:
     """Markdown rows of every candidate's test figures (mean ± sd over seeds and each seed's worst group), made
     only after the choice is written: they inform the report, never the choice."""
-    rows = ["| candidate | test | Dice | worst-group Dice | ES-Dice | worst group per seed |", "|---|---|---|---|---|---|"]
+    rows = ["| candidate | test | Dice | worst-group Dice | ES-Dice | worst group per seed |",
+            "|---|---|---|---|---|---|"]
     for name, runs in candidates.items():
         checkpoint = name.rpartition("@")[2] if "@" in name else "best"
         found = load(runs / "reports", checkpoint)

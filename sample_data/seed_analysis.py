@@ -34,7 +34,8 @@ from seed_goals import goals, goals_markdown, old_new_markdown  # noqa: E402
 from seed_plot import plot  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-NAME = re.compile(r"^(?P<dataset>[a-z]+)-(?P<method>[a-z]+)-(?:s(?P<seed>\d+)|(?P<shipped>shipped))(?:-(?P<ck>last|ema))?$")
+NAME = re.compile(r"^(?P<dataset>[a-z]+)-(?P<method>[a-z]+)-(?:s(?P<seed>\d+)|(?P<shipped>shipped))"
+                  r"(?:-(?P<ck>last|ema))?$")
 N_BOOT = 2000
 # (method, reference): dMoE against the baseline is the study's question; against MoE (same experts, one router) it
 # asks whether the attribute routing, not the capacity, makes the difference
