@@ -31,8 +31,12 @@ def build_network(spec: ModelSpec) -> nn.Module:
         raise SpecError(f"arch_kwargs {sorted(kwargs)} do not fit {spec.arch}: {err}") from None
     except ValueError as err:  # inconsistent sizes
         raise SpecError(f"arch_kwargs for {spec.arch} are inconsistent: {err}") from None
-    from napari_dmoe.model.moe import apply_local_experts
+    from napari_dmoe.model.moe import apply_local_experts, apply_router_mix
 
+    try:
+        apply_router_mix(built, spec.router_mix)  # a shared router mixed into each group's (0: none)
+    except ValueError as err:
+        raise SpecError(f"router_mix: {err}") from None
     try:
         return apply_local_experts(built, spec.local_experts)  # group-local fine-tunes (None: none)
     except ValueError as err:

@@ -195,6 +195,8 @@ class DMoE(nn.Module):
         self.aux_loss_enabled = False
         self.aux_losses: list[Tensor] = []
         self._routing_sink: list[RoutingRecord] | None = None
+        self.shared_router: NoisyTopKRouter | None = None  # add_shared_router; None in ordinary models
+        self.router_mix = 0.0
 
     @property
     def last_aux_loss(self) -> Tensor | None:
@@ -228,6 +230,10 @@ class DMoE(nn.Module):
         # Stacking R tiny Linear layers per call is cheap and keeps the official ModuleList key layout.
         weight = torch.stack([torch.cat([r.gate.weight, r.noise.weight]) for r in self.routers])  # [R, 2E, C]
         bias = torch.stack([torch.cat([r.gate.bias, r.noise.bias]) for r in self.routers])  # [R, 2E]
+        if self.shared_router is not None:  # logits are linear in the weights: mixing weights mixes logits
+            s = self.shared_router
+            weight = torch.lerp(weight, torch.cat([s.gate.weight, s.noise.weight]), self.router_mix)
+            bias = torch.lerp(bias, torch.cat([s.gate.bias, s.noise.bias]), self.router_mix)
         logits = torch.baddbmm(bias[attr].unsqueeze(1), x, weight[attr].transpose(1, 2))
         return logits[..., :e], logits[..., e:]
 
@@ -254,6 +260,18 @@ class DMoE(nn.Module):
         if self.aux_loss_enabled:
             self.aux_losses.append(self._balance_loss(gate_logits, indices))
         return out.view(b, n, c)
+
+    def add_shared_router(self, mix: float) -> None:
+        """Give the layer a router every group shares, mixed into each group's: gate and noise logits become
+        (1 - mix) x the group router's + mix x the shared router's (issue 26: a rare group's routing leans on what
+        every image taught, not only its own few). Group-local fine-tunes keep it frozen, so each group still
+        depends only on its own router and this one."""
+        if not 0 < mix < 1:
+            raise ValueError(f"router mix must be in (0, 1), got {mix}")
+        if self.n_attr < 2:
+            raise ValueError("a shared router needs a dMoE layer with two or more routers")
+        self.shared_router = NoisyTopKRouter(self.dim, self.n_experts, self.top_k)
+        self.router_mix = float(mix)
 
     def add_local_experts(self, pairs: Sequence[tuple[int, int]], copy: bool = True) -> None:
         """Give router ``r`` a private copy of shared expert ``e`` for each ``(r, e)`` in ``pairs`` (appended
@@ -333,6 +351,14 @@ def local_expert_table(network: nn.Module) -> list[list[list[int]]] | None:
     (what ``ModelSpec.local_experts`` records)."""
     tables = [[list(p) for p in m.local_table] for m in dmoe_layers(network)]
     return tables if any(tables) else None
+
+
+def apply_router_mix(network: nn.Module, mix: float) -> nn.Module:
+    """Give every dMoE layer a shared router mixed in at ``mix`` (0: none); returns ``network``."""
+    if mix:
+        for layer in dmoe_layers(network):
+            layer.add_shared_router(mix)
+    return network
 
 
 def apply_local_experts(network: nn.Module, tables: Sequence[Sequence[Sequence[int]]] | None) -> nn.Module:

@@ -69,6 +69,8 @@ class ModelSpec:
     routing: str = "dmoe"
     n_experts: int = 8
     top_k: int = 2
+    # weight of a router every group shares, mixed into each group's (model/moe.py DMoE.add_shared_router); 0: none
+    router_mix: float = 0.0
     in_channels: int = 1
     input_size: list[int] = field(default_factory=lambda: [224, 224])
     # {"kind": "zscore"} | {"kind": "minmax"} | {"kind": "window", "low": -200, "high": 300} | {"kind": "scale", "factor": 255}
@@ -166,6 +168,10 @@ class ModelSpec:
         if self.spacing is not None and len(self.spacing) != self.spatial_dims:
             raise SpecError(f"spacing {self.spacing} must have {self.spatial_dims} entries for {self.arch}")
         self._validate_local_experts()
+        if not isinstance(self.router_mix, (int, float)) or not 0 <= self.router_mix < 1 or \
+                (self.router_mix and (self.routing != "dmoe" or self.n_routers < 2)):
+            raise SpecError(f"router_mix={self.router_mix!r}: a number in [0, 1), above 0 only for a dMoE model with "
+                            "two or more routers")
         kind = self.normalization.get("kind")
         if kind not in NORMALIZATIONS:
             raise SpecError(f"normalization kind {kind!r}: expected one of {list(NORMALIZATIONS)}")

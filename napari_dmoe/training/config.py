@@ -60,8 +60,7 @@ SCHEMA: dict[str, Any] = {
     "method": Field("str", "dmoe", choices=tuple(METHODS), optional=False),
     "febs_gamma": Field("number", 1.0, optional=False),
     "aux_loss": Field("number", 0.0, optional=False),  # load-balancing weight; the paper trains without
-    # dMoE: weight of the routers' spread about their mean (losses.router_spread; issue 26). 0: off
-    "router_smoothing": Field("number", 0.0, optional=False),
+    "router_smoothing": Field("number", 0.0, optional=False),  # dMoE: weight of losses.router_spread. 0: off
     # all | routers_experts | group_local (training/local.py: only adapt_groups change, every other group bitwise)
     "trainable": Field("str", "all", choices=("all", "routers_experts", "group_local"), optional=False),
     "adapt_groups": Field("list"),  # group_local: groups ("Black", "Black/Female") to adapt; None: those trained on
@@ -90,6 +89,8 @@ SCHEMA: dict[str, Any] = {
         "overrides": Field("dict", {}, optional=False),
         "n_experts": Field("int", 8, optional=False),
         "top_k": Field("int", 2, optional=False),
+        # dMoE: weight of a router every group shares, mixed into each group's logits (issue 26). 0: off
+        "router_mix": Field("number", 0.0, optional=False),
         "init_from": Field("path"),  # local pretrained ViT: timm safetensors or ViT-B_16.npz
         "base_model": Field("path"),  # one of our .safetensors models to fine-tune from
     },
@@ -112,9 +113,7 @@ SCHEMA: dict[str, Any] = {
         "checkpoint_every": Field("int"),  # steps; None: at every validation
         "num_workers": Field("int", 0, optional=False),
         "sw_overlap": Field("number", 0.25, optional=False),
-        # per-step decay of a moving average of the weights, written as ema.safetensors at the end (training/ema.py;
-        # issue 26). 0: off; refused for group-local fine-tunes and cross-validation
-        "ema": Field("number", 0.0, optional=False),
+        "ema": Field("number", 0.0, optional=False),  # per-step decay of a weight average (training/ema.py). 0: off
     },
     # choose the number of steps (and whether to keep the base) by k-fold cross-validation over every training
     # case, then train on all of them (training/crossval.py; the group-local fine-tune's default). 0: off

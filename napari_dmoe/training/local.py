@@ -132,11 +132,19 @@ def describe_adaptation(config: Mapping[str, Any], spec: ModelSpec, group_local:
 
 
 def inherit_local_experts(spec: ModelSpec, base_model: str | None) -> None:
-    """A fine-tune of a group-locally fine-tuned model keeps its local experts (so their weights load)."""
+    """A fine-tune of a group-locally fine-tuned model keeps its local experts (so their weights load), and a dMoE
+    fine-tune of a model with a shared router keeps that router and its mix (else every group's routing would
+    change)."""
     if base_model:
         from napari_dmoe.io.checkpoint import read_spec
 
-        spec.local_experts = read_spec(base_model).local_experts
+        base = read_spec(base_model)
+        spec.local_experts = base.local_experts
+        if spec.routing == "dmoe" and base.router_mix:
+            if spec.router_mix not in (0, base.router_mix):
+                raise ConfigError(f"config key 'model.router_mix': {spec.router_mix} differs from the base model's "
+                                  f"{base.router_mix} ({base_model}); leave it out to keep the base's")
+            spec.router_mix = base.router_mix
 
 
 def with_base_counts(counts: dict[str, int], base_model: str | None) -> dict[str, int] | None:

@@ -20,6 +20,7 @@ RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "data.in_channels": (1, None, False, False),
     "model.n_experts": (1, None, False, False),
     "model.top_k": (1, None, False, False),
+    "model.router_mix": (0, 1, False, True),
     "recipe.lr": (0, None, True, False),
     "recipe.weight_decay": (0, None, False, False),
     "recipe.momentum": (0, 1, False, True),

@@ -76,7 +76,8 @@ def _spec(config: Mapping[str, Any], in_channels: int) -> ModelSpec:
     try:
         preset_arch(model["preset"])
         spec = make_spec(model["preset"], attrs[0].name, attrs[0].values, class_names(config), routing=routing,
-                         n_experts=model["n_experts"], top_k=model["top_k"], in_channels=in_channels,
+                         n_experts=model["n_experts"], top_k=model["top_k"], router_mix=model["router_mix"],
+                         in_channels=in_channels,
                          normalization=data["normalization"] or {"kind": "zscore"}, **overrides)
         spec.attributes = attrs  # intersectional: one router per combination (spec.router_index)
         spec.validate()
