@@ -105,6 +105,12 @@ last, and the checkpoint rule and recipe choice weigh all three on val-a and val
     python sample_data/seed_study.py run --recipe robust --runs runs/seeds/robust-bz-ema --budget 1 \
         --seeds 1234 1 2 --datasets fundus --methods baseline --on both --nice 0 --set recipe.ema=0.995 \
         --set sampling.group_balance=0.5 --set augment.zoom=0.1
+Then, once the first two candidates' validation reports showed the average losing (it lags a model that still
+improves over its last 200 steps), the baseline's average runs were paused for the last untried item of the issue's
+list, a shared router mixed into each group's (``model.router_mix`` 0.5, fixed before its runs, from a later copy of
+the tree), and resumed after the smoothing runs:
+    python sample_data/seed_study.py run --recipe robust --runs runs/seeds/robust-mix --budget 1 \
+        --seeds 1234 1 2 --datasets fundus --methods dmoe --on both --nice 0 --set model.router_mix=0.5
 Training runs go one at a time (a model's evaluation overlaps the next training run) under ``nice -n 10``, one
 torch thread (on the loaded 2-core machine two threads stalled on each other: 20-35 s per 2D step against 2.5-12 s
 with one). Everything is resumable: a finished training run or report is never redone. Runs, logs and full
