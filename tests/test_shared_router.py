@@ -61,11 +61,15 @@ def _config(tmp_path: Path, *overrides: str) -> dict:
     return load_config(tiny_config(tmp_path / "c.yaml", tmp_path / "run", data), list(overrides))
 
 
-def test_trained_saved_and_kept_by_a_group_local_fine_tune(tmp_path: Path) -> None:
+def test_trained_saved_and_kept_by_a_group_local_fine_tune(tmp_path: Path, capsys) -> None:
     base = train(_config(tmp_path, "model.router_mix=0.5", f"output_dir={tmp_path / 'base'}"), quiet=True,
                  device="cpu")
     model = load_model(base)
     assert model.spec.router_mix == 0.5 and dmoe_layers(model.network)[0].shared_router is not None
+    from napari_dmoe.cli.main import main
+
+    assert main(["info", str(base)]) == 0  # a researcher sees it
+    assert "a shared router mixed in at 0.5" in capsys.readouterr().out
     before = load_file(str(base))
     tuned = train(_config(tmp_path, f"model.base_model={base}", "trainable=group_local",
                           "recipe.lr=0.05", f"output_dir={tmp_path / 'tuned'}"), quiet=True, device="cpu")

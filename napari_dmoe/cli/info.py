@@ -40,7 +40,8 @@ def format_spec(spec: Any, title: str = "", n_params: int | None = None) -> str:
     if spec.routing != "none":
         local = sum(len(layer) for layer in spec.local_experts or [])
         lines.append(f"  experts      : {spec.n_experts} (top-{spec.top_k}), {spec.n_routers} router(s)"
-                     + (f", {local} local expert(s) (private copies of adapted groups)" if local else ""))
+                     + (f", {local} local expert(s) (private copies of adapted groups)" if local else "")
+                     + (f", a shared router mixed in at {spec.router_mix:g}" if spec.router_mix else ""))
     for attr in spec.attributes:
         lines.append(f"  attribute    : {attr.name} = {', '.join(attr.values)}")
     lines += [
