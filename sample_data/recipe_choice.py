@@ -28,6 +28,11 @@ VALIDATION = ("val-a", "val-v")
 FLOOR = 0.7
 
 
+def checkpoint_of(name: str) -> str:
+    """The weights a candidate is scored on: ``NAME@ema`` -> "ema", a plain name -> "best"."""
+    return name.rpartition("@")[2] if "@" in name else "best"
+
+
 def score(runs: Path, method: str, dataset: str = "fundus", checkpoint: str = "best") -> dict:
     """Worst-group Dice per (set, seed) of ``method``'s runs under ``runs`` (their ``checkpoint``: best, last or
     ema); their mean and minimum."""
@@ -42,8 +47,7 @@ def score(runs: Path, method: str, dataset: str = "fundus", checkpoint: str = "b
 
 
 def choose(candidates: dict[str, Path], method: str) -> dict:
-    scored = {name: score(path, method, checkpoint=name.rpartition("@")[2] if "@" in name else "best")
-              for name, path in candidates.items()}
+    scored = {name: score(path, method, checkpoint=checkpoint_of(name)) for name, path in candidates.items()}
     keys = {name: sorted(s["worst_group"]) for name, s in scored.items()}
     if len({tuple(k) for k in keys.values()}) != 1:
         raise SystemExit(f"the candidates do not cover the same sets and seeds: {keys}")
@@ -59,8 +63,7 @@ def test_table(candidates: dict[str, Path], method: str, tests: list[str], datas
     rows = ["| candidate | test | Dice | worst-group Dice | ES-Dice | worst group per seed |",
             "|---|---|---|---|---|---|"]
     for name, runs in candidates.items():
-        checkpoint = name.rpartition("@")[2] if "@" in name else "best"
-        found = load(runs / "reports", checkpoint)
+        found = load(runs / "reports", checkpoint_of(name))
         for test in tests:
             per_seed = {seed: metrics(*v[1:]) for (t, ds, m, seed), v in sorted(found.items(), key=str)
                         if (t, ds, m) == (test, dataset, method) and seed != "shipped"}

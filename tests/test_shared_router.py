@@ -82,3 +82,5 @@ def test_trained_saved_and_kept_by_a_group_local_fine_tune(tmp_path: Path, capsy
                       f"output_dir={tmp_path / 'other'}"), quiet=True, device="cpu")
     with pytest.raises(ConfigError, match="model.router_mix"):
         _config(tmp_path, "model.router_mix=1")
+    with pytest.raises(ConfigError, match="router_mix.*group-local fine-tune.*keeps the base"):
+        _config(tmp_path, "model.router_mix=0.5", "trainable=group_local")

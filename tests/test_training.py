@@ -13,7 +13,8 @@ from safetensors.torch import load_file, save_file
 from napari_dmoe.io.checkpoint import load_model, read_spec
 from napari_dmoe.model import build_network, make_spec
 from napari_dmoe.model.moe import DMoE
-from napari_dmoe.training.config import ConfigError, load_config, resolve_recipe
+from napari_dmoe.training.config import ConfigError, load_config
+from napari_dmoe.training.optim import resolve_recipe
 from napari_dmoe.training.engine import TrainingError, train
 from napari_dmoe.training.optim import lr_schedule
 from napari_dmoe.training.pretrained import InitError, load_pretrained_vit, set_trainable

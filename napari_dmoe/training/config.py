@@ -3,7 +3,7 @@
 A config is a nested dict. Every key is declared in ``SCHEMA`` with its type and default; an unknown (typo'd)
 key, a value of the wrong type or a path that does not exist is a ``ConfigError`` naming the key path, e.g.
 ``config key 'recipe.lr': expected a number, got 'fast'``. Relative paths are resolved against the config file's
-folder. Recipe defaults (optimizer, lr, schedule) are filled in by ``resolve_recipe``.
+folder. Recipe defaults (optimizer, lr, schedule) are filled in by ``optim.resolve_recipe``.
 """
 from __future__ import annotations
 
@@ -319,6 +319,9 @@ def _check_semantics(config: dict[str, Any]) -> None:
     if config["sampling"]["router_dropout"] and config["trainable"] == "group_local":
         raise ConfigError("config key 'sampling.router_dropout': must be 0 for a group-local fine-tune (it would "
                           "route the adapted group's images through other groups' routers)")
+    if config["model"]["router_mix"] and config["trainable"] == "group_local":
+        raise ConfigError("config key 'model.router_mix': must be 0 for a group-local fine-tune (it keeps the base "
+                          "model's mix; a new one would change every group's routing)")
     if recipe["ema"] and (config["trainable"] == "group_local" or folds):
         raise ConfigError("config key 'recipe.ema': must be 0 for a group-local fine-tune or a cross-validated run "
                           "(their result is the trained model itself; an average would be a second, unchecked one)")
@@ -378,22 +381,3 @@ def attribute_vocabularies(value: Any) -> list[dict[str, Any]]:
 def method_routing(method: str) -> tuple[str, str]:
     """``method`` -> (spec routing, loss name)."""
     return METHODS[method]
-
-
-def resolve_recipe(config: Mapping[str, Any], total_steps: int) -> dict[str, Any]:
-    """Recipe numbers with defaults filled: paper2d = SGD, lr 0.01 * batch / 24, poly 0.9; 3d = AdamW,
-    warmup + cosine."""
-    r = dict(config["recipe"])
-    if r["name"] == "paper2d":
-        r["optimizer"] = r.get("optimizer") or "sgd"
-        r["lr"] = r["lr"] if r["lr"] is not None else 0.01 * r["batch_size"] / 24
-        r["weight_decay"] = r["weight_decay"] if r["weight_decay"] is not None else 1e-4
-        r["warmup_steps"] = r["warmup_steps"] or 0
-        r["schedule"] = "poly"
-    else:
-        r["optimizer"] = r.get("optimizer") or "adamw"
-        r["lr"] = r["lr"] if r["lr"] is not None else 1e-4
-        r["weight_decay"] = r["weight_decay"] if r["weight_decay"] is not None else 1e-5
-        r["warmup_steps"] = r["warmup_steps"] if r["warmup_steps"] is not None else max(1, total_steps // 20)
-        r["schedule"] = "warmup_cosine"
-    return r

@@ -32,13 +32,12 @@ from napari_dmoe import distributed as dist_utils
 from napari_dmoe.threads import describe_current
 from napari_dmoe.training import lock as run_lock
 from napari_dmoe.training import resume as resume_state
-from napari_dmoe.training.config import resolve_recipe
 from napari_dmoe.training.ema import WeightAverage
 from napari_dmoe.training.events import EventWriter, ProgressBar
 from napari_dmoe.training.history import RunHistory
 from napari_dmoe.training.local import set_train_mode
 from napari_dmoe.training.losses import moe_penalties, reset_moe_losses
-from napari_dmoe.training.optim import lr_schedule, make_optimizer
+from napari_dmoe.training.optim import lr_schedule, make_optimizer, resolve_recipe
 from napari_dmoe.training.setup import RunParts, build_run
 from napari_dmoe.training.validate import validate
 

@@ -1,4 +1,4 @@
-"""The optimizer and learning-rate schedule of a recipe, shared by the training engine and cross-validation."""
+"""A recipe's defaults, optimizer and learning-rate schedule, shared by the training engine and cross-validation."""
 from __future__ import annotations
 
 import math
@@ -27,3 +27,22 @@ def make_optimizer(params: list, recipe: Mapping[str, Any]) -> torch.optim.Optim
         return torch.optim.SGD(params, lr=recipe["lr"], momentum=recipe["momentum"],
                                weight_decay=recipe["weight_decay"])
     return torch.optim.AdamW(params, lr=recipe["lr"], weight_decay=recipe["weight_decay"])
+
+
+def resolve_recipe(config: Mapping[str, Any], total_steps: int) -> dict[str, Any]:
+    """Recipe numbers with defaults filled: paper2d = SGD, lr 0.01 * batch / 24, poly 0.9; 3d = AdamW,
+    warmup + cosine."""
+    r = dict(config["recipe"])
+    if r["name"] == "paper2d":
+        r["optimizer"] = r.get("optimizer") or "sgd"
+        r["lr"] = r["lr"] if r["lr"] is not None else 0.01 * r["batch_size"] / 24
+        r["weight_decay"] = r["weight_decay"] if r["weight_decay"] is not None else 1e-4
+        r["warmup_steps"] = r["warmup_steps"] or 0
+        r["schedule"] = "poly"
+    else:
+        r["optimizer"] = r.get("optimizer") or "adamw"
+        r["lr"] = r["lr"] if r["lr"] is not None else 1e-4
+        r["weight_decay"] = r["weight_decay"] if r["weight_decay"] is not None else 1e-5
+        r["warmup_steps"] = r["warmup_steps"] if r["warmup_steps"] is not None else max(1, total_steps // 20)
+        r["schedule"] = "warmup_cosine"
+    return r
