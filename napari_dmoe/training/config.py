@@ -55,6 +55,7 @@ REQUIRED = object()
 
 SCHEMA: dict[str, Any] = {
     "name": Field("str", "run"),
+    "notes": Field("str"),  # why this recipe: kept in every saved model's provenance (config), shown by dmoe info
     "seed": Field("int", 1234, optional=False),
     "output_dir": Field("str", REQUIRED),
     "method": Field("str", "dmoe", choices=tuple(METHODS), optional=False),
