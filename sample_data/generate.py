@@ -5,7 +5,8 @@
 
 fundus -> DIR/fairseg (FairSeg npz + train.txt/test.txt), skin -> DIR/ham10000 (HAM10000 layout),
 prostate -> DIR/prostate (images/, labels/, attributes.csv). The generators live in napari_dmoe.synthetic.
---site b: a second acquisition site (fundus and prostate only; see FUNDUS_SITES / PROSTATE_SITES there).
+--site b: a second acquisition site (fundus and prostate only). Each kind knows its own sites (FUNDUS_SITES,
+PROSTATE_SITES); a site the kind lacks is refused.
 """
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ import sys
 import time
 from pathlib import Path
 
-from napari_dmoe.synthetic import SyntheticDataError, write_fairseg, write_ham10000, write_prostate
+from napari_dmoe.synthetic import (FUNDUS_SITES, PROSTATE_SITES, SyntheticDataError, write_fairseg, write_ham10000,
+                                   write_prostate)
 
 DEFAULTS = {"fundus": 600, "skin": 500, "prostate": 60}  # enough for small CPU demo models
 
@@ -29,7 +31,7 @@ def build(kind: str, out: Path, n: int | None, n_test: int | None, seed: int, si
     """Write one dataset; returns its folder."""
     n = DEFAULTS[kind] if n is None else n
     if kind == "skin" and site != "a":
-        raise SyntheticDataError(f"skin has only site 'a'; --site {site} exists for fundus and prostate")
+        raise SyntheticDataError(f"skin has only site 'a'; --site {site} is for fundus or prostate")
     if kind == "fundus":
         side = int(_sizes(size)[0]) if size else 224
         return write_fairseg(out / "fairseg", n_train=n, n_test=200 if n_test is None else n_test, seed=seed,
@@ -51,8 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--size", default=None, help="fundus side (224), skin HxW (150x200), prostate XxYxZ (96x96x32)")
     parser.add_argument("--spacing", default=None, help="prostate voxel size in mm, x,y,z (2x2x3)")
-    parser.add_argument("--site", choices=["a", "b"], default="a",
-                        help="acquisition site: a (the demo data) or b (another scanner and clinic; fundus, prostate)")
+    parser.add_argument("--site", choices=sorted(set(FUNDUS_SITES) | set(PROSTATE_SITES)), default="a",
+                        help="acquisition site: a (the demo data), b (another scanner and clinic; fundus, prostate), "
+                             "others as listed in FUNDUS_SITES / PROSTATE_SITES")
     args = parser.parse_args(argv)
     kinds = ["fundus", "skin", "prostate"] if args.kind == "all" else [args.kind]
     if args.kind == "all" and (args.size or args.spacing):

@@ -133,7 +133,10 @@ DATA = ROOT / "data" / "seed_study"
 RUNS = ROOT / "runs" / "seeds"
 SUB = {"fundus": "fairseg", "prostate": "prostate"}
 STEPS = {"fundus": (800, 100), "prostate": (1500, 250)}  # the demo configs' recipe.steps and val_every
-TEST_SEEDS = {"test-a": 2026, "site-b": 2027}
+TEST_SEEDS = {"test-a": 2026, "site-b": 2027, "site-d": 2031}
+# site-d (issue 26): a second unseen site, made after three rounds of recipes had been scored at B (fundus only)
+TEST_SITES = {"test-a": "a", "site-b": "b", "site-d": "d"}
+TEST_DATASETS = {"site-d": ("fundus",)}
 # Validation-only sets (issue 26): recipes are screened on these, never on the tests above. val-a: a larger site-A
 # validation set than a run's own 10 % split; val-v: site V, neither A nor B (napari_dmoe/synthetic/fundus.py).
 VAL_SEEDS = {"val-a": (2029, "a"), "val-v": (2028, "v")}
@@ -178,9 +181,10 @@ def generate(datasets: list[str] | None = None) -> None:
     jobs = [(DATA / "train", "fundus", ["--n", "600", "--n-test", "400", "--seed", "0"]),
             (DATA / "train", "prostate", ["--n", "160", "--seed", "0"])]
     for name, seed in TEST_SEEDS.items():
-        site = ["--site", "b"] if name == "site-b" else []
+        site = ["--site", TEST_SITES[name]]
         jobs += [(DATA / name, "fundus", ["--n", "0", "--n-test", "400", "--seed", str(seed), *site]),
                  (DATA / name, "prostate", ["--n", "80", "--seed", str(seed), *site])]
+        jobs = [job for job in jobs if job[1] in TEST_DATASETS.get(job[0].name, SUB)]
     for out, kind, args in jobs:
         if (out / SUB[kind] / "provenance.json").is_file() or kind not in (datasets or SUB):
             continue
@@ -209,7 +213,7 @@ def _eval_args(dataset: str, test: str) -> list[str]:
 
 def evaluate(model: Path, dataset: str, method: str, name: str, tests: list[str] | None = None) -> None:
     """``dmoe evaluate`` of one model on both fresh tests, or on ``tests`` (skipped when the report exists)."""
-    for test in tests or list(TEST_SEEDS):
+    for test in tests or [t for t in TEST_SEEDS if dataset in TEST_DATASETS.get(t, SUB)]:
         out = RUNS / "reports" / test / name
         if (out / "report.csv").is_file():
             continue

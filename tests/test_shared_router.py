@@ -62,14 +62,17 @@ def _config(tmp_path: Path, *overrides: str) -> dict:
 
 
 def test_trained_saved_and_kept_by_a_group_local_fine_tune(tmp_path: Path, capsys) -> None:
-    base = train(_config(tmp_path, "model.router_mix=0.5", f"output_dir={tmp_path / 'base'}"), quiet=True,
-                 device="cpu")
+    why = "chosen on val-a and val-v \x1b[2J(issue 26)"  # the config's notes: why this recipe
+    base = train(_config(tmp_path, "model.router_mix=0.5", f"output_dir={tmp_path / 'base'}", f"notes={why}"),
+                 quiet=True, device="cpu")
     model = load_model(base)
     assert model.spec.router_mix == 0.5 and dmoe_layers(model.network)[0].shared_router is not None
     from napari_dmoe.cli.main import main
 
-    assert main(["info", str(base)]) == 0  # a researcher sees it
-    assert "a shared router mixed in at 0.5" in capsys.readouterr().out
+    assert main(["info", str(base)]) == 0  # a researcher sees it, and why the recipe was chosen, without escapes
+    out = capsys.readouterr().out
+    assert "a shared router mixed in at 0.5" in out
+    assert "recipe notes: chosen on val-a and val-v (issue 26)" in out and "\x1b" not in out
     before = load_file(str(base))
     tuned = train(_config(tmp_path, f"model.base_model={base}", "trainable=group_local",
                           "recipe.lr=0.05", f"output_dir={tmp_path / 'tuned'}"), quiet=True, device="cpu")

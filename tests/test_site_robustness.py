@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from napari_dmoe.synthetic import FUNDUS_SITES, make_fundus
 from napari_dmoe.training.config import ConfigError, load_config
@@ -158,3 +159,21 @@ def test_zoom_moves_image_and_label_together() -> None:
         assert 2 * (inside & (label == 1)).sum() / (inside.sum() + label.sum()) > 0.9
         sizes.append(int(label.sum()))
     assert min(sizes) < disc.sum() < max(sizes)  # larger and smaller fields of view
+
+
+def test_site_d_is_a_new_domain_shift_only() -> None:
+    """Site D (the second unseen test site): its own images, brighter and noisier than A, and the same labelling
+    convention per group (no ``looks_like``), so a change of Dice there is a domain shift and not a new rule."""
+    assert "looks_like" not in FUNDUS_SITES["d"]
+    imgs = {site: make_fundus(3, race="Black", size=64, index=0, site=site).image for site in "abvd"}
+    assert all(not np.array_equal(imgs["d"], imgs[s]) for s in "abv")
+    d = [make_fundus(5, race="White", size=96, index=i, site="d") for i in range(24)]
+    a = [make_fundus(5, race="White", size=96, index=i) for i in range(24)]
+    assert np.mean([s.image.mean() for s in d]) > np.mean([s.image.mean() for s in a]) + 10
+    # pixel noise: the residual after a small smoothing is larger than at site A
+    def residual(s) -> float:
+        return float(np.std(s.image.astype(float) - ndimage.uniform_filter(s.image.astype(float), 3)))
+
+    assert np.mean([residual(s) for s in d]) > 1.5 * np.mean([residual(s) for s in a])
+    again = make_fundus(3, race="Black", size=64, index=0, site="d").image
+    assert np.array_equal(again, imgs["d"])

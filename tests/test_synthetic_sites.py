@@ -100,6 +100,13 @@ def test_generate_script_site_option(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "fairseg" / "provenance.json").read_text())["site"] == "b"
     res = run("skin", "--out", str(tmp_path), "--n", "4", "--site", "b")
     assert res.returncode == 2 and "skin has only site 'a'" in res.stderr
+    # each kind its own sites: fundus has the test site D, prostate does not, and says which it has
+    res = run("fundus", "--out", str(tmp_path / "d"), "--n", "0", "--n-test", "3", "--size", "48", "--site", "d")
+    assert res.returncode == 0, res.stderr
+    assert len(list((tmp_path / "d" / "fairseg").glob("*.npz"))) == 3
+    res = run("prostate", "--out", str(tmp_path / "p"), "--n", "2", "--size", "24x24x8", "--site", "d")
+    assert res.returncode == 2 and "site 'd' is not one of ['a', 'b', 'c']" in res.stderr
+    assert not (tmp_path / "p" / "prostate").exists() or not any((tmp_path / "p" / "prostate").rglob("*.nii.gz"))
 
 
 def test_prostate_site_c_records_t1_for_t3_disease() -> None:

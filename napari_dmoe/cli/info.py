@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import textwrap
 from typing import Any
 
 
@@ -88,6 +89,9 @@ def _provenance(prov: dict) -> list[str]:
         if isinstance(info, dict) and "n" in info:
             groups = ", ".join(f"{g} {n}" for g, n in (info.get("groups") or {}).items())
             out.append(f"{split} cases: {info['n']}" + (f" ({groups})" if groups else ""))
+    notes = (prov.get("config") or {}).get("notes")  # the training config's "why this recipe"
+    if isinstance(notes, str) and notes.strip():
+        out += textwrap.wrap(f"recipe notes: {notes}", 100, subsequent_indent="  ")
     tune = prov.get("finetune")
     if isinstance(tune, dict):
         out.append(f"fine-tuned from {tune.get('base_model', '?')}")

@@ -53,9 +53,14 @@ SITES = {
     # headroom for a group-local fine-tune); the contouring guideline is the same.
     "c": dict(contrast=0.9, brightness_shift=-0.03, noise=0.025, blur=0.4, fov=0.95,
               frequencies={"White": 0.45, "Asian": 0.20, "Black": 0.35}, looks_like={"Black": "White"}),
+    # "d": a second test site (issue 26, 2026-12-07), added after three rounds of recipes had been scored at B; its
+    # values were fixed before any model was evaluated on it. A domain shift only, in directions neither B nor V
+    # took: a high-gain, bright, noisy camera with sharp optics, and yet other group shares.
+    "d": dict(contrast=1.2, brightness_shift=0.08, noise=0.045, blur=0.0, fov=0.92,
+              frequencies={"White": 0.50, "Asian": 0.25, "Black": 0.25}),
 }
 # rng stream per site: fixed keys, so adding a site never changes another site's images
-_SITE_KEY = {"v": 22, "c": 33}
+_SITE_KEY = {"v": 22, "c": 33, "d": 44}
 
 
 def _site(site: str) -> dict:
