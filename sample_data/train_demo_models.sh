@@ -64,8 +64,9 @@ lane() {  # lane DATASET: train then evaluate each of its methods, one after the
         rm -rf "$out"  # a fresh run, never a resumed one, so every method gets exactly the same budget
         dmoe train "$cfg" --set data.root="$DATA/$sub" --set output_dir="$out" "${EXTRA[@]}" \
             --events "$out.events.jsonl" --quiet
+        # --overwrite: this script exists to regenerate the committed reports of the model it just trained
         dmoe evaluate "$out/best.safetensors" "$cfg" --set data.root="$DATA/$sub" --name "$m" \
-            --out "$RESULTS/$dataset/$m" "${EVAL[@]}" --quiet
+            --out "$RESULTS/$dataset/$m" "${EVAL[@]}" --quiet --overwrite
     done
 }
 
