@@ -226,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True, help="folder the generators wrote (fairseg/, site-b/...)")
     parser.add_argument("--lanes", nargs="+", default=list(LANES), choices=list(LANES))
-    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="write the results as JSON here (an existing file keeps the lanes not run)")
     parser.add_argument("--select", action="store_true", help="print the validation table behind the defaults")
     args = parser.parse_args(argv)
     if args.select:
@@ -247,9 +248,10 @@ def main(argv: list[str] | None = None) -> int:
         line += (f"; catch set {c['by_score']['flagged']}/{c['by_score']['n']} by the score, "
                  f"{c['by_check_fit']['flagged']}/{c['by_check_fit']['n']} by check_fit")
         print(line, flush=True)
-    if args.out:
+    if args.out:  # lanes not run this time keep their entries (a retrained model is measured alone)
+        kept = json.loads(args.out.read_text()) if args.out.is_file() else {}
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=1) + "\n")
+        args.out.write_text(json.dumps({**kept, **results}, indent=1) + "\n")
     return 0
 
 

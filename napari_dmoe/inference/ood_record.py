@@ -24,7 +24,9 @@ POOL = "mean_std"  # mean and standard deviation of each channel over the window
 WINDOWS = 8  # windows (or slices) of one image that enter its features, evenly spread
 N_COMPONENTS = 16  # principal directions kept per layer (the rest share one variance)
 FOLDS = 5  # cross-fitting of the training images' own held-out scores
-QUANTILE, MARGIN = 0.99, 0.25  # threshold = QUANTILE of the held-out scores x (1 + MARGIN); BENCHMARKS.md
+# threshold = QUANTILE of the held-out scores x (1 + MARGIN). MARGIN: the largest that still flags all 14 validation
+# pictures under every demo model (bench_fit_check.py --select); 0.25 until the fundus model's retrain (issue 26)
+QUANTILE, MARGIN = 0.99, 0.5
 MIN_CASES = 4  # fewer training images give no record
 # bounds on what a model file may state (far above any record we write)
 MAX_LAYERS, MAX_DIM, MAX_COMPONENTS, MAX_WINDOWS, MAX_NUMBERS = 16, 8192, 64, 64, 2**21
