@@ -111,6 +111,20 @@ list, a shared router mixed into each group's (``model.router_mix`` 0.5, fixed b
 the tree), and resumed after the smoothing runs:
     python sample_data/seed_study.py run --recipe robust --runs runs/seeds/robust-mix --budget 1 \
         --seeds 1234 1 2 --datasets fundus --methods dmoe --on both --nice 0 --set model.router_mix=0.5
+Sixth session (2026-12-07 evening, issue 26 item 5 and a second unseen site). The fundus demo configs became each
+method's chosen recipe and the demo models were retrained (sample_data/train_demo_models.sh fundus: the shipped
+dMoE is bit for bit robust-mix's seed-1234 run, the baseline robust-bz's). Site D (``TEST_SEEDS["site-d"]``,
+napari_dmoe/synthetic/fundus.py; fundus only) was added after three rounds had been scored at B, its values fixed
+before any model was evaluated on it; every finished 2D run was then scored there once, tests only, nothing chosen:
+    python sample_data/seed_study.py data --datasets fundus                 # writes data/seed_study/site-d
+    python sample_data/seed_study.py run --recipe robust --runs runs/seeds/robust-mix --budget 1 \
+        --seeds 1234 1 2 --datasets fundus --methods dmoe --on tests --set model.router_mix=0.5
+    (the same for robust-bz, robust-full, robust-smooth003/03 and robust-drop, with their --set lines above;
+    ``shipped`` from a copy of the tree with the previous demo model, into runs/seeds/robust-full)
+The old recipe's runs (runs/seeds/full) were not kept on this machine, so its dMoE and baseline were trained again
+from a copy of the tree at the commit before the demo configs changed (36bbe74), and scored at D the same way:
+    python sample_data/seed_study.py run --runs runs/seeds/full --budget 1 --seeds 1234 1 2 --datasets fundus \
+        --methods baseline --on tests --nice 0                             # and --methods dmoe, the other lane
 Training runs go one at a time (a model's evaluation overlaps the next training run) under ``nice -n 10``, one
 torch thread (on the loaded 2-core machine two threads stalled on each other: 20-35 s per 2D step against 2.5-12 s
 with one). Everything is resumable: a finished training run or report is never redone. Runs, logs and full
