@@ -2,7 +2,8 @@
 
 For each demo model (fundus, prostate, skin) it scores, with the record stored in the model file:
 - in-distribution test images: the held-out test split of the training site A (the goal: at most 1 % flagged);
-- the second synthetic site B (fundus, prostate): a scanner/clinic shift the models never saw;
+- the second synthetic site B (fundus, prostate): a scanner/clinic shift the models never saw; for the fundus model
+  also site D (issue 26) when DATA/site-d exists;
 - a catch set of non-medical and wrong-modality images: scikit-image's offline photographs (astronaut, camera,
   coffee, chelsea, the retina photo darkened) and the other demo models' napari samples; for the 3D model the
   photographs and 2D samples are stacked into volumes (32 slices of 3 mm), since a 2D image is refused outright.
@@ -21,6 +22,7 @@ test splits, site B and the catch set play no part in it.
     python sample_data/generate.py skin --out DATA --n 2000 --size 150x200 --seed 0
     python sample_data/generate.py fundus --out DATA/site-b --n 0 --n-test 200 --size 128 --seed 7 --site b
     python sample_data/generate.py prostate --out DATA/site-b --n 40 --size 64x64x32 --spacing 3x3x3 --seed 7 --site b
+    python sample_data/generate.py fundus --out DATA/site-d --n 0 --n-test 200 --size 128 --seed 7 --site d   # optional
     OMP_NUM_THREADS=1 python bench/bench_fit_check.py --data DATA --out sample_data/results/fit_check.json
     OMP_NUM_THREADS=1 python bench/bench_fit_check.py --data DATA --select
 """
@@ -174,8 +176,12 @@ def run_lane(lane: str, data: Path) -> dict:
     out["test_site_a"]["dice"] = dice_by_flag(model, lane, data, ("test",), test)
     if lane in ("fundus", "prostate"):
         splits = ("test",) if lane == "fundus" else ("train", "val", "test")
-        site_b = score_cases(model, split_cases(lane, data / "site-b", splits))
-        out["site_b"] = {**summary(site_b), "dice": dice_by_flag(model, lane, data / "site-b", splits, site_b)}
+        # site B always; site D (issue 26's second unseen site, fundus only) when the data holds it
+        for site in ("site-b", "site-d") if lane == "fundus" else ("site-b",):
+            if site == "site-b" or (data / site).is_dir():
+                rows = score_cases(model, split_cases(lane, data / site, splits))
+                out[site.replace("-", "_")] = {**summary(rows), "dice": dice_by_flag(model, lane, data / site, splits,
+                                                                                      rows)}
     catches = score_cases(model, catch_cases(lane), full=True)
     for row in catches:
         row["any_finding"] = bool(row["findings"])
@@ -242,8 +248,9 @@ def main(argv: list[str] | None = None) -> int:
         r = results[lane]
         line = (f"{lane}: threshold {r['threshold']:.3g}; test site A {r['test_site_a']['flagged']}/"
                 f"{r['test_site_a']['n']} flagged")
-        if "site_b" in r:
-            line += f"; site B {r['site_b']['flagged']}/{r['site_b']['n']}"
+        for key, name in (("site_b", "site B"), ("site_d", "site D")):
+            if key in r:
+                line += f"; {name} {r[key]['flagged']}/{r[key]['n']}"
         c = r["catch"]
         line += (f"; catch set {c['by_score']['flagged']}/{c['by_score']['n']} by the score, "
                  f"{c['by_check_fit']['flagged']}/{c['by_check_fit']['n']} by check_fit")

@@ -1,11 +1,13 @@
 #!/usr/bin/env python
-"""Which of site B's differences breaks a fundus model's group? Site B with one factor put back to site A's value,
-the images otherwise drawn from B's own random stream (generator seed 2027, like the site-B test set), then each
-model evaluated on every variant with ``dmoe evaluate``.
+"""Which of a test site's differences breaks a fundus model's group? The site (B, or D with ``--site d``) with one
+factor put back to site A's value, the images otherwise drawn from that site's own random stream (the seed study's
+generator seed: 2027 for B, 2031 for D), then each model evaluated on every variant with ``dmoe evaluate``; the
+site itself is evaluated too (the same images as the seed study's test set).
 
     python sample_data/site_factors.py MODEL [MODEL ...] --out runs/seeds/site-factors
+    python sample_data/site_factors.py MODEL [MODEL ...] --site d --out runs/seeds/site-factors-d
 
-A diagnosis, not a test: it looks at site B's kind of shift, so a recipe changed because of it must be proven on
+A diagnosis, not a test: it looks at the site's kind of shift, so a recipe changed because of it must be proven on
 a site nobody has looked at. Per-group Dice per model and variant go to <out>/site_factors.md and .json.
 """
 from __future__ import annotations
@@ -19,23 +21,29 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "sample_data"))
-VARIANTS = {  # name -> the site-B parameters replaced by site A's (B itself: the seed study's site-b reports)
-    "b-fov": {"fov": 1.0},
-    "b-contrast": {"contrast": 1.0, "brightness_shift": 0.0},
-    "b-optics": {"blur": 0.0, "noise": 0.015},
+FACTORS = {  # variant suffix -> the site's parameters replaced by site A's ("": the site unchanged)
+    "fov": {"fov": 1.0},
+    "contrast": {"contrast": 1.0, "brightness_shift": 0.0},
+    "optics": {"blur": 0.0, "noise": 0.015},
 }
+SEEDS = {"b": 2027, "d": 2031}  # seed_study.TEST_SEEDS of site-b and site-d
 
 
-def write_variants(data: Path, n: int) -> None:
+def variants(site: str) -> dict[str, dict]:
+    out = {f"{site}-{k}": v for k, v in FACTORS.items()}
+    return out if site == "b" else {site: {}, **out}  # B itself: the seed study's site-b reports
+
+
+def write_variants(data: Path, n: int, site: str = "b") -> None:
     from napari_dmoe.synthetic import fundus
 
-    key = 1 + list(fundus.SITES).index("b")  # B's random stream: the same draws, one factor changed
-    for name, change in VARIANTS.items():
+    key = fundus._SITE_KEY.get(site, 1 + list(fundus.SITES).index(site))  # the site's stream: the same draws
+    for name, change in variants(site).items():
         if (data / name / "test.txt").is_file():
             continue
-        fundus.SITES[name] = {**fundus.SITES["b"], **change}
+        fundus.SITES[name] = {**fundus.SITES[site], **change}
         fundus._SITE_KEY[name] = key
-        fundus.write_fairseg(data / name, n_train=0, n_test=n, seed=2027, size=128, site=name)
+        fundus.write_fairseg(data / name, n_train=0, n_test=n, seed=SEEDS[site], size=128, site=name)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,17 +51,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("models", nargs="+", type=Path)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--n", type=int, default=400)
+    p.add_argument("--site", choices=sorted(SEEDS), default="b", help="the test site to take apart")
     args = p.parse_args(argv)
     from seed_analysis import metrics
 
     args.out = args.out.resolve()  # data.root is read relative to the config's folder
     data = args.out / "data"
-    write_variants(data, args.n)
+    write_variants(data, args.n, args.site)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     rows = []
     for model in args.models:
         tag = f"{model.parent.name}-{model.stem}"
-        for name in VARIANTS:
+        for name in variants(args.site):
             out = args.out / "reports" / name / tag
             if not (out / "report.csv").is_file():
                 subprocess.run(["dmoe", "evaluate", str(model), str(ROOT / "training/robust-fundus-dmoe.yaml"),

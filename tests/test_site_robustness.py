@@ -177,3 +177,29 @@ def test_site_d_is_a_new_domain_shift_only() -> None:
     assert np.mean([residual(s) for s in d]) > 1.5 * np.mean([residual(s) for s in a])
     again = make_fundus(3, race="Black", size=64, index=0, site="d").image
     assert np.array_equal(again, imgs["d"])
+
+
+def test_site_factors_variants_of_site_d_share_its_draws(tmp_path: Path) -> None:
+    """The diagnosis of a test site: the site itself is its test set's images, and each variant puts one factor
+    back to site A's value on the same random draws (same discs, groups and masks; only the camera differs)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sample_data"))
+    import site_factors
+
+    from napari_dmoe.synthetic import fundus
+
+    saved = (dict(fundus.SITES), dict(fundus._SITE_KEY))
+    try:
+        site_factors.write_variants(tmp_path, 3, "d")
+        assert set(site_factors.variants("d")) == {"d", "d-fov", "d-contrast", "d-optics"}
+        own = np.load(tmp_path / "d" / "data_000001.npz")
+        fundus.write_fairseg(tmp_path / "test-set", n_train=0, n_test=3, seed=2031, size=128, site="d")
+        test_set = np.load(tmp_path / "test-set" / "data_000001.npz")  # as seed_study.py writes site-d
+        assert np.array_equal(own["slo_fundus"], test_set["slo_fundus"])
+        optics = np.load(tmp_path / "d-optics" / "data_000001.npz")
+        assert np.array_equal(optics["disc_cup_mask"], own["disc_cup_mask"]) and int(optics["race"]) == int(own["race"])
+        assert not np.array_equal(optics["slo_fundus"], own["slo_fundus"])
+    finally:
+        fundus.SITES.clear(), fundus.SITES.update(saved[0])
+        fundus._SITE_KEY.clear(), fundus._SITE_KEY.update(saved[1])
