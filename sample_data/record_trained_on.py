@@ -43,12 +43,16 @@ def record(lane: str, data: Path, model_path: Path) -> dict:
     return {**run.spec.trained_on, "features": features}
 
 
-def rewrite(path: Path, trained_on: dict) -> None:
-    """Save ``path`` again with ``trained_on`` in its spec; refuse unless every tensor is bitwise unchanged."""
+def rewrite(path: Path, trained_on: dict | None = None, provenance: dict | None = None) -> None:
+    """Save ``path`` again with ``trained_on`` in its spec and/or ``provenance`` entries added to its provenance;
+    refuse unless every tensor is bitwise unchanged."""
     from napari_dmoe.io.checkpoint import load_model, save_model
 
     model = load_model(path)
-    model.spec.trained_on = trained_on
+    if trained_on is not None:
+        model.spec.trained_on = trained_on
+    if provenance:
+        model.spec.provenance = {**model.spec.provenance, **provenance}
     before = load_file(str(path))
     with tempfile.TemporaryDirectory() as tmp:
         probe = save_model(Path(tmp) / path.name, model.network, model.spec)
@@ -59,7 +63,7 @@ def rewrite(path: Path, trained_on: dict) -> None:
     if not same:
         raise SystemExit(f"{path}: the re-saved weights differ from the shipped ones; nothing written")
     save_model(path, model.network, model.spec)
-    print(f"{path}: trained_on written, {len(before)} tensors bitwise unchanged")
+    print(f"{path}: header written, {len(before)} tensors bitwise unchanged")
 
 
 def main(argv: list[str] | None = None) -> int:

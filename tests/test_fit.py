@@ -209,3 +209,37 @@ def test_dmoe_segment_refuses_a_misfit_unless_forced(tmp_path):
                             check=False)
     assert forced.returncode == 0, forced.stderr
     assert nib.load(tmp_path / "b.nii.gz").shape == vol.shape
+
+
+def test_recipe_choice_is_recorded_in_a_model_header(tmp_path, capsys):
+    """Item 5 of issue 26: why a shipped model's recipe was chosen goes into its provenance, weights untouched,
+    and ``dmoe info`` says it."""
+    sys.path.insert(0, str(ASSETS.parent.parent.parent / "sample_data"))
+    import record_recipe_choice
+
+    from napari_dmoe.cli.main import main
+
+    src = ASSETS / "skin-dmoe.safetensors"
+    copy = tmp_path / src.name
+    copy.write_bytes(src.read_bytes())
+    choice = tmp_path / "dmoe.json"
+    choice.write_text(json.dumps({"method": "dmoe", "rule": "higher mean worst group on val-a and val-v",
+                                  "chosen": "new", "ranking": ["new", "old"],
+                                  "candidates": {"new": {"mean": 0.81, "min": 0.78},
+                                                 "old": {"mean": 0.77, "min": 0.7}}}))
+    assert record_recipe_choice.main([str(copy), str(choice), "--tests", "steadier, not better on average"]) == 0
+    before, after = load_file(str(src)), load_file(str(copy))
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    capsys.readouterr()
+    assert main(["info", str(copy)]) == 0
+    out = capsys.readouterr().out
+    assert "recipe chosen on val-a, val-v (validation only): new 0.81 over old 0.77" in out
+    assert "tests beside it: steadier, not better on average" in out
+
+
+def test_shipped_fundus_model_says_why_its_recipe_was_chosen():
+    prov = read_spec(ASSETS / "fundus-dmoe.safetensors").provenance
+    choice = prov["recipe_choice"]
+    assert choice["chosen"] == "robust+mix0.5" and prov["config"]["model"]["router_mix"] == 0.5
+    assert "old" in [r["candidate"] for r in choice["ranking"]]  # the previous recipe was one of the candidates
+    assert (ASSETS.parent.parent.parent / choice["file"]).is_file()

@@ -92,6 +92,13 @@ def _provenance(prov: dict) -> list[str]:
     notes = (prov.get("config") or {}).get("notes")  # the training config's "why this recipe"
     if isinstance(notes, str) and notes.strip():
         out += textwrap.wrap(f"recipe notes: {notes}", 100, subsequent_indent="  ")
+    choice = prov.get("recipe_choice")  # sample_data/record_recipe_choice.py: why this recipe shipped
+    if isinstance(choice, dict) and isinstance(choice.get("ranking"), list):
+        ranked = [f"{r.get('candidate')} {r.get('mean')}" for r in choice["ranking"][:4] if isinstance(r, dict)]
+        out += textwrap.wrap(f"recipe chosen on {choice.get('on', '?')}: {', then '.join(ranked[:1])} over "
+                             f"{', '.join(ranked[1:])} (mean worst-group Dice)", 100, subsequent_indent="  ")
+        if choice.get("tests"):
+            out += textwrap.wrap(f"tests beside it: {choice['tests']}", 100, subsequent_indent="  ")
     tune = prov.get("finetune")
     if isinstance(tune, dict):
         out.append(f"fine-tuned from {tune.get('base_model', '?')}")
