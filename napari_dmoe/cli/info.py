@@ -95,8 +95,9 @@ def _provenance(prov: dict) -> list[str]:
     choice = prov.get("recipe_choice")  # sample_data/record_recipe_choice.py: why this recipe shipped
     if isinstance(choice, dict) and isinstance(choice.get("ranking"), list):
         ranked = [f"{r.get('candidate')} {r.get('mean')}" for r in choice["ranking"][:4] if isinstance(r, dict)]
-        out += textwrap.wrap(f"recipe chosen on {choice.get('on', '?')}: {', then '.join(ranked[:1])} over "
-                             f"{', '.join(ranked[1:])} (mean worst-group Dice)", 100, subsequent_indent="  ")
+        if ranked:
+            out += textwrap.wrap(f"recipe chosen on {choice.get('on', '?')}: {ranked[0]} over {', '.join(ranked[1:])}"
+                                 " (mean worst-group Dice)", 100, subsequent_indent="  ")
         if choice.get("tests"):
             out += textwrap.wrap(f"tests beside it: {choice['tests']}", 100, subsequent_indent="  ")
     tune = prov.get("finetune")
