@@ -33,27 +33,28 @@ def checkpoint_of(name: str) -> str:
     return name.rpartition("@")[2] if "@" in name else "best"
 
 
-def score(runs: Path, method: str, dataset: str = "fundus", checkpoint: str = "best") -> dict:
+def score(runs: Path, method: str, dataset: str = "fundus", checkpoint: str = "best",
+          sets: tuple[str, ...] = VALIDATION) -> dict:
     """Worst-group Dice per (set, seed) of ``method``'s runs under ``runs`` (their ``checkpoint``: best, last or
-    ema); their mean and minimum."""
+    ema) on the validation ``sets``; their mean and minimum."""
     rows = {}
     for (test, ds, m, seed), (_, groups, dice, classes) in load(runs / "reports", checkpoint).items():
-        if test in VALIDATION and ds == dataset and m == method and seed != "shipped":
+        if test in sets and ds == dataset and m == method and seed != "shipped":
             rows[f"{test}/s{seed}"] = metrics(groups, dice, classes)["worst_group_dice"]
     if not rows:
-        raise SystemExit(f"{runs}: no {method} reports on {', '.join(VALIDATION)}: run seed_study.py --on both")
+        raise SystemExit(f"{runs}: no {method} reports on {', '.join(sets)}: run seed_study.py --on both")
     values = list(rows.values())
     return {"runs": str(runs), "worst_group": rows, "mean": float(np.mean(values)), "min": float(np.min(values))}
 
 
-def choose(candidates: dict[str, Path], method: str) -> dict:
-    scored = {name: score(path, method, checkpoint=checkpoint_of(name)) for name, path in candidates.items()}
+def choose(candidates: dict[str, Path], method: str, sets: tuple[str, ...] = VALIDATION) -> dict:
+    scored = {name: score(path, method, checkpoint=checkpoint_of(name), sets=sets) for name, path in candidates.items()}
     keys = {name: sorted(s["worst_group"]) for name, s in scored.items()}
     if len({tuple(k) for k in keys.values()}) != 1:
         raise SystemExit(f"the candidates do not cover the same sets and seeds: {keys}")
     order = sorted(scored, key=lambda n: (scored[n]["min"] < FLOOR, -round(scored[n]["mean"], 3),
                                           list(candidates).index(n)))
-    return {"method": method, "candidates": scored, "ranking": order, "chosen": order[0],
+    return {"method": method, "validation": list(sets), "candidates": scored, "ranking": order, "chosen": order[0],
             "rule": __doc__.split("Rule ", 1)[1].split("\n\n")[0].replace("\n", " ")}
 
 
@@ -85,14 +86,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, help="write <out>/<method>.json")
     p.add_argument("--tests", nargs="+", help="after the choice is written, also write every candidate's figures on "
                    "these tests (e.g. test-a site-b) to <out>/<method>-tests.md; they do not enter the choice")
+    p.add_argument("--validation", nargs="+", default=list(VALIDATION), metavar="SET",
+                   help=f"the validation sets the rule reads (default {' '.join(VALIDATION)}, the committed rule's)")
     args = p.parse_args(argv)
+    if not all(s.startswith("val-") for s in args.validation):
+        p.error("--validation takes validation sets only (val-*); a test set never enters a choice")
     candidates = {}
     for item in args.candidate:
         name, _, path = item.partition("=")
         if not path:
             p.error(f"--candidate {item!r}: expected NAME=RUNS")
         candidates[name] = Path(path)
-    result = choose(candidates, args.method)
+    result = choose(candidates, args.method, tuple(args.validation))
     for name in result["ranking"]:
         s = result["candidates"][name]
         print(f"{name:24s} mean worst group {s['mean']:.4f}  min {s['min']:.4f}  "

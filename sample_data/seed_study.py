@@ -147,13 +147,14 @@ DATA = ROOT / "data" / "seed_study"
 RUNS = ROOT / "runs" / "seeds"
 SUB = {"fundus": "fairseg", "prostate": "prostate"}
 STEPS = {"fundus": (800, 100), "prostate": (1500, 250)}  # the demo configs' recipe.steps and val_every
-TEST_SEEDS = {"test-a": 2026, "site-b": 2027, "site-d": 2031}
-# site-d (issue 26): a second unseen site, made after three rounds of recipes had been scored at B (fundus only)
-TEST_SITES = {"test-a": "a", "site-b": "b", "site-d": "d"}
-TEST_DATASETS = {"site-d": ("fundus",)}
+TEST_SEEDS = {"test-a": 2026, "site-b": 2027, "site-d": 2031, "site-e": 2033}
+# site-d (issue 26): a second unseen site, made after three rounds of recipes had been scored at B; site-e a third,
+# made with the validation site W after D had been scored (fundus only)
+TEST_SITES = {"test-a": "a", "site-b": "b", "site-d": "d", "site-e": "e"}
+TEST_DATASETS = {"site-d": ("fundus",), "site-e": ("fundus",)}
 # Validation-only sets (issue 26): recipes are screened on these, never on the tests above. val-a: a larger site-A
 # validation set than a run's own 10 % split; val-v: site V, neither A nor B (napari_dmoe/synthetic/fundus.py).
-VAL_SEEDS = {"val-a": (2029, "a"), "val-v": (2028, "v")}
+VAL_SEEDS = {"val-a": (2029, "a"), "val-v": (2028, "v"), "val-w": (2032, "w")}  # val-w: added after site D
 RECIPE = "demo"  # training/<RECIPE>-<dataset>-<method>.yaml
 NICE = 10  # the first studies shared the machine with 7 other jobs; --nice 0 where this lane owns its core
 EXTRA: list[str] = []  # --set overrides of a screened candidate, the same for every method

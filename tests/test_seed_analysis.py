@@ -174,6 +174,16 @@ def test_recipe_is_chosen_on_validation_sets_with_the_floor_first(tmp_path: Path
     _write(tmp_path / "partial" / "reports" / "val-a" / "fundus-dmoe-s3", truth)
     with pytest.raises(SystemExit, match="same sets and seeds"):
         mod.choose({"plain": tmp_path / "plain", "partial": tmp_path / "partial"}, "dmoe")
+    # a third validation set (val-w) enters only when asked for; a test set can never be one
+    for name in shifts:
+        for seed in (1, 2):
+            _write(tmp_path / name / "reports" / "val-w" / f"fundus-dmoe-s{seed}",
+                   np.clip(truth - (0.2 if name == "better" else 0.0), 0, 1))
+    wide = mod.choose({n: tmp_path / n for n in shifts}, "dmoe", ("val-a", "val-v", "val-w"))
+    assert wide["chosen"] == "plain" and wide["validation"] == ["val-a", "val-v", "val-w"]
+    assert mod.choose({n: tmp_path / n for n in shifts}, "dmoe")["chosen"] == "better"  # the default rule unchanged
+    with pytest.raises(SystemExit):
+        mod.main(["--method", "dmoe", "--candidate", f"plain={tmp_path / 'plain'}", "--validation", "val-a", "test-a"])
 
 
 def test_the_moving_average_is_a_third_checkpoint_everywhere(tmp_path: Path) -> None:

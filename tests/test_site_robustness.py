@@ -203,3 +203,16 @@ def test_site_factors_variants_of_site_d_share_its_draws(tmp_path: Path) -> None
     finally:
         fundus.SITES.clear(), fundus.SITES.update(saved[0])
         fundus._SITE_KEY.clear(), fundus._SITE_KEY.update(saved[1])
+
+
+def test_sites_w_and_e_are_their_own_domain_shifts() -> None:
+    """W (validation only) is a higher-gain camera like D, milder; E (a test site) a bright, soft, wide one. Both
+    keep every group's labelling (no ``looks_like``) and draw their own images."""
+    assert not {"looks_like"} & (set(FUNDUS_SITES["w"]) | set(FUNDUS_SITES["e"]))
+    assert 1.0 < FUNDUS_SITES["w"]["contrast"] < FUNDUS_SITES["d"]["contrast"]
+    imgs = {site: make_fundus(4, race="Asian", size=64, index=1, site=site).image for site in "abvdwe"}
+    assert all(not np.array_equal(imgs[x], imgs[y]) for x in imgs for y in imgs if x < y)
+    e = [make_fundus(6, race="White", size=96, index=i, site="e") for i in range(16)]
+    a = [make_fundus(6, race="White", size=96, index=i) for i in range(16)]
+    assert np.mean([s.image.mean() for s in e]) > np.mean([s.image.mean() for s in a]) + 10
+    assert np.mean([(s.mask != 0).sum() for s in e]) < 0.9 * np.mean([(s.mask != 0).sum() for s in a])  # wider view

@@ -58,9 +58,16 @@ SITES = {
     # took: a high-gain, bright, noisy camera with sharp optics, and yet other group shares.
     "d": dict(contrast=1.2, brightness_shift=0.08, noise=0.045, blur=0.0, fov=0.92,
               frequencies={"White": 0.50, "Asian": 0.25, "Black": 0.25}),
+    # "w": a second validation-only site (issue 26, after D): a higher-gain camera, the direction neither val-a nor
+    # val-v covered, milder than D and different from it elsewhere. Recipes may be chosen on it, never tested.
+    "w": dict(contrast=1.15, brightness_shift=0.03, noise=0.03, blur=0.3, fov=1.05,
+              frequencies={"White": 0.60, "Asian": 0.20, "Black": 0.20}),
+    # "e": a third test site, fixed before any model was evaluated on it: a bright, soft camera with a wide view.
+    "e": dict(contrast=0.9, brightness_shift=0.10, noise=0.02, blur=0.9, fov=0.88,
+              frequencies={"White": 0.50, "Asian": 0.20, "Black": 0.30}),
 }
 # rng stream per site: fixed keys, so adding a site never changes another site's images
-_SITE_KEY = {"v": 22, "c": 33, "d": 44}
+_SITE_KEY = {"v": 22, "c": 33, "d": 44, "w": 55, "e": 66}
 
 
 def _site(site: str) -> dict:
