@@ -125,6 +125,10 @@ The old recipe's runs (runs/seeds/full) were not kept on this machine, so its dM
 from a copy of the tree at the commit before the demo configs changed (36bbe74), and scored at D the same way:
     python sample_data/seed_study.py run --runs runs/seeds/full --budget 1 --seeds 1234 1 2 --datasets fundus \
         --methods baseline --on tests --nice 0                             # and --methods dmoe, the other lane
+Then, with site D scored, a validation-only site W of D's kind (val-w, seed 2032) and a third test site E (site-e,
+seed 2033) were added, both fixed before any report on them existed (plan: results/seeds/recipe-choice-4/README.md),
+and every candidate's best (and ema) weights were scored on both, nothing else (``evaluate(model, "fundus", method,
+name, ["val-w", "site-e"])`` for each runs folder, two lanes), before recipe_choice.py --validation val-a val-v val-w.
 Training runs go one at a time (a model's evaluation overlaps the next training run) under ``nice -n 10``, one
 torch thread (on the loaded 2-core machine two threads stalled on each other: 20-35 s per 2D step against 2.5-12 s
 with one). Everything is resumable: a finished training run or report is never redone. Runs, logs and full
