@@ -177,11 +177,11 @@ def run_lane(lane: str, data: Path) -> dict:
     if lane in ("fundus", "prostate"):
         splits = ("test",) if lane == "fundus" else ("train", "val", "test")
         # site B always; site D (issue 26's second unseen site, fundus only) when the data holds it
-        for site in ("site-b", "site-d") if lane == "fundus" else ("site-b",):
-            if site == "site-b" or (data / site).is_dir():
-                rows = score_cases(model, split_cases(lane, data / site, splits))
-                out[site.replace("-", "_")] = {**summary(rows), "dice": dice_by_flag(model, lane, data / site, splits,
-                                                                                      rows)}
+        sites = ["site-b"] + (["site-d"] if lane == "fundus" and (data / "site-d").is_dir() else [])
+        for site in sites:
+            rows = score_cases(model, split_cases(lane, data / site, splits))
+            flags = dice_by_flag(model, lane, data / site, splits, rows)
+            out[site.replace("-", "_")] = {**summary(rows), "dice": flags}
     catches = score_cases(model, catch_cases(lane), full=True)
     for row in catches:
         row["any_finding"] = bool(row["findings"])
@@ -257,8 +257,10 @@ def main(argv: list[str] | None = None) -> int:
         print(line, flush=True)
     if args.out:  # lanes not run this time keep their entries (a retrained model is measured alone)
         kept = json.loads(args.out.read_text()) if args.out.is_file() else {}
+        from napari_dmoe.io.files import atomic_write_text
+
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({**kept, **results}, indent=1) + "\n")
+        atomic_write_text(args.out, json.dumps({**kept, **results}, indent=1) + "\n")
     return 0
 
 

@@ -201,9 +201,9 @@ def generate(datasets: list[str] | None = None) -> None:
             (DATA / "train", "prostate", ["--n", "160", "--seed", "0"])]
     for name, seed in TEST_SEEDS.items():
         site = ["--site", TEST_SITES[name]]
-        jobs += [(DATA / name, "fundus", ["--n", "0", "--n-test", "400", "--seed", str(seed), *site]),
-                 (DATA / name, "prostate", ["--n", "80", "--seed", str(seed), *site])]
-        jobs = [job for job in jobs if job[1] in TEST_DATASETS.get(job[0].name, SUB)]
+        jobs += [(DATA / name, kind, args) for kind, args in (
+            ("fundus", ["--n", "0", "--n-test", "400", "--seed", str(seed), *site]),
+            ("prostate", ["--n", "80", "--seed", str(seed), *site])) if kind in TEST_DATASETS.get(name, SUB)]
     for out, kind, args in jobs:
         if (out / SUB[kind] / "provenance.json").is_file() or kind not in (datasets or SUB):
             continue

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
-"""Which of a test site's differences breaks a fundus model's group? The site (B, or D with ``--site d``) with one
+"""Which of a test site's differences breaks a fundus model's group? The site (B, or D or E with ``--site``) with one
 factor put back to site A's value, the images otherwise drawn from that site's own random stream (the seed study's
-generator seed: 2027 for B, 2031 for D), then each model evaluated on every variant with ``dmoe evaluate``; the
+generator seed, seed_study.TEST_SEEDS), then each model evaluated on every variant with ``dmoe evaluate``; the
 site itself is evaluated too (the same images as the seed study's test set).
 
     python sample_data/site_factors.py MODEL [MODEL ...] --out runs/seeds/site-factors
@@ -26,24 +26,30 @@ FACTORS = {  # variant suffix -> the site's parameters replaced by site A's ("":
     "contrast": {"contrast": 1.0, "brightness_shift": 0.0},
     "optics": {"blur": 0.0, "noise": 0.015},
 }
-SEEDS = {"b": 2027, "d": 2031}  # seed_study.TEST_SEEDS of site-b and site-d
+
+
+def _seeds() -> dict[str, int]:
+    """Test site -> the seed study's generator seed for it (seed_study.TEST_SEEDS; site A is no shift)."""
+    from seed_study import TEST_SEEDS, TEST_SITES
+
+    return {TEST_SITES[t]: seed for t, seed in TEST_SEEDS.items() if TEST_SITES[t] != "a"}
 
 
 def variants(site: str) -> dict[str, dict]:
-    out = {f"{site}-{k}": v for k, v in FACTORS.items()}
-    return out if site == "b" else {site: {}, **out}  # B itself: the seed study's site-b reports
+    """The site itself (its test set's images) and one variant per factor."""
+    return {site: {}, **{f"{site}-{k}": v for k, v in FACTORS.items()}}
 
 
 def write_variants(data: Path, n: int, site: str = "b") -> None:
     from napari_dmoe.synthetic import fundus
 
-    key = fundus._SITE_KEY.get(site, 1 + list(fundus.SITES).index(site))  # the site's stream: the same draws
+    key, seed = fundus.site_key(site), _seeds()[site]  # the site's stream: the same draws, one factor changed
     for name, change in variants(site).items():
         if (data / name / "test.txt").is_file():
             continue
         fundus.SITES[name] = {**fundus.SITES[site], **change}
         fundus._SITE_KEY[name] = key
-        fundus.write_fairseg(data / name, n_train=0, n_test=n, seed=SEEDS[site], size=128, site=name)
+        fundus.write_fairseg(data / name, n_train=0, n_test=n, seed=seed, size=128, site=name)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("models", nargs="+", type=Path)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--n", type=int, default=400)
-    p.add_argument("--site", choices=sorted(SEEDS), default="b", help="the test site to take apart")
+    p.add_argument("--site", choices=sorted(_seeds()), default="b", help="the test site to take apart")
     args = p.parse_args(argv)
     from seed_analysis import metrics
 

@@ -70,6 +70,11 @@ SITES = {
 _SITE_KEY = {"v": 22, "c": 33, "d": 44, "w": 55, "e": 66}
 
 
+def site_key(site: str) -> int:
+    """The rng key of ``site``'s stream (a variant of a site drawn with its key shares its draws)."""
+    return _SITE_KEY.get(site, 1 + list(SITES).index(site))
+
+
 def _site(site: str) -> dict:
     if site not in SITES:
         raise SyntheticDataError(f"site {site!r} is not one of {list(SITES)}")
@@ -127,7 +132,7 @@ def make_fundus(seed: int, race: str | None = None, size: int = 224, index: int 
     if size < 32:
         raise SyntheticDataError(f"fundus size {size} is too small; use at least 32 pixels")
     acq = _site(site)
-    key = _SITE_KEY.get(site, 1 + list(SITES).index(site))
+    key = site_key(site)
     rng = rng_for(seed, 1, index) if site == "a" else rng_for(seed, 1, index, key)
     if race is None:
         freqs = acq["frequencies"]
