@@ -151,14 +151,18 @@ DATA = ROOT / "data" / "seed_study"
 RUNS = ROOT / "runs" / "seeds"
 SUB = {"fundus": "fairseg", "prostate": "prostate"}
 STEPS = {"fundus": (800, 100), "prostate": (1500, 250)}  # the demo configs' recipe.steps and val_every
-TEST_SEEDS = {"test-a": 2026, "site-b": 2027, "site-d": 2031, "site-e": 2033}
+TEST_SEEDS = {"test-a": 2026, "site-b": 2027, "site-d": 2031, "site-e": 2033, "site-f": 2050, "site-g": 2051,
+              "site-h": 2052}
 # site-d (issue 26): a second unseen site, made after three rounds of recipes had been scored at B; site-e a third,
-# made with the validation site W after D had been scored (fundus only)
-TEST_SITES = {"test-a": "a", "site-b": "b", "site-d": "d", "site-e": "e"}
-TEST_DATASETS = {"site-d": ("fundus",), "site-e": ("fundus",)}
+# made with the validation site W after D had been scored; sites f, g, h cameras drawn at random (fundus.draw_site),
+# with the random validation sites r1..r8 (fundus only)
+TEST_SITES = {"test-a": "a", "site-b": "b", "site-d": "d", "site-e": "e", "site-f": "f", "site-g": "g", "site-h": "h"}
+TEST_DATASETS = {t: ("fundus",) for t in ("site-d", "site-e", "site-f", "site-g", "site-h")}
 # Validation-only sets (issue 26): recipes are screened on these, never on the tests above. val-a: a larger site-A
 # validation set than a run's own 10 % split; val-v: site V, neither A nor B (napari_dmoe/synthetic/fundus.py).
-VAL_SEEDS = {"val-a": (2029, "a"), "val-v": (2028, "v"), "val-w": (2032, "w")}  # val-w: added after site D
+VAL_SEEDS = {"val-a": (2029, "a"), "val-v": (2028, "v"), "val-w": (2032, "w"),  # val-w: added after site D
+             **{f"val-r{i}": (2040 + i, f"r{i}") for i in range(1, 9)}}  # cameras drawn at random, after site E
+VAL_N = {name: 200 if name.startswith("val-r") else 400 for name in VAL_SEEDS}  # images per validation set
 RECIPE = "demo"  # training/<RECIPE>-<dataset>-<method>.yaml
 NICE = 10  # the first studies shared the machine with 7 other jobs; --nice 0 where this lane owns its core
 EXTRA: list[str] = []  # --set overrides of a screened candidate, the same for every method
@@ -166,12 +170,12 @@ SHIPPED = {d: ROOT / "napari_dmoe" / "assets" / "models" / f"{d}-dmoe.safetensor
 
 
 def _validation_sets() -> None:
-    """Fundus validation sets (400 images each), written by the generator's own function: the CLI knows sites a, b."""
+    """Fundus validation sets (VAL_N images each), written by the generator's function (the CLI writes tests)."""
     from napari_dmoe.synthetic.fundus import write_fairseg
 
     for name, (seed, site) in VAL_SEEDS.items():
         if not (DATA / name / "fairseg" / "test.txt").is_file():
-            write_fairseg(DATA / name / "fairseg", n_train=0, n_test=400, seed=seed, size=128, site=site)
+            write_fairseg(DATA / name / "fairseg", n_train=0, n_test=VAL_N[name], seed=seed, size=128, site=site)
 
 
 def _log(text: str) -> None:
@@ -265,7 +269,7 @@ def _evaluate_run(best: Path, dataset: str, method: str, seed: int, on: str) -> 
         evaluate(best, dataset, method, name)
         if ema.is_file():
             evaluate(ema, dataset, method, f"{name}-ema")
-    if on == "tests":
+    if on in ("tests", "none"):
         return
     _validation_sets()
     evaluate(best, dataset, method, name, list(VAL_SEEDS))
@@ -277,7 +281,7 @@ def _evaluate_run(best: Path, dataset: str, method: str, seed: int, on: str) -> 
 def main(argv: list[str] | None = None) -> int:
     global RUNS
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("step", choices=["data", "run", "shipped", "last", "analyse"])
+    p.add_argument("step", choices=["data", "run", "score", "shipped", "last", "analyse"])
     p.add_argument("--budget", type=float, default=1.0, help="fraction of the demo configs' steps (same for all)")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--datasets", nargs="+", choices=sorted(SUB), default=["fundus", "prostate"])
@@ -287,9 +291,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--recipe", default="demo", help="config family: training/<recipe>-<dataset>-<method>.yaml")
     p.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
                    help="config override of a screened candidate, for every method alike")
-    p.add_argument("--on", choices=["tests", "validation", "both"], default="tests",
+    p.add_argument("--sets", nargs="+", help="score: the test or validation sets to evaluate finished runs on")
+    p.add_argument("--checkpoint", choices=["best", "last", "ema"], default="best", help="score: which weights")
+    p.add_argument("--on", choices=["tests", "validation", "both", "none"], default="tests",
                    help="evaluate on the fresh tests (A, B), or only on the validation sets (val-a, val-v) with best "
-                        "and last weights both (screening never looks at a test), or both")
+                        "and last weights both (screening never looks at a test), or both, or none (train only; then score)")
     p.add_argument("--nice", type=int, default=10, help="niceness of the training and evaluation processes")
     args = p.parse_args(argv)
     global RECIPE, NICE
@@ -308,6 +314,20 @@ def main(argv: list[str] | None = None) -> int:
                     name = f"{dataset}-{method}-s{seed}"
                     if _finished(name):
                         evaluate(RUNS / name / "last.safetensors", dataset, method, f"{name}-last")
+    if args.step == "score":  # finished runs on named sets only (a choice's validation first, its tests after)
+        unknown = set(args.sets or ()) - set(TEST_SEEDS) - set(VAL_SEEDS)
+        if not args.sets or unknown:
+            p.error(f"score needs --sets from {[*TEST_SEEDS, *VAL_SEEDS]}; unknown: {sorted(unknown)}")
+        if set(args.sets) & set(VAL_SEEDS):
+            _validation_sets()
+        suffix = "" if args.checkpoint == "best" else f"-{args.checkpoint}"
+        for dataset in args.datasets:
+            for seed in args.seeds:
+                for method in args.methods:
+                    name = f"{dataset}-{method}-s{seed}"
+                    model = RUNS / name / f"{args.checkpoint}.safetensors"
+                    if _finished(name) and model.is_file():
+                        evaluate(model, dataset, method, name + suffix, args.sets)
     if args.step == "shipped":
         for dataset in args.datasets:
             evaluate(SHIPPED[dataset], dataset, "dmoe", f"{dataset}-dmoe-shipped")

@@ -66,8 +66,27 @@ SITES = {
     "e": dict(contrast=0.9, brightness_shift=0.10, noise=0.02, blur=0.9, fov=0.88,
               frequencies={"White": 0.50, "Asian": 0.20, "Black": 0.30}),
 }
+# A distribution of cameras (issue 26, fifth step): every factor drawn uniformly and independently over the span of
+# the sites above (A, B, V, W, D, E), widened a little; group shares drawn too. Sites drawn from it by a fixed seed
+# are nobody's design: validation-only sites r1..r8 (a recipe may be chosen on them) and test sites f, g, h (never).
+CAMERA_RANGE = dict(contrast=(0.7, 1.25), brightness_shift=(-0.08, 0.12), noise=(0.01, 0.05), blur=(0.0, 1.0),
+                    fov=(0.84, 1.14))
+
+
+def draw_site(seed: int) -> dict:
+    """One site's acquisition values drawn from CAMERA_RANGE by ``seed`` (rounded to 3 decimals for the record)."""
+    rng = np.random.default_rng(seed)
+    site = {k: round(float(rng.uniform(lo, hi)), 3) for k, (lo, hi) in CAMERA_RANGE.items()}
+    asian, black = round(float(rng.uniform(0.15, 0.3)), 3), round(float(rng.uniform(0.2, 0.35)), 3)
+    site["frequencies"] = {"White": round(1.0 - asian - black, 3), "Asian": asian, "Black": black}
+    return site
+
+
+DRAWN_SITES = {**{f"r{i}": 4100 + i for i in range(1, 9)}, "f": 4200, "g": 4201, "h": 4202}  # site -> draw seed
+SITES.update({name: draw_site(seed) for name, seed in DRAWN_SITES.items()})
 # rng stream per site: fixed keys, so adding a site never changes another site's images
-_SITE_KEY = {"v": 22, "c": 33, "d": 44, "w": 55, "e": 66}
+_SITE_KEY = {"v": 22, "c": 33, "d": 44, "w": 55, "e": 66, **{f"r{i}": 100 + i for i in range(1, 9)},
+             "f": 120, "g": 121, "h": 122}
 
 
 def site_key(site: str) -> int:
