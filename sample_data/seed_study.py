@@ -298,6 +298,9 @@ def main(argv: list[str] | None = None) -> int:
                         "and last weights both (screening never looks at a test), or both, or none (train only; then score)")
     p.add_argument("--nice", type=int, default=10, help="niceness of the training and evaluation processes")
     args = p.parse_args(argv)
+    unknown = set(args.sets or ()) - set(TEST_SEEDS) - set(VAL_SEEDS)
+    if unknown or (args.step == "score" and not args.sets):  # refused before anything is written
+        p.error(f"score needs --sets from {[*TEST_SEEDS, *VAL_SEEDS]}; unknown: {sorted(unknown)}")
     global RECIPE, NICE
     RECIPE, RUNS, NICE = args.recipe, args.runs.resolve(), args.nice
     EXTRA[:] = [x for kv in args.extra for x in ("--set", kv)]
@@ -315,9 +318,6 @@ def main(argv: list[str] | None = None) -> int:
                     if _finished(name):
                         evaluate(RUNS / name / "last.safetensors", dataset, method, f"{name}-last")
     if args.step == "score":  # finished runs on named sets only (a choice's validation first, its tests after)
-        unknown = set(args.sets or ()) - set(TEST_SEEDS) - set(VAL_SEEDS)
-        if not args.sets or unknown:
-            p.error(f"score needs --sets from {[*TEST_SEEDS, *VAL_SEEDS]}; unknown: {sorted(unknown)}")
         if set(args.sets) & set(VAL_SEEDS):
             _validation_sets()
         suffix = "" if args.checkpoint == "best" else f"-{args.checkpoint}"

@@ -216,3 +216,59 @@ def test_sites_w_and_e_are_their_own_domain_shifts() -> None:
     a = [make_fundus(6, race="White", size=96, index=i) for i in range(16)]
     assert np.mean([s.image.mean() for s in e]) > np.mean([s.image.mean() for s in a]) + 10
     assert np.mean([(s.mask != 0).sum() for s in e]) < 0.9 * np.mean([(s.mask != 0).sum() for s in a])  # wider view
+
+
+# sha256 of make_fundus(0, size=64, index=0, site=s) taken at fd3a499, before sites were drawn from CAMERA_RANGE
+SITE_HASHES = {
+    "b": "52eabb1c7f2a902a570fcd761de5dc97a20c15ee2d4fefddfbd0e62b0436210e",
+    "v": "09fce13edd7f206a4efa0da04e79780ea10ed0f8e5d089be9ff6c93cea1b8d60",
+    "c": "5b22308cc14b460c9e3994e58c8da8c5f0c38f96d3f801aae596435df64f6d01",
+    "d": "c9e9bc807409c85aa615e92a4db96f3af69271536abf9b5c2ca7cf04177278ab",
+    "w": "9560e85e2cd3671212d612b827fe00788974e2a23e7647fa85e6239053b08bc3",
+    "e": "e15b2061bdb9eac0eef9288bbde231755edec9732ea310731b1731e7243a406e",
+}
+
+
+def test_drawn_sites_stay_in_the_camera_range_and_leave_the_made_sites_alone() -> None:
+    """Sites drawn from the camera distribution: reproducible from their seed, every factor inside its range, group
+    shares that sum to one, their own random streams; and adding them changed no earlier site's images."""
+    import hashlib
+    import json
+
+    from napari_dmoe.synthetic import fundus
+
+    for name, seed in fundus.DRAWN_SITES.items():
+        site = fundus.SITES[name]
+        assert site == fundus.draw_site(seed)
+        for factor, (lo, hi) in fundus.CAMERA_RANGE.items():
+            assert lo <= site[factor] <= hi, (name, factor)
+        assert abs(sum(site["frequencies"].values()) - 1.0) < 1e-9 and min(site["frequencies"].values()) > 0.1
+        assert "looks_like" not in site  # a domain shift only
+    assert fundus.draw_site(1) != fundus.draw_site(2)
+    keys = [fundus.site_key(s) for s in fundus.SITES]
+    assert len(set(keys)) == len(keys)
+    for name, digest in SITE_HASHES.items():
+        s = make_fundus(0, size=64, index=0, site=name)
+        got = hashlib.sha256(s.image.tobytes() + s.mask.tobytes() + s.race.encode()
+                             + json.dumps(s.attributes).encode()).hexdigest()
+        assert got == digest, name
+    g = [make_fundus(2, race="White", size=96, index=i, site="g") for i in range(16)]  # G: brighter, lower contrast
+    a = [make_fundus(2, race="White", size=96, index=i) for i in range(16)]
+    assert np.mean([s.image.mean() for s in g]) > np.mean([s.image.mean() for s in a]) + 10
+
+
+def test_seed_study_scores_named_sets_only(tmp_path: Path) -> None:
+    """``seed_study.py score`` evaluates finished runs on the sets it is given and refuses a name it does not know;
+    the drawn validation sets are smaller (200 images) and the drawn test sites are fundus only."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sample_data"))
+    import seed_study
+
+    assert {f"val-r{i}" for i in range(1, 9)} <= set(seed_study.VAL_SEEDS)
+    assert seed_study.VAL_N["val-r3"] == 200 and seed_study.VAL_N["val-a"] == 400
+    assert all(seed_study.TEST_DATASETS[t] == ("fundus",) for t in ("site-f", "site-g", "site-h"))
+    with pytest.raises(SystemExit) as refused:
+        seed_study.main(["score", "--runs", str(tmp_path), "--sets", "val-zz", "--datasets", "prostate"])
+    assert refused.value.code == 2
+    assert not any(tmp_path.iterdir())  # refused before anything was written
