@@ -224,3 +224,32 @@ def test_the_moving_average_is_a_third_checkpoint_everywhere(tmp_path: Path) -> 
     expected = mod.metrics(GROUPS, truth + 0.03, ["rim", "cup"])["worst_group_dice"]
     assert all(r["worst_group_dice"] == pytest.approx(expected) for r in dmoe)
     assert "dmoe ema" in (tmp_path / "o/seed_study.md").read_text()
+
+
+@pytest.mark.slow
+def test_site_pool_averages_sites_and_counts_seed_pairs(tmp_path: Path) -> None:
+    """site_pool.py: two sites where dMoE is +0.06 and -0.02 on every case pool to +0.02 with a CI covering it; the
+    (site, seed) pairs count where dMoE's worst group is at least the baseline's; a site missing a method is refused."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "sample_data"))
+    import site_pool
+
+    rng = np.random.default_rng(3)
+    for test, shift in (("site-x", 0.06), ("site-y", -0.02)):
+        truth = rng.uniform(0.6, 0.9, (len(GROUPS), 2))
+        for seed in (1, 2):
+            _write(tmp_path / "base/reports" / test / f"fundus-baseline-s{seed}", truth + rng.normal(0, 0.005, truth.shape))
+            _write(tmp_path / "new/reports" / test / f"fundus-dmoe-s{seed}",
+                   truth + shift + rng.normal(0, 0.005, truth.shape))
+    out = tmp_path / "pooled.json"
+    runs = [f"{tmp_path / 'new'}:dmoe", f"{tmp_path / 'base'}:baseline"]
+    assert site_pool.main(["--runs", *runs, "--tests", "site-x", "site-y", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    w = result["delta_worst_group_dice"]
+    assert w["value"] == pytest.approx(0.02, abs=0.01) and w["ci95"][0] < 0.02 < w["ci95"][1]
+    assert w["per_site"]["site-x"] == pytest.approx(0.06, abs=0.01)
+    assert w["per_site"]["site-y"] == pytest.approx(-0.02, abs=0.01)
+    assert result["pairs_dmoe_at_least_baseline"] == "2 of 4"
+    with pytest.raises(SystemExit, match="site-z"):
+        site_pool.main(["--runs", *runs, "--tests", "site-x", "site-z"])
