@@ -129,6 +129,23 @@ Then, with site D scored, a validation-only site W of D's kind (val-w, seed 2032
 seed 2033) were added, both fixed before any report on them existed (plan: results/seeds/recipe-choice-4/README.md),
 and every candidate's best (and ema) weights were scored on both, nothing else (``evaluate(model, "fundus", method,
 name, ["val-w", "site-e"])`` for each runs folder, two lanes), before recipe_choice.py --validation val-a val-v val-w.
+Seventh session (2026-12-07 night, plan: results/seeds/recipe-choice-5/README.md): cameras drawn from
+fundus.CAMERA_RANGE, eight for validation (val-r1..r8) and three for the test (site-f, -g, -h); the candidates'
+runs retrained (they were not kept; the same commands as above with ``--on none``), scored on validation, the
+choice committed, then the tests:
+    python sample_data/seed_study.py run --recipe robust --runs runs/seeds/robust-smooth03 --budget 1 \
+        --seeds 1234 1 2 --datasets fundus --methods dmoe --on none --nice 0 --set recipe.ema=0.995 \
+        --set router_smoothing=0.03          # and robust-full, robust-mix, robust-bz (baseline) with their --set
+    python sample_data/seed_study.py score --recipe robust --runs runs/seeds/robust-smooth03 --seeds 1234 1 2 \
+        --datasets fundus --methods dmoe --nice 0 --sets val-a val-v val-w val-r1 ... val-r8   # each runs folder
+    python sample_data/recipe_choice.py --method dmoe --candidate robust=runs/seeds/robust-full \
+        --candidate robust+mix0.5=runs/seeds/robust-mix --candidate robust+smooth0.03=runs/seeds/robust-smooth03 \
+        --validation val-a val-v val-w val-r1 ... val-r8 --out sample_data/results/seeds/recipe-choice-5
+    python sample_data/seed_study.py score ... --sets site-f site-g site-h test-a site-b site-d site-e
+    python sample_data/seed_analysis.py --runs runs/seeds/robust-mix:dmoe runs/seeds/robust-bz:baseline \
+        --tests test-a site-b site-d site-e site-f site-g site-h --out sample_data/results/seeds/site-fgh
+    python sample_data/site_pool.py --runs runs/seeds/robust-mix:dmoe runs/seeds/robust-bz:baseline \
+        --tests site-f site-g site-h --out sample_data/results/seeds/site-fgh/pooled-fgh-robust-mix.json
 Training runs go one at a time (a model's evaluation overlaps the next training run) under ``nice -n 10``, one
 torch thread (on the loaded 2-core machine two threads stalled on each other: 20-35 s per 2D step against 2.5-12 s
 with one). Everything is resumable: a finished training run or report is never redone. Runs, logs and full
