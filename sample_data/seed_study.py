@@ -169,12 +169,12 @@ RUNS = ROOT / "runs" / "seeds"
 SUB = {"fundus": "fairseg", "prostate": "prostate"}
 STEPS = {"fundus": (800, 100), "prostate": (1500, 250)}  # the demo configs' recipe.steps and val_every
 TEST_SEEDS = {"test-a": 2026, "site-b": 2027, "site-d": 2031, "site-e": 2033, "site-f": 2050, "site-g": 2051,
-              "site-h": 2052}
+              "site-h": 2052, "site-i": 2053, "site-j": 2054, "site-k": 2055}
 # site-d (issue 26): a second unseen site, made after three rounds of recipes had been scored at B; site-e a third,
-# made with the validation site W after D had been scored; sites f, g, h cameras drawn at random (fundus.draw_site),
-# with the random validation sites r1..r8 (fundus only)
-TEST_SITES = {"test-a": "a", "site-b": "b", "site-d": "d", "site-e": "e", "site-f": "f", "site-g": "g", "site-h": "h"}
-TEST_DATASETS = {t: ("fundus",) for t in ("site-d", "site-e", "site-f", "site-g", "site-h")}
+# made with the validation site W after D had been scored; sites f..k cameras drawn at random (fundus.draw_site),
+# with the random validation sites r1..r8 (i, j, k after f, g, h had been read; fundus only)
+TEST_SITES = {"test-a": "a", "site-b": "b", **{f"site-{s}": s for s in "defghijk"}}
+TEST_DATASETS = {f"site-{s}": ("fundus",) for s in "defghijk"}
 # Validation-only sets (issue 26): recipes are screened on these, never on the tests above. val-a: a larger site-A
 # validation set than a run's own 10 % split; val-v: site V, neither A nor B (napari_dmoe/synthetic/fundus.py).
 VAL_SEEDS = {"val-a": (2029, "a"), "val-v": (2028, "v"), "val-w": (2032, "w"),  # val-w: added after site D

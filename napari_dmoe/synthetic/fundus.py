@@ -68,7 +68,7 @@ SITES = {
 }
 # A distribution of cameras (issue 26, fifth step): every factor drawn uniformly and independently over the span of
 # the sites above (A, B, V, W, D, E), widened a little; group shares drawn too. Sites drawn from it by a fixed seed
-# are nobody's design: validation-only sites r1..r8 (a recipe may be chosen on them) and test sites f, g, h (never).
+# are nobody's design: validation-only sites r1..r8 (a recipe may be chosen on them) and test sites f..k (never).
 CAMERA_RANGE = dict(contrast=(0.7, 1.25), brightness_shift=(-0.08, 0.12), noise=(0.01, 0.05), blur=(0.0, 1.0),
                     fov=(0.84, 1.14))
 
@@ -82,11 +82,12 @@ def draw_site(seed: int) -> dict:
     return site
 
 
-DRAWN_SITES = {**{f"r{i}": 4100 + i for i in range(1, 9)}, "f": 4200, "g": 4201, "h": 4202}  # site -> draw seed
+DRAWN_SITES = {**{f"r{i}": 4100 + i for i in range(1, 9)}, "f": 4200, "g": 4201, "h": 4202,  # site -> draw seed
+               "i": 4203, "j": 4204, "k": 4205}  # i, j, k: the test of the sixth step (after F, G, H were read)
 SITES.update({name: draw_site(seed) for name, seed in DRAWN_SITES.items()})
 # rng stream per site: fixed keys, so adding a site never changes another site's images
 _SITE_KEY = {"v": 22, "c": 33, "d": 44, "w": 55, "e": 66, **{f"r{i}": 100 + i for i in range(1, 9)},
-             "f": 120, "g": 121, "h": 122}
+             "f": 120, "g": 121, "h": 122, "i": 123, "j": 124, "k": 125}
 
 
 def site_key(site: str) -> int:
