@@ -312,7 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint", choices=["best", "last", "ema"], default="best", help="score: which weights")
     p.add_argument("--on", choices=["tests", "validation", "both", "none"], default="tests",
                    help="evaluate on the fresh tests (A, B), or only on the validation sets (val-a, val-v) with best "
-                        "and last weights both (screening never looks at a test), or both, or none (train only; then score)")
+                        "and last weights both (screening never looks at a test), or both, or none (train only, "
+                        "then score)")
     p.add_argument("--nice", type=int, default=10, help="niceness of the training and evaluation processes")
     args = p.parse_args(argv)
     unknown = set(args.sets or ()) - set(TEST_SEEDS) - set(VAL_SEEDS)

@@ -56,7 +56,8 @@ def pooled(sites: dict[str, tuple[list[str], list[np.ndarray], list[np.ndarray]]
              for t, c in coded.items() for k in all_seeds}
     return {"sites": list(coded), "n_seeds": int(all_seeds.size),
             **{f"delta_{m}": {"value": float(point[i]), "ci95": [float(lo[i]), float(hi[i])],
-                              "per_site": {t: float(d[i]) for t, d in per_site.items()}} for i, m in enumerate(METRICS)},
+                              "per_site": {t: float(d[i]) for t, d in per_site.items()}}
+               for i, m in enumerate(METRICS)},
             "worst_group_delta_per_site_and_seed": pairs,
             "pairs_dmoe_at_least_baseline": f"{sum(v >= 0 for v in pairs.values())} of {len(pairs)}"}
 

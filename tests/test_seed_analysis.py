@@ -239,7 +239,8 @@ def test_site_pool_averages_sites_and_counts_seed_pairs(tmp_path: Path) -> None:
     for test, shift in (("site-x", 0.06), ("site-y", -0.02)):
         truth = rng.uniform(0.6, 0.9, (len(GROUPS), 2))
         for seed in (1, 2):
-            _write(tmp_path / "base/reports" / test / f"fundus-baseline-s{seed}", truth + rng.normal(0, 0.005, truth.shape))
+            _write(tmp_path / "base/reports" / test / f"fundus-baseline-s{seed}",
+                   truth + rng.normal(0, 0.005, truth.shape))
             _write(tmp_path / "new/reports" / test / f"fundus-dmoe-s{seed}",
                    truth + shift + rng.normal(0, 0.005, truth.shape))
     out = tmp_path / "pooled.json"
