@@ -146,6 +146,9 @@ choice committed, then the tests:
         --tests test-a site-b site-d site-e site-f site-g site-h --out sample_data/results/seeds/site-fgh
     python sample_data/site_pool.py --runs runs/seeds/robust-mix:dmoe runs/seeds/robust-bz:baseline \
         --tests site-f site-g site-h --out sample_data/results/seeds/site-fgh/pooled-fgh-robust-mix.json
+Then the sixth step (plan: results/seeds/recipe-choice-6/README.md): the candidate robust+smooth0.03+zoom0.15
+(the smoothing command with ``--set augment.zoom=0.15``, runs/seeds/robust-smooth03-zoom) and test cameras site-i,
+-j, -k, the same order (train, score val-*, choose, commit, score the tests; analysis into results/seeds/site-ijk).
 Training runs go one at a time (a model's evaluation overlaps the next training run) under ``nice -n 10``, one
 torch thread (on the loaded 2-core machine two threads stalled on each other: 20-35 s per 2D step against 2.5-12 s
 with one). Everything is resumable: a finished training run or report is never redone. Runs, logs and full
