@@ -15,18 +15,18 @@ import numpy as np
 from scipy.stats import spearmanr
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from seed_analysis import load, metrics  # noqa: E402
-from seed_study import TEST_SITES, VAL_SEEDS  # noqa: E402
+from recipe_choice import score  # noqa: E402
+from seed_study import TEST_SEEDS, TEST_SITES, VAL_SEEDS  # noqa: E402
 
 from napari_dmoe.synthetic.fundus import CAMERA_RANGE, SITES  # noqa: E402
 
 
 def worst_by_set(runs: Path, method: str = "dmoe") -> dict[str, float]:
-    """Set -> worst-group Dice averaged over the seeds of ``runs``' best checkpoints."""
+    """Set -> worst-group Dice averaged over the seeds of ``runs``' best checkpoints (recipe_choice.score's
+    figures, on every set it finds)."""
     found: dict[str, list[float]] = {}
-    for (test, dataset, m, seed), (_, groups, dice, classes) in load(runs / "reports").items():
-        if dataset == "fundus" and m == method and seed != "shipped":
-            found.setdefault(test, []).append(metrics(groups, dice, classes)["worst_group_dice"])
+    for key, value in score(runs, method, sets=(*TEST_SEEDS, *VAL_SEEDS))["worst_group"].items():
+        found.setdefault(key.split("/")[0], []).append(value)  # key: "<set>/s<seed>"
     return {t: float(np.mean(v)) for t, v in found.items()}
 
 
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     a, b = worst_by_set(args.first), worst_by_set(args.second)
     site_of = {**TEST_SITES, **{name: site for name, (_, site) in VAL_SEEDS.items()}}
-    sets = sorted(set(a) & set(b) & set(site_of), key=lambda s: SITES[site_of[s]]["fov"])
+    sets = sorted(set(a) & set(b) & set(site_of), key=lambda s: (SITES[site_of[s]]["fov"], s))
     factors = list(CAMERA_RANGE)
     lines = [f"{args.first.name} minus {args.second.name}, worst-group Dice (mean over seeds), sets by field of view",
              "", "| set | role | " + " | ".join(factors) + " | difference |", "|---|---|" + "---|" * (len(factors) + 1)]

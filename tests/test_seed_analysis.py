@@ -254,3 +254,24 @@ def test_site_pool_averages_sites_and_counts_seed_pairs(tmp_path: Path) -> None:
     assert result["pairs_dmoe_at_least_baseline"] == "2 of 4"
     with pytest.raises(SystemExit, match="site-z"):
         site_pool.main(["--runs", *runs, "--tests", "site-x", "site-z"])
+
+
+def test_recipe_by_site_lists_each_set_with_its_camera(tmp_path: Path) -> None:
+    """recipe_by_site.py: two recipes' worst-group difference per set (mean over seeds), the sets ordered by field
+    of view, each beside its camera's values."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "sample_data"))
+    import recipe_by_site
+
+    rng = np.random.default_rng(4)
+    for test, shift in (("site-b", 0.04), ("val-v", -0.03)):
+        truth = rng.uniform(0.6, 0.9, (len(GROUPS), 2))
+        for seed in (1, 2):
+            _write(tmp_path / "one/reports" / test / f"fundus-dmoe-s{seed}", truth + shift)
+            _write(tmp_path / "two/reports" / test / f"fundus-dmoe-s{seed}", truth)
+    out = tmp_path / "by_site.md"
+    assert recipe_by_site.main([str(tmp_path / "one"), str(tmp_path / "two"), "--out", str(out)]) == 0
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| site-") or line.startswith("| val-")]
+    assert [r.split(" | ")[0] for r in rows] == ["| site-b", "| val-v"]  # fov 0.85 before 1.12
+    assert rows[0].endswith("| 0.850 | +0.040 |") and rows[1].endswith("| 1.120 | -0.030 |")
