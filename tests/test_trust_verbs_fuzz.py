@@ -101,6 +101,9 @@ def data_root(tmp_path_factory) -> Path:
 @example(changes={"recipe.grad_clip": -1})
 @example(changes={"recipe.poly_power": -1.0})
 @example(changes={"recipe.lr": 1e400})
+@example(changes={"data.attributes": [[]]})  # CI found: a list inside the list of names
+@example(changes={"data.attributes": {"sex": [["F"], "M"]}})
+@example(changes={"data.attributes": ["sex", "sex"]})
 def test_recipe_loader_on_random_values(tmp_path, data_root, changes):
     from napari_dmoe.training.config import ConfigError, load_config
 

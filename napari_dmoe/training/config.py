@@ -360,6 +360,11 @@ def attribute_vocabularies(value: Any) -> list[dict[str, Any]]:
     if isinstance(value, str):
         value = [value]
     if isinstance(value, list):
+        bad = [name for name in value if not isinstance(name, str)]
+        if bad:
+            raise ConfigError(f"config key 'data.attributes': attribute name {bad[0]!r} must be a string")
+        if len(set(value)) != len(value):
+            raise ConfigError(f"config key 'data.attributes': an attribute is listed twice in {value}")
         value = {name: None for name in value}
     if not isinstance(value, dict) or not value:
         raise ConfigError("config key 'data.attributes': expected an attribute name, a list of names, or a "
@@ -373,9 +378,14 @@ def attribute_vocabularies(value: Any) -> list[dict[str, Any]]:
                 raise ConfigError(f"config key 'data.attributes.{name}': no default vocabulary for {name!r}; "
                                   f"list its values, e.g. {{{name}: [A, B]}}")
             values = DEFAULT_VALUES[name]
-        if not isinstance(values, list) or len(values) < 1:
-            raise ConfigError(f"config key 'data.attributes.{name}': expected a list of values, got {values!r}")
-        out.append({"name": name, "values": [str(v) for v in values]})
+        if (not isinstance(values, list) or len(values) < 1
+                or not all(isinstance(v, (str, int)) and not isinstance(v, bool) for v in values)):
+            raise ConfigError(f"config key 'data.attributes.{name}': expected a list of values (names or "
+                              f"numbers), got {values!r}")
+        names = [str(v) for v in values]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"config key 'data.attributes.{name}': a value is listed twice in {names}")
+        out.append({"name": name, "values": names})
     return out
 
 
