@@ -35,13 +35,15 @@ from seed_plot import plot  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 NAME = re.compile(r"^(?P<dataset>[a-z]+)-(?P<method>[a-z]+)-(?:s(?P<seed>\d+)|(?P<shipped>shipped))"
-                  r"(?:-(?P<ck>last|ema))?$")
+                  r"(?:-(?P<ck>last|ema|zoom1|zoom))?$")
 N_BOOT = 2000
 # (method, reference): dMoE against the baseline is the study's question; against MoE (same experts, one router) it
 # asks whether the attribute routing, not the capacity, makes the difference
 CONTRASTS = [("dmoe", "baseline"), ("dmoe", "moe"), ("moe", "baseline"), ("febs", "baseline")]
 METHOD_NAMES = ("baseline", "febs", "moe", "dmoe")  # the study's methods, reference first
-CHECKPOINTS = ("best", "last", "ema")  # a run's validation-chosen weights, its final ones, their moving average
+# a run's validation-chosen weights, its final ones, their moving average; "zoom1"/"zoom": the validation-chosen
+# weights with each set's site calibration of one or two rounds (site_zoom.py)
+CHECKPOINTS = ("best", "last", "ema", "zoom1", "zoom")
 
 
 def load(reports: Path, checkpoint: str = "best") -> dict:
@@ -289,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=ROOT / "sample_data" / "results" / "seeds")
     p.add_argument("--checkpoint", choices=CHECKPOINTS, default="best",
                    help="best: the checkpoint each run's validation chose (the protocol); last: the final weights; "
-                   "ema: their moving average (recipe.ema)")
+                   "ema: their moving average (recipe.ema); zoom1, zoom: best with each set's site calibration (1, 2 rounds)")
     p.add_argument("--tests", nargs="+", help="only these test folders (e.g. test-a site-b, or the validation sets "
                    "val-a val-v); default every one found")
     p.add_argument("--old", type=Path, help="an earlier study's cases.csv.gz: pair each method's runs with its "

@@ -12,6 +12,6 @@ COMMANDS: list[str] = [
     "demo",
     "segment",
     "serve",
-    "train", "evaluate", "compare",
+    "train", "evaluate", "compare", "calibrate",
     "finetune_compare",
 ]

@@ -22,6 +22,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the 95%% CIs (default 1000)")
     p.add_argument("--name", default=None, help="method name in the report (default: the model's method)")
+    p.add_argument("--zoom", type=float, default=1.0, metavar="Z",
+                   help="segment every case zoomed by Z about its centre (2D models): the site calibration "
+                   "`dmoe calibrate` measures (default 1: as the images are)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an earlier report in --out (never an input: the model, the config, the data's tables)")
@@ -32,12 +35,15 @@ def run(args: argparse.Namespace) -> int:
     from napari_dmoe.io.checkpoint import load_model
     from napari_dmoe.training.config import load_config
 
+    from napari_dmoe.inference.scale import check_zoom
+
     config = load_config(args.dataset_config, args.overrides, training=False)
     check_report_outputs(Path(args.out), args, config)  # before the model loads: a refusal costs nothing
     model = load_model(args.model)
+    zoom = check_zoom(args.zoom, model.spec.spatial_dims)
     name = args.name or model.spec.provenance.get("method") or Path(args.model).stem
     report = evaluate(model, config, args.split, Path(args.out), device=args.device, n_boot=args.n_boot,
-                      name=name, quiet=args.quiet)
+                      name=name, quiet=args.quiet, zoom=zoom)
     if not report:  # torchrun: a process other than rank 0, which writes and reports
         return 0
     summary = report["mean_over_classes"]
@@ -65,7 +71,7 @@ def check_report_outputs(out: Path, args: argparse.Namespace, config: dict) -> N
 
 
 def evaluate(model: Any, config: dict, split: str, out: Path, device: str = "auto", n_boot: int = 1000,
-             name: str | None = None, quiet: bool = True) -> dict:
+             name: str | None = None, quiet: bool = True, zoom: float = 1.0) -> dict:
     """The ``split`` of the config's dataset, read with the model's vocabulary and classes, evaluated."""
     from napari_dmoe.evaluation.evaluate import evaluate_dataset
     from napari_dmoe.training.data import make_dataset
@@ -78,4 +84,4 @@ def evaluate(model: Any, config: dict, split: str, out: Path, device: str = "aut
     if len(ds) == 0:
         raise ValueError(f"the {split} split of {config['data']['root']} has no cases; check data.* in the config")
     return evaluate_dataset(model, ds, out, device=device, n_boot=n_boot, name=name, quiet=quiet,
-                            extra={"split": split, "data_root": config["data"]["root"]})
+                            extra={"split": split, "data_root": config["data"]["root"]}, zoom=zoom)

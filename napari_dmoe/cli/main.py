@@ -12,7 +12,7 @@ from napari_dmoe.cli import COMMANDS
 
 # Commands that run networks: they choose their CPU threads (napari_dmoe.threads) and say so unless --quiet.
 # info, compare and import-official read and write files only; they accept --threads and ignore it.
-COMPUTE = {"segment", "train", "evaluate", "serve", "demo", "finetune-compare"}
+COMPUTE = {"segment", "train", "evaluate", "serve", "demo", "finetune-compare", "calibrate"}
 
 # User-facing failures: bad files, bad arguments, bad configs. Anything else is a bug and keeps its traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError)

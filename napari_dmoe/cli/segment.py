@@ -40,6 +40,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the network once for the whole batch (the first image takes longer; "
                         "falls back to the plain network with a warning where it fails)")
+    p.add_argument("--zoom", type=float, default=1.0, metavar="Z",
+                   help="2D models: zoom the image by Z about its centre before the model (the site calibration "
+                   "`dmoe calibrate` measures for a camera; the mask is mapped back; default 1: as it is)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress output")
     p.add_argument("--force", action="store_true",
                    help="segment images that do not fit what the model was trained on (2D/3D, channels, modality, "
@@ -53,7 +56,7 @@ def engine_settings(args: argparse.Namespace, routing: bool) -> Any:
 
     return EngineSettings(device=args.device, overlap=args.overlap, window_batch=args.window_batch,
                           amp=not args.no_amp, channels_last=args.channels_last, compile=args.compile,
-                          routing="mean" if routing else "none")
+                          routing="mean" if routing else "none", zoom=args.zoom)
 
 
 def segment_file(model: Any, src: Path, dest: Path, attribute: Any, args: argparse.Namespace,
@@ -155,6 +158,9 @@ def run(args: argparse.Namespace) -> int:
     if args.csv is None:  # checked before the model loads: a refusal costs nothing
         check_single([out, *_routing_files(routing_dir, src)], inputs, overwrite)
     model = load_model(args.model)
+    from napari_dmoe.inference.scale import check_zoom
+
+    check_zoom(args.zoom, model.spec.spatial_dims)  # once, not once per case of a batch
     if args.csv is None:
         from napari_dmoe.model.routers import PatientAttribute
 

@@ -15,16 +15,18 @@ from napari_dmoe.evaluation.report import by_attribute, fairness_report, write_r
 
 
 def evaluate_dataset(model: Any, ds: Any, out: str | Path, *, device: str = "auto", n_boot: int = 1000,
-                     name: str | None = None, quiet: bool = True, extra: dict[str, Any] | None = None) -> dict:
+                     name: str | None = None, quiet: bool = True, extra: dict[str, Any] | None = None,
+                     zoom: float = 1.0) -> dict:
     """Evaluate ``model`` on every case of ``ds`` (a ``datasets`` dataset whose vocabulary is the model's);
     write the report files to ``out``; return the report (``extra`` keys are added to it). Under torchrun the
-    cases are spread over the processes; rank 0 writes and returns the report, the others return ``{}``."""
+    cases are spread over the processes; rank 0 writes and returns the report, the others return ``{}``.
+    ``zoom``: every case segmented with that site calibration (``inference.scale``)."""
     from napari_dmoe.evaluation.plots import plot_expert_usage, plot_violins
 
     spec, out = model.spec, Path(out)
     names = [a.name for a in spec.attributes]
 
-    result = evaluate_sharded(model, ds, device=device, quiet=quiet, resume_dir=out / "cases")
+    result = evaluate_sharded(model, ds, device=device, quiet=quiet, resume_dir=out / "cases", zoom=zoom)
     if result is None:  # a torchrun process other than rank 0: rank 0 has every record and writes the report
         return {}
     foreground = list(spec.class_names[1:])
@@ -32,6 +34,8 @@ def evaluate_dataset(model: Any, ds: Any, out: str | Path, *, device: str = "aut
     if len(names) > 1:  # intersectional: also per single attribute
         report["by_attribute"] = by_attribute(result.records, names, foreground, n_boot=n_boot, name=name)
     report.update({"model": str(getattr(model, "path", "")), **(extra or {}), "attributes": names})
+    if zoom != 1.0:
+        report["zoom"] = zoom
     out.mkdir(parents=True, exist_ok=True)
     usage = result.usage_matrix()
     if usage is not None:
@@ -45,7 +49,7 @@ def evaluate_dataset(model: Any, ds: Any, out: str | Path, *, device: str = "aut
 
 
 def evaluate_sharded(model: Any, ds: Any, *, device: str = "auto", quiet: bool = True,
-                     resume_dir: str | Path | None = None) -> Evaluation | None:
+                     resume_dir: str | Path | None = None, zoom: float = 1.0) -> Evaluation | None:
     """``evaluate_cases`` over every case of ``ds``, spread over the torchrun processes (``napari_dmoe.sharding``;
     one process without torchrun). Rank 0 gets the records and expert usage merged in case order, exactly what
     one process makes, so the bootstrap that follows sees the same list; the other ranks get None. Cases that
@@ -54,12 +58,12 @@ def evaluate_sharded(model: Any, ds: Any, *, device: str = "auto", quiet: bool =
     from napari_dmoe.evaluation.resume import CaseStore
     from napari_dmoe.sharding import processes, run_batch
 
-    store = CaseStore(resume_dir, model, ds) if resume_dir is not None else None
+    store = CaseStore(resume_dir, model, ds, zoom) if resume_dir is not None else None
 
     with processes(device) as info:
         def work(index: int) -> Evaluation:
             case = next(dataset_cases(ds, [index]))
-            evaluation = evaluate_cases(model, [case], device=str(info.device))
+            evaluation = evaluate_cases(model, [case], device=str(info.device), zoom=zoom)
             if store is not None:
                 store.put(index, evaluation)
             if not quiet and not info.enabled:  # one process: a line per case (rank 0 counts for several)

@@ -1,7 +1,7 @@
 """Per-case records of ``dmoe evaluate`` in ``OUT/cases/``, so a killed evaluation continues where it stopped.
 
 Each finished case is one JSON file (written atomically: it exists whole or not at all) holding its metrics and
-mean expert usage, the case id and the model file's version (path, mtime, size). A rerun takes a record only when
+mean expert usage, the case id and the model file's version (path, mtime, size; and the zoom, when not 1). A rerun takes a record only when
 both still match, so another model or another split's case at that index is evaluated again. JSON keeps Python
 floats exactly (shortest repr), so a resumed report equals an uninterrupted one.
 """
@@ -23,10 +23,12 @@ from napari_dmoe.io.model_cache import file_key
 class CaseStore:
     """The records of ``ds``'s cases evaluated with ``model``, one file per case index in ``folder``."""
 
-    def __init__(self, folder: str | Path, model: Any, ds: Any) -> None:
+    def __init__(self, folder: str | Path, model: Any, ds: Any, zoom: float = 1.0) -> None:
         self.folder = Path(folder)
         path = getattr(model, "path", None)
         self.model = list(file_key(path)) if path and Path(path).is_file() else None
+        if self.model is not None and zoom != 1.0:  # a case segmented at another zoom is another result
+            self.model.append(f"zoom={zoom!r}")
         self.ids = [str(rec.id) for rec in ds.records]
 
     def _path(self, index: int) -> Path:

@@ -44,6 +44,7 @@ from napari_dmoe.model.routers import AttributeValueError, resolve_routers
 from napari_dmoe.inference.runner import Runner
 from napari_dmoe.inference.volume import VolumeResult, iter_volume
 from napari_dmoe.inference.routing import RoutingAccumulator, importance
+from napari_dmoe.inference.scale import check_zoom, zoom_back, zoom_image
 from napari_dmoe.transforms import resize
 from napari_dmoe.inference.volume_input import VolumeInput
 from napari_dmoe.inference.windows import Counter, Window, batches, run_windows, window
@@ -98,6 +99,7 @@ def iter_segment(
     mode2d: str = "auto",
     channels_last: bool = False,
     compile: bool = False,
+    zoom: float = 1.0,
 ) -> Generator[Progress, None, Segmentation]:
     """Yield progress while segmenting; return a Segmentation.
 
@@ -106,11 +108,16 @@ def iter_segment(
     average over all routers (``unknown="error"`` refuses instead). ``rgb``: None guesses from the last axis.
     ``routing``: ``True``/"auto", "all", "mean" (only the mean map over positions) or ``False``/"none".
     ``channels_last`` / ``compile``: speed options for GPUs, see ``runner``; a compile that fails or
-    disagrees with the eager network falls back to it with a warning.
+    disagrees with the eager network falls back to it with a warning. ``zoom`` (2D models): the site calibration
+    of ``inference.scale``, the image zoomed about its centre before the model and the results mapped back.
     """
     routing_mode = _routing_mode(routing)
     _check_options(overlap, sw_batch_size, blend)
     spec, n_classes = model.spec, model.spec.n_classes
+    zoom = check_zoom(zoom, spec.spatial_dims)
+    if zoom != 1.0:
+        image, _, rgb, _ = check_image(spec, image, spacing, rgb)
+        image = zoom_image(image, zoom, rgb)
     clock = _Clock()
     with clock("preprocess"):
         prep = _prepare(spec, image, attribute, spacing, rgb, device, roi_size, overlap, mode2d, unknown)
@@ -135,9 +142,10 @@ def iter_segment(
         yield Progress("postprocess", 0, 1)
         full, labels, maps, dominant = _finish_whole(clock, *blended, plan, n_classes, want_routing, routing_mode,
                                                      warns)
-    return Segmentation(labels=labels, probabilities=full, routing=maps, dominant_expert=dominant,
-                        attribute=prep.used, timings=clock.seconds, device=str(prep.device), warnings=warns,
-                        conversions=prep.notes, device_reason=prep.reason)
+    result = Segmentation(labels=labels, probabilities=full, routing=maps, dominant_expert=dominant,
+                          attribute=prep.used, timings=clock.seconds, device=str(prep.device), warnings=warns,
+                          conversions=prep.notes, device_reason=prep.reason)
+    return result if zoom == 1.0 else zoom_back(result, zoom)
 
 
 def _check_options(overlap: float, sw_batch_size: int, blend: str) -> None:

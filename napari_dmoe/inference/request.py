@@ -25,7 +25,7 @@ __all__ = ["EngineSettings", "Provenance", "SegmentRequest", "SegmentResult", "i
 
 # options that travel over the wire; device, AMP, compile and memory layout are the server's own choice, and
 # routing is the header's yes/no (a server returns the mean map and the dominant expert, or nothing)
-WIRE_SETTINGS = ("overlap", "window_batch", "blend", "unknown", "mode2d")
+WIRE_SETTINGS = ("overlap", "window_batch", "blend", "unknown", "mode2d", "zoom")
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,8 @@ class EngineSettings:
         channels_last: channels-last memory layout (GPUs).
         compile: ``torch.compile`` the network.
         roi_size: window size; None uses the model's.
+        zoom: 2D models: the site calibration (``inference.scale``), the image zoomed about its centre by this
+            factor before the model and the results mapped back; 1 leaves the image as it is.
     """
 
     device: str = "auto"
@@ -58,13 +60,14 @@ class EngineSettings:
     channels_last: bool = False
     compile: bool = False
     roi_size: tuple[int, ...] | None = None
+    zoom: float = 1.0
 
     def engine_kwargs(self) -> dict[str, Any]:
         """The keywords of ``engine.iter_segment``."""
         return {"device": self.device, "overlap": self.overlap, "sw_batch_size": self.window_batch,
                 "blend": self.blend, "amp": self.amp, "routing": self.routing, "unknown": self.unknown,
                 "mode2d": self.mode2d, "channels_last": self.channels_last, "compile": self.compile,
-                "roi_size": self.roi_size}
+                "roi_size": self.roi_size, "zoom": self.zoom}
 
     def to_dict(self, keys: Sequence[str] | None = None) -> dict[str, Any]:
         data = dataclasses.asdict(self)

@@ -22,7 +22,7 @@ from napari_dmoe.training.local import (adapted_routers, describe_adaptation, in
 from napari_dmoe.training.losses import build_loss
 from napari_dmoe.training.pretrained import load_base_model, load_pretrained_vit, set_trainable
 from napari_dmoe.model.routers import fallback_table, router_counts
-from napari_dmoe.training.trained_on import FORMAT_MODALITY, describe_training_data, feature_record
+from napari_dmoe.training.trained_on import FORMAT_MODALITY, describe_training_data, feature_record, scale_record
 
 
 @dataclass
@@ -38,13 +38,13 @@ class RunParts:
     identity: Any  # the config parts a resumed run must share with the original
     provenance: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
-    _features: tuple[int, Any] | None = None  # (step, record): best and last of one step share it
+    _features: tuple[Any, ...] | None = None  # (step, features, scale): best and last of one step share them
 
     def spec_for(self, step: int, metrics: Mapping[str, Any] | None, network: torch.nn.Module | None = None,
                  **extra: Any) -> ModelSpec:
         """The spec to save with the weights at ``step``: provenance, validation metrics when given, and the
         features of ``network`` (default the trained one) on its training images (``trained_on.feature_record``)
-        for the fit check."""
+        for the fit check, and its foreground scale there for a site calibration (``trained_on.scale_record``)."""
         spec = copy.deepcopy(self.spec)
         spec.provenance = {**self.provenance, "step": step, **extra}
         if metrics:
@@ -53,9 +53,11 @@ class RunParts:
         if self._features is None or self._features[0] != (step, id(network)):
             val = self.val_items.ds if self.val_items is not None else None
             self._features = ((step, id(network)),
-                              feature_record(network, self.spec, self.train_items.ds, val, self.seed))
-        if self._features[1] is not None and spec.trained_on is not None:
-            spec.trained_on = {**spec.trained_on, "features": self._features[1]}
+                              feature_record(network, self.spec, self.train_items.ds, val, self.seed),
+                              scale_record(network, self.spec, self.train_items.ds, self.seed))
+        if spec.trained_on is not None:
+            extra = {"features": self._features[1], "scale": self._features[2]}
+            spec.trained_on = {**spec.trained_on, **{k: v for k, v in extra.items() if v is not None}}
         return spec
 
 

@@ -79,3 +79,16 @@ def feature_record(network: Any, spec: Any, train_ds: Any, val_ds: Any | None, s
     n_val = len(val_ds) if val_ds is not None else 0
     heldout = (case_image(val_ds, i) for i in _sample(n_val, max_heldout, seed + 1))
     return describe_features(model, train, heldout)
+
+
+def scale_record(network: Any, spec: Any, train_ds: Any, seed: int = 0) -> dict[str, Any] | None:
+    """``trained_on["scale"]`` of a 2D ``network``: the median foreground radius it segments on a seeded sample of
+    ``train_ds`` (``inference.scale.REFERENCE_CASES`` images), the reference of a site calibration."""
+    from types import SimpleNamespace
+
+    from napari_dmoe.inference.scale import REFERENCE_CASES, reference_record
+
+    if spec.spatial_dims != 2:
+        return None
+    images = (case_image(train_ds, i) for i in _sample(len(train_ds), REFERENCE_CASES, seed))
+    return reference_record(SimpleNamespace(spec=spec, network=network), ((im, rgb) for im, _, rgb in images))

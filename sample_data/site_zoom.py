@@ -1,0 +1,99 @@
+#!/usr/bin/env python
+"""Issue 26, seventh step: score finished seed-study runs with each set's own site calibration (``dmoe calibrate``'s
+measure, ``napari_dmoe.inference.scale``): the set's images (no labels) give its zoom, then ``dmoe evaluate --zoom``.
+
+    python sample_data/site_zoom.py --runs runs/seeds/robust-mix --method dmoe --seeds 1234 1 2 \
+        --sets val-a val-v val-w val-r1 val-r2 val-r3 val-r4 val-r5 val-r6 val-r7 val-r8
+
+The reference is each model's own foreground radius on 64 seeded images of its training data (the demo data's
+train split, generator seed 0; ``trained_on.scale_record``, what ``dmoe train`` now writes into every 2D model).
+Each (model, set) calibration, one round and two (``inference.scale.site_zoom`` and ``refine``), goes to
+RUNS/zoom/<set>/<name>.json, the reports to RUNS/reports/<set>/<name>-zoom1 and -zoom (``seed_analysis.py
+--checkpoint zoom``, ``recipe_choice.py`` candidates ``NAME@zoom1``, ``NAME@zoom``). Finished reports are kept.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import seed_study  # noqa: E402
+
+
+def _dataset(config_path: str, root: Path, split: str):
+    from napari_dmoe.training.config import load_config
+    from napari_dmoe.training.data import make_dataset
+
+    config = load_config(config_path, [f"data.root={root}"], training=False)
+    return make_dataset(config, split, size=None)
+
+
+def calibrate(model, name: str, config_path: str, sets: list[str], seed: int) -> dict[str, dict[str, float]]:
+    """Each set's zooms for ``model``, one round ("zoom1") and two ("zoom"), kept in RUNS/zoom/<set>/<name>.json
+    (a kept one is read back)."""
+    from napari_dmoe.inference.scale import measure, refine, site_zoom
+    from napari_dmoe.io.files import atomic_write_text
+    from napari_dmoe.training.trained_on import case_image, scale_record
+
+    zooms, reference = {}, None
+    for test in sets:
+        path = seed_study.RUNS / "zoom" / test / f"{name}.json"
+        if path.is_file():
+            kept = json.loads(path.read_text())
+            zooms[test] = {"zoom1": kept["one_round"]["zoom"], "zoom": kept["two_rounds"]["zoom"]}
+            continue
+        if reference is None:
+            train = _dataset(config_path, seed_study.DATA / "train" / "fairseg", "train")
+            reference = scale_record(model.network, model.spec, train, seed)
+        ds = _dataset(config_path, seed_study.DATA / test / "fairseg", "test")
+        images = [(im, rgb) for im, _, rgb in (case_image(ds, i) for i in range(len(ds)))]
+        one = site_zoom(reference["foreground_radius"], measure(model, images, device="cpu"))
+        two = refine(one, measure(model, images, device="cpu", zoom=one.zoom))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps({"reference": reference, "one_round": one.to_dict(),
+                                            "two_rounds": two.to_dict()}, indent=1) + "\n")
+        seed_study._log(f"  {name} on {test}: zoom {one.zoom:.3f} (one round), {two.zoom:.3f} (two)")
+        zooms[test] = {"zoom1": one.zoom, "zoom": two.zoom}
+    return zooms
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--runs", type=Path, required=True)
+    p.add_argument("--method", required=True, choices=["baseline", "febs", "moe", "dmoe"])
+    p.add_argument("--seeds", type=int, nargs="+", required=True)
+    p.add_argument("--sets", nargs="+", required=True)
+    p.add_argument("--recipe", default="robust")
+    p.add_argument("--variants", nargs="+", choices=["zoom1", "zoom"], default=["zoom1", "zoom"],
+                   help="which calibrations to evaluate: one round, two rounds (both are measured)")
+    args = p.parse_args(argv)
+    unknown = set(args.sets) - set(seed_study.TEST_SEEDS) - set(seed_study.VAL_SEEDS)
+    if unknown:
+        p.error(f"unknown sets {sorted(unknown)}")
+    from napari_dmoe.io.checkpoint import load_model
+
+    seed_study.RUNS, seed_study.RECIPE, seed_study.NICE = args.runs.resolve(), args.recipe, 0
+    if set(args.sets) & set(seed_study.VAL_SEEDS):
+        seed_study._validation_sets()
+    config = f"training/{args.recipe}-fundus-{args.method}.yaml"
+    for seed in args.seeds:
+        name = f"fundus-{args.method}-s{seed}"
+        path = seed_study.RUNS / name / "best.safetensors"
+        if not seed_study._finished(name) or not path.is_file():
+            raise SystemExit(f"{path}: not a finished run")
+        zooms = calibrate(load_model(path), name, config, args.sets, seed)
+        for test in args.sets:
+            for variant in args.variants:
+                out = seed_study.RUNS / "reports" / test / f"{name}-{variant}"
+                if (out / "report.csv").is_file():
+                    continue
+                seed_study._call(["dmoe", "evaluate", str(path), config, *seed_study._eval_args("fundus", test),
+                                  "--out", str(out), "--name", args.method, "--n-boot", "200", "--quiet",
+                                  "--zoom", f"{zooms[test][variant]:.4f}"], seed_study.RUNS / f"{name}.log")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
