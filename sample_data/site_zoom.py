@@ -33,7 +33,7 @@ def _dataset(config_path: str, root: Path, split: str):
 def calibrate(model, name: str, config_path: str, sets: list[str], seed: int) -> dict[str, dict[str, float]]:
     """Each set's zooms for ``model``, one round ("zoom1") and two ("zoom"), kept in RUNS/zoom/<set>/<name>.json
     (a kept one is read back)."""
-    from napari_dmoe.inference.scale import measure, refine, site_zoom
+    from napari_dmoe.inference.scale import measure, probe_zoom, refine, site_zoom
     from napari_dmoe.io.files import atomic_write_text
     from napari_dmoe.training.trained_on import case_image, scale_record
 
@@ -50,7 +50,8 @@ def calibrate(model, name: str, config_path: str, sets: list[str], seed: int) ->
         ds = _dataset(config_path, seed_study.DATA / test / "fairseg", "test")
         images = [(im, rgb) for im, _, rgb in (case_image(ds, i) for i in range(len(ds)))]
         one = site_zoom(reference["foreground_radius"], measure(model, images, device="cpu"))
-        two = refine(one, measure(model, images, device="cpu", zoom=one.zoom))
+        probe = probe_zoom(one)
+        two = refine(one, measure(model, images, device="cpu", zoom=probe), probe)
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, json.dumps({"reference": reference, "one_round": one.to_dict(),
                                             "two_rounds": two.to_dict()}, indent=1) + "\n")

@@ -25,13 +25,14 @@ from napari_dmoe.inference.plan import InferenceError
 ZOOM_RANGE = (0.75, 1.33)  # a measured zoom is clipped to this; a given one outside it is refused
 MIN_IMAGES = 10  # images with a foreground a site measure needs (and at least half of those measured)
 REFERENCE_CASES = 64  # training images the reference is measured on (seeded sample)
+PROBE = 1.15  # the second round's zoom (or 1 / PROBE): far enough from 1 for the model's answer to show
 
 
 @dataclass(frozen=True)
 class Calibration:
     """A site's zoom (clipped to ZOOM_RANGE) and what it was measured on: ``site_radius`` is the median radius
-    the model finds on the site's images as they are; ``rounds`` 1 is ``reference / site_radius``, 2 the secant
-    step of ``refine`` after a second measure through that zoom."""
+    the model finds on the site's images as they are; ``rounds`` 1 is ``reference / site_radius``, 2 the line of
+    ``refine`` through a second measure at a probe zoom."""
 
     zoom: float
     site_radius: float
@@ -141,18 +142,26 @@ def site_zoom(reference: float, radii: Sequence[float | None]) -> Calibration:
     return Calibration(zoom, site, float(reference), len(found), len(radii), zoom != raw)
 
 
-def refine(first: Calibration, radii: Sequence[float | None]) -> Calibration:
-    """A second round: ``radii`` measured on the site's images through ``first.zoom`` (on the image grid). A model
-    pulls every disc towards the size it was trained on (on our fundus models the radius it finds moves by about
-    a third of the true change), so one round under-corrects; the radius seen in the zoomed view is close to
-    linear in the zoom, and the secant through both rounds is the zoom at which it meets the reference."""
+def refine(first: Calibration, radii: Sequence[float | None], probe: float) -> Calibration:
+    """A second round: ``radii`` measured on the site's images through the zoom ``probe`` (on the image grid). A
+    model pulls every disc towards the size it was trained on (on our fundus models the radius it finds moves by
+    about a third of the true change), so one round under-corrects. The radius seen in the zoomed view is close to
+    linear in the zoom; the line through both measures gives the zoom at which it meets the reference. A fixed
+    probe, not the first zoom, keeps that line well measured when the first zoom is close to 1."""
     second = site_zoom(first.reference_radius, radii)
-    seen = second.site_radius * first.zoom  # the median radius in the zoomed view
-    if abs(first.zoom - 1.0) < 1e-3 or abs(seen - first.site_radius) < 1e-5:
-        return dataclasses.replace(first, rounds=2)
-    raw = 1.0 + (first.reference_radius - first.site_radius) * (first.zoom - 1.0) / (seen - first.site_radius)
+    slope = (second.site_radius * probe - first.site_radius) / (probe - 1.0)
+    if not slope > 0.05 * first.site_radius:  # the model hardly follows a zoom: the line says nothing
+        raise InferenceError(f"the model's foreground hardly changes when the site's images are zoomed by {probe:.3g} "
+                             "(the radius it finds follows the zoom by less than 5 %): the site's scale cannot be "
+                             "measured with it; use one round (--rounds 1) or no zoom")
+    raw = 1.0 + (first.reference_radius - first.site_radius) / slope
     zoom = float(np.clip(raw, *ZOOM_RANGE))
     return dataclasses.replace(first, zoom=zoom, clipped=zoom != raw, rounds=2)
+
+
+def probe_zoom(first: Calibration) -> float:
+    """The second round's zoom: PROBE towards the side the first round points to."""
+    return PROBE if first.zoom >= 1.0 else 1.0 / PROBE
 
 
 def calibrate_site(model: Any, images: Callable[[], Iterable[tuple[np.ndarray, bool]]], reference: float,
@@ -163,7 +172,8 @@ def calibrate_site(model: Any, images: Callable[[], Iterable[tuple[np.ndarray, b
     first = site_zoom(reference, measure(model, images(), **engine_options))
     if rounds == 1:
         return first
-    return refine(first, measure(model, images(), zoom=first.zoom, **engine_options))
+    probe = probe_zoom(first)
+    return refine(first, measure(model, images(), zoom=probe, **engine_options), probe)
 
 
 def reference_record(model: Any, images: Iterable[tuple[np.ndarray, bool]]) -> dict[str, Any] | None:
