@@ -291,7 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=ROOT / "sample_data" / "results" / "seeds")
     p.add_argument("--checkpoint", choices=CHECKPOINTS, default="best",
                    help="best: the checkpoint each run's validation chose (the protocol); last: the final weights; "
-                   "ema: their moving average (recipe.ema); zoom1, zoom: best with each set's site calibration (1, 2 rounds)")
+                   "ema: their moving average (recipe.ema); zoom1, zoom: best with each set's site calibration "
+                   "(1, 2 rounds)")
     p.add_argument("--tests", nargs="+", help="only these test folders (e.g. test-a site-b, or the validation sets "
                    "val-a val-v); default every one found")
     p.add_argument("--old", type=Path, help="an earlier study's cases.csv.gz: pair each method's runs with its "
