@@ -139,6 +139,23 @@ def test_2d_equals_dmoe_segment(server, models, tmp_path):
     assert len(np.unique(got.labels)) == 3
 
 
+def test_a_site_zoom_travels_to_the_server_and_is_checked_there(server, models):
+    """The widget's remote mode sends the engine request it would run locally: a site calibration's zoom too."""
+    from napari_dmoe.inference.request import EngineSettings, SegmentRequest, run
+    from napari_dmoe.io.checkpoint import load_model
+
+    yy, xx = np.mgrid[:70, :90]
+    image = ((np.sin(xx / 5) + np.cos(yy / 7) + 2) * 60).astype("uint8")
+    request = SegmentRequest(image, "Black", settings=EngineSettings(device="cpu", zoom=1.2))
+    local = run(load_model(models[0]), request)
+    got = server.send(*request.to_wire("m2"))
+    np.testing.assert_array_equal(got.labels, local.labels)
+    assert not np.array_equal(local.labels, run(load_model(models[0]), SegmentRequest(image, "Black")).labels)
+    header, arrays = SegmentRequest(image, "Black", settings=EngineSettings(zoom=3.0)).to_wire("m2")
+    with pytest.raises(ServerError, match="zoom=3 is outside"):
+        server.send(header, arrays)
+
+
 def _nifti(tmp_path):
     affine = np.array([[0, 0, -3.0, 10], [-1.2, 0, 0, 5], [0, 1.5, 0, -7], [0, 0, 0, 1]])  # permuted, flipped axes
     src = tmp_path / "vol.nii.gz"
