@@ -31,7 +31,7 @@ def record(lane: str, data: Path, model_path: Path) -> dict:
     from napari_dmoe.io.checkpoint import load_model
     from napari_dmoe.training.config import load_config
     from napari_dmoe.training.setup import build_run
-    from napari_dmoe.training.trained_on import feature_record
+    from napari_dmoe.training.trained_on import feature_record, scale_record
 
     sub, modality = LANES[lane]
     config = load_config(ROOT / "training" / f"demo-{lane}-dmoe.yaml",
@@ -40,7 +40,11 @@ def record(lane: str, data: Path, model_path: Path) -> dict:
     shipped = load_model(model_path)
     val = run.val_items.ds if run.val_items is not None else None
     features = feature_record(shipped.network, shipped.spec, run.train_items.ds, val, int(config["seed"]))
-    return {**run.spec.trained_on, "features": features}
+    out = {**run.spec.trained_on, "features": features}
+    scale = scale_record(shipped.network, shipped.spec, run.train_items.ds, int(config["seed"]))
+    if scale is not None:  # 2D: the reference of a site calibration (inference.scale), as dmoe train writes it
+        out["scale"] = scale
+    return out
 
 
 def rewrite(path: Path, trained_on: dict | None = None, provenance: dict | None = None) -> None:
