@@ -171,3 +171,37 @@ def test_dmoe_segment_with_zoom_records_it_and_refuses_it_for_3d(fundus_sites, t
     assert main(["segment", str(prostate), str(fundus_sites["b"] / "00.png"), "--out", str(tmp_path / "m.png"),
                  "--zoom", "1.1", "--quiet"]) == 2
     assert "zoom is for 2D models" in capsys.readouterr().err
+
+
+def test_dmoe_train_records_the_scale_reference_and_calibrate_uses_it(tmp_path, capsys):
+    """A 2D model trained now carries trained_on.scale (its own measure on its training images), so `dmoe
+    calibrate` needs no reference images; the record is what the same measure gives on the same images."""
+    from napari_dmoe.io.checkpoint import load_model
+    from napari_dmoe.training.config import load_config
+    from napari_dmoe.training.data import make_dataset
+    from napari_dmoe.training.engine import train
+    from napari_dmoe.training.trained_on import scale_record
+    from training_data import tiny_config, write_fairseg
+
+    root = tmp_path / "fairseg"
+    write_fairseg(root, n_train=24, n_test=12)
+    data = {"format": "fairseg", "root": str(root), "attributes": "race", "crop": None}
+    train(load_config(tiny_config(tmp_path / "c.yaml", tmp_path / "run", data), ["recipe.steps=4"]), quiet=True,
+          device="cpu")
+    model = load_model(tmp_path / "run" / "best.safetensors")
+    record = model.spec.trained_on["scale"]
+    assert record["cases"] >= 10 and 0 < record["foreground_radius"] <= 1 / np.sqrt(np.pi) + 1e-5
+    config = load_config(tmp_path / "c.yaml", ["recipe.steps=4"])
+    again = scale_record(model.network, model.spec, make_dataset(config, "train", size=None), config["seed"])
+    assert abs(again["foreground_radius"] - record["foreground_radius"]) < 0.01  # train split: the run's own
+    import imageio.v3 as iio
+
+    from napari_dmoe.training.trained_on import case_image
+
+    site, test = tmp_path / "site", make_dataset(config, "test", size=None)
+    site.mkdir()
+    for i in range(len(test)):  # the site's images as a clinic has them: image files
+        iio.imwrite(site / f"{i:02d}.png", np.clip(case_image(test, i)[0], 0, 255).astype(np.uint8))
+    assert main(["calibrate", str(tmp_path / "run" / "best.safetensors"), str(site), "--rounds", "1",
+                 "--device", "cpu", "--quiet"]) == 0, capsys.readouterr().err
+    assert f"training images {record['foreground_radius']:.4f}" in capsys.readouterr().out

@@ -16,8 +16,9 @@ NORMALIZATIONS = ("zscore", "minmax", "window", "scale")
 # channels, intensity ({mean, std, p1, p50, p99} pooled over the sampled training cases as read, before
 # normalisation, plus case_p50/case_p99 = [min, max] over cases, n_cases, of_cases), spacing (median voxel size in
 # mm of the cases that state one, else None), features (the model's own features on its training images and a
-# threshold: inference/ood.py, which checks it before use)
-TRAINED_ON_KEYS = ("modality", "spatial_dims", "channels", "intensity", "spacing", "features")
+# threshold: inference/ood.py, which checks it before use), scale (2D: the median foreground radius the model finds
+# on its training images, the reference of a site calibration: inference/scale.py)
+TRAINED_ON_KEYS = ("modality", "spatial_dims", "channels", "intensity", "spacing", "features", "scale")
 
 
 UNKNOWN = "unknown"  # an attribute value nobody knows: inference averages over the routers it could be
