@@ -205,3 +205,10 @@ def test_dmoe_train_records_the_scale_reference_and_calibrate_uses_it(tmp_path, 
     assert main(["calibrate", str(tmp_path / "run" / "best.safetensors"), str(site), "--rounds", "1",
                  "--device", "cpu", "--quiet"]) == 0, capsys.readouterr().err
     assert f"training images {record['foreground_radius']:.4f}" in capsys.readouterr().out
+    from napari_dmoe.io.checkpoint import save_model
+
+    model.spec.trained_on["scale"] = {"foreground_radius": float("nan")}  # a header can say anything
+    save_model(tmp_path / "damaged.safetensors", model.network, model.spec)
+    assert main(["calibrate", str(tmp_path / "damaged.safetensors"), str(site), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "damaged trained_on.scale record" in err and "--reference-images" in err and "Traceback" not in err

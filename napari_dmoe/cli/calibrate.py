@@ -94,8 +94,10 @@ def run(args: argparse.Namespace) -> int:
     if reference_files is not None:
         reference = site_zoom(1.0, measure(model, _read(reference_files, True), device=args.device)).site_radius
     elif reference is None:
-        raise InferenceError(f"{args.model} has no trained_on.scale record (trained before site calibration "
-                             "existed): give --reference-images with images of its training site")
+        record = (model.spec.trained_on or {}).get("scale")
+        why = ("has no trained_on.scale record (trained before site calibration existed)" if record is None
+               else f"has a damaged trained_on.scale record ({str(record)[:60]!r})")
+        raise InferenceError(f"{args.model} {why}: give --reference-images with images of its training site")
     calibration = calibrate_site(model, lambda: _read(site_files, args.quiet), reference, args.rounds,
                                  device=args.device)
     if args.json_out:
