@@ -9,6 +9,8 @@ import math
 import os
 from typing import Sequence
 
+# a site zoom (inference.scale): a camera further from the training scale needs a model trained at its scale
+ZOOM_RANGE = (0.75, 1.33)
 MAX_VOXELS_ENV = "DMOE_MAX_VOXELS"
 DEFAULT_MAX_VOXELS = 2**30
 

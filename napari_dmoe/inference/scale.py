@@ -21,8 +21,8 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from napari_dmoe.inference.plan import InferenceError
+from napari_dmoe.limits import ZOOM_RANGE  # a measured zoom is clipped to it; a given one outside it is refused
 
-ZOOM_RANGE = (0.75, 1.33)  # a measured zoom is clipped to this; a given one outside it is refused
 MIN_IMAGES = 10  # images with a foreground a site measure needs (and at least half of those measured)
 REFERENCE_CASES = 64  # training images the reference is measured on (seeded sample)
 PROBE = 1.15  # the second round's zoom (or 1 / PROBE): far enough from 1 for the model's answer to show

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping
 
-from qtpy.QtCore import QObject, Qt, Signal
+from qtpy.QtCore import QObject, Signal
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -19,67 +19,16 @@ from qtpy.QtWidgets import (
     QLabel,
     QLineEdit,
     QPushButton,
-    QScrollArea,
     QSpinBox,
-    QVBoxLayout,
     QWidget,
 )
 from superqt import QCollapsible
 
 from napari_dmoe.inference.patient import FROM_DICOM, FROM_SAMPLE, FROM_USER, NOT_KNOWN  # light: no torch
+from napari_dmoe.limits import ZOOM_RANGE
 
 UNKNOWN = "unknown"
 DEVICES = ("auto", "cpu", "cuda", "mps")
-
-
-class _VerticalScroll(QScrollArea):
-    """Scrolls up and down only: as wide as its contents need (napari sizes a dock by these hints), so nothing is
-    cut off at the right, and as short as a few rows, so a tall dock never squeezes the canvas."""
-
-    def eventFilter(self, watched: Any, event: Any) -> bool:  # noqa: N802 (Qt name)
-        from qtpy.QtCore import QEvent
-
-        if watched is self.widget() and event.type() == QEvent.Type.LayoutRequest:
-            self.updateGeometry()  # the contents' needs changed (a banner shown, rows added): tell the dock
-        return super().eventFilter(watched, event)
-
-    def _hint(self, size: Any) -> Any:
-        from qtpy.QtWidgets import QStyle
-
-        bar = max(self.verticalScrollBar().sizeHint().width(),
-                  self.style().pixelMetric(QStyle.PixelMetric.PM_ScrollBarExtent))
-        size.setWidth(size.width() + bar + 2 * self.frameWidth())
-        size.setHeight(min(size.height(), 240))
-        return size
-
-    def minimumSizeHint(self) -> Any:  # noqa: N802 (Qt name)
-        body = self.widget()
-        return self._hint(body.minimumSizeHint()) if body is not None else super().minimumSizeHint()
-
-    def sizeHint(self) -> Any:  # noqa: N802 (Qt name)
-        body = self.widget()
-        if body is None:
-            return super().sizeHint()
-        size = self._hint(body.sizeHint())
-        size.setHeight(body.sizeHint().height())
-        return size
-
-
-def scroll_body(owner: QWidget) -> QVBoxLayout:
-    """Fill ``owner`` with a vertical scroll area and return the layout of its contents: a dock taller than the
-    screen scrolls instead of being cut off or squeezing napari's canvas."""
-    area = _VerticalScroll(owner)
-    area.setWidgetResizable(True)
-    area.setFrameShape(QScrollArea.Shape.NoFrame)
-    area.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)  # wrap to the dock's width instead
-    body = QWidget()
-    area.setWidget(body)
-    body.installEventFilter(area)
-    outer = QVBoxLayout(owner)
-    outer.setContentsMargins(0, 0, 0, 0)
-    outer.addWidget(area)
-    owner.scroll_area = area  # tests and screenshots scroll it
-    return QVBoxLayout(body)
 
 
 class OptionError(ValueError):
@@ -345,6 +294,13 @@ class AdvancedOptions(QCollapsible):
         self.amp.setChecked(True)
         self.maps = QCheckBox("compute expert heatmaps")
         self.maps.setChecked(True)
+        self.zoom = QDoubleSpinBox()
+        self.zoom.setRange(*ZOOM_RANGE)
+        self.zoom.setDecimals(3)
+        self.zoom.setSingleStep(0.01)
+        self.zoom.setValue(1.0)
+        self.zoom.setToolTip("2D models: zoom each image about its centre to the model's training scale, the "
+                             "value `dmoe calibrate` measures on this site's images (1 = as it is)")
         self.position = QComboBox()
         self.position.setToolTip("Which dMoE position the heatmaps and dominant expert show")
         self.set_positions([])
@@ -354,6 +310,7 @@ class AdvancedOptions(QCollapsible):
         form.addRow("window size", self.roi)
         form.addRow("overlap", self.overlap)
         form.addRow("window batch", self.batch)
+        form.addRow("site zoom (2D)", self.zoom)
         form.addRow(self.amp)
         form.addRow(self.maps)
         form.addRow("routing position", self.position)
@@ -364,7 +321,7 @@ class AdvancedOptions(QCollapsible):
         from napari_dmoe.plugin.widgets import settings
 
         settings.persist(group, {"window_size": self.roi, "overlap": self.overlap, "window_batch": self.batch,
-                                 "amp": self.amp, "maps": self.maps})
+                                 "amp": self.amp, "maps": self.maps, "zoom": self.zoom})
 
     def set_positions(self, positions: list[str]) -> None:
         current = self.position.currentText()
@@ -390,4 +347,5 @@ class AdvancedOptions(QCollapsible):
         roi = self.roi_size(spatial_dims)
         return {"roi_size": tuple(roi) if roi else None, "overlap": float(self.overlap.value()),
                 "window_batch": int(self.batch.value()), "amp": self.amp.isChecked(),
-                "routing": "auto" if self.maps.isChecked() else "none"}
+                "routing": "auto" if self.maps.isChecked() else "none",
+                "zoom": float(self.zoom.value()) if spatial_dims == 2 else 1.0}

@@ -25,7 +25,8 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from napari_dmoe.plugin.widgets.controls import DevicePicker, ModelPicker, scroll_body
+from napari_dmoe.plugin.widgets.controls import DevicePicker, ModelPicker
+from napari_dmoe.plugin.widgets.scroll import scroll_body
 from napari_dmoe.plugin.widgets.finetune_controls import TRAINABLE, CompareTable, PairTable, SettingsForm
 from napari_dmoe.plugin.widgets.finetune_monitor import CurvePlot
 from napari_dmoe.plugin.widgets.finetune_session import FinetuneSession, RunRequest

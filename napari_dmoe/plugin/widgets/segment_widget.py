@@ -23,15 +23,9 @@ from superqt import QCollapsible
 from napari_dmoe.model.registry import routing_positions
 from napari_dmoe.model.spec import attribute_text
 from napari_dmoe.plugin.widgets import settings
-from napari_dmoe.plugin.widgets.controls import (
-    FROM_USER,
-    AdvancedOptions,
-    AttributeForm,
-    DevicePicker,
-    ModelPicker,
-    OptionError,
-    scroll_body,
-)
+from napari_dmoe.plugin.widgets.controls import FROM_USER, AdvancedOptions, AttributeForm, DevicePicker, ModelPicker
+from napari_dmoe.plugin.widgets.controls import OptionError
+from napari_dmoe.plugin.widgets.scroll import scroll_body
 from napari_dmoe.plugin.widgets.fit_check import FitCheck
 from napari_dmoe.plugin.widgets.jobs import JobResult, ModelCache, Step, advance, run_sweep
 from napari_dmoe.plugin.widgets.panels import ExpertView, FitBanner, RunProgress, SweepTable, run_summary
