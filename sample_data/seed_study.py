@@ -149,6 +149,18 @@ choice committed, then the tests:
 Then the sixth step (plan: results/seeds/recipe-choice-6/README.md): the candidate robust+smooth0.03+zoom0.15
 (the smoothing command with ``--set augment.zoom=0.15``, runs/seeds/robust-smooth03-zoom) and test cameras site-i,
 -j, -k, the same order (train, score val-*, choose, commit, score the tests; analysis into results/seeds/site-ijk).
+Eighth session (2026-12-08, plan: results/seeds/site-zoom/README.md): the chosen pair retrained (bit for bit the
+earlier runs; the dMoE seed-1234 run is the shipped model), scored as is and with each set's site calibration
+(site_zoom.py: one round and two), the validation sets first, the choice committed, then the tests:
+    python sample_data/seed_study.py run --recipe robust --runs runs/seeds/robust-mix --budget 1 --seeds 1234 1 2 \
+        --datasets fundus --methods dmoe --on none --nice 0 --set model.router_mix=0.5   # robust-bz: the other lane
+    python sample_data/seed_study.py score --recipe robust --runs runs/seeds/robust-mix --seeds 1234 1 2 \
+        --datasets fundus --methods dmoe --nice 0 --sets val-a val-v val-w val-r1 ... val-r8
+    python sample_data/site_zoom.py --runs runs/seeds/robust-mix --method dmoe --seeds 1234 1 2 \
+        --sets val-a val-v val-w val-r1 ... val-r8                     # and robust-bz baseline, the other lane
+    python sample_data/recipe_choice.py --method dmoe --candidate as-is=runs/seeds/robust-mix \
+        --candidate zoom-1round@zoom1=runs/seeds/robust-mix --candidate zoom-2rounds@zoom=runs/seeds/robust-mix \
+        --validation val-a val-v val-w val-r1 ... val-r8 --out sample_data/results/seeds/site-zoom
 Training runs go one at a time (a model's evaluation overlaps the next training run) under ``nice -n 10``, one
 torch thread (on the loaded 2-core machine two threads stalled on each other: 20-35 s per 2D step against 2.5-12 s
 with one). Everything is resumable: a finished training run or report is never redone. Runs, logs and full
