@@ -18,6 +18,8 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import seed_study  # noqa: E402
 
@@ -60,22 +62,61 @@ def calibrate(model, name: str, config_path: str, sets: list[str], seed: int) ->
     return zooms
 
 
+def summary(runs: list[Path], sets: list[str]) -> list[str]:
+    """Markdown: each set's camera field of view beside the zooms measured there (mean over each runs folder's
+    seeds, one round and two), and each variant's Spearman correlation with 1 / fov over ``sets``."""
+    from scipy.stats import spearmanr
+
+    from napari_dmoe.synthetic.fundus import SITES
+
+    site_of = {**{k: v[1] for k, v in seed_study.VAL_SEEDS.items()}, **seed_study.TEST_SITES}
+    found = {}
+    for folder in runs:
+        for test in sets:
+            kept = [json.loads(p.read_text()) for p in sorted((folder / "zoom" / test).glob("*.json"))]
+            found[folder.name, test] = {v: float(np.mean([k[key]["zoom"] for k in kept])) if kept else None
+                                        for v, key in (("zoom1", "one_round"), ("zoom", "two_rounds"))}
+    head = "| set | fov | 1/fov | " + " | ".join(f"{f.name} {v}" for f in runs for v in ("zoom1", "zoom")) + " |"
+    rows = [head, "|" + "---|" * (3 + 2 * len(runs))]
+    for test in sets:
+        fov = SITES[site_of[test]]["fov"]
+        cells = [f"{found[f.name, test][v]:.3f}" if found[f.name, test][v] else "-" for f in runs
+                 for v in ("zoom1", "zoom")]
+        rows.append(f"| {test} | {fov:.3f} | {1 / fov:.3f} | " + " | ".join(cells) + " |")
+    for folder in runs:
+        for v in ("zoom1", "zoom"):
+            pairs = [(1 / SITES[site_of[t]]["fov"], found[folder.name, t][v]) for t in sets if found[folder.name, t][v]]
+            if len(pairs) > 2:
+                rho = spearmanr(*zip(*pairs)).statistic
+                rows.append(f"\n{folder.name} {v}: Spearman with 1/fov {rho:+.2f} over {len(pairs)} sets")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--runs", type=Path, required=True)
-    p.add_argument("--method", required=True, choices=["baseline", "febs", "moe", "dmoe"])
-    p.add_argument("--seeds", type=int, nargs="+", required=True)
+    p.add_argument("--runs", dest="runs_all", type=Path, nargs="+", required=True)
+    p.add_argument("--method", choices=["baseline", "febs", "moe", "dmoe"])
+    p.add_argument("--seeds", type=int, nargs="+")
     p.add_argument("--sets", nargs="+", required=True)
     p.add_argument("--recipe", default="robust")
     p.add_argument("--variants", nargs="+", choices=["zoom1", "zoom"], default=["zoom1", "zoom"],
                    help="which calibrations to evaluate: one round, two rounds (both are measured)")
+    p.add_argument("--summary", type=Path, metavar="FILE.md",
+                   help="only write the measured zooms of --runs (one or more folders) beside each set's fov")
     args = p.parse_args(argv)
+    if args.summary:
+        from napari_dmoe.io.files import atomic_write_text
+
+        atomic_write_text(args.summary, "\n".join(summary([Path(r) for r in args.runs_all], args.sets)) + "\n")
+        return 0
     unknown = set(args.sets) - set(seed_study.TEST_SEEDS) - set(seed_study.VAL_SEEDS)
     if unknown:
         p.error(f"unknown sets {sorted(unknown)}")
+    if not args.method or not args.seeds or len(args.runs_all) != 1:
+        p.error("scoring takes one --runs folder, --method and --seeds")
     from napari_dmoe.io.checkpoint import load_model
 
-    seed_study.RUNS, seed_study.RECIPE, seed_study.NICE = args.runs.resolve(), args.recipe, 0
+    seed_study.RUNS, seed_study.RECIPE, seed_study.NICE = args.runs_all[0].resolve(), args.recipe, 0
     if set(args.sets) & set(seed_study.VAL_SEEDS):
         seed_study._validation_sets()
     config = f"training/{args.recipe}-fundus-{args.method}.yaml"

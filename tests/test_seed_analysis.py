@@ -275,3 +275,41 @@ def test_recipe_by_site_lists_each_set_with_its_camera(tmp_path: Path) -> None:
     rows = [line for line in out.read_text().splitlines() if line.startswith("| site-") or line.startswith("| val-")]
     assert [r.split(" | ")[0] for r in rows] == ["| site-b", "| val-v"]  # fov 0.85 before 1.12
     assert rows[0].endswith("| 0.850 | +0.040 |") and rows[1].endswith("| 1.120 | -0.030 |")
+
+
+def test_site_calibrated_reports_are_their_own_variant_and_zooms_sit_beside_the_camera(tmp_path: Path) -> None:
+    """Issue 26, seventh step: ``-zoom1``/``-zoom`` reports are read as NAME@zoom1/@zoom and never mixed into the
+    plain ones; ``site_zoom.py --summary`` lists each set's measured zooms beside its camera's field of view."""
+    import importlib.util as iu
+    import sys
+
+    sys.path.insert(0, str(ROOT / "sample_data"))
+    spec = iu.spec_from_file_location("recipe_choice", ROOT / "sample_data/recipe_choice.py")
+    choice_mod = iu.module_from_spec(spec)
+    spec.loader.exec_module(choice_mod)
+    truth = np.random.default_rng(8).uniform(0.72, 0.9, (len(GROUPS), 2))
+    for seed in (1, 2):
+        for set_ in ("val-a", "val-v"):
+            _write(tmp_path / "reports" / set_ / f"fundus-dmoe-s{seed}", truth)
+            _write(tmp_path / "reports" / set_ / f"fundus-dmoe-s{seed}-zoom1", truth + 0.01)
+            _write(tmp_path / "reports" / set_ / f"fundus-dmoe-s{seed}-zoom", truth - 0.02)
+    result = choice_mod.choose({"as-is": tmp_path, "one@zoom1": tmp_path, "two@zoom": tmp_path}, "dmoe")
+    assert result["ranking"] == ["one@zoom1", "as-is", "two@zoom"]
+    means = {k: v["mean"] for k, v in result["candidates"].items()}
+    assert means["one@zoom1"] - means["as-is"] == pytest.approx(0.01)
+    assert means["as-is"] - means["two@zoom"] == pytest.approx(0.02)
+
+    spec = iu.spec_from_file_location("site_zoom", ROOT / "sample_data/site_zoom.py")
+    site_zoom = iu.module_from_spec(spec)
+    spec.loader.exec_module(site_zoom)
+    runs = tmp_path / "robust-mix"
+    for set_, (one, two) in {"val-a": (1.0, 1.0), "val-v": (0.97, 0.92), "val-r1": (1.01, 1.02)}.items():
+        for seed, shift in ((1, 0.0), (2, 0.02)):
+            folder = runs / "zoom" / set_
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / f"fundus-dmoe-s{seed}.json").write_text(json.dumps(
+                {"one_round": {"zoom": one + shift}, "two_rounds": {"zoom": two + shift}}))
+    rows = site_zoom.summary([runs], ["val-a", "val-v", "val-r1"])
+    assert rows[2].startswith("| val-a | 1.000 | 1.000 | 1.010 | 1.010 |")
+    assert rows[3].startswith("| val-v | 1.120 | 0.893 | 0.980 | 0.930 |")  # site V: fov 1.12
+    assert rows[-1].strip() == "robust-mix zoom: Spearman with 1/fov +1.00 over 3 sets"
