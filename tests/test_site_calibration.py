@@ -207,6 +207,10 @@ def test_dmoe_train_records_the_scale_reference_and_calibrate_uses_it(tmp_path, 
     assert f"training images {record['foreground_radius']:.4f}" in capsys.readouterr().out
     from napari_dmoe.io.checkpoint import save_model
 
+    model.spec.trained_on["scale"] = {**record, "spread": [0.05, 0.2]}  # a lesion's size varies: say so
+    save_model(tmp_path / "lesion.safetensors", model.network, model.spec)
+    assert main(["calibrate", str(tmp_path / "lesion.safetensors"), str(site), "--rounds", "1", "--quiet"]) == 0
+    assert "varies widely in size" in capsys.readouterr().err
     model.spec.trained_on["scale"] = {"foreground_radius": float("nan")}  # a header can say anything
     save_model(tmp_path / "damaged.safetensors", model.network, model.spec)
     assert main(["calibrate", str(tmp_path / "damaged.safetensors"), str(site), "--quiet"]) == 2

@@ -76,6 +76,13 @@ def model_reference(spec: Any) -> float | None:
     return float(value) if ok else None
 
 
+def _wide(spread: Any) -> bool:
+    """A training record whose 10th-90th percentile radii differ by more than half: not a stable-size structure."""
+    ok = isinstance(spread, list) and len(spread) == 2 and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0 for v in spread)
+    return ok and spread[1] > 1.5 * spread[0]
+
+
 def run(args: argparse.Namespace) -> int:
     from napari_dmoe.inference.plan import InferenceError
     from napari_dmoe.inference.scale import calibrate_site, measure, site_zoom
@@ -103,6 +110,12 @@ def run(args: argparse.Namespace) -> int:
     if args.json_out:
         data = {"model": str(args.model), "images": len(site_files), **calibration.to_dict()}
         atomic_write_text(args.json_out, json.dumps(data, indent=2) + "\n")
+    spread = (model.spec.trained_on or {}).get("scale", {}).get("spread") if reference_files is None else None
+    if _wide(spread):
+        print(f"dmoe calibrate: warning: the foreground of this model's training images varies widely in size (radius "
+              f"{spread[0]:.3f} to {spread[1]:.3f}, 10th to 90th percentile): a site's median says little about its "
+              "camera for such a structure (a lesion); use the zoom only for structures of a stable size",
+              file=sys.stderr)
     clipped = " (clipped: the site is further from the training scale than a zoom should correct)" \
         if calibration.clipped else ""
     print(f"zoom {calibration.zoom:.3f}{clipped}: the site's foreground radius is {calibration.site_radius:.4f} of "
