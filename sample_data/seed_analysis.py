@@ -35,7 +35,7 @@ from seed_plot import plot  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 NAME = re.compile(r"^(?P<dataset>[a-z]+)-(?P<method>[a-z]+)-(?:s(?P<seed>\d+)|(?P<shipped>shipped))"
-                  r"(?:-(?P<ck>last|ema|zoom1|zoom))?$")
+                  r"(?:-(?P<ck>last|ema|zoom1|zoom|fov))?$")
 N_BOOT = 2000
 # (method, reference): dMoE against the baseline is the study's question; against MoE (same experts, one router) it
 # asks whether the attribute routing, not the capacity, makes the difference
@@ -43,7 +43,7 @@ CONTRASTS = [("dmoe", "baseline"), ("dmoe", "moe"), ("moe", "baseline"), ("febs"
 METHOD_NAMES = ("baseline", "febs", "moe", "dmoe")  # the study's methods, reference first
 # a run's validation-chosen weights, its final ones, their moving average; "zoom1"/"zoom": the validation-chosen
 # weights with each set's site calibration of one or two rounds (site_zoom.py)
-CHECKPOINTS = ("best", "last", "ema", "zoom1", "zoom")
+CHECKPOINTS = ("best", "last", "ema", "zoom1", "zoom", "fov")  # fov: zoomed by the camera's 1 / fov
 
 
 def load(reports: Path, checkpoint: str = "best") -> dict:

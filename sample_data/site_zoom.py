@@ -7,6 +7,7 @@ measure, ``napari_dmoe.inference.scale``): the set's images (no labels) give its
 
 The reference is each model's own foreground radius on 64 seeded images of its training data (the demo data's
 train split, generator seed 0; ``trained_on.scale_record``, what ``dmoe train`` now writes into every 2D model).
+``--variants fov`` evaluates the zoom a camera's own field of view gives (1 / fov; a diagnostic, not a candidate).
 Each (model, set) calibration, one round and two (``inference.scale.site_zoom`` and ``refine``), goes to
 RUNS/zoom/<set>/<name>.json, the reports to RUNS/reports/<set>/<name>-zoom1 and -zoom (``seed_analysis.py
 --checkpoint zoom``, ``recipe_choice.py`` candidates ``NAME@zoom1``, ``NAME@zoom``). Finished reports are kept.
@@ -22,6 +23,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import seed_study  # noqa: E402
+
+from napari_dmoe.synthetic.fundus import SITES  # noqa: E402
+
+
+def site_of(test: str) -> str:
+    """The generator site of a seed-study set (val-v -> "v", site-b -> "b")."""
+    return {**{k: v[1] for k, v in seed_study.VAL_SEEDS.items()}, **seed_study.TEST_SITES}[test]
 
 
 def _dataset(config_path: str, root: Path, split: str):
@@ -67,9 +75,6 @@ def summary(runs: list[Path], sets: list[str]) -> list[str]:
     seeds, one round and two), and each variant's Spearman correlation with 1 / fov over ``sets``."""
     from scipy.stats import spearmanr
 
-    from napari_dmoe.synthetic.fundus import SITES
-
-    site_of = {**{k: v[1] for k, v in seed_study.VAL_SEEDS.items()}, **seed_study.TEST_SITES}
     found = {}
     for folder in runs:
         for test in sets:
@@ -79,13 +84,13 @@ def summary(runs: list[Path], sets: list[str]) -> list[str]:
     head = "| set | fov | 1/fov | " + " | ".join(f"{f.name} {v}" for f in runs for v in ("zoom1", "zoom")) + " |"
     rows = [head, "|" + "---|" * (3 + 2 * len(runs))]
     for test in sets:
-        fov = SITES[site_of[test]]["fov"]
+        fov = SITES[site_of(test)]["fov"]
         cells = [f"{found[f.name, test][v]:.3f}" if found[f.name, test][v] else "-" for f in runs
                  for v in ("zoom1", "zoom")]
         rows.append(f"| {test} | {fov:.3f} | {1 / fov:.3f} | " + " | ".join(cells) + " |")
     for folder in runs:
         for v in ("zoom1", "zoom"):
-            pairs = [(1 / SITES[site_of[t]]["fov"], found[folder.name, t][v]) for t in sets if found[folder.name, t][v]]
+            pairs = [(1 / SITES[site_of(t)]["fov"], found[folder.name, t][v]) for t in sets if found[folder.name, t][v]]
             if len(pairs) > 2:
                 rho = spearmanr(*zip(*pairs)).statistic
                 rows.append(f"\n{folder.name} {v}: Spearman with 1/fov {rho:+.2f} over {len(pairs)} sets")
@@ -99,8 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, nargs="+")
     p.add_argument("--sets", nargs="+", required=True)
     p.add_argument("--recipe", default="robust")
-    p.add_argument("--variants", nargs="+", choices=["zoom1", "zoom"], default=["zoom1", "zoom"],
-                   help="which calibrations to evaluate: one round, two rounds (both are measured)")
+    p.add_argument("--variants", nargs="+", choices=["zoom1", "zoom", "fov"], default=["zoom1", "zoom"],
+                   help="which zooms to evaluate: measured in one round, in two (both are measured), or the "
+                   "camera's own 1 / fov (a diagnostic: a clinic may know its camera's field of view)")
     p.add_argument("--summary", type=Path, metavar="FILE.md",
                    help="only write the measured zooms of --runs (one or more folders) beside each set's fov")
     args = p.parse_args(argv)
@@ -126,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         if not seed_study._finished(name) or not path.is_file():
             raise SystemExit(f"{path}: not a finished run")
         zooms = calibrate(load_model(path), name, config, args.sets, seed)
+        for test in args.sets:  # the diagnostic: the zoom a camera's stated field of view gives (1 / fov)
+            zooms[test]["fov"] = 1.0 / SITES[site_of(test)]["fov"]
         for test in args.sets:
             for variant in args.variants:
                 out = seed_study.RUNS / "reports" / test / f"{name}-{variant}"
