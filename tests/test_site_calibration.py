@@ -143,8 +143,8 @@ def test_dmoe_calibrate_measures_a_wide_view_camera_with_the_shipped_model(fundu
     assert calibrate(tmp_path / "one.json", "--rounds", "1") == 0, capsys.readouterr().err
     one = json.loads((tmp_path / "one.json").read_text())
     assert 1.03 < one["zoom"] < 1.2 and one["n_measured"] == 12 and one["rounds"] == 1
-    assert f"--zoom {one['zoom']:.3f}" in capsys.readouterr().out
-    assert calibrate(tmp_path / "two.json") == 0, capsys.readouterr().err
+    assert f"zoom {one['zoom']:.3f}" in capsys.readouterr().out
+    assert calibrate(tmp_path / "two.json", "--rounds", "2") == 0, capsys.readouterr().err
     two = json.loads((tmp_path / "two.json").read_text())
     assert two["rounds"] == 2 and two["zoom"] > one["zoom"]  # the model under-measures: the second round goes on
     assert calibrate(tmp_path / "one.json") == 2  # an existing output is not replaced
@@ -202,9 +202,10 @@ def test_dmoe_train_records_the_scale_reference_and_calibrate_uses_it(tmp_path, 
     site.mkdir()
     for i in range(len(test)):  # the site's images as a clinic has them: image files
         iio.imwrite(site / f"{i:02d}.png", np.clip(case_image(test, i)[0], 0, 255).astype(np.uint8))
-    assert main(["calibrate", str(tmp_path / "run" / "best.safetensors"), str(site), "--rounds", "1",
+    assert main(["calibrate", str(tmp_path / "run" / "best.safetensors"), str(site),
                  "--device", "cpu", "--quiet"]) == 0, capsys.readouterr().err
-    assert f"training images {record['foreground_radius']:.4f}" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"training images {record['foreground_radius']:.4f} (1 round(s))" in out and "not a setting" in out
     from napari_dmoe.io.checkpoint import save_model
 
     model.spec.trained_on["scale"] = {**record, "spread": [0.05, 0.2]}  # a lesion's size varies: say so

@@ -267,22 +267,3 @@ def test_image_attributes_pick_a_matching_bundled_model(make_napari_viewer, qtbo
     assert widget.attributes.values() == {"stage": "T3"}
     assert "prostate" in widget.status.text()
 
-
-def test_site_zoom_of_the_advanced_options_reaches_the_engine_and_the_record(make_napari_viewer, qtbot, model_path):
-    """Issue 26: the zoom `dmoe calibrate` measures for a camera, typed into the widget, gives the engine's mask."""
-    from napari_dmoe.io.checkpoint import load_model
-    from napari_dmoe.inference.engine import segment
-
-    viewer = make_napari_viewer()
-    viewer.add_image(make_image(), name="photo")
-    widget = dock(viewer, model_path)
-    widget.attributes.set_value("race", "Black")
-    widget.devices.combo.setCurrentIndex(widget.devices.combo.findData("cpu"))
-    widget.advanced.zoom.setValue(1.2)
-    run_and_wait(qtbot, widget)
-    mask = results(viewer)[0]
-    direct = segment(load_model(model_path), make_image(), "Black", device="cpu", zoom=1.2)
-    np.testing.assert_array_equal(mask.data, direct.labels)
-    assert not np.array_equal(mask.data, segment(load_model(model_path), make_image(), "Black", device="cpu").labels)
-    prov = mask.metadata["dmoe"]
-    assert prov["settings"]["zoom"] == pytest.approx(1.2) and any("zoomed" in c for c in prov["conversions"])

@@ -23,8 +23,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the 95%% CIs (default 1000)")
     p.add_argument("--name", default=None, help="method name in the report (default: the model's method)")
     p.add_argument("--zoom", type=float, default=1.0, metavar="Z",
-                   help="segment every case zoomed by Z about its centre (2D models): the site calibration "
-                   "`dmoe calibrate` measures (default 1: as the images are)")
+                   help="segment every case zoomed by Z about its centre (2D models; see `dmoe segment --zoom`; "
+                   "default 1: as the images are)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an earlier report in --out (never an input: the model, the config, the data's tables)")

@@ -41,8 +41,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="torch.compile the network once for the whole batch (the first image takes longer; "
                         "falls back to the plain network with a warning where it fails)")
     p.add_argument("--zoom", type=float, default=1.0, metavar="Z",
-                   help="2D models: zoom the image by Z about its centre before the model (the site calibration "
-                   "`dmoe calibrate` measures for a camera; the mask is mapped back; default 1: as it is)")
+                   help="2D models: zoom the image by Z about its centre before the model, e.g. the ratio of the "
+                   "training camera's field of view to yours; the mask is mapped back (default 1: as it is)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress output")
     p.add_argument("--force", action="store_true",
                    help="segment images that do not fit what the model was trained on (2D/3D, channels, modality, "

@@ -8,6 +8,9 @@ they are, the median foreground radius is compared with the same measure on the 
 two-stage practice of optic disc and cup segmentation (find the disc, normalise its size), done once per site.
 
 Only for structures of a stable size (an optic disc, an organ); a lesion's size says nothing about the camera.
+Issue 26's study (sample_data/results/seeds/site-zoom) found the measured zoom lowered the mean worst-group Dice
+on its validation cameras (the radius a model finds follows the true one by about a third, and the camera's
+contrast moves it too), so ``dmoe calibrate`` reports it as a measure; the zoom itself stays an engine option.
 The zoom itself is MONAI's ``Zoom`` about the image centre (size kept): applied to the image before the model and
 inverted on the probabilities, routing maps and dominant expert after it (``zoom_back``).
 """

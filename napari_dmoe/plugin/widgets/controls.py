@@ -25,7 +25,6 @@ from qtpy.QtWidgets import (
 from superqt import QCollapsible
 
 from napari_dmoe.inference.patient import FROM_DICOM, FROM_SAMPLE, FROM_USER, NOT_KNOWN  # light: no torch
-from napari_dmoe.limits import ZOOM_RANGE
 
 UNKNOWN = "unknown"
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -294,19 +293,11 @@ class AdvancedOptions(QCollapsible):
         self.amp.setChecked(True)
         self.maps = QCheckBox("compute expert heatmaps")
         self.maps.setChecked(True)
-        self.zoom = QDoubleSpinBox()
-        self.zoom.setRange(*ZOOM_RANGE)
-        self.zoom.setDecimals(3)
-        self.zoom.setSingleStep(0.01)
-        self.zoom.setValue(1.0)
-        self.zoom.setToolTip("2D models: zoom each image about its centre to the model's training scale, the "
-                             "value `dmoe calibrate` measures on this site's images (1 = as it is)")
         self.position = QComboBox()
         self.position.setToolTip("Which dMoE position the heatmaps and dominant expert show")
         self.set_positions([])
         tiling = QLabel("Tiling (lower both if the GPU or memory runs out)")
         tiling.setWordWrap(True)
-        form.addRow("site zoom (2D)", self.zoom)
         form.addRow(tiling)
         form.addRow("window size", self.roi)
         form.addRow("overlap", self.overlap)
@@ -321,7 +312,7 @@ class AdvancedOptions(QCollapsible):
         from napari_dmoe.plugin.widgets import settings
 
         settings.persist(group, {"window_size": self.roi, "overlap": self.overlap, "window_batch": self.batch,
-                                 "amp": self.amp, "maps": self.maps, "zoom": self.zoom})
+                                 "amp": self.amp, "maps": self.maps})
 
     def set_positions(self, positions: list[str]) -> None:
         current = self.position.currentText()
@@ -347,5 +338,4 @@ class AdvancedOptions(QCollapsible):
         roi = self.roi_size(spatial_dims)
         return {"roi_size": tuple(roi) if roi else None, "overlap": float(self.overlap.value()),
                 "window_batch": int(self.batch.value()), "amp": self.amp.isChecked(),
-                "routing": "auto" if self.maps.isChecked() else "none",
-                "zoom": float(self.zoom.value()) if spatial_dims == 2 else 1.0}
+                "routing": "auto" if self.maps.isChecked() else "none"}
