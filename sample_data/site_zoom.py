@@ -97,6 +97,23 @@ def summary(runs: list[Path], sets: list[str]) -> list[str]:
     return rows
 
 
+def worst_by_set(runs: Path, method: str, sets: list[str]) -> list[str]:
+    """Markdown: each set's worst-group Dice (mean over seeds) as is and with each zoom, and the differences."""
+    from seed_analysis import load, metrics
+
+    variants = ("best", "zoom1", "zoom", "fov")
+    table = {v: {} for v in variants}
+    for v in variants:
+        for (test, _, m, _), (_, groups, dice, classes) in load(runs / "reports", v).items():
+            if m == method and test in sets:
+                table[v].setdefault(test, []).append(metrics(groups, dice, classes)["worst_group_dice"])
+    rows = [f"| {method} ({runs.name}) set | fov | as is | one round | two rounds | 1/fov |", "|---|---|---|---|---|---|"]
+    for test in sets:
+        cells = [f"{np.mean(table[v][test]):.3f}" if test in table[v] else "-" for v in variants]
+        rows.append(f"| {test} | {SITES[site_of(test)]['fov']:.3f} | " + " | ".join(cells) + " |")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs", dest="runs_all", type=Path, nargs="+", required=True)
@@ -113,7 +130,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.summary:
         from napari_dmoe.io.files import atomic_write_text
 
-        atomic_write_text(args.summary, "\n".join(summary([Path(r) for r in args.runs_all], args.sets)) + "\n")
+        lines = summary([Path(r) for r in args.runs_all], args.sets)
+        for folder in args.runs_all:  # with --method: also each set's worst group per variant
+            lines += ["", *worst_by_set(Path(folder), args.method, args.sets)] if args.method else []
+        atomic_write_text(args.summary, "\n".join(lines) + "\n")
         return 0
     unknown = set(args.sets) - set(seed_study.TEST_SEEDS) - set(seed_study.VAL_SEEDS)
     if unknown:
