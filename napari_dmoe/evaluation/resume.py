@@ -1,9 +1,9 @@
 """Per-case records of ``dmoe evaluate`` in ``OUT/cases/``, so a killed evaluation continues where it stopped.
 
 Each finished case is one JSON file (written atomically: it exists whole or not at all) holding its metrics and
-mean expert usage, the case id and the model file's version (path, mtime, size; and the zoom, when not 1). A rerun takes a record only when
-both still match, so another model or another split's case at that index is evaluated again. JSON keeps Python
-floats exactly (shortest repr), so a resumed report equals an uninterrupted one.
+mean expert usage, the case id and the model file's version (path, mtime, size; and the zoom, when not 1). A
+rerun takes a record only when both still match, so another model or another split's case at that index is
+evaluated again. JSON keeps Python floats exactly (shortest repr), so a resumed report equals an uninterrupted one.
 """
 from __future__ import annotations
 
