@@ -107,7 +107,8 @@ def worst_by_set(runs: Path, method: str, sets: list[str]) -> list[str]:
         for (test, _, m, _), (_, groups, dice, classes) in load(runs / "reports", v).items():
             if m == method and test in sets:
                 table[v].setdefault(test, []).append(metrics(groups, dice, classes)["worst_group_dice"])
-    rows = [f"| {method} ({runs.name}) set | fov | as is | one round | two rounds | 1/fov |", "|---|---|---|---|---|---|"]
+    rows = [f"| {method} ({runs.name}) set | fov | as is | one round | two rounds | 1/fov |",
+            "|---|---|---|---|---|---|"]
     for test in sets:
         cells = [f"{np.mean(table[v][test]):.3f}" if test in table[v] else "-" for v in variants]
         rows.append(f"| {test} | {SITES[site_of(test)]['fov']:.3f} | " + " | ".join(cells) + " |")
