@@ -313,3 +313,6 @@ def test_site_calibrated_reports_are_their_own_variant_and_zooms_sit_beside_the_
     assert rows[2].startswith("| val-a | 1.000 | 1.000 | 1.010 | 1.010 |")
     assert rows[3].startswith("| val-v | 1.120 | 0.893 | 0.980 | 0.930 |")  # site V: fov 1.12
     assert rows[-1].strip() == "robust-mix zoom: Spearman with 1/fov +1.00 over 3 sets"
+    worst = _module().metrics(GROUPS, truth, ["rim", "cup"])["worst_group_dice"]
+    table = site_zoom.worst_by_set(tmp_path, "dmoe", ["val-a", "val-v"])
+    assert table[3] == f"| val-v | 1.120 | {worst:.3f} | {worst + 0.01:.3f} | {worst - 0.02:.3f} | - |"
