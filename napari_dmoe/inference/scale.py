@@ -184,7 +184,9 @@ def reference_record(model: Any, images: Iterable[tuple[np.ndarray, bool]]) -> d
     them (None for 3D models, or when fewer than MIN_IMAGES show a foreground)."""
     if model.spec.spatial_dims != 2:
         return None
-    found = [r for r in measure(model, images, device="cpu", amp=False) if r is not None]
+    first = next(model.network.parameters(), None)  # where training left it: no network moves per image
+    device = str(first.device) if first is not None else "cpu"
+    found = [r for r in measure(model, images, device=device, amp=False) if r is not None]
     if len(found) < MIN_IMAGES:
         return None
     return {"foreground_radius": round(float(np.median(found)), 5), "cases": len(found),
